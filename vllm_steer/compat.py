@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from packaging.specifiers import SpecifierSet
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 #: vLLM versions whose model runner internals the serving hook was written and tested against.
 SUPPORTED_VLLM = SpecifierSet(">=0.32.0,<0.33")
@@ -39,7 +39,13 @@ def check_vllm_version(version: str | None = None) -> str:
             "vllm-steer needs vLLM installed: pip install 'vllm-steer[cpu]' or 'vllm-steer[cuda]'"
         )
     # Local/dev suffixes (0.32.0+cpu, 0.32.1.dev3) compare on their release part.
-    release = Version(version).base_version
+    try:
+        release = Version(version).base_version
+    except InvalidVersion as e:
+        raise UnsupportedVLLMError(
+            f"vllm-steer supports vLLM {SUPPORTED_VLLM}, but the installed vLLM reports an "
+            f"unparsable version {version!r}"
+        ) from e
     if Version(release) not in SUPPORTED_VLLM:
         raise UnsupportedVLLMError(
             f"vllm-steer supports vLLM {SUPPORTED_VLLM}, but vLLM {version} is installed; "

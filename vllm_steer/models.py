@@ -56,12 +56,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def is_complete(model_dir: Path, *, verify: bool = False) -> bool:
+def is_complete(model_dir: str | os.PathLike[str], *, verify: bool = False) -> bool:
     """True when ``model_dir`` has a marker whose listed files exist with the recorded sizes
     (and, with ``verify``, the recorded sha256)."""
+    model_dir = Path(model_dir)
     marker = model_dir / MARKER
     try:
         info = json.loads(marker.read_text())
+        if not info["files"] or "config.json" not in info["files"]:
+            return False
         for name, rec in info["files"].items():
             p = model_dir / name
             if p.stat().st_size != rec["size"]:

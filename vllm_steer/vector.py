@@ -9,6 +9,7 @@ repeng's and llama.cpp's convention too.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -54,7 +55,9 @@ class VectorMetadata:
             try:
                 return int(raw)
             except ValueError as e:
-                raise SteeringVectorError(f"metadata field {key!r} is not an integer: {raw!r}") from e
+                raise SteeringVectorError(
+                    f"metadata field {key!r} is not an integer: {raw!r}"
+                ) from e
 
         return cls(
             model_name=d.get("model_name", ""),
@@ -74,12 +77,14 @@ def _created_by() -> str:
     return f"vllm-steer {__version__}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SteeringVector:
     """Per-layer directions: ``directions[i]`` is a float32 tensor ``[hidden]`` for layer ``i``.
 
     Arithmetic works layer-wise: ``a + b`` sums directions on the union of layers
     (a layer missing from one side counts as zero), ``s * v`` scales every layer.
+    The directions are copied on construction (never aliased with the caller's tensors).
+    ``==`` is identity; compare contents with ``allclose``.
     """
 
     directions: dict[int, torch.Tensor]
@@ -88,10 +93,16 @@ class SteeringVector:
     def __post_init__(self) -> None:
         dirs: dict[int, torch.Tensor] = {}
         for layer, vec in self.directions.items():
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise SteeringVectorError(f"layer index must be an int, got {layer!r}")
-            t = torch.as_tensor(vec).detach().to(device="cpu", dtype=torch.float32).contiguous()
-            dirs[layer] = t
+            try:
+                if isinstance(layer, bool):
+                    raise TypeError
+                index = operator.index(layer)  # int, numpy/torch integer scalars
+            except TypeError:
+                raise SteeringVectorError(f"layer index must be an int, got {layer!r}") from None
+            t = torch.as_tensor(vec).detach().to(device="cpu", dtype=torch.float32)
+            if index in dirs:
+                raise SteeringVectorError(f"layer {index} given twice")
+            dirs[index] = t.clone(memory_format=torch.contiguous_format)
         object.__setattr__(self, "directions", dict(sorted(dirs.items())))
         if not self.metadata.created_by:
             object.__setattr__(self, "metadata", replace(self.metadata, created_by=_created_by()))
@@ -134,7 +145,8 @@ class SteeringVector:
         size = sizes.pop()
         if self.metadata.hidden_size and self.metadata.hidden_size != size:
             raise SteeringVectorError(
-                f"{prefix}metadata hidden_size={self.metadata.hidden_size} but directions have {size}"
+                f"{prefix}metadata hidden_size={self.metadata.hidden_size} "
+                f"but directions have {size}"
             )
         if hidden_size is not None and size != hidden_size:
             raise SteeringVectorError(

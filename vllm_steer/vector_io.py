@@ -6,9 +6,10 @@ not its extension.
 GGUF control vectors (llama.cpp ``--control-vector``, repeng ``export_gguf``): F32 1-D
 tensors ``direction.N``, ``general.architecture = "controlvector"``,
 ``controlvector.model_hint`` and ``controlvector.layer_count``. llama.cpp adds
-``direction.N`` to the output of block N and never reads ``direction.0`` (its layer 0
-has no control slot), so exporting a vector that steers layer 0 is refused unless
-``drop_layer0=True``; importing accepts ``direction.0`` because this project can steer it.
+``direction.N`` to the output of block N and rejects a whole file that contains
+``direction.0`` (its layer 0 has no control slot), so exporting a vector that steers
+layer 0 is refused unless ``drop_layer0=True``; importing accepts ``direction.0`` because
+this project can steer it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """``"safetensors"`` or ``"gguf"`` from the first bytes; raise ``VectorFileError`` otherwise."""
     p = Path(path)
     if not p.is_file():
-        raise VectorFileError(p, "no such file")
+        raise VectorFileError(p, "not a regular file" if p.exists() else "no such file")
     with open(p, "rb") as f:
         head = f.read(9)
     if head[:4] == b"GGUF":
@@ -81,15 +82,23 @@ def load_safetensors(path: str | os.PathLike[str]) -> SteeringVector:
             raw = {name: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError) as e:
         raise VectorFileError(path, f"cannot read safetensors file ({e})") from e
-    directions = {}
+    directions: dict[int, torch.Tensor] = {}
     for name, t in raw.items():
-        m = _TENSOR_RE.match(name)
-        if not m:
-            raise VectorFileError(path, f"unexpected tensor {name!r} (expected direction.N)")
+        layer = _layer_of(path, name, directions)
         if not t.dtype.is_floating_point:
             raise VectorFileError(path, f"tensor {name} has dtype {t.dtype}, expected float")
-        directions[int(m.group(1))] = t
+        directions[layer] = t
     return _build(path, directions, meta)
+
+
+def _layer_of(path, name: str, seen: dict[int, torch.Tensor]) -> int:
+    m = _TENSOR_RE.match(name)
+    if not m:
+        raise VectorFileError(path, f"unexpected tensor {name!r} (expected direction.N)")
+    layer = int(m.group(1))
+    if layer in seen:
+        raise VectorFileError(path, f"tensor {name!r} repeats layer {layer}")
+    return layer
 
 
 # -- GGUF --------------------------------------------------------------------------------
@@ -105,10 +114,12 @@ def save_gguf(
             raise VectorFileError(
                 path,
                 "vector steers layer 0, which llama.cpp control vectors cannot hold "
-                "(llama.cpp ignores direction.0); pass drop_layer0=True (CLI --drop-layer0) "
-                "to export without it",
+                "(llama.cpp rejects a file containing direction.0); pass drop_layer0=True "
+                "(CLI --drop-layer0) to export without it",
             )
-        warnings.warn(f"{path}: layer 0 dropped from GGUF export (llama.cpp ignores it)")
+        warnings.warn(
+            f"{path}: layer 0 dropped from GGUF export (llama.cpp cannot steer it)", stacklevel=2
+        )
         del dirs[0]
     if not dirs:
         raise VectorFileError(path, "nothing to export: the vector only steers layer 0")
@@ -117,7 +128,9 @@ def save_gguf(
         writer = gguf.GGUFWriter(tmp, GGUF_ARCH)
         writer.add_string(f"{GGUF_ARCH}.model_hint", vector.metadata.architecture or "unknown")
         writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(dirs))
-        for key, value in vector.metadata.to_dict().items():
+        meta = vector.metadata.to_dict()
+        meta["hidden_size"] = str(vector.hidden_size)  # as in save_safetensors
+        for key, value in meta.items():
             if value:
                 writer.add_string(f"vllm_steer.{key}", value)
         for layer, t in dirs.items():
@@ -136,7 +149,9 @@ def load_gguf(path: str | os.PathLike[str]) -> SteeringVector:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError/struct.error/IndexError on bad bytes
-        raise VectorFileError(path, f"cannot read GGUF file ({type(e).__name__}: {e})") from e
+        raise VectorFileError(
+            path, f"cannot read GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
+        ) from e
 
     def field_str(name: str) -> str | None:
         f = reader.get_field(name)
@@ -151,24 +166,24 @@ def load_gguf(path: str | os.PathLike[str]) -> SteeringVector:
     if arch is not None and arch != GGUF_ARCH:
         raise VectorFileError(path, f"GGUF architecture is {arch!r}, not {GGUF_ARCH!r}")
     meta = {}
-    for key in VectorMetadata().to_dict():
-        value = field_str(f"vllm_steer.{key}")
-        if value is not None:
-            meta[key] = value
+    prefix = "vllm_steer."
+    for name in reader.fields:  # every key save_gguf wrote, extra.* included
+        if name.startswith(prefix):
+            value = field_str(name)
+            if value is not None:
+                meta[name[len(prefix):]] = value
     hint = field_str(f"{GGUF_ARCH}.model_hint")
     if hint and not meta.get("architecture"):
         meta["architecture"] = hint
-    directions = {}
+    directions: dict[int, torch.Tensor] = {}
     for t in reader.tensors:
-        m = _TENSOR_RE.match(t.name)
-        if not m:
-            raise VectorFileError(path, f"unexpected tensor {t.name!r} (expected direction.N)")
+        layer = _layer_of(path, t.name, directions)
         if t.tensor_type != gguf.GGMLQuantizationType.F32:
             raise VectorFileError(path, f"tensor {t.name} is {t.tensor_type.name}, expected F32")
         data = np.asarray(t.data, dtype=np.float32)
         if data.ndim != 1:
             raise VectorFileError(path, f"tensor {t.name} has shape {data.shape}, expected 1-D")
-        directions[int(m.group(1))] = torch.from_numpy(data.copy())
+        directions[layer] = torch.from_numpy(data.copy())
     return _build(path, directions, meta)
 
 
@@ -179,7 +194,9 @@ def load(path: str | os.PathLike[str]) -> SteeringVector:
     return load_gguf(path) if fmt == "gguf" else load_safetensors(path)
 
 
-def save(vector: SteeringVector, path: str | os.PathLike[str], *, drop_layer0: bool = False) -> None:
+def save(
+    vector: SteeringVector, path: str | os.PathLike[str], *, drop_layer0: bool = False
+) -> None:
     """Save as GGUF when ``path`` ends with ``.gguf``, otherwise as safetensors."""
     if str(path).lower().endswith(".gguf"):
         save_gguf(vector, path, drop_layer0=drop_layer0)

@@ -1,0 +1,18 @@
+"""Shared fixtures. Environment defaults are set at import, before vLLM is imported."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on the CPU backend
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    """The converted fp32 SmolLM2-135M-Instruct directory (converted once, then cached)."""
+    from vllm_steer.models import prepare_default_model
+
+    return str(prepare_default_model())

@@ -1,0 +1,98 @@
+"""The frontend hook: parse, validate and resolve each request's steering at admission.
+
+Patches ``InputProcessor.process_inputs`` (the path every ``LLM.generate`` call and
+every OpenAI-server request takes). Bad specs raise ``VLLMValidationError`` naming the
+field, which the server answers with HTTP 400, before the request reaches the engine.
+A good spec is replaced by its resolved wire form and the request's ``cache_salt``
+gains the steering's content hash, so prefix-cache blocks are shared only between
+requests whose steering is identical in content.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from vllm_steer.steering.registry import load_registry
+from vllm_steer.steering.resolve import Resolver
+from vllm_steer.steering.spec import WIRE_KEY, SpecError, parse_extra_args
+
+logger = logging.getLogger("vllm_steer")
+_lock = threading.Lock()
+
+
+def registry_path_from_config(vllm_config: Any) -> str | None:
+    extra = getattr(vllm_config, "additional_config", None)
+    if isinstance(extra, dict):
+        opts = extra.get("vllm_steer") or {}
+        if isinstance(opts, dict) and opts.get("registry"):
+            return str(opts["registry"])
+    return None
+
+
+def get_resolver(processor: Any) -> Resolver:
+    """The resolver for this processor's model, built once."""
+    res = getattr(processor, "_vllm_steer_resolver", None)
+    if res is not None:
+        return res
+    with _lock:
+        res = getattr(processor, "_vllm_steer_resolver", None)
+        if res is None:
+            cfg = processor.vllm_config
+            hf = cfg.model_config.hf_text_config
+            try:
+                tokenizer = processor.tokenizer
+            except Exception:
+                tokenizer = None
+            res = Resolver(
+                load_registry(registry_path_from_config(cfg)),
+                num_layers=int(hf.num_hidden_layers),
+                hidden_size=int(hf.hidden_size),
+                tokenizer=tokenizer,
+                thinking_supported=not bool(getattr(cfg.scheduler_config,
+                                                    "async_scheduling", False)),
+            )
+            processor._vllm_steer_resolver = res
+    return res
+
+
+def steer_request(processor: Any, request: Any) -> None:
+    """Validate and resolve ``request``'s steering in place (raises VLLMValidationError)."""
+    from vllm.exceptions import VLLMValidationError
+
+    sp = request.sampling_params
+    extra = getattr(sp, "extra_args", None) if sp is not None else None
+    if not extra:
+        return
+    if WIRE_KEY in extra:
+        raise VLLMValidationError(f"{WIRE_KEY} is reserved for vllm-steer", parameter=WIRE_KEY)
+    try:
+        spec = parse_extra_args(extra)
+        if spec is None:
+            return
+        if getattr(processor.vllm_config, "use_v2_model_runner", False):
+            raise SpecError("steering", "vLLM's V2 model runner is active and vllm-steer only "
+                            "hooks the V1 runner; start with VLLM_USE_V2_MODEL_RUNNER=0")
+        resolved = get_resolver(processor).resolve(spec, len(request.prompt_token_ids or ()))
+    except SpecError as e:
+        raise VLLMValidationError(str(e), parameter=e.field) from e
+    extra[WIRE_KEY] = resolved.to_wire()
+    salt = resolved.cache_salt
+    request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+
+
+def install() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    orig = InputProcessor.process_inputs
+    if getattr(orig, "_vllm_steer", False):
+        return
+
+    def process_inputs(self, *args: Any, **kwargs: Any):
+        request = orig(self, *args, **kwargs)
+        steer_request(self, request)
+        return request
+
+    process_inputs._vllm_steer = True  # type: ignore[attr-defined]
+    InputProcessor.process_inputs = process_inputs

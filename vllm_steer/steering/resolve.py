@@ -1,0 +1,196 @@
+"""Resolution of a parsed spec against the registry and the served model (frontend side).
+
+The result is what the workers need and nothing else: one composed delta per layer
+(``sum_k scale_k * v_k``), a token-selection rule in canonical absolute-position form,
+and content digests. ``prompt``/``generated`` become ``all`` with an end/start position
+equal to the prompt length, so that a later request replaying the same tokens with an
+explicit ``start_position`` produces the same cache salt and shares the prefix cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_steer.steering.registry import Registry
+from vllm_steer.steering.spec import WIRE_KEY, SpecError, SteeringSpec
+from vllm_steer.vector import SteeringVector, SteeringVectorError
+from vllm_steer.vector_io import load as load_vector
+
+NO_END = -1
+
+
+@dataclass(frozen=True)
+class ResolvedSteering:
+    """A request's steering in canonical form.
+
+    ``layers``: sorted layer indices with a non-zero contribution; ``delta``: float32
+    ``[len(layers), hidden]``; ``mode``: ``all | thinking | answer``; positions
+    ``start <= pos < end`` (``end == -1``: unbounded); ``think_start_ids`` /
+    ``think_end_ids``: marker token ids (only used by thinking/answer).
+    """
+
+    layers: tuple[int, ...]
+    delta: torch.Tensor
+    mode: str
+    start: int
+    end: int
+    think_start_ids: tuple[int, ...] = ()
+    think_end_ids: tuple[int, ...] = ()
+
+    @property
+    def vector_digest(self) -> str:
+        """Content hash of the composed vectors: the worker's slot key."""
+        h = hashlib.sha256()
+        h.update(struct.pack(f"<{len(self.layers)}q", *self.layers))
+        h.update(self.delta.numpy().astype("<f4").tobytes())
+        return h.hexdigest()
+
+    @property
+    def cache_salt(self) -> str:
+        """Hash of everything that changes which KV values a token gets."""
+        h = hashlib.sha256(self.vector_digest.encode())
+        h.update(repr((self.mode, self.start, self.end, self.think_start_ids,
+                       self.think_end_ids if self.mode != "all" else ())).encode())
+        return "vllm-steer:" + h.hexdigest()[:32]
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain msgpack-able dict that travels in ``extra_args[WIRE_KEY]``."""
+        return {
+            "digest": self.vector_digest,
+            "layers": list(self.layers),
+            "delta": self.delta.numpy().astype("<f4").tobytes(),
+            "hidden": int(self.delta.shape[1]),
+            "mode": self.mode,
+            "start": self.start,
+            "end": self.end,
+            "ts": list(self.think_start_ids),
+            "te": list(self.think_end_ids),
+        }
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> ResolvedSteering:
+        buf = np.frombuffer(w["delta"], dtype="<f4").reshape(len(w["layers"]), w["hidden"])
+        return cls(tuple(w["layers"]), torch.from_numpy(buf.copy()), w["mode"], w["start"],
+                   w["end"], tuple(w["ts"]), tuple(w["te"]))
+
+
+class Resolver:
+    """Turns ``SteeringSpec`` into ``ResolvedSteering`` for one served model. Thread-safe."""
+
+    def __init__(self, registry: Registry, *, num_layers: int, hidden_size: int,
+                 tokenizer: Any = None, thinking_supported: bool = True) -> None:
+        self.registry = registry
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.tokenizer = tokenizer
+        self.thinking_supported = thinking_supported
+        self._lock = threading.Lock()
+        self._files: dict[tuple[str, int, int], SteeringVector] = {}
+
+    # -- vectors ---------------------------------------------------------------------
+    def _load_file(self, path: Path, where: str) -> SteeringVector:
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise SpecError(where, f"vector file {path} cannot be read ({e.strerror})") from e
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        with self._lock:
+            v = self._files.get(key)
+        if v is None:
+            try:
+                v = load_vector(path)
+            except SteeringVectorError as e:
+                raise SpecError(where, str(e)) from e
+            with self._lock:
+                self._files[key] = v
+        return v
+
+    def vector_for(self, ref_name: str | None, ref_path: str | None, where: str
+                   ) -> tuple[SteeringVector, float, tuple[int, ...] | None]:
+        """(vector, default scale, default layers) for a name or an allowed path."""
+        if ref_name is not None:
+            entry = self.registry.entries.get(ref_name)
+            if entry is None:
+                known = ", ".join(sorted(self.registry.entries)) or "none registered"
+                raise SpecError(f"{where}.name", f"unknown vector {ref_name!r} (known: {known})")
+            return self._load_file(entry.path, f"{where}.name"), entry.scale, entry.layers
+        assert ref_path is not None
+        real = self.registry.is_allowed(ref_path)
+        if real is None:
+            raise SpecError(f"{where}.path",
+                            f"{ref_path!r} is not inside an allowed vector directory")
+        return self._load_file(real, f"{where}.path"), 1.0, None
+
+    def compose(self, spec: SteeringSpec, prefix: str = "steering."
+                ) -> tuple[tuple[int, ...], torch.Tensor]:
+        """Sum ``scale * vector`` per layer: (layers, float32 ``[len(layers), hidden]``)."""
+        dense = torch.zeros(self.num_layers, self.hidden_size, dtype=torch.float32)
+        used = torch.zeros(self.num_layers, dtype=torch.bool)
+        for i, ref in enumerate(spec.vectors):
+            where = f"{prefix}vectors[{i}]"
+            vec, default_scale, default_layers = self.vector_for(ref.name, ref.path, where)
+            if vec.hidden_size != self.hidden_size:
+                raise SpecError(where, f"vector hidden size {vec.hidden_size} does not match "
+                                       f"the served model's hidden size {self.hidden_size}")
+            layers = ref.layers if ref.layers is not None else default_layers
+            if layers is None:
+                layers = tuple(vec.layers)
+            bad = [x for x in layers if x >= self.num_layers]
+            if bad:
+                raise SpecError(f"{where}.layers", f"layer {bad[0]} out of range: the model has "
+                                f"{self.num_layers} layers (0..{self.num_layers - 1})")
+            missing = [x for x in layers if x not in vec.directions]
+            if missing:
+                raise SpecError(f"{where}.layers",
+                                f"vector has no direction for layers {missing} (has {vec.layers})")
+            scale = ref.scale if ref.scale is not None else default_scale
+            for layer in layers:
+                dense[layer] += scale * vec.directions[layer]
+                used[layer] = True
+        if not bool(torch.isfinite(dense).all()):
+            raise SpecError(f"{prefix}vectors", "composed steering overflows (non-finite values)")
+        idx = tuple(int(i) for i in torch.nonzero(used).flatten())
+        return idx, dense[list(idx)].contiguous()
+
+    # -- whole spec ------------------------------------------------------------------
+    def resolve(self, spec: SteeringSpec, prompt_len: int) -> ResolvedSteering:
+        # Files are cached by (path, mtime, size); composing is a few small adds.
+        layers, delta = self.compose(spec)
+
+        mode, start, end = spec.apply_to, spec.start_position, spec.end_position
+        end = NO_END if end is None else end
+        if mode == "prompt":
+            mode, end = "all", prompt_len if end == NO_END else min(end, prompt_len)
+        elif mode == "generated":
+            mode, start = "all", max(start, prompt_len)
+        ts: tuple[int, ...] = ()
+        te: tuple[int, ...] = ()
+        if mode in ("thinking", "answer"):
+            if not self.thinking_supported:
+                raise SpecError("steering.apply_to", f"{mode!r} needs the engine to run without "
+                                "async scheduling (start it with --no-async-scheduling)")
+            ts = self._marker_ids(spec.think_start or self.registry.think_markers[0],
+                                  "steering.think_start")
+            te = self._marker_ids(spec.think_end or self.registry.think_markers[1],
+                                  "steering.think_end")
+        return ResolvedSteering(layers, delta, mode, start, end, ts, te)
+
+    def _marker_ids(self, marker: str, where: str) -> tuple[int, ...]:
+        if self.tokenizer is None:
+            raise SpecError(where, "thinking/answer modes need the engine's tokenizer")
+        ids = tuple(int(i) for i in self.tokenizer.encode(marker, add_special_tokens=False))
+        if not ids:
+            raise SpecError(where, f"marker {marker!r} tokenizes to nothing")
+        return ids
+
+
+def attach(extra_args: dict[str, Any], resolved: ResolvedSteering) -> None:
+    extra_args[WIRE_KEY] = resolved.to_wire()

@@ -1,0 +1,236 @@
+"""The worker-side hook: steering tables inside vLLM's (V1) model runner.
+
+``install`` patches three runner methods, all outside the compiled model:
+
+- ``load_model``: after the model loads, wrap each decoder layer's ``forward`` so that
+  it adds ``table_i[rows[:num_tokens]]`` to the block output (the residual stream).
+  The wrapper is traced by torch.compile like the rest of the model; the tables and
+  ``rows`` are preallocated and only ever updated in place, so the compiled graph
+  (and a CUDA graph) reads fresh values without any Python branch on tensor data.
+- ``_update_states``: acquire/release slot references as requests arrive and finish.
+- ``_prepare_inputs``: fill ``rows`` (one slot index per scheduled token) in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vllm_steer.steering.resolve import NO_END, ResolvedSteering
+from vllm_steer.steering.slots import SlotTable
+from vllm_steer.steering.spec import WIRE_KEY
+from vllm_steer.steering.tokens import ANSWER, THINK, ThinkTracker
+
+logger = logging.getLogger("vllm_steer")
+_MODE_STATE = {"thinking": THINK, "answer": ANSWER}
+
+
+@dataclass
+class _ReqSteer:
+    digest: str
+    mode: str
+    start: int
+    end: int
+    tracker: ThinkTracker | None = field(default=None)
+
+
+def find_decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The model's decoder-block list: ``model.model.layers`` or the first ModuleList of
+    ``num_layers`` modules."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) == num_layers:
+        return layers
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == num_layers:
+            return mod
+    raise RuntimeError(f"vllm-steer: cannot find {num_layers} decoder layers in "
+                       f"{type(model).__name__}; this architecture is not supported")
+
+
+def _steered_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    out = self._vllm_steer_forward(*args, **kwargs)
+    if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
+        # vLLM defers the residual add: the block output is hidden + residual.
+        hidden, residual = out
+        delta = self._vllm_steer_table[self._vllm_steer_rows[: residual.shape[0]]]
+        return hidden, residual + delta
+    hidden = out[0] if isinstance(out, tuple) else out
+    delta = self._vllm_steer_table[self._vllm_steer_rows[: hidden.shape[0]]]
+    if isinstance(out, tuple):
+        return (hidden + delta, *out[1:])
+    return hidden + delta
+
+
+class RunnerSteering:
+    """Steering state attached to one model runner (one per worker process)."""
+
+    def __init__(self, runner: Any, model: nn.Module) -> None:
+        hf = runner.model_config.hf_text_config
+        self.num_layers = int(hf.num_hidden_layers)
+        self.hidden = int(hf.hidden_size)
+        self.device = runner.device
+        self.runner = runner
+        num_slots = int(runner.max_num_reqs) + 1
+        self.slots = SlotTable(self.num_layers, num_slots, self.hidden,
+                               runner.model_config.dtype, self.device)
+        n_rows = int(runner.max_num_tokens) + int(runner.max_num_reqs) + 256
+        self.rows = torch.zeros(n_rows, dtype=torch.long, device=self.device)
+        self._rows_host = (self.rows if self.device.type == "cpu"
+                           else torch.zeros(n_rows, dtype=torch.long, pin_memory=True))
+        self._rows_np = self._rows_host.numpy()
+        self._filled = 0            # rows[:_filled] may be non-zero
+        self.reqs: dict[str, _ReqSteer] = {}
+
+        layers = find_decoder_layers(model, self.num_layers)
+        for i, layer in enumerate(layers):
+            if hasattr(layer, "_vllm_steer_forward"):
+                continue
+            # Plain attributes (not buffers) so weight loading, state dicts and inductor
+            # freezing leave them alone; dynamo lifts them as graph inputs.
+            layer._vllm_steer_table = self.slots.tables[i]
+            layer._vllm_steer_rows = self.rows
+            layer._vllm_steer_forward = layer.forward
+            layer.forward = types.MethodType(_steered_forward, layer)
+        logger.info("vllm-steer: steering %d layers, %d slots (%.1f MiB of tables)",
+                    self.num_layers, num_slots, self.slots.stats()["table_bytes"] / 2**20)
+
+    # -- request lifetime ----------------------------------------------------------
+    def add_request(self, req_id: str, sampling_params: Any) -> None:
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        wire = extra.get(WIRE_KEY)
+        if wire is None:
+            return
+        if req_id in self.reqs:      # resubmitted id: the old one was finished first
+            self.remove_request(req_id)
+        r = ResolvedSteering.from_wire(wire)
+        digest = wire["digest"]
+        self.slots.acquire(digest, r.layers, r.delta)
+        tracker = (ThinkTracker(r.think_start_ids, r.think_end_ids)
+                   if r.mode in _MODE_STATE else None)
+        self.reqs[req_id] = _ReqSteer(digest, r.mode, r.start,
+                                      r.end if r.end != NO_END else 1 << 62, tracker)
+
+    def remove_request(self, req_id: str) -> None:
+        st = self.reqs.pop(req_id, None)
+        if st is not None:
+            self.slots.release(st.digest)
+
+    def remove_requests(self, req_ids: Iterable[str]) -> None:
+        for rid in req_ids:
+            self.remove_request(rid)
+
+    # -- per step ------------------------------------------------------------------
+    def fill_rows(self, req_ids: list[str], num_scheduled: np.ndarray,
+                  num_computed: np.ndarray, token_ids: np.ndarray) -> None:
+        """Write one slot index per scheduled token into ``rows`` (in place).
+
+        ``num_scheduled``/``num_computed``: ``[num_reqs]`` in batch order;
+        ``token_ids``: the batch's ``[max_reqs, max_len]`` token table (prompt + output).
+        """
+        rows = self._rows_np
+        total = int(num_scheduled.sum())
+        clear_to = max(self._filled, total)
+        rows[:clear_to] = 0
+        self._filled = 0
+        if self.reqs:
+            pinned = {self.reqs[r].digest for r in req_ids if r in self.reqs}
+            offset = 0
+            for i, rid in enumerate(req_ids):
+                n = int(num_scheduled[i])
+                st = self.reqs.get(rid)
+                if st is not None and n:
+                    first = int(num_computed[i])
+                    lo, hi = max(st.start, first), min(st.end, first + n)
+                    if lo < hi:
+                        slot = self.slots.slot_for(st.digest, pinned)
+                        a, b = offset + lo - first, offset + hi - first
+                        if st.tracker is None:
+                            rows[a:b] = slot
+                        else:
+                            mask = st.tracker.flags(token_ids[i], first, n, _MODE_STATE[st.mode])
+                            seg = rows[offset:offset + n]
+                            sel = np.zeros(n, dtype=bool)
+                            sel[lo - first:hi - first] = True
+                            seg[mask & sel] = slot
+                        self._filled = offset + n
+                offset += n
+        if self.device.type != "cpu" and clear_to:
+            self.rows[:clear_to].copy_(self._rows_host[:clear_to], non_blocking=True)
+
+
+def install() -> None:
+    """Patch vLLM's V1 model runner classes (idempotent)."""
+    from vllm.v1.worker import gpu_model_runner
+
+    classes = [gpu_model_runner.GPUModelRunner]
+    try:
+        from vllm.v1.worker import cpu_model_runner
+
+        # CPUModelRunner overrides load_model, so patching only the GPU class misses it.
+        classes.append(cpu_model_runner.CPUModelRunner)
+    except Exception:  # CUDA build without the CPU runner importable
+        pass
+    for cls in classes:
+        if "load_model" in cls.__dict__ and not getattr(cls.load_model, "_vllm_steer", False):
+            cls.load_model = _wrap_load_model(cls.load_model)
+    base = gpu_model_runner.GPUModelRunner
+    if not getattr(base._update_states, "_vllm_steer", False):
+        base._update_states = _wrap_update_states(base._update_states)
+        base._prepare_inputs = _wrap_prepare_inputs(base._prepare_inputs)
+
+
+def _mark(fn):
+    fn._vllm_steer = True
+    return fn
+
+
+def _wrap_load_model(orig):
+    def load_model(self, *args, **kwargs):
+        import vllm_steer.steering.runner_hook as this_module
+
+        out = orig(self, *args, **kwargs)
+        # Make this hook part of vLLM's torch.compile cache key: a graph compiled without
+        # the steering wrapper (plugin absent or older) must never be loaded for this one.
+        traced = getattr(self.vllm_config.compilation_config, "traced_files", None)
+        if isinstance(traced, set):
+            traced.add(this_module.__file__)
+        model = self.get_model()
+        self._vllm_steer = RunnerSteering(self, model)
+        return out
+
+    return _mark(load_model)
+
+
+def _wrap_update_states(orig):
+    def _update_states(self, scheduler_output):
+        steer: RunnerSteering | None = getattr(self, "_vllm_steer", None)
+        if steer is not None:
+            steer.remove_requests(scheduler_output.finished_req_ids)
+        out = orig(self, scheduler_output)
+        if steer is not None:
+            for new in scheduler_output.scheduled_new_reqs:
+                steer.add_request(new.req_id, new.sampling_params)
+        return out
+
+    return _mark(_update_states)
+
+
+def _wrap_prepare_inputs(orig):
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        steer: RunnerSteering | None = getattr(self, "_vllm_steer", None)
+        if steer is not None:
+            batch = self.input_batch
+            n = batch.num_reqs
+            steer.fill_rows(batch.req_ids[:n], num_scheduled_tokens[:n],
+                            batch.num_computed_tokens_cpu[:n], batch.token_ids_cpu)
+        return orig(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+
+    return _mark(_prepare_inputs)

@@ -1,0 +1,263 @@
+"""The steering spec a request carries, parsed and structurally validated at the edge.
+
+Accepted in ``SamplingParams.extra_args`` (and so in the OpenAI body's ``vllm_xargs``):
+
+- ``{"steering": {...}}`` where ``{...}`` is a dict or the same dict as a JSON string;
+- the flat shorthand ``steer="happy"`` (or ``"happy,formal"``), ``steer_scale=1.5``,
+  ``steer_layers=[8, 9]``, ``steer_apply_to="generated"``.
+
+Spec fields: ``vectors`` (list of ``{"name" | "path", "scale", "layers"}``),
+``apply_to`` (``all | prompt | generated | thinking | answer``), ``start_position`` /
+``end_position`` (absolute token positions: steer ``start <= pos < end``), and
+``think_start`` / ``think_end`` (marker strings overriding the registry's).
+Unknown keys are errors: nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+APPLY_TO_MODES = ("all", "prompt", "generated", "thinking", "answer")
+MAX_VECTORS = 16
+MAX_ABS_SCALE = 1000.0
+MAX_SPEC_CHARS = 65536
+EXTRA_ARGS_KEY = "steering"
+FLAT_KEYS = ("steer", "steer_scale", "steer_layers", "steer_apply_to")
+#: Key under which the frontend hands the resolved, wire-format steering to the workers.
+WIRE_KEY = "_vllm_steer"
+
+_SPEC_KEYS = {"vectors", "apply_to", "start_position", "end_position", "think_start", "think_end"}
+_VECTOR_KEYS = {"name", "path", "scale", "layers"}
+
+
+class SpecError(ValueError):
+    """A malformed steering spec. ``field`` names the offending field (dotted path)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class VectorRef:
+    """One vector in a spec: by registered ``name`` or by file ``path``; ``scale`` multiplies it.
+
+    ``scale``/``layers`` of ``None`` mean "the registry's default" (1.0 / all its layers).
+    """
+
+    name: str | None = None
+    path: str | None = None
+    scale: float | None = None
+    layers: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """A request's steering, structurally valid but not yet resolved against vectors/model."""
+
+    vectors: tuple[VectorRef, ...]
+    apply_to: str = "all"
+    start_position: int = 0
+    end_position: int | None = None
+    think_start: str | None = None
+    think_end: str | None = None
+    _source: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        vecs = []
+        for v in self.vectors:
+            d: dict[str, Any] = {"name": v.name} if v.name is not None else {"path": v.path}
+            if v.scale is not None:
+                d["scale"] = v.scale
+            if v.layers is not None:
+                d["layers"] = list(v.layers)
+            vecs.append(d)
+        out: dict[str, Any] = {"vectors": vecs, "apply_to": self.apply_to}
+        if self.start_position:
+            out["start_position"] = self.start_position
+        if self.end_position is not None:
+            out["end_position"] = self.end_position
+        if self.think_start is not None:
+            out["think_start"] = self.think_start
+        if self.think_end is not None:
+            out["think_end"] = self.think_end
+        return out
+
+
+def make_spec(
+    *vectors: str | tuple[str, float] | dict[str, Any],
+    apply_to: str = "all",
+    start_position: int = 0,
+    end_position: int | None = None,
+    think_start: str | None = None,
+    think_end: str | None = None,
+) -> dict[str, Any]:
+    """Build a spec dict for ``SamplingParams(extra_args={"steering": make_spec(...)})``.
+
+    ``make_spec("happy")``, ``make_spec(("happy", 1.5), ("formal", -0.5))`` or full dicts.
+    The result is validated, so mistakes fail here rather than at submission.
+    """
+    vecs: list[dict[str, Any]] = []
+    for v in vectors:
+        if isinstance(v, str):
+            vecs.append({"name": v})
+        elif isinstance(v, tuple) and len(v) == 2:
+            vecs.append({"name": v[0], "scale": v[1]})
+        elif isinstance(v, dict):
+            vecs.append(dict(v))
+        else:
+            raise SpecError("vectors", f"cannot build a vector entry from {v!r}")
+    d: dict[str, Any] = {"vectors": vecs, "apply_to": apply_to}
+    if start_position:
+        d["start_position"] = start_position
+    if end_position is not None:
+        d["end_position"] = end_position
+    if think_start is not None:
+        d["think_start"] = think_start
+    if think_end is not None:
+        d["think_end"] = think_end
+    parse_spec(d)
+    return d
+
+
+def parse_extra_args(extra_args: dict[str, Any] | None) -> SteeringSpec | None:
+    """The spec carried in ``extra_args``, or None when the request is unsteered."""
+    if not extra_args:
+        return None
+    flat = {k: v for k, v in extra_args.items() if k.startswith("steer") and k != EXTRA_ARGS_KEY}
+    has_spec = extra_args.get(EXTRA_ARGS_KEY) is not None
+    unknown = sorted(set(flat) - set(FLAT_KEYS))
+    if unknown:
+        raise SpecError(unknown[0], f"unknown steering argument (known: {', '.join(FLAT_KEYS)})")
+    if has_spec and flat:
+        raise SpecError(
+            sorted(flat)[0], "give either 'steering' or the flat steer* shorthand, not both"
+        )
+    if has_spec:
+        return parse_spec(extra_args[EXTRA_ARGS_KEY])
+    if not flat:
+        return None
+    if "steer" not in flat:
+        raise SpecError(sorted(flat)[0], "flat shorthand needs 'steer' (the vector name)")
+    names = flat["steer"]
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not isinstance(names, list) or not names:
+        raise SpecError("steer", "must be a vector name, comma-separated names, or a list")
+    entry: dict[str, Any] = {}
+    if "steer_scale" in flat:
+        entry["scale"] = flat["steer_scale"]
+    if "steer_layers" in flat:
+        entry["layers"] = flat["steer_layers"]
+    spec = {"vectors": [{"name": n, **entry} for n in names]}
+    if "steer_apply_to" in flat:
+        spec["apply_to"] = flat["steer_apply_to"]
+    return _parse_dict(spec, prefix="", flat=True)
+
+
+def parse_spec(raw: Any) -> SteeringSpec:
+    """Parse a spec given as a dict or a JSON string; raise ``SpecError`` naming the field."""
+    if isinstance(raw, str | bytes):
+        if len(raw) > MAX_SPEC_CHARS:
+            raise SpecError("steering", f"spec longer than {MAX_SPEC_CHARS} characters")
+        try:
+            raw = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise SpecError("steering", f"malformed JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise SpecError("steering", f"must be an object, got {type(raw).__name__}")
+    return _parse_dict(raw, prefix="steering.")
+
+
+def _parse_dict(raw: dict[str, Any], prefix: str, flat: bool = False) -> SteeringSpec:
+    def f(name: str) -> str:
+        if flat:
+            return {"vectors": "steer", "apply_to": "steer_apply_to"}.get(name, name)
+        return prefix + name
+
+    unknown = sorted(str(k) for k in raw if k not in _SPEC_KEYS)
+    if unknown:
+        raise SpecError(f(unknown[0]), f"unknown field (known: {', '.join(sorted(_SPEC_KEYS))})")
+    vectors = raw.get("vectors")
+    if not isinstance(vectors, list) or not vectors:
+        raise SpecError(f("vectors"), "must be a non-empty list of vector entries")
+    if len(vectors) > MAX_VECTORS:
+        raise SpecError(f("vectors"), f"{len(vectors)} vectors; at most {MAX_VECTORS} per request")
+    refs = tuple(_parse_vector(v, f"{f('vectors')}[{i}]", flat) for i, v in enumerate(vectors))
+
+    apply_to = raw.get("apply_to", "all")
+    if not isinstance(apply_to, str) or apply_to not in APPLY_TO_MODES:
+        raise SpecError(f("apply_to"), f"{apply_to!r} is not one of {', '.join(APPLY_TO_MODES)}")
+    start = _opt_int(raw.get("start_position"), f("start_position"))
+    end = _opt_int(raw.get("end_position"), f("end_position"))
+    start = start or 0
+    if end is not None and end <= start:
+        raise SpecError(f("end_position"), f"must be greater than start_position ({start})")
+    markers = {}
+    for key in ("think_start", "think_end"):
+        m = raw.get(key)
+        if m is not None and (not isinstance(m, str) or not m):
+            raise SpecError(f(key), "must be a non-empty string")
+        markers[key] = m
+    return SteeringSpec(refs, apply_to, start, end, markers["think_start"], markers["think_end"],
+                        _source=raw)
+
+
+def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
+    if not isinstance(v, dict):
+        raise SpecError(where, f"must be an object with 'name' or 'path', got {type(v).__name__}")
+    unknown = sorted(str(k) for k in v if k not in _VECTOR_KEYS)
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]}", "unknown field (known: layers, name, path, scale)")
+    name, path = v.get("name"), v.get("path")
+    if (name is None) == (path is None):
+        raise SpecError(where, "give exactly one of 'name' or 'path'")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise SpecError("steer" if flat else f"{where}.name", "must be a non-empty string")
+    if path is not None and (not isinstance(path, str) or not path):
+        raise SpecError(f"{where}.path", "must be a non-empty string")
+    scale = v.get("scale")
+    scale_field = "steer_scale" if flat else f"{where}.scale"
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, int | float | str):
+            raise SpecError(scale_field, f"must be a number, got {type(scale).__name__}")
+        try:
+            scale = float(scale)
+        except ValueError as e:
+            raise SpecError(scale_field, f"must be a number, got {scale!r}") from e
+        if not math.isfinite(scale):
+            raise SpecError(scale_field, f"must be finite, got {scale}")
+        if abs(scale) > MAX_ABS_SCALE:
+            raise SpecError(scale_field, f"|scale| must be <= {MAX_ABS_SCALE:g}, got {scale:g}")
+    layers = v.get("layers")
+    layers_field = "steer_layers" if flat else f"{where}.layers"
+    if layers is not None:
+        if isinstance(layers, str):
+            try:
+                layers = json.loads(layers)
+            except ValueError as e:
+                raise SpecError(layers_field, "must be a list of layer indices") from e
+        if not isinstance(layers, list) or not layers:
+            raise SpecError(layers_field, "must be a non-empty list of layer indices")
+        for x in layers:
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise SpecError(layers_field, f"layer {x!r} is not an integer")
+            if x < 0:
+                raise SpecError(layers_field, f"layer {x} is negative")
+        if len(set(layers)) != len(layers):
+            raise SpecError(layers_field, "layers repeat")
+        layers = tuple(sorted(layers))
+    return VectorRef(name=name, path=path, scale=scale, layers=layers)
+
+
+def _opt_int(x: Any, where: str) -> int | None:
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise SpecError(where, f"must be an integer, got {x!r}")
+    if x < 0:
+        raise SpecError(where, f"must be >= 0, got {x}")
+    return x
