@@ -197,7 +197,7 @@ MAX_NEW = 32
 
 @pytest.fixture(scope="module")
 def vllm_engine(default_model_dir):
-    from vllm import LLM
+    LLM = pytest.importorskip("vllm").LLM
 
     llm = LLM(
         model=default_model_dir,

@@ -23,9 +23,9 @@ def ramp(start: float) -> list[float]:
 
 # -- construction -------------------------------------------------------------------------
 def test_directions_are_float32_sorted_and_copied():
-    src = torch.arange(3 * H, dtype=torch.float64).reshape(3, H)
-    v = SteeringVector({5: src[2], 1: src[0]})
-    assert v.layers == [1, 5]
+    src = torch.arange(3 * H, dtype=torch.float32).reshape(3, H)
+    v = SteeringVector({5: src[2], 1: src[0], 3: src[1].double()})
+    assert v.layers == [1, 3, 5]
     assert v.hidden_size == H
     assert all(t.dtype == torch.float32 for t in v.directions.values())
     assert torch.equal(v.directions[5], torch.arange(2 * H, 3 * H, dtype=torch.float32))
@@ -150,7 +150,7 @@ def test_negative_layer_rejected():
 def test_empty_and_non_1d_rejected():
     with pytest.raises(SteeringVectorError, match="vector has no layers"):
         SteeringVector({})
-    with pytest.raises(SteeringVectorError, match=r"layer 2 has shape \(2, 3\), expected \[hidden\]"):
+    with pytest.raises(SteeringVectorError, match=r"layer 2 has shape \(2, 3\), expected"):
         SteeringVector({2: torch.zeros(2, 3)})
     with pytest.raises(SteeringVectorError, match=r"layer 2 has shape \(\), expected \[hidden\]"):
         SteeringVector({2: torch.tensor(1.0)})

@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vllm_steer import SteeringVector, VectorMetadata
-from vllm_steer import cli, vector_io
+from vllm_steer import SteeringVector, VectorMetadata, cli, vector_io
 from vllm_steer.vector_io import VectorFileError, detect_format, load, save
 
 H = 16
@@ -324,7 +323,8 @@ def test_wrong_tensor_names(tmp_path, name):
 
 def test_repeated_layer_rejected(tmp_path):
     path = tmp_path / "dup.gguf"
-    write_gguf(path, {"direction.1": np.ones(H, np.float32), "direction.01": np.ones(H, np.float32)})
+    ones = np.ones(H, np.float32)
+    write_gguf(path, {"direction.1": ones, "direction.01": ones})
     assert_bad_file(path, "repeats layer 1")
 
 

@@ -181,10 +181,21 @@ def install() -> None:
     for cls in classes:
         if "load_model" in cls.__dict__ and not getattr(cls.load_model, "_vllm_steer", False):
             cls.load_model = _wrap_load_model(cls.load_model)
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    # Reachable with LLM.collective_rpc("vllm_steer_stats"): slot usage per worker.
+    WorkerBase.vllm_steer_stats = _worker_stats
     base = gpu_model_runner.GPUModelRunner
     if not getattr(base._update_states, "_vllm_steer", False):
         base._update_states = _wrap_update_states(base._update_states)
         base._prepare_inputs = _wrap_prepare_inputs(base._prepare_inputs)
+
+
+def _worker_stats(worker: Any) -> dict[str, int] | None:
+    steer: RunnerSteering | None = getattr(worker.model_runner, "_vllm_steer", None)
+    if steer is None:
+        return None
+    return {**steer.slots.stats(), "live_requests": len(steer.reqs)}
 
 
 def _mark(fn):

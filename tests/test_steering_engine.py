@@ -1,0 +1,274 @@
+"""The serving hook on a real vLLM engine (eager mode) with the real default model.
+
+One engine for the whole module. Reference: HF transformers on the same weights with
+forward hooks (tests/steer_helpers.py), full recompute per token.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.steer_helpers import (
+    THINK_END,
+    THINK_START,
+    composed_dense,
+    env_registry,
+    hf_greedy,
+    make_llm,
+    shutdown,
+    write_test_vectors,
+)
+
+pytestmark = pytest.mark.engine
+N_TOKENS = 32
+LOGPROB_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def setup(default_model_dir, tmp_path_factory):
+    reg = write_test_vectors(tmp_path_factory.mktemp("steer"))
+    env_registry(reg)
+    llm = make_llm(default_model_dir)
+    yield llm, reg
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def hf(default_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def sp(steering=None, n=N_TOKENS, **kw):
+    from vllm import SamplingParams
+
+    extra = {"steering": steering} if steering is not None else kw.pop("extra_args", None)
+    kw.setdefault("logprobs", 0)
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, extra_args=extra, **kw)
+
+
+def gen(llm, prompts_ids, params):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts_ids], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs], outs
+
+
+def sampled_logprobs(out) -> list[float]:
+    c = out.outputs[0]
+    return [c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)]
+
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.\n",
+    "Q: What is 17 times 3?\nA:",
+]
+
+
+def encode(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def think_prompt(tok):
+    return (encode(tok, "Question: is the sky blue? Think first.\n") + encode(tok, THINK_START)
+            + encode(tok, "\nThe sky scatters blue light, so it looks blue.\n")
+            + encode(tok, THINK_END) + encode(tok, "\nAnswer:"))
+
+
+@pytest.mark.parametrize("mode", ["all", "prompt", "generated"])
+def test_matches_hf_reference(setup, hf, mode):
+    llm, reg = setup
+    model, tok = hf
+    spec = {"vectors": [{"name": "v1", "scale": 1.0}, {"name": "v2", "scale": -0.5}],
+            "apply_to": mode}
+    dense = composed_dense(reg, [("v1", 1.0), ("v2", -0.5)])
+    ids = [encode(tok, p) for p in PROMPTS]
+    got, outs = gen(llm, ids, sp(spec))
+    plain, _ = gen(llm, ids, sp())
+    changed = 0
+    for p, g, o, u in zip(ids, got, outs, plain, strict=True):
+        ref, ref_lp = hf_greedy(model, p, dense, mode, N_TOKENS)
+        assert g == ref, (mode, tok.decode(g), tok.decode(ref))
+        lp = sampled_logprobs(o)
+        assert max(abs(a - b) for a, b in zip(lp, ref_lp, strict=True)) < LOGPROB_ATOL
+        changed += g != u
+    assert changed >= 2, "the test vectors should change most greedy outputs"
+
+
+def test_start_position_matches_reference(setup, hf):
+    llm, reg = setup
+    model, tok = hf
+    p = encode(tok, PROMPTS[1])
+    start = len(p) - 3
+    got, _ = gen(llm, [p], sp({"vectors": [{"name": "v3", "scale": 2.0}],
+                                "start_position": start}))
+    ref, _ = hf_greedy(model, p, composed_dense(reg, [("v3", 2.0)]), "all", N_TOKENS, start)
+    assert got[0] == ref
+
+
+@pytest.mark.parametrize("mode", ["thinking", "answer"])
+def test_thinking_modes_steer_exactly_the_marked_tokens(setup, hf, mode):
+    llm, reg = setup
+    model, tok = hf
+    p = think_prompt(tok)
+    markers = (encode(tok, THINK_START), encode(tok, THINK_END))
+    dense = composed_dense(reg, [("v1", 3.0)])
+    spec = {"vectors": [{"name": "v1", "scale": 3.0}], "apply_to": mode}
+    got, outs = gen(llm, [p], sp(spec))
+    ref, ref_lp = hf_greedy(model, p, dense, mode, N_TOKENS, markers=markers)
+    assert got[0] == ref
+    assert max(abs(a - b) for a, b in zip(sampled_logprobs(outs[0]), ref_lp, strict=True)) \
+        < LOGPROB_ATOL
+    # and it is not the same as steering everything or nothing
+    everything, _ = hf_greedy(model, p, dense, "all", N_TOKENS)
+    nothing, _ = gen(llm, [p], sp())
+    assert got[0] != everything or got[0] != nothing[0]
+
+
+def test_thinking_prompt_logprobs_match_masked_reference(setup, hf):
+    """Per-position check inside the prompt: prompt logprobs of the thinking mode."""
+    import torch
+
+    from tests.steer_helpers import position_mask
+    from vllm_steer.hf_reference import steer_hf
+
+    llm, reg = setup
+    model, tok = hf
+    p = think_prompt(tok)
+    markers = (encode(tok, THINK_START), encode(tok, THINK_END))
+    dense = composed_dense(reg, [("v1", 3.0)])
+    params = sp({"vectors": [{"name": "v1", "scale": 3.0}], "apply_to": "thinking"}, n=1,
+                prompt_logprobs=0)
+    out = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
+    got = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], p[1:], strict=True)]
+    mask = position_mask(p, "thinking", len(p), markers=markers)
+    assert 0 < int(mask.sum()) < len(p)
+    with torch.no_grad(), steer_hf(model, dense, position_mask=mask):
+        logp = torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1)
+    ref = [float(logp[i, t]) for i, t in enumerate(p[1:])]
+    assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) < LOGPROB_ATOL
+
+
+def test_mixed_batch_isolation(setup, hf):
+    llm, _ = setup
+    _, tok = hf
+    prompts = [encode(tok, t) for t in PROMPTS * 2]
+    specs = [
+        {"vectors": [{"name": "v1"}]},
+        None,
+        {"vectors": [{"name": "v2", "scale": 1.5}], "apply_to": "generated"},
+        {"vectors": [{"name": "v1", "scale": 2.0}], "apply_to": "prompt"},
+        {"vectors": [{"name": "v1"}, {"name": "v2"}, {"name": "v3", "scale": -1}]},
+        None,
+    ]
+    mixed, _ = gen(llm, prompts, [sp(s) for s in specs])
+    # every other request changes its spec (or loses it); each request keeps its output
+    rotated = specs[1:] + specs[:1]
+    for i in range(len(prompts)):
+        others = [rotated[j] if j != i else specs[i] for j in range(len(prompts))]
+        again, _ = gen(llm, prompts, [sp(s) for s in others])
+        assert again[i] == mixed[i], i
+    # and equals the request run alone
+    for i in range(len(prompts)):
+        alone, _ = gen(llm, [prompts[i]], sp(specs[i]))
+        assert alone[0] == mixed[i], i
+    assert len({tuple(m) for m in mixed}) >= 4
+
+
+def _cached(out) -> int:
+    return int(out.num_cached_tokens or 0)
+
+
+def test_prefix_cache_never_shared_across_steering(setup, hf):
+    llm, _ = setup
+    _, tok = hf
+    p = encode(tok, "Here is a long story about a lighthouse keeper and the sea. " * 10)
+    assert len(p) >= 96  # three full 32-token blocks
+    steer_a = {"vectors": [{"name": "v1"}]}
+    steer_b = {"vectors": [{"name": "v2"}]}
+
+    def run(spec):
+        toks, outs = gen(llm, [p], sp(spec, n=8))
+        return toks[0], _cached(outs[0])
+
+    llm.reset_prefix_cache()
+    fresh_a, c = run(steer_a)
+    assert c == 0
+    llm.reset_prefix_cache()
+    fresh_b, _ = run(steer_b)
+    llm.reset_prefix_cache()
+    plain, _ = run(None)
+    assert len({tuple(fresh_a), tuple(fresh_b), tuple(plain)}) == 3
+
+    # unsteered first, then steered with the same prompt: no reuse, steered result
+    a1, c = run(steer_a)
+    assert c == 0 and a1 == fresh_a
+    # identical spec: reuses every full block
+    a2, c = run(steer_a)
+    assert c >= 64 and a2 == fresh_a
+    # identical content by another route (path instead of name) shares too
+    a3, c = run({"vectors": [{"path": "v1.safetensors"}]})
+    assert c >= 64 and a3 == fresh_a
+    # a different vector: no reuse
+    b1, c = run(steer_b)
+    assert c == 0 and b1 == fresh_b
+    # same vector, other scale: no reuse
+    _, c = run({"vectors": [{"name": "v1", "scale": 1.0001}]})
+    assert c == 0
+    # reverse order: steered first, then unsteered
+    llm.reset_prefix_cache()
+    run(steer_a)
+    u, c = run(None)
+    assert c == 0 and u == plain
+    u2, c = run(None)
+    assert c >= 64 and u2 == plain
+
+
+def test_slots_are_freed_after_thousands_of_distinct_specs(setup):
+    llm, _ = setup
+    n = 2000
+    params = [sp({"vectors": [{"name": "v3", "scale": 0.001 * (i + 1)}]}, n=2, logprobs=None)
+              for i in range(n)]
+    prompts = [{"prompt_token_ids": [1, 2, 3 + (i % 50)]} for i in range(n)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert len(outs) == n and all(len(o.outputs[0].token_ids) == 2 for o in outs)
+    (stats,) = llm.collective_rpc("vllm_steer_stats")
+    assert stats["live_requests"] == 0 and stats["live_digests"] == 0
+    assert stats["resident"] == 0 and stats["free_slots"] == stats["num_slots"] - 1
+
+
+BAD = [
+    ({"steering": {"vectors": [{"name": "nope"}]}}, "steering.vectors[0].name", "unknown vector"),
+    ({"steering": {"vectors": [{"path": "../registry.yaml"}]}}, "steering.vectors[0].path",
+     "not inside"),
+    ({"steering": {"vectors": [{"name": "wide"}]}}, "steering.vectors[0]", "hidden size"),
+    ({"steering": {"vectors": [{"name": "v1", "scale": float("nan")}]}},
+     "steering.vectors[0].scale", "finite"),
+    ({"steering": {"vectors": [{"name": "v1", "scale": float("inf")}]}},
+     "steering.vectors[0].scale", "finite"),
+    ({"steering": {"vectors": [{"name": "v1", "layers": [30]}]}},
+     "steering.vectors[0].layers", "out of range"),
+    ({"steering": {"vectors": [{"name": "v1"}], "apply_to": "middle"}}, "steering.apply_to",
+     "not one of"),
+    ({"steering": '{"vectors": [{"name": "v1"}'}, "steering", "malformed JSON"),
+    ({"steering": {"vectors": [{"name": "v1"}] * 17}}, "steering.vectors", "at most"),
+    ({"steer": "v1", "steer_scale": "lots"}, "steer_scale", "number"),
+    ({"_vllm_steer": {"digest": "x"}}, "_vllm_steer", "reserved"),
+]
+
+
+@pytest.mark.parametrize("extra, field, message", BAD)
+def test_bad_input_is_refused_and_engine_keeps_serving(setup, hf, extra, field, message):
+    from vllm.exceptions import VLLMValidationError
+
+    llm, _ = setup
+    _, tok = hf
+    p = encode(tok, PROMPTS[0])
+    before, _ = gen(llm, [p], sp({"vectors": [{"name": "v1"}]}, n=8))
+    with pytest.raises(VLLMValidationError, match=message) as ei:
+        gen(llm, [p], sp(n=8, extra_args=extra))
+    assert ei.value.parameter == field
+    after, _ = gen(llm, [p], sp({"vectors": [{"name": "v1"}]}, n=8))
+    assert after == before
