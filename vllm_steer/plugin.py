@@ -7,12 +7,18 @@ import os
 
 logger = logging.getLogger("vllm_steer")
 _registered = False
+#: Set to 1 to keep the plugin out of a vLLM process without uninstalling it.
+DISABLE_ENV = "VLLM_STEER_DISABLE"
 
 
 def register() -> None:
     """Check the vLLM version, force the V1 model runner, and install the hooks."""
     global _registered
     if _registered:
+        return
+    if os.environ.get(DISABLE_ENV, "").lower() in ("1", "true", "yes"):
+        logger.warning("vllm-steer: disabled by %s; requests with steering are not refused "
+                       "by this process", DISABLE_ENV)
         return
     from vllm_steer.compat import check_vllm_version
 
@@ -24,6 +30,9 @@ def register() -> None:
     from vllm_steer.steering import frontend_hook, runner_hook
 
     frontend_hook.install()
+    from vllm_steer.server import body
+
+    body.install()  # OpenAI body "steering" -> extra_args (patched when imported)
     runner_hook.install()
     _registered = True
     logger.info("vllm-steer: plugin registered for vLLM %s", version)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Any
 
 from vllm_steer.steering.registry import load_registry
@@ -20,6 +21,13 @@ from vllm_steer.steering.spec import WIRE_KEY, SpecError, parse_extra_args
 
 logger = logging.getLogger("vllm_steer")
 _lock = threading.Lock()
+#: The most recently built InputProcessor of this process (the server has exactly one).
+_active: weakref.ref | None = None
+
+
+def active_processor() -> Any | None:
+    """This process's InputProcessor, for checks that run before it sees a request."""
+    return _active() if _active is not None else None
 
 
 def registry_path_from_config(vllm_config: Any) -> str | None:
@@ -82,12 +90,43 @@ def steer_request(processor: Any, request: Any) -> None:
     request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
 
 
+def prevalidate(extra_args: dict[str, Any] | None) -> None:
+    """Raise ``VLLMValidationError`` now if ``steer_request`` would refuse this steering.
+
+    For the OpenAI server, whose streaming responses have already started (HTTP 200) when
+    the engine first sees a request: called while the request body becomes sampling
+    parameters, so a bad spec gets its 400. No-op without an active processor.
+    """
+    from vllm.exceptions import VLLMValidationError
+
+    if not extra_args:
+        return
+    if WIRE_KEY in extra_args:
+        raise VLLMValidationError(f"{WIRE_KEY} is reserved for vllm-steer", parameter=WIRE_KEY)
+    processor = active_processor()
+    try:
+        spec = parse_extra_args(extra_args)
+        if spec is None or processor is None:
+            return
+        get_resolver(processor).resolve(spec, 0)
+    except SpecError as e:
+        raise VLLMValidationError(str(e), parameter=e.field) from e
+
+
 def install() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     orig = InputProcessor.process_inputs
     if getattr(orig, "_vllm_steer", False):
         return
+    orig_init = InputProcessor.__init__
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        global _active
+        orig_init(self, *args, **kwargs)
+        _active = weakref.ref(self)
+
+    InputProcessor.__init__ = __init__
 
     def process_inputs(self, *args: Any, **kwargs: Any):
         request = orig(self, *args, **kwargs)

@@ -6,21 +6,42 @@ Example::
 
     allowed_dirs: [vectors]          # relative to this file; specs may name files here by path
     think_markers: {start: "<think>", end: "</think>"}
+    upload_dir: uploads              # where the server stores registered vectors (default)
+    max_upload_bytes: 67108864       # vector upload limit of the server (default 64 MiB)
     vectors:
       happy: {path: vectors/happy.safetensors, scale: 1.0, layers: [10, 11, 12]}
+
+Vectors registered at run time (``register``/``unregister``, used by the server's
+``/v1/steering/vectors`` routes) are persisted in an overlay file
+``<upload_dir>/registry.overlay.yaml`` that ``from_yaml`` applies on top of the base
+file, so a restart keeps them. Mutations swap ``entries`` for a new dict under a lock, so
+readers (the resolver, on every request) never see a half-updated mapping.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import re
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 REGISTRY_ENV = "VLLM_STEER_REGISTRY"
+#: Overrides the registry's ``upload_dir`` / ``max_upload_bytes``.
+UPLOAD_DIR_ENV = "VLLM_STEER_UPLOAD_DIR"
+MAX_UPLOAD_ENV = "VLLM_STEER_MAX_UPLOAD_BYTES"
 DEFAULT_THINK_MARKERS = ("<think>", "</think>")
+DEFAULT_UPLOAD_DIR = "uploads"
+DEFAULT_MAX_UPLOAD_BYTES = 64 << 20
+OVERLAY_NAME = "registry.overlay.yaml"
+#: Vector names: no commas (the flat ``steer`` shorthand splits on them), no slashes.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
 class RegistryError(ValueError):
@@ -33,6 +54,8 @@ class RegistryEntry:
     path: Path
     scale: float = 1.0
     layers: tuple[int, ...] | None = None
+    #: ``config`` (the base YAML) or ``registered`` (added at run time, in the overlay).
+    origin: str = "config"
 
 
 @dataclass
@@ -43,6 +66,12 @@ class Registry:
     allowed_dirs: tuple[Path, ...] = ()
     think_markers: tuple[str, str] = DEFAULT_THINK_MARKERS
     source: Path | None = None
+    #: Where registered uploads and the overlay live; None: a temporary dir (not persisted).
+    upload_dir: Path | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    #: Base-file names removed at run time (persisted in the overlay).
+    removed: frozenset[str] = frozenset()
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> Registry:
@@ -53,33 +82,145 @@ class Registry:
             raise RegistryError(f"{path}: cannot read registry ({e})") from e
         if not isinstance(raw, dict):
             raise RegistryError(f"{path}: top level must be a mapping")
-        unknown = set(raw) - {"vectors", "allowed_dirs", "think_markers"}
+        unknown = set(raw) - {"vectors", "allowed_dirs", "think_markers", "upload_dir",
+                              "max_upload_bytes"}
         if unknown:
             raise RegistryError(f"{path}: unknown keys {sorted(unknown)}")
         base = path.parent
 
-        def rel(p: str) -> Path:
+        def rel(p: str, root: Path = base) -> Path:
             q = Path(os.path.expandvars(str(p))).expanduser()
-            return (q if q.is_absolute() else base / q).resolve()
+            return (q if q.is_absolute() else root / q).resolve()
 
         dirs = tuple(rel(d) for d in raw.get("allowed_dirs") or [])
-        entries: dict[str, RegistryEntry] = {}
-        for name, spec in (raw.get("vectors") or {}).items():
-            if isinstance(spec, str):
-                spec = {"path": spec}
-            if not isinstance(spec, dict) or "path" not in spec:
-                raise RegistryError(f"{path}: vectors.{name} needs a 'path'")
-            layers = spec.get("layers")
-            entries[str(name)] = RegistryEntry(
-                name=str(name),
-                path=rel(spec["path"]),
-                scale=float(spec.get("scale", 1.0)),
-                layers=tuple(int(x) for x in layers) if layers else None,
-            )
+        entries = _parse_entries(raw.get("vectors"), rel, f"{path}: vectors", "config")
         tm = raw.get("think_markers") or {}
         markers = (str(tm.get("start", DEFAULT_THINK_MARKERS[0])),
                    str(tm.get("end", DEFAULT_THINK_MARKERS[1])))
-        return cls(entries, dirs, markers, path)
+        upload_dir = rel(os.environ.get(UPLOAD_DIR_ENV) or raw.get("upload_dir")
+                         or DEFAULT_UPLOAD_DIR)
+        limit = os.environ.get(MAX_UPLOAD_ENV) or raw.get("max_upload_bytes")
+        try:
+            max_upload = int(limit) if limit is not None else DEFAULT_MAX_UPLOAD_BYTES
+        except (TypeError, ValueError) as e:
+            raise RegistryError(f"{path}: max_upload_bytes must be an integer") from e
+        if max_upload <= 0:
+            raise RegistryError(f"{path}: max_upload_bytes must be positive")
+        reg = cls(entries, dirs, markers, path, upload_dir, max_upload)
+        reg._apply_overlay()
+        return reg
+
+    # -- run-time registration (thread-safe, persisted in the overlay) -------------------
+    @property
+    def persistent(self) -> bool:
+        """True when registrations survive a restart (the registry came from a file)."""
+        return self.source is not None
+
+    @property
+    def overlay_path(self) -> Path | None:
+        return self.upload_dir / OVERLAY_NAME if self.persistent and self.upload_dir else None
+
+    def ensure_upload_dir(self) -> Path:
+        """The upload dir, created on first use (a temporary one without a registry file)."""
+        with self._lock:
+            if self.upload_dir is None:
+                tmp = Path(tempfile.mkdtemp(prefix="vllm-steer-uploads-"))
+                atexit.register(shutil.rmtree, tmp, True)
+                self.upload_dir = tmp
+            self.upload_dir.mkdir(parents=True, exist_ok=True)
+            return self.upload_dir
+
+    def register(self, name: str, path: str | os.PathLike[str], *, scale: float = 1.0,
+                 layers: tuple[int, ...] | None = None, replace: bool = False
+                 ) -> RegistryEntry:
+        """Add (or with ``replace`` overwrite) ``name``; visible to the next request.
+
+        Raises ``KeyError`` if ``name`` exists and not ``replace``, ``ValueError`` for a
+        bad name. A replaced upload's file is deleted: requests already admitted carry
+        the vector's content, not its path.
+        """
+        if not NAME_RE.match(name):
+            raise ValueError(f"invalid vector name {name!r}: use letters, digits, '_', '.', "
+                             "'-' (at most 128, starting with a letter or digit)")
+        entry = RegistryEntry(name, Path(path).resolve(), float(scale),
+                              tuple(layers) if layers else None, "registered")
+        with self._lock:
+            old = self.entries.get(name)
+            if old is not None and not replace:
+                raise KeyError(name)
+            entries = dict(self.entries)
+            entries[name] = entry
+            self._commit(entries, self.removed - {name})
+            if old is not None:
+                self._drop_file(old)
+        return entry
+
+    def unregister(self, name: str) -> RegistryEntry:
+        """Remove ``name`` (raises ``KeyError`` if unknown); persisted across restarts."""
+        with self._lock:
+            entries = dict(self.entries)
+            old = entries.pop(name)
+            # The tombstone keeps a base-file entry of this name from coming back on restart.
+            self._commit(entries, self.removed | {name})
+            self._drop_file(old)
+        return old
+
+    def _commit(self, entries: dict[str, RegistryEntry], removed: frozenset[str]) -> None:
+        """Write the overlay (when persistent), then publish the new mapping."""
+        overlay = self.overlay_path
+        if overlay is not None:
+            vectors: dict[str, Any] = {}
+            for e in entries.values():
+                if e.origin != "registered":
+                    continue
+                d: dict[str, Any] = {"path": self._rel_to_uploads(e.path), "scale": e.scale}
+                if e.layers:
+                    d["layers"] = list(e.layers)
+                vectors[e.name] = d
+            text = ("# Written by the vllm-steer server: vectors registered at run time.\n"
+                    + yaml.safe_dump({"vectors": vectors, "removed": sorted(removed)},
+                                     sort_keys=True))
+            overlay.parent.mkdir(parents=True, exist_ok=True)
+            tmp = overlay.with_name(f".{overlay.name}.tmp{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, overlay)
+        self.entries = entries
+        self.removed = removed
+
+    def _rel_to_uploads(self, p: Path) -> str:
+        if self.upload_dir is not None and self.upload_dir in p.parents:
+            return str(p.relative_to(self.upload_dir))
+        return str(p)
+
+    def _drop_file(self, entry: RegistryEntry) -> None:
+        """Delete an uploaded file that no entry uses any more (never a config file)."""
+        if (entry.origin == "registered" and self.upload_dir is not None
+                and self.upload_dir in entry.path.parents
+                and all(e.path != entry.path for e in self.entries.values())):
+            entry.path.unlink(missing_ok=True)
+
+    def _apply_overlay(self) -> None:
+        overlay = self.overlay_path
+        if overlay is None or not overlay.is_file():
+            return
+        try:
+            raw = yaml.safe_load(overlay.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise RegistryError(f"{overlay}: cannot read overlay ({e})") from e
+        if not isinstance(raw, dict) or set(raw) - {"vectors", "removed"}:
+            raise RegistryError(f"{overlay}: expected only 'vectors' and 'removed'")
+        upload_dir = self.upload_dir
+        assert upload_dir is not None
+
+        def rel(p: str) -> Path:
+            q = Path(p)
+            return (q if q.is_absolute() else upload_dir / q).resolve()
+
+        removed = frozenset(str(n) for n in raw.get("removed") or [])
+        entries = {k: v for k, v in self.entries.items() if k not in removed}
+        entries.update(_parse_entries(raw.get("vectors"), rel, f"{overlay}: vectors",
+                                      "registered"))
+        self.entries, self.removed = entries, removed
 
     def is_allowed(self, path: str | os.PathLike[str]) -> Path | None:
         """The resolved path when it lies inside an allowed dir (symlinks resolved), else None."""
@@ -93,6 +234,29 @@ class Registry:
         return None
 
 
+def _parse_entries(raw: Any, rel: Any, where: str, origin: str) -> dict[str, RegistryEntry]:
+    entries: dict[str, RegistryEntry] = {}
+    if raw is not None and not isinstance(raw, dict):
+        raise RegistryError(f"{where} must be a mapping of name -> entry")
+    for name, spec in (raw or {}).items():
+        if isinstance(spec, str):
+            spec = {"path": spec}
+        if not isinstance(spec, dict) or "path" not in spec:
+            raise RegistryError(f"{where}.{name} needs a 'path'")
+        layers = spec.get("layers")
+        try:
+            entries[str(name)] = RegistryEntry(
+                name=str(name),
+                path=rel(spec["path"]),
+                scale=float(spec.get("scale", 1.0)),
+                layers=tuple(int(x) for x in layers) if layers else None,
+                origin=origin,
+            )
+        except (TypeError, ValueError) as e:
+            raise RegistryError(f"{where}.{name}: {e}") from e
+    return entries
+
+
 _lock = threading.Lock()
 _cache: dict[str, Registry] = {}
 
@@ -103,5 +267,10 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
     key = str(Path(path).expanduser().resolve()) if path else ""
     with _lock:
         if key not in _cache:
-            _cache[key] = Registry.from_yaml(key) if key else Registry()
+            if key:
+                _cache[key] = Registry.from_yaml(key)
+            else:
+                limit = os.environ.get(MAX_UPLOAD_ENV)
+                _cache[key] = Registry(max_upload_bytes=int(limit) if limit
+                                       else DEFAULT_MAX_UPLOAD_BYTES)
         return _cache[key]

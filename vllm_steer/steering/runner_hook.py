@@ -30,6 +30,7 @@ from vllm_steer.steering.tokens import ANSWER, THINK, ThinkTracker
 
 logger = logging.getLogger("vllm_steer")
 _MODE_STATE = {"thinking": THINK, "answer": ANSWER}
+COMPILE_KEY = "vllm_steer_hook"
 
 
 @dataclass
@@ -203,16 +204,36 @@ def _mark(fn):
     return fn
 
 
+def _add_to_compile_key(vllm_config: Any, hook_file: str) -> None:
+    """Make this hook part of vLLM's torch.compile cache key.
+
+    A graph compiled without the steering wrapper (plugin absent, disabled or older) must
+    never be loaded by a steered engine. vLLM's AOT cache key hashes the env and
+    ``vllm_config.compute_hash()``, which includes ``additional_config``; the classic
+    cache also hashes ``traced_files``. Both get the hook's source hash. Only this
+    worker's copy of the config changes.
+    """
+    import hashlib
+
+    with open(hook_file, "rb") as f:
+        key = hashlib.sha256(f.read()).hexdigest()[:16]
+    extra = vllm_config.additional_config
+    if isinstance(extra, dict):
+        extra[COMPILE_KEY] = key
+    else:
+        logger.warning("vllm-steer: additional_config is not a dict; the compile cache key "
+                       "cannot include the steering hook")
+    traced = getattr(vllm_config.compilation_config, "traced_files", None)
+    if isinstance(traced, set):
+        traced.add(hook_file)
+
+
 def _wrap_load_model(orig):
     def load_model(self, *args, **kwargs):
         import vllm_steer.steering.runner_hook as this_module
 
         out = orig(self, *args, **kwargs)
-        # Make this hook part of vLLM's torch.compile cache key: a graph compiled without
-        # the steering wrapper (plugin absent or older) must never be loaded for this one.
-        traced = getattr(self.vllm_config.compilation_config, "traced_files", None)
-        if isinstance(traced, set):
-            traced.add(this_module.__file__)
+        _add_to_compile_key(self.vllm_config, this_module.__file__)
         model = self.get_model()
         self._vllm_steer = RunnerSteering(self, model)
         return out
