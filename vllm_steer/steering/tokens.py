@@ -39,16 +39,21 @@ class ThinkTracker:
                 return new
         return self.state
 
+    def advance(self, tokens: np.ndarray, upto: int) -> int:
+        """Consume tokens up to (not including) ``upto``; return the state after them."""
+        if self.pos > upto:
+            self.reset()
+        while self.pos < upto:
+            self.state = self._step(tokens, self.pos)
+            self.pos += 1
+        return self.state
+
     def flags(self, tokens: np.ndarray, start: int, n: int, want: int) -> np.ndarray:
         """bool ``[n]``: tokens ``start..start+n-1`` are in state ``want`` (see module doc).
 
         ``tokens`` holds at least ``start + n`` ids of the request (prompt then output).
         """
-        if self.pos > start:          # recompute after preemption, or a replayed request
-            self.reset()
-        while self.pos < start:
-            self.state = self._step(tokens, self.pos)
-            self.pos += 1
+        self.advance(tokens, start)   # rescans after preemption or for a replayed request
         out = np.zeros(n, dtype=bool)
         for j in range(n):
             before = self.state
