@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from tests.steer_helpers import composed_dense, env_registry, make_llm, shutdown, \
-    write_test_vectors
+from tests.steer_helpers import composed_dense, env_registry, make_llm, shutdown, write_test_vectors
 from vllm_steer.probe import ProbeConfig, ProbeJob, build_prompt, probe
 from vllm_steer.probe.run import _generate, run_job
 
