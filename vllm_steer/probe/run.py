@@ -131,6 +131,8 @@ class SweepResult:
     low_mass_count: list[int]
     pearson_r: float | None
     pearson_r_all_points: float | None
+    mean_signed_log_ratio: list[float | None] | None = None
+    pearson_r_signed: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -140,9 +142,13 @@ class SweepResult:
 def sweep(llm: Any, questions: list[str], vector: str, scales: list[float],
           cfg: ProbeConfig | None = None, *, apply_to: str = "all",
           layers: list[int] | None = None, system: str | None = None,
-          open_thinking: str | None = None) -> SweepResult:
+          open_thinking: str | None = None, signs: list[float] | None = None) -> SweepResult:
     """One-shot readings of every question at every scale of ``vector`` (a registry name),
-    all submitted together (each request carries its own steering)."""
+    all submitted together (each request carries its own steering).
+
+    ``signs`` (+1/-1 per question: +1 where the vector's positive persona answers the
+    first choice) adds persona-signed means, comparable across mixed questions.
+    """
     if not scales:
         raise ProbeError("scales", "at least one scale is needed")
     if not questions:
@@ -167,6 +173,15 @@ def sweep(llm: Any, questions: list[str], vector: str, scales: list[float],
         means.append(sum(vals) / len(vals) if vals else None)
     ok = [(s, m) for s, m in zip(scales, means, strict=True) if m is not None]
     pts = [(s, x) for s, row in zip(scales, ratios, strict=True) for x in row if x is not None]
+    signed = None
+    if signs is not None:
+        if len(signs) != nq:
+            raise ProbeError("signs", f"{len(signs)} signs for {nq} questions")
+        signed = []
+        for row in ratios:
+            vals = [g * x for g, x in zip(signs, row, strict=True) if x is not None]
+            signed.append(sum(vals) / len(vals) if vals else None)
+    sok = [(s, m) for s, m in zip(scales, signed or [], strict=True) if m is not None]
     return SweepResult(
         vector=vector, scales=list(scales), questions=list(questions), log_ratios=ratios,
         mean_log_ratio=means,
@@ -176,4 +191,6 @@ def sweep(llm: Any, questions: list[str], vector: str, scales: list[float],
                         for i in range(len(scales))],
         pearson_r=pearson([s for s, _ in ok], [m for _, m in ok]),
         pearson_r_all_points=pearson([s for s, _ in pts], [x for _, x in pts]),
+        mean_signed_log_ratio=signed,
+        pearson_r_signed=pearson([s for s, _ in sok], [m for _, m in sok]) if sok else None,
     )

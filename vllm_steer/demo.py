@@ -1,0 +1,110 @@
+"""``vllm-steer demo``: the main job on the embedded default model, end to end.
+
+1. prepare the default model (converted once, cached);
+2. make sure the shipped vectors exist (train them from their configs if missing) and
+   show a safetensors -> GGUF -> safetensors round trip;
+3. steered vs unsteered generations, all in one batch (per-request steering);
+4. an answer-probe trajectory plot and a coefficient sweep, as JSON + PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO_PROMPTS = ["Tell me about your weekend.", "How do you feel about Mondays?"]
+
+
+def ensure_vector(name: str) -> Path:
+    """``configs/vectors/NAME.safetensors``, trained from ``NAME.yaml`` when missing."""
+    from vllm_steer.extract import extract_from_config, load_config
+
+    path = CONFIGS / "vectors" / f"{name}.safetensors"
+    if not path.is_file():
+        print(f"[demo] training {name} from configs/vectors/{name}.yaml (first run only)")
+        res = extract_from_config(load_config(CONFIGS / "vectors" / f"{name}.yaml"))
+        res.vector.save(path)
+    return path
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from vllm import SamplingParams
+
+    from vllm_steer.engine import make_llm
+    from vllm_steer.models import resolve_model
+    from vllm_steer.probe.cli import load_questions
+    from vllm_steer.probe.job import ProbeConfig
+    from vllm_steer.probe.plot import plot_sweep, plot_trajectories
+    from vllm_steer.probe.run import build_prompt, probe, sweep
+    from vllm_steer.vector import SteeringVector
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = resolve_model(args.model)
+    print(f"[demo] model: {model}")
+
+    happy = ensure_vector("happy")
+    ensure_vector("cautious_thinking")
+    vec = SteeringVector.load(happy)
+    gguf = out / "happy.gguf"
+    vec.save(gguf, drop_layer0=True)
+    back = SteeringVector.load(gguf)
+    same = back.allclose(vec.select_layers([i for i in vec.layers if i != 0]))
+    print(f"[demo] vector {happy.name}: {len(vec.layers)} layers, hidden {vec.hidden_size}; "
+          f"GGUF round trip {'identical' if same else 'DIFFERS'} ({gguf})")
+
+    llm = make_llm(args.model, block_size=32, enforce_eager=True, max_model_len=2048)
+    tok = llm.get_tokenizer()
+    runs = [("unsteered", None), (f"happy +{args.scale:g}", args.scale),
+            (f"happy -{args.scale:g}", -args.scale)]
+    prompts, params = [], []
+    for text in DEMO_PROMPTS:
+        ids = build_prompt(tok, text)
+        for _, scale in runs:
+            extra = None if scale is None else {"steering": {
+                "vectors": [{"name": "happy", "scale": scale}], "apply_to": "generated"}}
+            prompts.append({"prompt_token_ids": ids})
+            params.append(SamplingParams(max_tokens=48, temperature=0, extra_args=extra))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    gens = []
+    for i, text in enumerate(DEMO_PROMPTS):
+        print(f"\n[demo] prompt: {text}")
+        for j, (label, _) in enumerate(runs):
+            reply = outs[i * len(runs) + j].outputs[0].text.strip().replace("\n", " ")
+            gens.append({"prompt": text, "run": label, "reply": reply})
+            print(f"  {label:>10}: {reply}")
+    (out / "generations.json").write_text(json.dumps(gens, indent=1))
+
+    qs, _, choices = load_questions(CONFIGS / "questions" / "yes_no_reasoning.yaml")
+    p = build_prompt(tok, qs[0], open_thinking="<think>\n")
+    cfg = ProbeConfig(choices=choices, every=16, max_tokens=128)
+    specs = [None, {"vectors": [{"name": "cautious_thinking", "scale": 4.0}],
+                    "apply_to": "thinking"}]
+    trajs = probe(llm, [p, p], specs, cfg, labels=["unsteered", "cautious thinking +4"])
+    (out / "probe.json").write_text(json.dumps([t.to_json() for t in trajs], indent=1))
+    plot_trajectories(trajs, out / "probe.png", title=qs[0])
+    print(f"\n[demo] answer probe on {qs[0]!r} -> {out / 'probe.png'}")
+    for t in trajs:
+        pts = ", ".join(f"{r.token_index}:{r.log_ratio:+.2f}" for r in t.readings
+                        if r.log_ratio is not None)
+        print(f"  {t.label}: log P(Yes)-log P(No) by token: {pts}")
+
+    mood, signs, choices = load_questions(CONFIGS / "questions" / "mood_yes_no.yaml")
+    res = sweep(llm, mood, "happy", [-2.0, -1.0, 0.0, 1.0, 2.0],
+                ProbeConfig(choices=choices, suffix="Answer:"), signs=signs)
+    (out / "sweep.json").write_text(json.dumps(res.to_json(), indent=1))
+    plot_sweep(res, out / "sweep.png")
+    print(f"\n[demo] happy sweep: mean persona-signed log ratio by scale "
+          f"{[round(x, 2) for x in res.mean_signed_log_ratio or []]}, "
+          f"Pearson r = {res.pearson_r_signed:.3f} -> {out / 'sweep.png'}")
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job on the default model (README)")
+    p.add_argument("--model", default=None, help="local HF model dir (default: embedded)")
+    p.add_argument("--out", default="out/demo", help="output directory")
+    p.add_argument("--scale", type=float, default=4.0, help="happy vector scale")
+    p.set_defaults(func=run_demo)
