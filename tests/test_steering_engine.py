@@ -255,6 +255,8 @@ BAD = [
     ({"steering": '{"vectors": [{"name": "v1"}'}, "steering", "malformed JSON"),
     ({"steering": {"vectors": [{"name": "v1"}] * 17}}, "steering.vectors", "at most"),
     ({"steer": "v1", "steer_scale": "lots"}, "steer_scale", "number"),
+    ({"steer": "nope", "steer_scale": 2.0}, "steer", "unknown vector"),
+    ({"steer": "v1", "steer_layers": [31]}, "steer_layers", "out of range"),
     ({"_vllm_steer": {"digest": "x"}}, "_vllm_steer", "reserved"),
 ]
 

@@ -121,6 +121,15 @@ def test_malformed_specs_name_the_field(extra, field, message):
     assert ei.value.field == field
 
 
+def test_flat_specs_report_errors_under_the_keys_the_user_wrote():
+    spec = parse_extra_args({"steer": "a", "steer_scale": 2.0, "steer_layers": [1]})
+    assert spec.user_field("steering.vectors[0].name") == "steer"
+    assert spec.user_field("steering.vectors[0].scale") == "steer_scale"
+    assert spec.user_field("steering.vectors[0].layers") == "steer_layers"
+    full = parse_extra_args({"steering": {"vectors": [{"name": "a"}]}})
+    assert full.user_field("steering.vectors[0].name") == "steering.vectors[0].name"
+
+
 def test_deeply_nested_json_is_a_clean_error():
     with pytest.raises(SpecError, match="steering"):
         parse_extra_args({"steering": "[" * 100000 + "]" * 100000})

@@ -75,6 +75,7 @@ def steer_request(processor: Any, request: Any) -> None:
         return
     if WIRE_KEY in extra:
         raise VLLMValidationError(f"{WIRE_KEY} is reserved for vllm-steer", parameter=WIRE_KEY)
+    spec = None
     try:
         spec = parse_extra_args(extra)
         if spec is None:
@@ -84,7 +85,9 @@ def steer_request(processor: Any, request: Any) -> None:
                             "hooks the V1 runner; start with VLLM_USE_V2_MODEL_RUNNER=0")
         resolved = get_resolver(processor).resolve(spec, len(request.prompt_token_ids or ()))
     except SpecError as e:
-        raise VLLMValidationError(str(e), parameter=e.field) from e
+        field = spec.user_field(e.field) if spec is not None else e.field
+        message = str(e) if field == e.field else f"{field}: {e}"
+        raise VLLMValidationError(message, parameter=field) from e
     extra[WIRE_KEY] = resolved.to_wire()
     salt = resolved.cache_salt
     request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt

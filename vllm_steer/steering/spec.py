@@ -24,6 +24,8 @@ APPLY_TO_MODES = ("all", "prompt", "generated", "thinking", "answer")
 MAX_VECTORS = 16
 MAX_ABS_SCALE = 1000.0
 MAX_SPEC_CHARS = 65536
+#: Positions travel to the workers as msgpack int64; anything this large means "no bound".
+MAX_POSITION = (1 << 62) - 1
 EXTRA_ARGS_KEY = "steering"
 FLAT_KEYS = ("steer", "steer_scale", "steer_layers", "steer_apply_to")
 #: Key under which the frontend hands the resolved, wire-format steering to the workers.
@@ -65,6 +67,17 @@ class SteeringSpec:
     think_start: str | None = None
     think_end: str | None = None
     _source: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: True when parsed from the flat ``steer*`` shorthand (errors then name those keys).
+    flat: bool = field(default=False, compare=False)
+
+    def user_field(self, field_name: str) -> str:
+        """``field_name`` (a dotted spec path) as the user wrote it."""
+        if not self.flat:
+            return field_name
+        for suffix, key in ((".scale", "steer_scale"), (".layers", "steer_layers")):
+            if field_name.endswith(suffix):
+                return key
+        return "steer_apply_to" if field_name.endswith("apply_to") else "steer"
 
     def to_dict(self) -> dict[str, Any]:
         vecs = []
@@ -201,9 +214,11 @@ def _parse_dict(raw: dict[str, Any], prefix: str, flat: bool = False) -> Steerin
         m = raw.get(key)
         if m is not None and (not isinstance(m, str) or not m):
             raise SpecError(f(key), "must be a non-empty string")
+        if m is not None and not _is_utf8(m):
+            raise SpecError(f(key), "must be valid Unicode text (no lone surrogates)")
         markers[key] = m
     return SteeringSpec(refs, apply_to, start, end, markers["think_start"], markers["think_end"],
-                        _source=raw)
+                        _source=raw, flat=flat)
 
 
 def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
@@ -260,4 +275,14 @@ def _opt_int(x: Any, where: str) -> int | None:
         raise SpecError(where, f"must be an integer, got {x!r}")
     if x < 0:
         raise SpecError(where, f"must be >= 0, got {x}")
+    if x > MAX_POSITION:
+        raise SpecError(where, f"must be <= {MAX_POSITION}")
     return x
+
+
+def _is_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
