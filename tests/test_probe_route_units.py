@@ -1,0 +1,58 @@
+"""The probe route's body validation (no server): every bad field is named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_steer.server.common import SteerHTTPError
+from vllm_steer.server.probe import parse_probe_body
+
+
+@pytest.fixture(scope="module")
+def tok(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def test_good_body_builds_a_job(tok):
+    job = parse_probe_body(json.dumps({
+        "prompt": "Is 17 prime?", "open_thinking": "<think>\n", "every": 8, "max_tokens": 32,
+        "steering": {"vectors": [{"name": "happy", "scale": 2}], "apply_to": "thinking"},
+    }).encode(), tok, 2048)
+    (traj,) = job.trajs
+    assert traj.prompt_ids[-3:] == tok.encode("<think>\n", add_special_tokens=False)[-3:]
+    assert job.cfg.every == 8 and job.generate
+    assert job.choices.choices == ("Yes", "No")
+
+
+@pytest.mark.parametrize("body, field", [
+    (b"{nope", "body"),
+    (b"[1, 2]", "body"),
+    ({"prompt": "x", "colour": 1}, "colour"),
+    ({}, "prompt"),
+    ({"prompt": "x", "messages": []}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt_token_ids": [1, -5]}, "prompt_token_ids"),
+    ({"prompt_token_ids": [10 ** 9]}, "prompt_token_ids"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+    ({"prompt": "x", "every": 0}, "every"),
+    ({"prompt": "x", "every": "16"}, "every"),
+    ({"prompt": "x", "every": True}, "every"),
+    ({"prompt": "x", "choices": []}, "choices"),
+    ({"prompt": "x", "choices": "Yes"}, "choices"),
+    ({"prompt": "x", "choices": ["Yes", "Zyzzyvaqx"]}, "choices"),
+    ({"prompt": "x", "suffix": ""}, "suffix"),
+    ({"prompt": "x", "min_mass": float("nan")}, "min_mass"),
+    ({"prompt": "x", "max_tokens": 5000}, "prompts"),
+    ({"prompt": "x", "steering": {"vectors": []}}, "steering[0].steering.vectors"),
+    ({"prompt": "x", "open_thinking": 5}, "open_thinking"),
+])
+def test_bad_bodies_name_the_field(tok, body, field):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(SteerHTTPError) as ei:
+        parse_probe_body(raw, tok, 2048)
+    assert ei.value.status == 400
+    assert ei.value.param == field, ei.value.message
