@@ -291,3 +291,16 @@ def test_slots_refcount_free_and_evict():
     st = t.stats()
     assert st["live_digests"] == 0 and st["resident"] == 0 and st["free_slots"] == 2
     assert st["bytes_per_slot"] == 3 * 2 * 4 and not math.isnan(st["table_bytes"])
+
+
+def test_composition_cache_follows_file_changes(resolver, registry):
+    spec = parse_spec({"vectors": [{"name": "a", "scale": 2.0}]})
+    first = resolver.resolve(spec, 3)
+    assert resolver.resolve(spec, 3).delta is first.delta  # cached composition
+    path = registry.entries["a"].path
+    SteeringVector({i: torch.full((H,), float(i)) for i in range(L)}).save(path)
+    changed = resolver.resolve(spec, 3)
+    torch.testing.assert_close(changed.delta[1], torch.full((H,), 2.0))
+    assert changed.vector_digest != first.vector_digest
+    resolver.forget_file(path)
+    assert resolver.resolve(spec, 3).vector_digest == changed.vector_digest

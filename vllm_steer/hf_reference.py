@@ -7,7 +7,11 @@ Layer convention (whole project): layer ``i`` is the output of decoder block ``i
 (0-based), HF ``hidden_states[i + 1]``. Steering layer ``i`` replaces block ``i``'s
 output ``h`` by ``h + (scale * delta[i]).to(h.dtype)``, at every position or only where
 a position mask is true. The delta is computed as ``scale * delta`` in float32 and cast
-to the hidden-state dtype once, then added (one rounding in the model's dtype).
+to the hidden-state dtype once, then added (one rounding in the model's dtype). The hooks
+run before any other forward hook on the block, so transformers'
+``output_hidden_states`` shows steered outputs. (Note: transformers reports the *last*
+block's output after the final norm as ``hidden_states[-1]``; steering and
+``extract.hidden`` use the raw block output for every layer, the last one included.)
 
 Position masks
 --------------
@@ -32,9 +36,10 @@ Position masks
         mask_fn = lambda pos: pos >= lens[:, None]
 
     Position ids match the per-token ``positions`` vLLM uses, so the same callable
-    describes the same tokens in both engines. When the model was not given
-    ``position_ids`` they are taken as ``arange(seq) + tokens already in the KV cache``
-    (identical for every row), the model's own default.
+    describes the same tokens in both engines. For architectures whose decoder blocks
+    are not passed ``position_ids`` (e.g. GPT-2) they are taken as ``arange(seq) +
+    tokens already in the KV cache``, identical for every row (column indices, which
+    equal position ids without left padding).
 """
 
 from __future__ import annotations
@@ -142,6 +147,11 @@ def steer_hf(
         position_mask.ndim != 2 or position_mask.dtype != torch.bool
     ):
         raise ValueError("a tensor position_mask must be bool with shape [batch, seq]")
+    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+    for i, d in deltas.items():
+        if d.ndim != 1 or (isinstance(hidden_size, int) and d.shape[0] != hidden_size):
+            raise ValueError(f"delta for layer {i} has shape {tuple(d.shape)}, expected "
+                             f"[{hidden_size or 'hidden'}]")
     scaled = {i: float(scale) * d for i, d in deltas.items()}  # float32 [hidden]
 
     # Positions for forwards that did not receive position_ids: recorded by a pre-hook on
@@ -198,9 +208,10 @@ def steer_hf(
         if position_mask is not None and callable(position_mask):
             handles.append(blocks[0].register_forward_pre_hook(first_pre_hook, with_kwargs=True))
         for layer in sorted(scaled):
-            handles.append(
-                blocks[layer].register_forward_hook(make_hook(layer), with_kwargs=True)
-            )
+            # prepend: run before other forward hooks, e.g. transformers' output capturing,
+            # so that ``output_hidden_states`` reports the steered block outputs
+            handles.append(blocks[layer].register_forward_hook(
+                make_hook(layer), with_kwargs=True, prepend=True))
         yield
     finally:
         for h in handles:

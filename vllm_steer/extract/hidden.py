@@ -88,6 +88,23 @@ def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def _carriers(rows: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """Map every row to a "carrier" row that starts with it (itself if none is longer).
+
+    A causal model's state at a row's last token is also computed by any forward over a
+    row that extends it, so only carriers need to run. Returns ``(order, carrier)``: the
+    rows in lexicographic order (which groups shared prefixes) and ``carrier[k]`` per row.
+    """
+    order = sorted(range(len(rows)), key=lambda k: rows[k])
+    carrier = list(range(len(rows)))
+    for a, b in zip(reversed(order[:-1]), reversed(order[1:]), strict=True):
+        ra, rb = rows[a], rows[b]
+        # rows extending ``a`` sit right after it in lexicographic order
+        if len(rb) >= len(ra) and rb[: len(ra)] == ra:
+            carrier[a] = carrier[b]
+    return order, carrier
+
+
 @torch.inference_mode()
 def read_last_token(
     model: nn.Module,
@@ -105,13 +122,18 @@ def read_last_token(
 ) -> dict[int, torch.Tensor]:
     """``{layer: float32 [len(prompts), hidden]}``: block outputs at each prompt's last token.
 
-    ``padding_side`` defaults to the tokenizer's. Prompts are reordered into batches of
-    similar prompts (the result is returned in input order). With ``share_prefix`` a
-    batch whose prompts share at least ``min_shared`` leading tokens runs that prefix
-    once (batch 1, KV cache) and only the differing tails in the batch; contrastive
-    datasets share long template prefixes, so this is several times faster and equal to
-    the plain path up to float rounding. Raises ``HiddenStateError`` naming the layer if
-    a state is NaN/inf.
+    ``padding_side`` defaults to the tokenizer's. With ``share_prefix`` (exact for causal
+    models, equal to the plain path up to float rounding):
+
+    * a prompt whose tokens begin another prompt's is read from that prompt's forward
+      (expanded suffixes are prefixes of each other), and
+    * a batch whose prompts share at least ``min_shared`` leading tokens runs that prefix
+      once (batch 1, KV cache) and only the differing tails in the batch.
+
+    Shared-prefix tails are always right-padded; ``padding_side`` applies to batches run
+    in full. Without ``share_prefix`` every prompt runs in full, batched by length.
+    Raises ``HiddenStateError`` naming the layer if a state is NaN/inf, and ``ValueError``
+    for bad arguments.
     """
     if not prompts:
         raise ValueError("no prompts to run")
@@ -126,14 +148,23 @@ def read_last_token(
             f"(valid: 0..{len(blocks) - 1})"
         )
     side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens=add_special_tokens)
-    # Lexicographic order groups prompts that share a prefix; length order minimises padding.
-    order = sorted(range(len(rows)), key=(lambda k: rows[k]) if share_prefix else
-                   (lambda k: len(rows[k])))
+    if share_prefix:
+        order, carrier = _carriers(rows)
+    else:
+        order = sorted(range(len(rows)), key=lambda k: len(rows[k]))
+        carrier = list(range(len(rows)))
+    reads: dict[int, list[int]] = {}  # carrier -> prompts read from its forward
+    for k in order:
+        reads.setdefault(carrier[k], []).append(k)
+    runs = [c for c in order if c in reads and carrier[c] == c]  # carriers, sorted
+
     pad_id = _pad_id(tokenizer)
     base = _base_model(model)
-    accepts_pos = "position_ids" in inspect.signature(base.forward).parameters
-    accepts_cache = "past_key_values" in inspect.signature(base.forward).parameters
+    params = inspect.signature(base.forward).parameters
+    accepts_pos, accepts_cache = "position_ids" in params, "past_key_values" in params
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -141,16 +172,14 @@ def read_last_token(
 
     out: dict[int, torch.Tensor] = {}
     captured: dict[int, torch.Tensor] = {}
-    state: dict[str, torch.Tensor | None] = {"last": None}
+    state: dict[str, torch.Tensor | None] = {"b": None, "t": None}
     deepest = layers[-1]
 
     def make_hook(layer: int):
         def hook(module: nn.Module, args: tuple, output) -> None:
-            last = state["last"]
-            if last is not None:  # None during a prefix pass
+            if state["b"] is not None:  # None during a prefix pass
                 h = output[0] if isinstance(output, tuple | list) else output
-                rows_idx = torch.arange(h.shape[0], device=h.device)
-                captured[layer] = h[rows_idx, last.to(h.device)].float().cpu()
+                captured[layer] = h[state["b"].to(h.device), state["t"].to(h.device)].float().cpu()
             if layer == deepest:
                 raise _StopForward
 
@@ -168,45 +197,60 @@ def read_last_token(
     handles = [blocks[i].register_forward_hook(make_hook(i)) for i in layers]
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="prompt")
     try:
-        for start in range(0, len(order), batch_size):
-            idxs = order[start : start + batch_size]
-            batch = [rows[k] for k in idxs]
-            # Keep >= 1 tail token per row: the last token must be computed in the batch pass.
-            shared = min(_common_prefix_len(batch), min(len(r) for r in batch) - 1)
+        for start in range(0, len(runs), batch_size):
+            batch_ids = runs[start : start + batch_size]
+            batch = [rows[c] for c in batch_ids]
+            read_k = [k for c in batch_ids for k in reads[c]]
+            read_b = [b for b, c in enumerate(batch_ids) for _ in reads[c]]
+            read_col = [len(rows[k]) - 1 for k in read_k]  # column within the full row
+            shared = 0
+            if share_prefix and accepts_cache:
+                # every read position must lie in the tail that the batch pass computes
+                shared = min(_common_prefix_len(batch), min(read_col))
+                if shared < min_shared:
+                    shared = 0
             captured.clear()
-            if share_prefix and accepts_cache and shared >= min_shared:
+            state["b"] = state["t"] = None
+            cache = None
+            if shared:
                 from transformers import DynamicCache
 
                 cache = DynamicCache(config=getattr(model, "config", None))
                 prefix = torch.tensor([batch[0][:shared]], dtype=torch.long)
-                state["last"] = None
                 forward(input_ids=prefix, attention_mask=torch.ones_like(prefix),
                         position_ids=torch.arange(shared)[None], past_key_values=cache,
                         use_cache=True)
                 cache.batch_repeat_interleave(len(batch))
-                ids, mask, pos, last = pad_batch([r[shared:] for r in batch], pad_id=pad_id,
-                                                 side=side)
-                state["last"] = last
+            tails = [r[shared:] for r in batch]
+            # After a shared prefix, tails are always right-padded: left padding would put
+            # pads between prefix and tail (harmless with the mask, except under sliding-
+            # window attention, which counts columns).
+            tail_side = "right" if shared else side
+            ids, mask, pos, _ = pad_batch(tails, pad_id=pad_id, side=tail_side)
+            width = ids.shape[1]
+            offset = [width - len(t) if tail_side == "left" else 0 for t in tails]
+            state["b"] = torch.tensor(read_b)
+            state["t"] = torch.tensor([offset[b] + col - shared
+                                       for b, col in zip(read_b, read_col, strict=True)])
+            if shared:
                 mask = torch.cat([torch.ones(len(batch), shared, dtype=torch.long), mask], 1)
                 forward(input_ids=ids, attention_mask=mask, position_ids=pos + shared,
                         past_key_values=cache, use_cache=True)
             else:
-                ids, mask, pos, last = pad_batch(batch, pad_id=pad_id, side=side)
-                state["last"] = last
                 forward(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
             for layer in layers:
                 h = captured[layer]
                 if not bool(torch.isfinite(h).all()):
-                    row = int((~torch.isfinite(h)).any(-1).nonzero()[0, 0])
+                    bad_row = read_k[int((~torch.isfinite(h)).any(-1).nonzero()[0, 0])]
                     raise HiddenStateError(
                         f"layer {layer} produced non-finite hidden states (NaN/inf) for prompt "
-                        f"{idxs[row]}: {prompts[idxs[row]][:200]!r}; try float32 instead of a "
+                        f"{bad_row}: {prompts[bad_row][:200]!r}; try float32 instead of a "
                         "half-precision dtype"
                     )
                 if layer not in out:
                     out[layer] = torch.empty(len(rows), h.shape[-1], dtype=torch.float32)
-                out[layer][torch.tensor(idxs)] = h
-            bar.update(len(idxs))
+                out[layer][torch.tensor(read_k)] = h
+            bar.update(len(read_k))
     finally:
         bar.close()
         for handle in handles:

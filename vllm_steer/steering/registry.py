@@ -223,14 +223,21 @@ class Registry:
         self.entries, self.removed = entries, removed
 
     def is_allowed(self, path: str | os.PathLike[str]) -> Path | None:
-        """The resolved path when it lies inside an allowed dir (symlinks resolved), else None."""
-        p = Path(path).expanduser()
-        candidates = [p] if p.is_absolute() else [d / p for d in self.allowed_dirs]
-        for c in candidates:
-            real = c.resolve()
-            for d in self.allowed_dirs:
-                if real == d or d in real.parents:
-                    return real
+        """The resolved path when it lies inside an allowed dir (symlinks resolved), else None.
+
+        Paths the OS cannot even look up (NUL bytes, lone surrogates, ``~nouser``) are None.
+        """
+        try:
+            p = Path(path).expanduser()
+            candidates = [p] if p.is_absolute() else [d / p for d in self.allowed_dirs]
+            for c in candidates:
+                real = c.resolve()
+                for d in self.allowed_dirs:
+                    if real == d or d in real.parents:
+                        os.fsencode(real)  # raises for names the OS cannot encode
+                        return real
+        except (OSError, ValueError, RuntimeError):
+            return None
         return None
 
 

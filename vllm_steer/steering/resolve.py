@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector_io import load as load_vector
 
 NO_END = -1
+_COMPOSED_CACHE = 4096
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,12 @@ class ResolvedSteering:
     end: int
     think_start_ids: tuple[int, ...] = ()
     think_end_ids: tuple[int, ...] = ()
+    digest: str = ""
 
     @property
     def vector_digest(self) -> str:
         """Content hash of the composed vectors: the worker's slot key."""
-        h = hashlib.sha256()
-        h.update(struct.pack(f"<{len(self.layers)}q", *self.layers))
-        h.update(self.delta.numpy().astype("<f4").tobytes())
-        return h.hexdigest()
+        return self.digest or content_digest(self.layers, self.delta.numpy())
 
     @property
     def cache_salt(self) -> str:
@@ -66,7 +66,7 @@ class ResolvedSteering:
         return {
             "digest": self.vector_digest,
             "layers": list(self.layers),
-            "delta": self.delta.numpy().astype("<f4").tobytes(),
+            "delta": self.delta.numpy().tobytes(),
             "hidden": int(self.delta.shape[1]),
             "mode": self.mode,
             "start": self.start,
@@ -79,7 +79,22 @@ class ResolvedSteering:
     def from_wire(cls, w: dict[str, Any]) -> ResolvedSteering:
         buf = np.frombuffer(w["delta"], dtype="<f4").reshape(len(w["layers"]), w["hidden"])
         return cls(tuple(w["layers"]), torch.from_numpy(buf.copy()), w["mode"], w["start"],
-                   w["end"], tuple(w["ts"]), tuple(w["te"]))
+                   w["end"], tuple(w["ts"]), tuple(w["te"]), w["digest"])
+
+
+def content_digest(layers: tuple[int, ...], delta: np.ndarray) -> str:
+    """sha256 of the layer list and the float32 little-endian delta bytes."""
+    h = hashlib.sha256()
+    h.update(struct.pack(f"<{len(layers)}q", *layers))
+    h.update(np.ascontiguousarray(delta, dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Composed:
+    layers: tuple[int, ...]
+    delta: torch.Tensor   # float32 [len(layers), hidden]
+    digest: str
 
 
 class Resolver:
@@ -93,29 +108,50 @@ class Resolver:
         self.tokenizer = tokenizer
         self.thinking_supported = thinking_supported
         self._lock = threading.Lock()
-        self._files: dict[tuple[str, int, int], SteeringVector] = {}
+        # (path, mtime_ns, size) -> (vector, {layer: float32 ndarray [hidden]})
+        self._files: dict[tuple[str, int, int],
+                          tuple[SteeringVector, dict[int, np.ndarray]]] = {}
+        # Composition is cached by what it depends on: file identities, scales, layers.
+        self._composed: OrderedDict[tuple, _Composed] = OrderedDict()
+        self._markers: dict[str, tuple[int, ...]] = {}
 
     # -- vectors ---------------------------------------------------------------------
-    def _load_file(self, path: Path, where: str) -> SteeringVector:
+    def _load_file(self, path: Path, where: str
+                   ) -> tuple[tuple[str, int, int], SteeringVector, dict[int, np.ndarray]]:
         try:
             st = path.stat()
         except OSError as e:
             raise SpecError(where, f"vector file {path} cannot be read ({e.strerror})") from e
         key = (str(path), st.st_mtime_ns, st.st_size)
         with self._lock:
-            v = self._files.get(key)
-        if v is None:
+            hit = self._files.get(key)
+        if hit is None:
             try:
                 v = load_vector(path)
             except SteeringVectorError as e:
                 raise SpecError(where, str(e)) from e
+            hit = (v, {k: t.numpy() for k, t in v.directions.items()})
             with self._lock:
-                self._files[key] = v
-        return v
+                self._files[key] = hit
+        return (key, *hit)
+
+    def load_vector_file(self, path: Path, where: str) -> SteeringVector:
+        """The parsed vector at ``path`` (cached by path, mtime and size)."""
+        return self._load_file(path, where)[1]
+
+    def forget_file(self, path: Path) -> None:
+        """Drop ``path``'s cached vector and the compositions that used it."""
+        p = str(path)
+        with self._lock:
+            for key in [k for k in self._files if k[0] == p]:
+                del self._files[key]
+            for key in [k for k in self._composed if any(part[0][0] == p for part in k)]:
+                del self._composed[key]
 
     def vector_for(self, ref_name: str | None, ref_path: str | None, where: str
-                   ) -> tuple[SteeringVector, float, tuple[int, ...] | None]:
-        """(vector, default scale, default layers) for a name or an allowed path."""
+                   ) -> tuple[tuple[tuple[str, int, int], SteeringVector, dict[int, np.ndarray]],
+                              float, tuple[int, ...] | None]:
+        """((file key, vector, numpy directions), default scale, default layers)."""
         if ref_name is not None:
             entry = self.registry.entries.get(ref_name)
             if entry is None:
@@ -129,14 +165,18 @@ class Resolver:
                             f"{ref_path!r} is not inside an allowed vector directory")
         return self._load_file(real, f"{where}.path"), 1.0, None
 
-    def compose(self, spec: SteeringSpec, prefix: str = "steering."
-                ) -> tuple[tuple[int, ...], torch.Tensor]:
-        """Sum ``scale * vector`` per layer: (layers, float32 ``[len(layers), hidden]``)."""
-        dense = torch.zeros(self.num_layers, self.hidden_size, dtype=torch.float32)
-        used = torch.zeros(self.num_layers, dtype=torch.bool)
+    def compose(self, spec: SteeringSpec, prefix: str = "steering.") -> _Composed:
+        """Sum ``scale * vector`` per layer: layers and float32 ``[len(layers), hidden]``.
+
+        Cached by (file identity, scale, layers) of every vector, so a repeated spec costs a
+        few ``stat`` calls; composing is numpy on the calling thread (torch's small-op
+        overhead and thread pool cost milliseconds per request here).
+        """
+        parts = []
         for i, ref in enumerate(spec.vectors):
             where = f"{prefix}vectors[{i}]"
-            vec, default_scale, default_layers = self.vector_for(ref.name, ref.path, where)
+            (key, vec, dirs), default_scale, default_layers = self.vector_for(
+                ref.name, ref.path, where)
             if vec.hidden_size != self.hidden_size:
                 raise SpecError(where, f"vector hidden size {vec.hidden_size} does not match "
                                        f"the served model's hidden size {self.hidden_size}")
@@ -147,23 +187,38 @@ class Resolver:
             if bad:
                 raise SpecError(f"{where}.layers", f"layer {bad[0]} out of range: the model has "
                                 f"{self.num_layers} layers (0..{self.num_layers - 1})")
-            missing = [x for x in layers if x not in vec.directions]
+            missing = [x for x in layers if x not in dirs]
             if missing:
                 raise SpecError(f"{where}.layers",
                                 f"vector has no direction for layers {missing} (has {vec.layers})")
             scale = ref.scale if ref.scale is not None else default_scale
-            for layer in layers:
-                dense[layer] += scale * vec.directions[layer]
-                used[layer] = True
-        if not bool(torch.isfinite(dense).all()):
+            parts.append((key, float(scale), tuple(layers), dirs))
+        cache_key = tuple((k, sc, ls) for k, sc, ls, _ in parts)
+        with self._lock:
+            hit = self._composed.get(cache_key)
+            if hit is not None:
+                self._composed.move_to_end(cache_key)
+                return hit
+        used = sorted({layer for _, _, ls, _ in parts for layer in ls})
+        row = {layer: i for i, layer in enumerate(used)}
+        delta = np.zeros((len(used), self.hidden_size), dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for _, scale, layers, dirs in parts:
+                for layer in layers:
+                    delta[row[layer]] += np.float32(scale) * dirs[layer]
+        if not np.isfinite(delta).all():
             raise SpecError(f"{prefix}vectors", "composed steering overflows (non-finite values)")
-        idx = tuple(int(i) for i in torch.nonzero(used).flatten())
-        return idx, dense[list(idx)].contiguous()
+        idx = tuple(used)
+        out = _Composed(idx, torch.from_numpy(delta), content_digest(idx, delta))
+        with self._lock:
+            self._composed[cache_key] = out
+            while len(self._composed) > _COMPOSED_CACHE:
+                self._composed.popitem(last=False)
+        return out
 
     # -- whole spec ------------------------------------------------------------------
     def resolve(self, spec: SteeringSpec, prompt_len: int) -> ResolvedSteering:
-        # Files are cached by (path, mtime, size); composing is a few small adds.
-        layers, delta = self.compose(spec)
+        composed = self.compose(spec)
 
         mode, start, end = spec.apply_to, spec.start_position, spec.end_position
         end = NO_END if end is None else end
@@ -181,12 +236,17 @@ class Resolver:
                                   "steering.think_start")
             te = self._marker_ids(spec.think_end or self.registry.think_markers[1],
                                   "steering.think_end")
-        return ResolvedSteering(layers, delta, mode, start, end, ts, te)
+        return ResolvedSteering(composed.layers, composed.delta, mode, start, end, ts, te,
+                                composed.digest)
 
     def _marker_ids(self, marker: str, where: str) -> tuple[int, ...]:
         if self.tokenizer is None:
             raise SpecError(where, "thinking/answer modes need the engine's tokenizer")
-        ids = tuple(int(i) for i in self.tokenizer.encode(marker, add_special_tokens=False))
+        ids = self._markers.get(marker)
+        if ids is None:
+            ids = tuple(int(i) for i in self.tokenizer.encode(marker, add_special_tokens=False))
+            if len(self._markers) < 1024:
+                self._markers[marker] = ids
         if not ids:
             raise SpecError(where, f"marker {marker!r} tokenizes to nothing")
         return ids

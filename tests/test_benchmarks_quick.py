@@ -1,0 +1,112 @@
+"""Quick benchmark runs, so that the scripts in benchmarks/ cannot rot.
+
+One eager engine (``vllm-steer bench overhead --quick``), the HF worker of ``vs-hf`` over
+its line protocol, the argument parsers of the other scripts, and the report. Results go
+to a temporary directory (``$VLLM_STEER_BENCH_RESULTS``), never to benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+
+
+def _finite_pos(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench_results")
+
+
+def _env(results_dir: Path) -> dict[str, str]:
+    return {**os.environ, "VLLM_STEER_BENCH_RESULTS": str(results_dir)}
+
+
+@pytest.mark.engine
+def test_overhead_quick(results_dir: Path, default_model_dir: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "vllm_steer.cli", "bench", "overhead", "--quick"],
+                       env=_env(results_dir), cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads((results_dir / "overhead_eager_quick.json").read_text())
+    for key in ("machine", "versions", "command", "load", "engine", "workload", "groups",
+                "slot_stats", "raw"):
+        assert key in d, key
+    assert d["mode"] == "eager"
+    assert set(d["load"]) >= {"start", "end"}
+    modes = d["groups"]["modes"]
+    assert set(modes["ratios"]) == {"shared", "distinct", "composed3", "generated", "thinking"}
+    groups = set(d["groups"])
+    assert {"batch2", "batch4", "layers"} <= groups
+    for g in d["groups"].values():
+        assert _finite_pos(g["baseline_tok_s"]["median"])
+        assert set(g["cpu_ratios"]) == set(g["ratios"])
+        for r in [*g["ratios"].values(), *g["cpu_ratios"].values()]:
+            assert r["n"] == 2
+            assert all(_finite_pos(x) for x in (r["median"], r["min"], r["max"]))
+    stats = d["slot_stats"][0]
+    assert stats["bytes_per_slot"] == 30 * 576 * 4
+    assert stats["live_digests"] == 0  # every slot released after the run
+
+    rep = subprocess.run([sys.executable, str(BENCH / "report.py"), "--quick"],
+                         env=_env(results_dir), capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    md = (results_dir / "RESULTS_quick.md").read_text()
+    assert "Overhead, eager" in md and "| distinct |" in md
+    assert (results_dir / "overhead_quick.png").stat().st_size > 0
+
+
+def test_hf_worker_protocol(results_dir: Path, default_model_dir: str) -> None:
+    """The vs-hf HF side answers a command over the worker line protocol."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import Worker, bench_registry
+    finally:
+        sys.path.remove(str(BENCH))
+    os.environ["VLLM_STEER_BENCH_RESULTS"] = str(results_dir)
+    try:
+        bench_registry()
+        w = Worker([sys.executable, str(BENCH / "vs_hf.py"), "--quick", "--worker", "hf"],
+                   results_dir / "hf_worker.log", env=_env(results_dir))
+        try:
+            assert w.recv() == {"ready": True}
+            out = w.call(workload="spread", batch_size=4)
+        finally:
+            mem = w.close()
+    finally:
+        os.environ.pop("VLLM_STEER_BENCH_RESULTS", None)
+    assert out["tokens"] == 8 * 8  # 8 prompts x 8 tokens in quick mode
+    assert _finite_pos(out["tok_s"])
+    assert mem["peak_rss_mib"] > 100
+
+
+def test_parsers_and_cli() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import memory
+        import probe_forks
+        import serving
+        import vs_hf
+    finally:
+        sys.path.remove(str(BENCH))
+    assert probe_forks.parse(["--quick"]).block_sizes == [32]
+    assert vs_hf.parse(["--quick"]).hf_batch_sizes == [4, 8]
+    assert memory.parse(["--quick"]).variants == ["unsteered", "steered"]
+    assert serving.parse(["--quick"]).num_prompts == 4
+    from vllm_steer.bench import SCRIPTS, benchmarks_dir
+    from vllm_steer.cli import build_parser
+
+    assert all((benchmarks_dir() / s).is_file() for s in SCRIPTS.values())
+    args, extra = build_parser().parse_known_args(["bench", "overhead", "--quick", "--reps", "3"])
+    assert args.which == "overhead" and args.quick and extra == ["--reps", "3"]

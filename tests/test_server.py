@@ -1,0 +1,870 @@
+"""The OpenAI-compatible server with steering: a real ``vllm serve`` on the default model.
+
+One server per module (started as a subprocess on a free loopback port, plugins enabled
+through ``VLLM_PLUGINS``, ``--api-key`` set); the last test restarts it once to check that
+registered vectors survive. Every wait is bounded. Figures of the load and fuzz runs are
+printed (run with ``-s``) and written to ``$VLLM_STEER_SERVER_RESULTS`` when set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import re
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.server_helpers import Server
+from tests.steer_helpers import write_test_vectors
+from vllm_steer import SteeringVector
+
+pytestmark = pytest.mark.engine
+
+API_KEY = "sk-vllm-steer-test"
+UPLOAD_LIMIT = 2 << 20
+MAX_TOKENS = 16
+REQUEST_TIMEOUT = 180.0
+FIGURES: dict[str, Any] = {}
+
+PROMPTS = [("cmpl", "The capital of France is"),
+           ("cmpl", "Write a short poem about the sea.\n"),
+           ("chat", "Say something about the weather."),
+           ("chat", "What is 17 times 3?")]
+SPECS: dict[str, Any] = {
+    "none": None,
+    "v1": {"vectors": [{"name": "v1"}]},
+    "v2gen": {"vectors": [{"name": "v2", "scale": 1.5}], "apply_to": "generated"},
+    "v1prompt": {"vectors": [{"name": "v1", "scale": 2.0}], "apply_to": "prompt"},
+    "mix": {"vectors": [{"name": "v1"}, {"name": "v3", "scale": -1.0}]},
+    "upload": {"vectors": [{"name": "load_up", "scale": 0.8}]},
+    "path": {"vectors": [{"path": "v3.safetensors", "scale": 1.5}], "apply_to": "all"},
+}
+#: (extra body, endpoint-independent field the 400 must name, message fragment)
+BAD: list[tuple[dict[str, Any], str, str]] = [
+    ({"steering": {"vectors": [{"name": "nope"}]}}, "steering.vectors[0].name", "unknown vector"),
+    ({"steering": {"vectors": [{"path": "../registry.yaml"}]}}, "steering.vectors[0].path",
+     "not inside"),
+    ({"steering": {"vectors": [{"name": "wide"}]}}, "steering.vectors[0]", "hidden size"),
+    ({"steering": {"vectors": [{"name": "v1", "layers": [30]}]}}, "steering.vectors[0].layers",
+     "out of range"),
+    ({"steering": {"vectors": [{"name": "v1"}], "apply_to": "middle"}}, "steering.apply_to",
+     "not one of"),
+    ({"steering": {"vectors": [{"name": "v1", "scale": "lots"}]}}, "steering.vectors[0].scale",
+     "number"),
+    ({"steering": {"vectors": [{"name": "v1"}] * 17}}, "steering.vectors", "at most"),
+    ({"steering": {"vectors": [{"name": "v1"}], "colour": "red"}}, "steering.colour",
+     "unknown field"),
+    ({"steering": 5}, "steering", "must be an object"),
+    ({"steering": "{not json"}, "steering", "malformed JSON"),
+    ({"vllm_xargs": {"steer": "v1", "steer_scale": "lots"}}, "steer_scale", "number"),
+    ({"vllm_xargs": {"steering": '{"vectors": [{"name": "v1"}'}}, "steering", "malformed JSON"),
+    ({"vllm_xargs": {"_vllm_steer": "x"}}, "_vllm_steer", "reserved"),
+    ({"steer": "v1"}, "steer", "unknown top-level field"),
+    ({"steering": {"vectors": [{"name": "v1"}]}, "vllm_xargs": {"steer": "v2"}}, "steering",
+     "both"),
+]
+
+
+# -- fixtures and helpers ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(default_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    reg = write_test_vectors(root)
+    with reg.open("a") as f:
+        f.write(f"max_upload_bytes: {UPLOAD_LIMIT}\n")
+    srv = Server(default_model_dir, reg, root / "server.log", API_KEY)
+    FIGURES["startup_s"] = round(srv.start(), 1)
+    yield srv
+    srv.stop()
+    out = os.environ.get("VLLM_STEER_SERVER_RESULTS")
+    if out:
+        Path(out).write_text(json.dumps(FIGURES, indent=2))
+    print("\nserver test figures:", json.dumps(FIGURES))
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+def model(server: Server) -> str:
+    return server.model_dir
+
+
+def vec_dir(server: Server) -> Path:
+    return server.registry.parent / "vectors"
+
+
+def openai_client(server: Server):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
+                       timeout=REQUEST_TIMEOUT)
+
+
+def steering_body(spec: Any, form: str) -> dict[str, Any]:
+    """The extra body carrying ``spec``: top-level object, vllm_xargs JSON, or shorthand."""
+    if spec is None:
+        return {}
+    if form == "body":
+        return {"steering": spec}
+    if form == "xargs":
+        return {"vllm_xargs": {"steering": json.dumps(spec)}}
+    assert form == "flat" and len(spec["vectors"]) == 1
+    v = spec["vectors"][0]
+    flat = {"steer": v["name"]}
+    if "scale" in v:
+        flat["steer_scale"] = v["scale"]
+    if "apply_to" in spec:
+        flat["steer_apply_to"] = spec["apply_to"]
+    return {"vllm_xargs": flat}
+
+
+async def complete(client, srv: Server, kind: str, prompt: str, extra: dict[str, Any],
+                   stream: bool, max_tokens: int = MAX_TOKENS) -> str:
+    """One request through the official client; returns the generated text."""
+    kw = dict(model=model(srv), max_tokens=max_tokens, temperature=0.0, stream=stream,
+              extra_body=extra)
+    if kind == "chat":
+        r = await client.chat.completions.create(
+            messages=[{"role": "user", "content": prompt}], **kw)
+        if not stream:
+            return r.choices[0].message.content or ""
+        return "".join([c.choices[0].delta.content or "" async for c in r if c.choices])
+    r = await client.completions.create(prompt=prompt, **kw)
+    if not stream:
+        return r.choices[0].text
+    return "".join([c.choices[0].text async for c in r if c.choices])
+
+
+def run(coro, timeout: float = 300.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def upload(http: httpx.Client, name: str, data: bytes, **params: Any) -> httpx.Response:
+    return http.post("/v1/steering/vectors", params={"name": name, **params}, content=data,
+                     headers={"Content-Type": "application/octet-stream"})
+
+
+def slot_stats(http: httpx.Client) -> dict[str, int]:
+    r = http.get("/v1/steering/stats")
+    assert r.status_code == 200, r.text
+    (w,) = r.json()["workers"]
+    return w
+
+
+def wait_idle(http: httpx.Client, timeout: float = 60.0) -> dict[str, int]:
+    """Slot stats once no steered request is live (bounded wait)."""
+    t0 = time.monotonic()
+    while True:
+        st = slot_stats(http)
+        if st["live_requests"] == 0 and st["live_digests"] == 0:
+            return st
+        assert time.monotonic() - t0 < timeout, f"steering slots still in use: {st}"
+        time.sleep(0.5)
+
+
+def references(srv: Server, combos: list[tuple[str, str, str]]) -> dict[tuple, str]:
+    """Each (kind, prompt, spec name) run alone, one request at a time."""
+
+    async def go():
+        client = openai_client(srv)
+        out = {}
+        for kind, prompt, spec in combos:
+            out[(kind, prompt, spec)] = await complete(
+                client, srv, kind, prompt, steering_body(SPECS[spec], "body"), False)
+        await client.close()
+        return out
+
+    return run(go())
+
+
+# -- auth, listing, body forms -----------------------------------------------------------
+def test_routes_obey_api_key(server, http):
+    bare = httpx.Client(base_url=server.url, timeout=30)
+    wrong = {"Authorization": "Bearer not-the-key"}
+    checks = [("GET", "/v1/steering/vectors"), ("GET", "/v1/steering/vectors/v1"),
+              ("GET", "/v1/steering/stats"), ("POST", "/v1/steering/vectors?name=x"),
+              ("DELETE", "/v1/steering/vectors/v1")]
+    for method, path in checks:
+        for headers in ({}, wrong, {"Authorization": API_KEY}):
+            r = bare.request(method, path, headers=headers, content=b"x")
+            assert r.status_code == 401, (method, path, headers, r.text)
+    assert bare.get("/health").status_code == 200
+    assert http.get("/v1/steering/vectors/v1").status_code == 200  # still there
+    bare.close()
+
+
+def test_list_vectors_reports_layers_size_and_metadata(http):
+    r = http.get("/v1/steering/vectors")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == {"num_layers": 30, "hidden_size": 576}
+    by_name = {v["name"]: v for v in body["data"]}
+    assert {"v1", "v2", "v3", "wide"} <= set(by_name)
+    assert by_name["v2"]["layers"] == list(range(5, 20)) and by_name["v2"]["default_scale"] == 2.0
+    assert by_name["v1"]["hidden_size"] == 576 and by_name["wide"]["hidden_size"] == 584
+    assert by_name["v1"]["format"] == "safetensors"
+    assert "created_by" in by_name["v1"]["metadata"]
+    assert http.get("/v1/steering/vectors/nope").json()["error"]["param"] == "name"
+
+
+def test_body_and_vllm_xargs_give_identical_results(server):
+    spec = {"vectors": [{"name": "v1", "scale": 1.5}], "apply_to": "all"}
+
+    async def go():
+        client = openai_client(server)
+        out = {}
+        for kind, prompt in (PROMPTS[0], PROMPTS[2]):
+            for stream in (False, True):
+                plain = await complete(client, server, kind, prompt, {}, stream)
+                got = {form: await complete(client, server, kind, prompt,
+                                            steering_body(spec, form), stream)
+                       for form in ("body", "xargs", "flat")}
+                out[(kind, stream)] = plain, got
+        await client.close()
+        return out
+
+    res = run(go())
+    for key, (plain, got) in res.items():
+        assert got["body"] == got["xargs"] == got["flat"], (key, got)
+        assert got["body"] != plain, key
+    # streaming and non-streaming agree too
+    for kind in ("cmpl", "chat"):
+        assert res[(kind, False)] == res[(kind, True)], kind
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "cmpl"])
+def test_bad_steering_is_a_400_naming_the_field(server, endpoint):
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            reqs = []
+            for extra, _, _ in BAD:
+                for stream in (False, True):
+                    body = {"model": model(server), "max_tokens": 4, "stream": stream, **extra}
+                    if endpoint == "chat":
+                        body["messages"] = [{"role": "user", "content": "hi"}]
+                        reqs.append(c.post("/v1/chat/completions", json=body))
+                    else:
+                        body["prompt"] = "hi"
+                        reqs.append(c.post("/v1/completions", json=body))
+            return await asyncio.gather(*reqs)
+
+    responses = run(go())
+    for i, r in enumerate(responses):
+        _, field, message = BAD[i // 2]
+        assert r.status_code == 400, (BAD[i // 2], r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["param"] == field and message in err["message"], err
+        assert err["type"] == "BadRequestError" and err["code"] == 400
+
+
+def test_beam_search_with_steering_is_refused(server, http):
+    r = http.post("/v1/completions", json={
+        "model": model(server), "prompt": "hi", "max_tokens": 4, "use_beam_search": True,
+        "n": 2, "steering": {"vectors": [{"name": "v1"}]}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "use_beam_search", r.text
+
+
+# -- vector registration -------------------------------------------------------------------
+def test_upload_register_use_and_delete(server, http, tmp_path):
+    vdir = vec_dir(server)
+    v2 = SteeringVector.load(str(vdir / "v2.safetensors"))
+    (v2 * 1.0).save(str(tmp_path / "v2.gguf"))
+    spec_by_path = {"vectors": [{"path": "v2.safetensors", "scale": 1.25}]}
+
+    async def text(spec):
+        client = openai_client(server)
+        out = await complete(client, server, "cmpl", PROMPTS[0][1], {"steering": spec}, False)
+        await client.close()
+        return out
+
+    expected = run(text(spec_by_path))
+    # raw GGUF body, query parameters
+    r = upload(http, "gg", (tmp_path / "v2.gguf").read_bytes(), scale=1.25)
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["format"] == "gguf" and info["layers"] == list(range(5, 20))
+    assert info["persisted"] is True and info["default_scale"] == 1.25
+    assert run(text({"vectors": [{"name": "gg"}]})) == expected
+    # JSON body with base64 data, and JSON body naming a file in an allowed dir
+    data = base64.b64encode((vdir / "v2.safetensors").read_bytes()).decode()
+    r = http.post("/v1/steering/vectors", json={"name": "b64", "data": data, "scale": 1.25})
+    assert r.status_code == 201, r.text
+    r = http.post("/v1/steering/vectors", json={"name": "bypath", "path": "v2.safetensors",
+                                                 "scale": 1.25, "layers": list(range(5, 20))})
+    assert r.status_code == 201, r.text
+    for name in ("b64", "bypath"):
+        assert run(text({"vectors": [{"name": name}]})) == expected
+    names = {v["name"] for v in http.get("/v1/steering/vectors").json()["data"]}
+    assert {"gg", "b64", "bypath"} <= names
+    # conflicts and replacement
+    assert upload(http, "gg", (vdir / "v1.safetensors").read_bytes()).status_code == 409
+    r = upload(http, "gg", (vdir / "v1.safetensors").read_bytes(), replace="true")
+    assert r.status_code == 201 and r.json()["layers"] == list(range(30))
+    for name in ("gg", "b64", "bypath"):
+        r = http.delete(f"/v1/steering/vectors/{name}")
+        assert r.status_code == 200 and r.json()["deleted"] is True
+        assert http.delete(f"/v1/steering/vectors/{name}").status_code == 404
+    r = http.post("/v1/completions", json={"model": model(server), "prompt": "x", "max_tokens": 2,
+                                           "steering": {"vectors": [{"name": "gg"}]}})
+    assert r.status_code == 400 and "unknown vector" in r.json()["error"]["message"]
+    # the uploads dir holds only the overlay now (replaced and deleted files are removed)
+    up = server.registry.parent / "uploads"
+    assert sorted(p.name for p in up.iterdir() if not p.name.startswith(".")) == \
+        ["registry.overlay.yaml"]
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+@pytest.mark.parametrize("case, status, param, fragment", [
+    ("wide", 400, "body", "hidden size"),
+    ("nan", 400, "body", "NaN"),
+    ("int", 400, "body", "expected float"),
+    ("layer30", 400, "body", "out of range"),
+    ("2d", 400, "body", "expected [hidden]"),
+    ("badname", 400, "body", "unexpected tensor"),
+    ("truncated", 400, "body", "not a valid vector file"),
+    ("pickle", 400, "body", "unknown format"),
+    ("empty", 400, "body", "empty body"),
+    ("oversize", 413, "body", "upload limit"),
+    ("oversize_chunked", 413, "body", "upload limit"),
+    ("badlayers", 400, "layers", "no direction"),
+    ("badscale", 400, "scale", "finite"),
+    ("badquery", 400, "colour", "unknown query parameter"),
+    ("badname_param", 400, "name", "letters"),
+])
+def test_bad_uploads_are_refused(server, http, tmp_path, case, status, param, fragment):
+    vdir = vec_dir(server)
+    good = (vdir / "v2.safetensors").read_bytes()
+    z = torch.zeros(576)
+    params: dict[str, Any] = {}
+    name = f"bad_{case}"
+    data: Any = good
+    if case == "wide":
+        data = (vdir / "wide.safetensors").read_bytes()
+    elif case == "nan":
+        data = _safetensors_bytes({"direction.3": torch.full((576,), float("nan"))})
+    elif case == "int":
+        data = _safetensors_bytes({"direction.3": torch.zeros(576, dtype=torch.int32)})
+    elif case == "layer30":
+        data = _safetensors_bytes({"direction.30": z})
+    elif case == "2d":
+        data = _safetensors_bytes({"direction.3": torch.zeros(2, 576)})
+    elif case == "badname":
+        data = _safetensors_bytes({"weights": z})
+    elif case == "truncated":
+        data = good[: len(good) // 2]
+    elif case == "pickle":
+        torch.save({"direction.3": z}, tmp_path / "v.pt")
+        data = (tmp_path / "v.pt").read_bytes()
+    elif case == "empty":
+        data = b""
+    elif case == "oversize":
+        data = b"\0" * (UPLOAD_LIMIT + 1)
+    elif case == "oversize_chunked":
+        data = iter([b"\0" * 65536] * (UPLOAD_LIMIT // 65536 + 2))  # no Content-Length
+    elif case == "badlayers":
+        params["layers"] = "1,2"  # v2 has layers 5..19
+    elif case == "badscale":
+        params["scale"] = "inf"
+    elif case == "badquery":
+        params["colour"] = "red"
+    elif case == "badname_param":
+        name = "a,b"
+    r = upload(http, name, data, **params)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and fragment in err["message"], err
+    assert name not in {v["name"] for v in http.get("/v1/steering/vectors").json()["data"]}
+
+
+def test_vector_paths_stay_inside_allowed_dirs(server, http, tmp_path):
+    vdir = vec_dir(server)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((vdir / "v1.safetensors").read_bytes())
+    link = vdir / "escape.safetensors"
+    link.symlink_to(outside)
+    try:
+        for path in ("../registry.yaml", str(outside), "escape.safetensors", "/etc/passwd",
+                     "v1.safetensors/../../registry.yaml", "a\x00b", "~root/x"):
+            r = http.post("/v1/steering/vectors", json={"name": "esc", "path": path})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "path", (path, r.text)
+            r = http.post("/v1/completions", json={
+                "model": model(server), "prompt": "x", "max_tokens": 2,
+                "steering": {"vectors": [{"path": path}]}})
+            assert r.status_code == 400, (path, r.text)
+            assert r.json()["error"]["param"] == "steering.vectors[0].path"
+    finally:
+        link.unlink()
+
+
+def test_no_unpickling_in_the_package():
+    root = Path(__file__).resolve().parent.parent / "vllm_steer"
+    pattern = re.compile(r"\b(pickle\.loads?|torch\.load|joblib\.load|dill\.|"
+                         r"allow_pickle\s*=\s*True|cPickle)\b")
+    hits = [f"{p}:{i}" for p in root.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, hits
+
+
+# -- load ------------------------------------------------------------------------------
+def test_concurrent_load_matches_requests_run_alone(server, http):
+    r = upload(http, "load_up", (vec_dir(server) / "v3.safetensors").read_bytes())
+    assert r.status_code == 201, r.text
+    combos = [(kind, prompt, spec) for kind, prompt in PROMPTS for spec in SPECS]
+    refs = references(server, combos)
+    assert len({refs[c] for c in combos}) >= len(combos) // 2, "vectors should change outputs"
+
+    n_good, n_bad = 224, 32
+    jobs: list[tuple[str, Any]] = []
+    for i in range(n_good):
+        combo = combos[i % len(combos)]
+        stream = (i // len(combos)) % 2 == 1
+        form = "xargs" if (i // (2 * len(combos))) % 2 else "body"
+        jobs.append(("good", (combo, stream, form)))
+    for i in range(n_bad):
+        jobs.append(("bad", (BAD[i % len(BAD)], PROMPTS[i % len(PROMPTS)], i % 2 == 0)))
+    random.Random(0).shuffle(jobs)
+
+    async def one(client, job):
+        import openai
+
+        kind_of, payload = job
+        if kind_of == "good":
+            (kind, prompt, spec), stream, form = payload
+            return await complete(client, server, kind, prompt,
+                                  steering_body(SPECS[spec], form), stream)
+        (extra, _, _), (kind, prompt), stream = payload
+        try:
+            await complete(client, server, kind, prompt, extra, stream)
+        except openai.BadRequestError as e:
+            return e
+        return "accepted"
+
+    async def go():
+        client = openai_client(server)
+        t0 = time.monotonic()
+        out = await asyncio.gather(*(one(client, j) for j in jobs), return_exceptions=True)
+        wall = time.monotonic() - t0
+        await client.close()
+        return out, wall
+
+    results, wall = run(go(), timeout=600)
+    mismatches, errors = [], []
+    for job, res in zip(jobs, results, strict=True):
+        if job[0] == "good":
+            combo = job[1][0]
+            if isinstance(res, BaseException):
+                errors.append((job, repr(res)))
+            elif res != refs[combo]:
+                mismatches.append((job, res, refs[combo]))
+        elif not (hasattr(res, "status_code") and res.status_code == 400):
+            errors.append((job, repr(res)))
+    FIGURES["load"] = {"requests": len(jobs), "good": n_good, "bad": n_bad,
+                       "concurrency": len(jobs), "wall_s": round(wall, 1),
+                       "errors": len(errors), "mismatches": len(mismatches),
+                       "distinct_combos": len(combos),
+                       "tokens_per_good_request": MAX_TOKENS}
+    assert not errors, errors[:5]
+    assert not mismatches, mismatches[:5]
+    assert server.alive() and http.get("/health").status_code == 200
+    wait_idle(http)
+
+
+# -- bad input fuzz ----------------------------------------------------------------------
+def _spec_fuzz_bodies(rng: random.Random, model_name: str
+                      ) -> list[tuple[dict[str, Any] | bytes, bool]]:
+    """(body or raw bytes for /v1/completions, must be refused); a few mutants may be valid."""
+    out: list[tuple[Any, bool]] = []
+    good_vec = {"name": "v1"}
+    wrong = [None, 0, -1, 1.5, True, "", "x", "\ud800", "\x00", [], [None], {}, {"a": 1},
+             10 ** 30, -(10 ** 30), 1e308, "v1" * 5000]
+    for v in wrong:
+        if v is not None:
+            out.append(({"steering": v}, True))
+        out.append(({"steering": {"vectors": v}}, True))
+        out.append(({"steering": {"vectors": [v]}}, True))
+        if v is not None and not (isinstance(v, str) and v == "v1"):
+            out.append(({"steering": {"vectors": [{"name": v}]}}, True))
+            out.append(({"steering": {"vectors": [{"path": v}]}}, True))
+        if not isinstance(v, int | float) or isinstance(v, bool) or abs(v) > 1000:
+            if v is not None:
+                out.append(({"steering": {"vectors": [{**good_vec, "scale": v}]}}, True))
+        if v is not None:
+            out.append(({"steering": {"vectors": [{**good_vec, "layers": v}]}}, True))
+            if not (type(v) is int and 0 <= v < 30):  # a valid layer of v1
+                out.append(({"steering": {"vectors": [{**good_vec, "layers": [v]}]}}, True))
+            out.append(({"steering": {"vectors": [good_vec], "apply_to": v}}, True))
+            out.append(({"steering": {"vectors": [good_vec], "think_start": v}},
+                        not (isinstance(v, str) and v and v not in ("\ud800",))))
+            if not (isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10 ** 18):
+                out.append(({"steering": {"vectors": [good_vec], "end_position": v}}, True))
+            if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10 ** 18):
+                out.append(({"steering": {"vectors": [good_vec], "start_position": v}}, True))
+        out.append(({"vllm_xargs": {"steer": v if v is not None else "", "steer_scale": "q"}},
+                    True))
+    # the think_start cases above with a plain string are valid specs: drop those
+    out = [(b, bad) for b, bad in out if bad]
+    out += [
+        ({"steering": {"vectors": [good_vec] * 17}}, True),
+        ({"steering": {"vectors": [good_vec], "start_position": 5, "end_position": 5}}, True),
+        ({"steering": {"vectors": [{**good_vec, "layers": list(range(1000))}]}}, True),
+        ({"steering": {"vectors": [{**good_vec, "layers": [1, 1]}]}}, True),
+        ({"steering": {"vectors": [{"name": "v1", "path": "v1.safetensors"}]}}, True),
+        ({"steering": {"vectors": [{"name": "v1", "weight": 1}]}}, True),
+        ({"steering": {"vectors": [{"name": "v1", "scale": 1000}, {"name": "v1",
+                                                                   "scale": 1000}] * 8}}, False),
+        ({"steering": json.dumps({"vectors": [good_vec]}) * 3}, True),
+        ({"steering": "x" * 70000}, True),
+        ({"vllm_xargs": {"steering": "[" * 5000 + "]" * 5000}}, True),
+        ({"vllm_xargs": {"steering": "{" * 100}}, True),
+        ({"vllm_xargs": {"steer": "v1,,nope"}}, True),
+        ({"vllm_xargs": {"steer": "v1", "steer_layers": "[1,"}}, True),
+        ({"vllm_xargs": {"steer": "v1", "steer_layers": [99]}}, True),
+        ({"vllm_xargs": {"steer": "v1", "steer_apply_to": "sideways"}}, True),
+        ({"vllm_xargs": {"steer_scale": 1.0}}, True),
+        ({"vllm_xargs": {"steer": "v1", "steer_colour": 1}}, True),
+        ({"vllm_xargs": {"steering": "{}", "steer": "v1"}}, True),
+        ({"steer_scale": 2.0}, True),
+        ({"steering": {"vectors": [good_vec]}, "vllm_xargs": {"steering": "{}"}}, True),
+    ]
+    # deep nesting straight in the JSON body (not parseable as a spec at any depth)
+    head = json.dumps({"model": model_name, "prompt": "x", "max_tokens": 1})[:-1]
+    head += ', "steering": '
+    for depth in (50, 1000, 100000):
+        out.append(((head + "[" * depth + "]" * depth + "}").encode(), True))
+        out.append(((head + '{"a":' * depth + "1" + "}" * depth + "}").encode(), True))
+    # non-UTF-8 and truncated JSON bodies
+    out.append((head.encode() + b'{"vectors": [{"name": "\xff\xfe"}]}}', True))
+    out.append((head.encode() + b'{"vectors": [{"name": "v1"', True))
+    out.append((head.encode() + b"NaN}", True))
+    out.append((head.encode() + b'{"vectors": [{"name": "v1", "scale": NaN}]}}', True))
+    out.append((head.encode() + b'{"vectors": [{"name": "v1", "scale": Infinity}]}}', True))
+    out.append((head.encode() + b'{"vectors": [{"name": "v1", "scale": 1e999}]}}', True))
+    # random character mutations of a valid spec string (may stay valid: not required 4xx)
+    valid = json.dumps({"vectors": [{"name": "v2", "scale": 0.5, "layers": [5, 6]}],
+                        "apply_to": "generated", "start_position": 1})
+    alphabet = '{}[]",:0123456789.-eE ntrufals\\x'
+    for _ in range(120):
+        s = list(valid)
+        for _ in range(rng.randint(1, 4)):
+            op, pos = rng.random(), rng.randrange(len(s))
+            if op < 0.4:
+                s[pos] = rng.choice(alphabet)
+            elif op < 0.7:
+                del s[pos]
+            else:
+                s.insert(pos, rng.choice(alphabet))
+        out.append(({"vllm_xargs": {"steering": "".join(s)}}, False))
+    return out
+
+
+def _upload_fuzz_cases(vdir: Path, tmp: Path, rng: random.Random
+                       ) -> list[tuple[dict[str, Any], bytes, bool]]:
+    """(query params or {"json": body}, bytes, must be refused)."""
+    st = (vdir / "v2.safetensors").read_bytes()
+    SteeringVector.load(str(vdir / "v2.safetensors")).save(str(tmp / "v2.gguf"))
+    gg = (tmp / "v2.gguf").read_bytes()
+    cases: list[tuple[dict[str, Any], bytes, bool]] = []
+    for blob in (st, gg):
+        step = max(1, len(blob) // 40)
+        for cut in sorted({*range(0, len(blob), step), *range(1, 24), len(blob) - 1}):
+            cases.append(({}, blob[:cut], True))
+        for _ in range(30):  # byte flips: may still be a valid vector
+            b = bytearray(blob)
+            for _ in range(rng.randint(1, 3)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            cases.append(({}, bytes(b), False))
+    for n in (1, 7, 8, 9, 100, 4096, 100000):
+        cases.append(({}, rng.randbytes(n), True))
+        cases.append(({}, b"GGUF" + rng.randbytes(n), True))
+        cases.append(({}, struct.pack("<Q", n) + b"{" + rng.randbytes(n), True))
+    for hdr in (b'{"direction.1": {"dtype": "F32", "shape": [576], "data_offsets": [0, 99999999]}}',
+                b'{"direction.1": {"dtype": "F32", "shape": [99999999999], '
+                b'"data_offsets": [0, 2304]}}',
+                b'[1, 2, 3]', b'{"__metadata__": "x"}', b'{"a": ' * 200 + b"1" + b"}" * 200,
+                b"\xff\xfe{}"):
+        cases.append(({}, struct.pack("<Q", len(hdr)) + hdr + b"\0" * 2304, True))
+    cases.append(({}, struct.pack("<IQQ", 3, 2 ** 60, 0), True))
+    cases.append(({}, b"GGUF" + struct.pack("<IQQ", 3, 2 ** 60, 2 ** 60), True))
+    cases.append(({}, b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2 ** 62), True))
+    for t in (torch.full((576,), float("inf")), torch.zeros(575), torch.zeros(576,
+                                                                             dtype=torch.int64),
+              torch.zeros(1, 576), torch.zeros(0)):
+        cases.append(({}, _safetensors_bytes({"direction.2": t}), True))
+    cases.append(({}, _safetensors_bytes({"direction.999999999999": torch.zeros(576)}), True))
+    cases.append(({}, _safetensors_bytes({f"direction.{i}": torch.zeros(576)
+                                          for i in range(2000)}), True))
+    # bad parameters with a good file
+    for params in ({"scale": "nan"}, {"scale": "1e999"}, {"scale": "[]"}, {"layers": "30"},
+                   {"layers": "-1"}, {"layers": "[1,"}, {"layers": "1,1"}, {"layers": "x" * 9999},
+                   {"replace": "maybe"}, {"colour": "red"}, {"name": ""}, {"name": "../x"},
+                   {"name": "x" * 200}, {"name": "a b"}, {"name": "\u00e9"}):
+        cases.append((params, st, True))
+    # JSON bodies
+    b64 = base64.b64encode(st).decode()
+    for body in ({"name": "j", "data": "!!!"}, {"name": "j", "data": 5},
+                 {"name": "j", "data": b64, "path": "v1.safetensors"}, {"name": "j"},
+                 {"name": "j", "data": base64.b64encode(b"junk").decode()},
+                 {"name": 5, "data": b64}, {"name": "j", "data": b64, "scale": True},
+                 {"name": "j", "data": b64, "layers": [3.5]}, {"name": "j", "data": b64,
+                                                             "extra": 1},
+                 {"name": "j", "path": ""}, {"name": "j", "path": "../registry.yaml"},
+                 {"name": "j", "path": 7}, {"name": "j", "path": "x" * 5000},
+                 [1, 2], "text", None):
+        cases.append(({"json": body}, b"", True))
+    for raw in (b"\xff\xfe\x00\x01", b"[" * 100000, b'{"name": "j", "data": "' + b"A" * 10,
+                b'{"name": "j", "data": NaN}'):
+        cases.append(({"json_raw": True}, raw, True))
+    cases.append(({"json": {"name": "big",
+                            "data": base64.b64encode(b"\0" * (UPLOAD_LIMIT + 10)).decode()}},
+                  b"", True))
+    cases.append(({}, b"\0" * (UPLOAD_LIMIT + 1), True))
+    return cases
+
+
+def test_fuzz_never_crashes_or_hangs(server, http, tmp_path):
+    rng = random.Random(1234)
+    specs = _spec_fuzz_bodies(rng, model(server))
+    uploads = _upload_fuzz_cases(vec_dir(server), tmp_path, rng)
+    before = http.post("/v1/completions", json={
+        "model": model(server), "prompt": PROMPTS[0][1], "max_tokens": MAX_TOKENS,
+        "temperature": 0, "steering": SPECS["mix"]}).json()["choices"][0]["text"]
+
+    async def go():
+        sem = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            async def spec_case(i, body):
+                async with sem:
+                    if isinstance(body, bytes):
+                        return await c.post("/v1/completions", content=body,
+                                            headers={"Content-Type": "application/json"})
+                    body = {"model": model(server), "prompt": "Hello", "max_tokens": 2,
+                            "stream": i % 3 == 0, **body}
+                    # json.dumps escapes lone surrogates (httpx's json= cannot encode them)
+                    return await c.post("/v1/completions", content=json.dumps(body).encode(),
+                                        headers={"Content-Type": "application/json"})
+
+            async def upload_case(i, params, data):
+                async with sem:
+                    if "json" in params:
+                        return await c.post("/v1/steering/vectors",
+                                            content=json.dumps(params["json"]).encode(),
+                                            headers={"Content-Type": "application/json"})
+                    if "json_raw" in params:
+                        return await c.post("/v1/steering/vectors", content=data,
+                                            headers={"Content-Type": "application/json"})
+                    q = {"name": f"fz{i}", **params}
+                    return await c.post("/v1/steering/vectors", params=q, content=data,
+                                        headers={"Content-Type": "application/octet-stream"})
+
+            tasks = [spec_case(i, b) for i, (b, _) in enumerate(specs)]
+            tasks += [upload_case(i, p, d) for i, (p, d, _) in enumerate(uploads)]
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    t0 = time.monotonic()
+    results = run(go(), timeout=400)
+    wall = time.monotonic() - t0
+    expect = [bad for _, bad in specs] + [bad for _, _, bad in uploads]
+    crashes, wrong, accepted = [], [], 0
+    cases = [("spec", s[0]) for s in specs] + [("upload", u[:2]) for u in uploads]
+    for case, must_refuse, r in zip(cases, expect, results, strict=True):
+        if isinstance(r, BaseException) or r.status_code >= 500:
+            crashes.append((repr(case)[:200], repr(r) if isinstance(r, BaseException)
+                            else r.text[:200]))
+        elif must_refuse and not 400 <= r.status_code < 500:
+            wrong.append((repr(case)[:200], r.status_code, r.text[:200]))
+        elif r.status_code < 300:
+            accepted += 1
+        if (not isinstance(r, BaseException) and r.status_code in (400, 413, 404, 409)
+                and r.headers.get("content-type", "").startswith("application/json")):
+            body = r.json()
+            assert "error" in body or "detail" in body, body
+    # vectors that byte flips left valid were registered: remove them
+    for v in http.get("/v1/steering/vectors").json()["data"]:
+        if re.fullmatch(r"fz\d+", v["name"]):
+            assert http.delete(f"/v1/steering/vectors/{v['name']}").status_code == 200
+    FIGURES["fuzz"] = {"cases": len(cases), "spec_cases": len(specs),
+                       "upload_cases": len(uploads), "accepted_valid_mutants": accepted,
+                       "crashes_5xx_or_no_answer": len(crashes), "wrong_status": len(wrong),
+                       "wall_s": round(wall, 1)}
+    assert not crashes, crashes[:5]
+    assert not wrong, wrong[:5]
+    assert server.alive() and http.get("/health").status_code == 200
+    after = http.post("/v1/completions", json={
+        "model": model(server), "prompt": PROMPTS[0][1], "max_tokens": MAX_TOKENS,
+        "temperature": 0, "steering": SPECS["mix"]}).json()["choices"][0]["text"]
+    assert after == before
+    wait_idle(http)
+
+
+# -- faults ------------------------------------------------------------------------------
+def test_client_disconnects_free_their_slots(server, http):
+    base = wait_idle(http)
+    rounds, per_round = 5, 8
+
+    async def go(k):
+        async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            streaming, release = asyncio.Semaphore(0), asyncio.Event()
+
+            async def disconnect(i):
+                body = {"model": model(server), "prompt": PROMPTS[1][1], "max_tokens": 400,
+                        "ignore_eos": True, "temperature": 0, "stream": True,
+                        "steering": {"vectors": [{"name": "v3", "scale": 0.01 * (i + 1)}]}}
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    assert r.status_code == 200
+                    chunks = 0
+                    async for line in r.aiter_lines():
+                        chunks += line.startswith("data: ")
+                        if chunks == 2:
+                            streaming.release()
+                            await release.wait()
+                            break  # leaving the block closes the connection mid-stream
+
+            tasks = [asyncio.create_task(disconnect(k * per_round + i))
+                     for i in range(per_round)]
+            for _ in range(per_round):
+                await streaming.acquire()
+            (during,) = (await c.get("/v1/steering/stats")).json()["workers"]
+            release.set()
+            await asyncio.gather(*tasks)
+            return during
+
+    during, after = [], []
+    for k in range(rounds):
+        during.append(run(go(k), timeout=120))
+        after.append(wait_idle(http))
+    keys = ("live_requests", "live_digests", "resident", "free_slots")
+    FIGURES["disconnects"] = {"count": rounds * per_round, "per_round": per_round,
+                              "during": [{k: s[k] for k in keys} for s in during],
+                              "after": [{k: s[k] for k in keys} for s in after]}
+    for st in during:  # every stream held its own slot while open
+        assert st["live_requests"] == per_round and st["live_digests"] == per_round, st
+    for st in after:
+        assert st["resident"] == 0 and st["free_slots"] == base["free_slots"], st
+
+
+def test_delete_or_replace_during_requests_changes_nothing_for_them(server, http):
+    vdir = vec_dir(server)
+    spec = {"vectors": [{"name": "inuse"}]}
+    body = {"model": model(server), "prompt": PROMPTS[1][1], "max_tokens": 48,
+            "ignore_eos": True, "temperature": 0, "stream": True}
+    ref_v1 = http.post("/v1/completions", json={
+        **body, "stream": False, "steering": {"vectors": [{"path": "v1.safetensors"}]}}
+    ).json()["choices"][0]["text"]
+    ref_v2 = http.post("/v1/completions", json={
+        **body, "stream": False, "steering": {"vectors": [{"path": "v2.safetensors"}]}}
+    ).json()["choices"][0]["text"]
+    assert ref_v1 != ref_v2
+
+    def change(action: str) -> None:
+        if action == "replace":
+            r = upload(http, "inuse", (vdir / "v2.safetensors").read_bytes(), replace="true",
+                       scale=1.0)
+            assert r.status_code == 201, r.text
+        else:
+            assert http.delete("/v1/steering/vectors/inuse").status_code == 200
+
+    for action in ("replace", "delete"):
+        assert upload(http, "inuse", (vdir / "v1.safetensors").read_bytes(),
+                      replace="true").status_code == 201
+
+        async def go(action=action):
+            async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT,
+                                         headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+                started = asyncio.Event()
+
+                async def stream(trigger: bool) -> tuple[str, int]:
+                    """Streams; the trigger changes the registry after its first chunk."""
+                    text, chunks_after = "", -1
+                    async with c.stream("POST", "/v1/completions",
+                                        json={**body, "steering": spec}) as r:
+                        assert r.status_code == 200
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            text += json.loads(line[6:])["choices"][0]["text"]
+                            if chunks_after >= 0:
+                                chunks_after += 1
+                            elif trigger:
+                                await started.wait()
+                                await asyncio.to_thread(change, action)
+                                chunks_after = 0
+                            else:
+                                started.set()
+                                chunks_after = 0
+                    return text, chunks_after
+
+                return await asyncio.gather(stream(True), stream(False))
+
+        (t1, after1), (t2, _) = run(go(), timeout=180)
+        assert after1 > 10, "the change should happen while the stream is running"
+        assert t1 == t2 == ref_v1, (action, t1, t2)
+    # after the delete the name is gone; a re-registration is used by new requests only
+    r = http.post("/v1/completions", json={**body, "stream": False, "steering": spec})
+    assert r.status_code == 400
+    assert upload(http, "inuse", (vdir / "v2.safetensors").read_bytes()).status_code == 201
+    r = http.post("/v1/completions", json={**body, "stream": False, "steering": spec})
+    assert r.json()["choices"][0]["text"] == ref_v2
+    assert http.delete("/v1/steering/vectors/inuse").status_code == 200
+    wait_idle(http)
+
+
+def test_vllm_bench_serve_runs(server):
+    """The documented benchmark command, tiny: 4 prompts, all steered."""
+    cmd = [sys.executable, "-m", "vllm_steer.cli", "vllm", "bench", "serve", "--backend",
+           "openai", "--base-url", server.url, "--model", model(server), "--dataset-name",
+           "random", "--random-input-len", "32", "--random-output-len", "8", "--num-prompts",
+           "4", "--temperature", "0",
+           "--extra-body", json.dumps({"steering": {"vectors": [{"name": "v1", "scale": 0.5}]}})]
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert re.search(r"Successful requests:\s+4\b", out), out[-3000:]
+    assert re.search(r"Failed requests:\s+0\b", out), out[-3000:]
+
+
+# -- restart (keep last: it restarts the module's server) -----------------------------
+def test_restart_keeps_registered_vectors(server, http):
+    vdir = vec_dir(server)
+    assert upload(http, "kept", (vdir / "v2.safetensors").read_bytes(), scale=0.7,
+                  layers="5,6,7,8,9,10").status_code == 201
+    assert http.delete("/v1/steering/vectors/v3").status_code == 200  # a config entry
+    spec = {"model": model(server), "prompt": PROMPTS[0][1], "max_tokens": MAX_TOKENS,
+            "temperature": 0, "steering": {"vectors": [{"name": "kept"}]}}
+    before = http.post("/v1/completions", json=spec).json()["choices"][0]["text"]
+    listing = {v["name"]: v for v in http.get("/v1/steering/vectors").json()["data"]}
+
+    server.stop()
+    FIGURES["restart_s"] = round(server.start(), 1)
+    with httpx.Client(base_url=server.url, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        after_listing = {v["name"]: v for v in c.get("/v1/steering/vectors").json()["data"]}
+        assert "v3" not in after_listing and "kept" in after_listing
+        assert after_listing == listing
+        assert c.post("/v1/completions", json=spec).json()["choices"][0]["text"] == before
+        r = c.post("/v1/completions", json={**spec, "steering": {"vectors": [{"name": "v3"}]}})
+        assert r.status_code == 400
+    assert server.starts == 2

@@ -1,0 +1,187 @@
+"""Server pieces without a server: registry registration/persistence, body merging, CLI."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_steer import SteeringVector
+from vllm_steer.steering.registry import OVERLAY_NAME, Registry, RegistryError
+from vllm_steer.steering.spec import SpecError
+
+
+@pytest.fixture()
+def reg_file(tmp_path: Path) -> Path:
+    vdir = tmp_path / "vectors"
+    vdir.mkdir()
+    for name in ("a", "b"):
+        SteeringVector({1: torch.ones(4)}).save(str(vdir / f"{name}.safetensors"))
+    path = tmp_path / "reg.yaml"
+    path.write_text("allowed_dirs: [vectors]\nvectors:\n  a: vectors/a.safetensors\n"
+                    "  b: {path: vectors/b.safetensors, scale: 2.0}\n")
+    return path
+
+
+def _upload(reg: Registry, name: str) -> Path:
+    target = reg.ensure_upload_dir() / f"{name}.safetensors"
+    SteeringVector({0: torch.zeros(4)}).save(str(target))
+    return target
+
+
+def test_registrations_persist_across_reloads(reg_file):
+    reg = Registry.from_yaml(reg_file)
+    assert reg.persistent and reg.upload_dir == reg_file.parent / "uploads"
+    up = _upload(reg, "u")
+    reg.register("u", up, scale=0.5, layers=(0,))
+    reg.register("p", reg_file.parent / "vectors" / "a.safetensors")
+    reg.unregister("b")  # a base-file entry: remembered as removed
+    again = Registry.from_yaml(reg_file)
+    assert set(again.entries) == {"a", "u", "p"}
+    assert again.entries["u"].scale == 0.5 and again.entries["u"].layers == (0,)
+    assert again.entries["u"].path == up and again.entries["u"].origin == "registered"
+    # re-registering a removed base name brings it back (from the overlay)
+    again.register("b", up, replace=False)
+    assert Registry.from_yaml(reg_file).entries["b"].path == up
+
+
+def test_replace_and_delete_remove_only_unused_uploads(reg_file):
+    reg = Registry.from_yaml(reg_file)
+    first, second = _upload(reg, "one"), _upload(reg, "two")
+    reg.register("x", first)
+    reg.register("y", first)
+    with pytest.raises(KeyError):
+        reg.register("x", second)
+    reg.register("x", second, replace=True)
+    assert first.exists()  # still used by "y"
+    reg.unregister("y")
+    assert not first.exists()
+    reg.unregister("x")
+    assert not second.exists()
+    with pytest.raises(KeyError):
+        reg.unregister("x")
+    # files of the base registry are never deleted
+    reg.unregister("a")
+    assert (reg_file.parent / "vectors" / "a.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["", "a,b", "../x", "a b", "x" * 200, "-x", "\u00e9"])
+def test_bad_names_are_refused(reg_file, name):
+    reg = Registry.from_yaml(reg_file)
+    with pytest.raises(ValueError, match="invalid vector name"):
+        reg.register(name, reg_file.parent / "vectors" / "a.safetensors")
+
+
+def test_concurrent_registration_is_consistent(reg_file):
+    reg = Registry.from_yaml(reg_file)
+    path = reg_file.parent / "vectors" / "a.safetensors"
+
+    def work(i: int) -> None:
+        for j in range(20):
+            reg.register(f"t{i}_{j}", path)
+            if j % 2:
+                reg.unregister(f"t{i}_{j}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    expected = {f"t{i}_{j}" for i in range(8) for j in range(0, 20, 2)} | {"a", "b"}
+    assert set(reg.entries) == expected
+    assert set(Registry.from_yaml(reg_file).entries) == expected
+
+
+def test_overlay_and_limits_are_validated(reg_file, monkeypatch):
+    reg = Registry.from_yaml(reg_file)
+    assert reg.max_upload_bytes == 64 << 20
+    reg.ensure_upload_dir()
+    (reg.upload_dir / OVERLAY_NAME).write_text("vectors: [1, 2]\n")
+    with pytest.raises(RegistryError, match="mapping"):
+        Registry.from_yaml(reg_file)
+    (reg.upload_dir / OVERLAY_NAME).unlink()
+    monkeypatch.setenv("VLLM_STEER_MAX_UPLOAD_BYTES", "1234")
+    assert Registry.from_yaml(reg_file).max_upload_bytes == 1234
+    monkeypatch.setenv("VLLM_STEER_MAX_UPLOAD_BYTES", "-1")
+    with pytest.raises(RegistryError, match="positive"):
+        Registry.from_yaml(reg_file)
+
+
+def test_registry_without_file_uses_a_temporary_upload_dir():
+    reg = Registry()
+    assert not reg.persistent and reg.overlay_path is None
+    d = reg.ensure_upload_dir()
+    assert d.is_dir() and "vllm-steer-uploads-" in d.name
+
+
+def test_is_allowed_refuses_unencodable_paths(reg_file):
+    reg = Registry.from_yaml(reg_file)
+    for p in ("\ud800", "a\x00b", "~nouser-vllm-steer/x", "../reg.yaml", "/etc/passwd"):
+        assert reg.is_allowed(p) is None, p
+    assert reg.is_allowed("a.safetensors") == reg_file.parent / "vectors" / "a.safetensors"
+
+
+# -- request body --------------------------------------------------------------------------
+class _Req:
+    def __init__(self, extra=None, xargs=None):
+        self.model_extra = extra or {}
+        self.vllm_xargs = xargs
+
+
+def test_body_steering_lands_in_extra_args():
+    from vllm_steer.server.body import merged_extra_args
+
+    spec = {"vectors": [{"name": "a"}]}
+    assert merged_extra_args(_Req({"steering": spec}), None) == {"steering": spec}
+    assert merged_extra_args(_Req({"steering": spec}), {"k": 1}) == {"k": 1, "steering": spec}
+    assert merged_extra_args(_Req({"steering": None}), {"k": 1}) == {"k": 1}
+    assert merged_extra_args(_Req({"other": 1}), None) is None
+    with pytest.raises(SpecError) as ei:
+        merged_extra_args(_Req({"steering": spec}), {"steer": "a"})
+    assert ei.value.field == "steering"
+    with pytest.raises(SpecError) as ei:
+        merged_extra_args(_Req({"steer_scale": 2}), None)
+    assert ei.value.field == "steer_scale"
+
+
+def test_request_models_are_patched_on_import():
+    import subprocess
+    import sys
+
+    code = ("from vllm_steer.server import body; body.install()\n"
+            "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest"
+            " as C\n"
+            "r = C(model='m', messages=[{'role': 'user', 'content': 'hi'}],"
+            " steering={'vectors': [{'name': 'a'}]})\n"
+            "print(r.to_sampling_params(4, {}).extra_args)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert "{'steering': {'vectors': [{'name': 'a'}]}}" in out.stdout, out.stderr[-2000:]
+
+
+# -- CLI ---------------------------------------------------------------------------------
+def test_serve_env_enables_both_plugins_and_a_registry(tmp_path):
+    from vllm_steer.cli import SHIPPED_REGISTRY, serve_env
+
+    env = serve_env(None, {"VLLM_PLUGINS": "other"})
+    assert env["VLLM_PLUGINS"] == "other,vllm_steer,vllm_steer_routes"
+    if SHIPPED_REGISTRY.is_file():
+        assert env["VLLM_STEER_REGISTRY"] == str(SHIPPED_REGISTRY)
+    env = serve_env(str(tmp_path / "r.yaml"), {"VLLM_STEER_REGISTRY": "/elsewhere.yaml"})
+    assert env["VLLM_STEER_REGISTRY"] == str(tmp_path / "r.yaml")
+    assert serve_env(None, {"VLLM_STEER_REGISTRY": "/x.yaml"})["VLLM_STEER_REGISTRY"] == \
+        "/x.yaml"
+
+
+def test_serve_passes_unknown_args_to_vllm(capsys, default_model_dir):
+    from vllm_steer.cli import main
+
+    assert main(["serve", "--print-command", "--port", "8001", "--max-model-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "VLLM_PLUGINS=vllm_steer,vllm_steer_routes" in out
+    assert f"vllm_steer.server.vllm_cli serve {default_model_dir} --port 8001 " \
+           "--max-model-len 2048" in out
+    with pytest.raises(SystemExit):
+        main(["vector", "info", "x.safetensors", "--port", "1"])

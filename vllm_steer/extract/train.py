@@ -1,0 +1,231 @@
+"""``train()``: contrastive dataset -> ``SteeringVector``, with per-layer separation scores.
+
+Layer ``i`` is the output of decoder block ``i`` (HF ``hidden_states[i + 1]``); the
+direction found there is what steering layer ``i`` adds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vllm_steer.extract.dataset import (
+    NORMALIZE,
+    ContrastiveDataset,
+    DatasetError,
+    VectorConfig,
+    as_dataset,
+    build_dataset,
+    check_layers_spec,
+)
+from vllm_steer.extract.hidden import read_last_token
+from vllm_steer.extract.methods import check_method, find_direction, separation
+from vllm_steer.hf_reference import decoder_layers
+from vllm_steer.vector import SteeringVector, VectorMetadata
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
+    """Sorted layer indices for ``spec`` on a model with ``num_layers`` blocks.
+
+    ``None``: every layer except 0 (llama.cpp cannot steer layer 0); ``"all"``: every
+    layer; ``"start:stop[:step]"``: a Python slice; a list of ints (negative counts from
+    the end). Out-of-range layers raise ``ValueError``.
+    """
+    if spec is None:
+        return list(range(1, num_layers)) or [0]
+    check_layers_spec(spec)
+    if spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str):
+        parts = [int(x) if x.strip() else None for x in spec.split(":")]
+        picked = list(range(num_layers))[slice(*parts)]
+        if not picked:
+            raise ValueError(
+                f"layers {spec!r} selects no layer of a model with {num_layers} layers"
+            )
+        return picked
+    bad = [i for i in spec if not -num_layers <= i < num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a model with {num_layers} layers "
+                         f"(valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end)")
+    return sorted({i % num_layers for i in spec})
+
+
+def _model_name(model: nn.Module) -> str:
+    raw = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return Path(raw).name or raw
+
+
+def separation_scores(vector: SteeringVector) -> dict[int, float]:
+    """Per-layer separation scores stored in a trained vector's metadata (empty if none)."""
+    raw = vector.metadata.extra.get("separation")
+    return {int(k): float(v) for k, v in json.loads(raw).items()} if raw else {}
+
+
+def format_separation(scores: dict[int, float]) -> str:
+    """A small text table: layer, score and a bar."""
+    lines = ["layer  separation"]
+    for layer, s in sorted(scores.items()):
+        lines.append(f"{layer:5d}  {s:10.3f}  {'#' * round(s * 40)}")
+    return "\n".join(lines)
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    dataset: ContrastiveDataset | Sequence[Any],
+    *,
+    layers: str | Sequence[int] | None = None,
+    method: str = "pca_center",
+    normalize: str = "unit",
+    batch_size: int = 32,
+    padding_side: str | None = None,
+    share_prefix: bool = True,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> SteeringVector:
+    """Train a control vector on ``model`` from contrastive ``dataset``.
+
+    ``dataset``: a ``ContrastiveDataset`` or a list of ``(positive, negative)`` strings.
+    ``layers``: see ``resolve_layers``. ``method``: ``pca_diff``, ``pca_center`` or
+    ``mean_diff`` (see ``methods``). ``normalize``: ``unit`` scales every layer's
+    direction to norm 1 (repeng's convention); ``none`` keeps ``mean_diff``'s raw
+    magnitude (PCA directions are unit either way). Each direction is oriented so that a
+    positive scale moves toward the positive prompts. The per-layer separation score
+    (fraction of pairs the direction orders correctly) is stored as JSON in
+    ``metadata.extra["separation"]`` and printed to stderr when ``progress``.
+    """
+    ds = as_dataset(dataset)
+    check_method(method)
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    num_layers = len(decoder_layers(model))
+    picked = resolve_layers(layers, num_layers)
+    if method == "pca_diff" and len(ds) < 2:
+        raise DatasetError("method 'pca_diff' needs at least 2 pairs (it centres the differences)")
+
+    prompts = [s for p in ds.pairs for s in (p.positive, p.negative)]
+    hidden = read_last_token(model, tokenizer, prompts, picked, batch_size=batch_size,
+                             add_special_tokens=ds.add_special_tokens,
+                             padding_side=padding_side, share_prefix=share_prefix,
+                             progress=progress, desc=f"extract {ds.name or 'vector'}")
+
+    directions: dict[int, torch.Tensor] = {}
+    scores: dict[int, float] = {}
+    for layer in picked:
+        h = hidden[layer]  # [2 n, hidden]: positive, negative, positive, ...
+        pos, neg = h[0::2], h[1::2]
+        d = find_direction(pos, neg, method)
+        if normalize == "unit":
+            d = d / d.norm().clamp_min(1e-12)
+        directions[layer] = d
+        scores[layer] = separation(pos, neg, d)
+
+    cfg = getattr(model, "config", None)
+    hidden_size = next(iter(directions.values())).shape[0]
+    extra = {k: str(v) for k, v in ds.info.items()}
+    extra.update({
+        "layers": json.dumps(picked),
+        "separation": json.dumps({str(k): round(v, 6) for k, v in scores.items()}),
+        "num_pairs": str(len(ds)),
+        "normalize": normalize,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    })
+    if ds.name:
+        extra["dataset_name"] = ds.name
+    meta = VectorMetadata(
+        model_name=model_name or _model_name(model),
+        architecture=str(getattr(cfg, "model_type", "") or ""),
+        hidden_size=int(hidden_size),
+        num_layers=num_layers,
+        method=method,
+        dataset_fingerprint=ds.fingerprint(),
+        extra=extra,
+    )
+    vector = SteeringVector(directions, meta)
+    if progress:
+        print(format_separation(scores), file=sys.stderr)
+    return vector
+
+
+# -- from a config --------------------------------------------------------------------------------
+def load_model(path: str | os.PathLike[str] | None = None, *, dtype: str = "float32",
+               device: str = "cpu") -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` for a local HF causal LM (``None``: the default model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_steer.models import resolve_model
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    local = resolve_model(path)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[dtype]).to(device).eval()
+    return model, tokenizer
+
+
+@dataclass
+class ExtractResult:
+    vector: SteeringVector
+    seconds_total: float
+    seconds_model_load: float
+    seconds_extract: float
+    num_pairs: int
+    layers: list[int] = field(default_factory=list)
+
+
+def extract_from_config(
+    cfg: VectorConfig,
+    *,
+    model_path: str | None = None,
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+    check_layers: Callable[[list[int]], None] | None = None,
+) -> ExtractResult:
+    """Load the model (unless given), build the config's dataset and ``train``.
+
+    Cheap checks (chat template, dataset, layer range, then ``check_layers(layers)``) run
+    before any forward pass.
+    """
+    from transformers import AutoTokenizer
+
+    from vllm_steer.models import resolve_model
+
+    t0 = time.perf_counter()
+    dtype = dtype or cfg.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    local = None
+    if tokenizer is None:
+        local = resolve_model(model_path or cfg.model)
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    ds = build_dataset(cfg, tokenizer)  # template / chat-template errors before loading weights
+    if model is None:
+        model, _ = load_model(local or model_path or cfg.model, dtype=dtype)
+    t_load = time.perf_counter() - t0
+    layers = resolve_layers(cfg.layers, len(decoder_layers(model)))
+    if check_layers is not None:
+        check_layers(layers)
+    t1 = time.perf_counter()
+    vector = train(model, tokenizer, ds, layers=cfg.layers, method=cfg.method,
+                   normalize=cfg.normalize, batch_size=batch_size or cfg.batch_size,
+                   progress=progress)
+    t_train = time.perf_counter() - t1
+    return ExtractResult(vector=vector, seconds_total=time.perf_counter() - t0,
+                         seconds_model_load=t_load, seconds_extract=t_train, num_pairs=len(ds),
+                         layers=layers)

@@ -1,0 +1,117 @@
+"""What every ``/v1/steering`` route shares: the app context, errors, auth, body limits."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from vllm_steer.steering.registry import Registry
+from vllm_steer.steering.resolve import Resolver
+
+STATE_KEY = "vllm_steer"
+
+
+@dataclass
+class ServerContext:
+    """Per-app state: the engine client and the frontend's resolver (and so its registry).
+
+    The resolver is the one the frontend hook uses for every request, so a registry
+    change made through a route is seen by the next request.
+    """
+
+    engine_client: Any
+    resolver: Resolver
+
+    @property
+    def registry(self) -> Registry:
+        return self.resolver.registry
+
+    @property
+    def num_layers(self) -> int:
+        return self.resolver.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.resolver.hidden_size
+
+
+class SteerHTTPError(Exception):
+    """An error answered in OpenAI's error shape; ``param`` names the offending field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = int(status)
+        self.message = message
+        self.param = param
+
+
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+          409: "ConflictError", 413: "RequestEntityTooLargeError",
+          503: "ServiceUnavailableError"}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    """``{"error": {"message", "type", "param", "code"}}`` with HTTP ``status``."""
+    body = {"error": {"message": message,
+                      "type": _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "")),
+                      "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+async def handle_steer_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SteerHTTPError)
+    return error_response(exc.status, exc.message, exc.param)
+
+
+def context(request: Request) -> ServerContext:
+    ctx = getattr(request.app.state, STATE_KEY, None)
+    if ctx is None:
+        raise SteerHTTPError(503, "vllm-steer routes are not initialised (no engine)")
+    return ctx
+
+
+def _api_tokens(request: Request) -> list[bytes]:
+    from vllm import envs
+
+    args = getattr(request.app.state, "args", None)
+    keys = getattr(args, "api_key", None) or [envs.VLLM_API_KEY]
+    return [hashlib.sha256(k.encode()).digest() for k in keys if k]
+
+
+async def require_api_key(request: Request) -> None:
+    """The same check as vLLM's ``--api-key`` middleware (which also guards ``/v1``).
+
+    Repeated here so the routes stay guarded however the app's middleware is arranged.
+    """
+    tokens = _api_tokens(request)
+    if not tokens:
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    digest = hashlib.sha256(value.encode()).digest()
+    ok = False
+    for t in tokens:
+        ok |= secrets.compare_digest(digest, t)
+    if scheme.lower() != "bearer" or not ok:
+        raise SteerHTTPError(401, "missing or invalid API key (Authorization: Bearer ...)",
+                             "authorization")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it exceeds ``limit`` bytes."""
+    too_big = SteerHTTPError(413, f"request body larger than the upload limit of {limit} bytes",
+                             "body")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise too_big
+    return bytes(buf)

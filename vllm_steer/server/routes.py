@@ -1,0 +1,70 @@
+"""The ``vllm.endpoint_plugins`` entry point: the ``/v1/steering`` routes.
+
+Enabled by naming ``vllm_steer_routes`` in ``VLLM_PLUGINS`` (vLLM loads endpoint plugins
+only when named). Each feature module contributes one ``APIRouter``; adding a route
+family (e.g. the answer probes) means adding its router to ``ROUTERS``. Every route
+requires vLLM's ``--api-key`` when one is set, and errors use OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI
+
+from vllm_steer.server import ENDPOINT_PLUGIN, stats, vectors
+from vllm_steer.server.common import (
+    STATE_KEY,
+    ServerContext,
+    SteerHTTPError,
+    handle_steer_error,
+    require_api_key,
+)
+
+logger = logging.getLogger("vllm_steer")
+
+#: Feature routers mounted by the plugin, in order.
+ROUTERS: list[APIRouter] = [vectors.router, stats.router]
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(dependencies=[Depends(require_api_key)])
+    for r in ROUTERS:
+        router.include_router(r)
+    return router
+
+
+def _resolver_for(engine_client: Any) -> Any:
+    """The frontend hook's resolver (shared registry); built the same way if not yet used."""
+    from vllm_steer.steering.frontend_hook import get_resolver
+
+    processor = getattr(engine_client, "input_processor", None)
+    if processor is None:
+        raise RuntimeError("the engine client has no input_processor; vllm-steer routes need "
+                           "vLLM's AsyncLLM frontend")
+    return get_resolver(processor)
+
+
+class SteeringEndpoints:
+    """``EndpointPlugin`` (see ``vllm/plugins/endpoint_plugins/interface.py``)."""
+
+    name = ENDPOINT_PLUGIN
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(build_router())
+        app.add_exception_handler(SteerHTTPError, handle_steer_error)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        if engine_client is None:
+            logger.warning("vllm-steer: no engine client; /v1/steering routes answer 503")
+            return
+        setattr(state, STATE_KEY, ServerContext(engine_client, _resolver_for(engine_client)))
+        logger.info("vllm-steer: /v1/steering routes ready")
+
+
+def plugin() -> SteeringEndpoints:
+    """Entry-point factory."""
+    return SteeringEndpoints()

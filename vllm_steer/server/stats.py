@@ -1,0 +1,30 @@
+"""``GET /v1/steering/stats``: the workers' steering-slot usage, through ``collective_rpc``.
+
+The general plugin installs the worker method ``vllm_steer_stats``; this route only
+exposes it (the pairing vLLM's endpoint-plugin interface prescribes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from vllm_steer.server.common import SteerHTTPError, context
+
+router = APIRouter()
+RPC_TIMEOUT_S = 30.0
+
+
+@router.get("/v1/steering/stats")
+async def steering_stats(request: Request) -> JSONResponse:
+    ctx = context(request)
+    try:
+        workers = await asyncio.wait_for(ctx.engine_client.collective_rpc("vllm_steer_stats"),
+                                         RPC_TIMEOUT_S)
+    except TimeoutError:
+        raise SteerHTTPError(503, "the engine did not answer the stats call in time") from None
+    return JSONResponse({"object": "steering.stats", "workers": list(workers),
+                         "vectors": len(ctx.registry.entries),
+                         "persistent": ctx.registry.persistent})

@@ -1,0 +1,294 @@
+"""``/v1/steering/vectors``: list, register (upload or allowed path) and delete vectors.
+
+Upload: ``POST /v1/steering/vectors?name=NAME[&scale=S&layers=1,2&replace=true]`` with the
+raw safetensors or GGUF file as the body (format detected from its bytes, never
+unpickled), or a JSON body ``{"name", "path" | "data" (base64), "scale", "layers",
+"replace"}``. A vector must match the served model (hidden size, layer range) and be
+finite. It is usable by the next request and persisted in the registry's overlay.
+Requests already admitted are unaffected by later changes: they carry the vector's
+content, not its name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from vllm_steer.server.common import ServerContext, SteerHTTPError, context, read_body
+from vllm_steer.steering.registry import NAME_RE, RegistryEntry
+from vllm_steer.steering.spec import MAX_ABS_SCALE, SpecError
+from vllm_steer.vector import SteeringVector, SteeringVectorError
+from vllm_steer.vector_io import VectorFileError, detect_format
+from vllm_steer.vector_io import load as load_vector
+
+router = APIRouter()
+_JSON_KEYS = {"name", "path", "data", "scale", "layers", "replace"}
+_QUERY_KEYS = {"name", "scale", "layers", "replace"}
+
+
+# -- parameters ------------------------------------------------------------------------
+def _name(x: Any) -> str:
+    if not isinstance(x, str) or not NAME_RE.match(x):
+        raise SteerHTTPError(400, "must be 1-128 characters of letters, digits, '_', '.', "
+                             "'-', starting with a letter or digit", "name")
+    return x
+
+
+def _scale(x: Any) -> float:
+    if x is None:
+        return 1.0
+    if isinstance(x, bool) or not isinstance(x, int | float | str):
+        raise SteerHTTPError(400, f"must be a number, got {type(x).__name__}", "scale")
+    try:
+        s = float(x)
+    except (ValueError, OverflowError):
+        raise SteerHTTPError(400, "must be a number", "scale") from None
+    if not math.isfinite(s) or abs(s) > MAX_ABS_SCALE:
+        raise SteerHTTPError(400, f"must be finite with |scale| <= {MAX_ABS_SCALE:g}", "scale")
+    return s
+
+
+def _layers(x: Any, num_layers: int) -> tuple[int, ...] | None:
+    if x is None:
+        return None
+    if isinstance(x, str):
+        try:
+            x = json.loads(x) if x.strip().startswith("[") else [int(v) for v in x.split(",")]
+        except (ValueError, RecursionError):
+            raise SteerHTTPError(400, "must be a list of layer indices", "layers") from None
+    if not isinstance(x, list) or not x or len(x) > num_layers:
+        raise SteerHTTPError(400, f"must be a non-empty list of at most {num_layers} layer "
+                             "indices", "layers")
+    for v in x:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_layers:
+            raise SteerHTTPError(400, f"layer {v!r} is not an integer in 0..{num_layers - 1}",
+                                 "layers")
+    if len(set(x)) != len(x):
+        raise SteerHTTPError(400, "layers repeat", "layers")
+    return tuple(sorted(x))
+
+
+def _bool(x: Any, field: str) -> bool:
+    if x is None:
+        return False
+    if isinstance(x, bool):
+        return x
+    if isinstance(x, str) and x.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return x.lower() in ("true", "1", "yes")
+    raise SteerHTTPError(400, "must be a boolean", field)
+
+
+# -- vectors ---------------------------------------------------------------------------
+def _check_against_model(v: SteeringVector, ctx: ServerContext, layers: tuple[int, ...] | None,
+                         field: str) -> None:
+    try:
+        v.validate(hidden_size=ctx.hidden_size, num_layers=ctx.num_layers)
+    except SteeringVectorError as e:
+        raise SteerHTTPError(400, f"vector does not fit the served model: {e}", field) from e
+    missing = [x for x in layers or () if x not in v.directions]
+    if missing:
+        raise SteerHTTPError(400, f"vector has no direction for layers {missing} "
+                             f"(has {v.layers})", "layers")
+
+
+def vector_info(ctx: ServerContext, entry: RegistryEntry) -> dict[str, Any]:
+    """What ``GET`` reports for one registry entry (loads the file, cached by the resolver)."""
+    out: dict[str, Any] = {"id": entry.name, "object": "steering.vector", "name": entry.name,
+                           "default_scale": entry.scale,
+                           "default_layers": list(entry.layers) if entry.layers else None,
+                           "origin": entry.origin}
+    try:
+        v = ctx.resolver.load_vector_file(entry.path, "name")
+        out.update(format=detect_format(entry.path), layers=v.layers,
+                   hidden_size=v.hidden_size, metadata=v.metadata.to_dict())
+    except (SpecError, VectorFileError) as e:
+        out["error"] = f"vector file unreadable: {getattr(e, 'problem', None) or e}"
+    return out
+
+
+def _store_upload(ctx: ServerContext, data: bytes, name: str,
+                  layers: tuple[int, ...] | None, field: str) -> Path:
+    """Write, parse and check an uploaded file; returns its final path in the upload dir."""
+    try:
+        upload_dir = ctx.registry.ensure_upload_dir()
+        tmp = upload_dir / f".upload-{uuid.uuid4().hex}.tmp"
+        tmp.write_bytes(data)
+    except OSError as e:
+        raise SteerHTTPError(500, f"cannot store the upload ({e.strerror})") from e
+    try:
+        try:
+            fmt = detect_format(tmp)
+            v = load_vector(tmp)
+        except VectorFileError as e:
+            raise SteerHTTPError(400, f"not a valid vector file: {e.problem}", field) from e
+        except SteeringVectorError as e:
+            raise SteerHTTPError(400, f"not a valid vector file: {e}", field) from e
+        except Exception as e:  # untrusted bytes: any parser failure is the client's
+            raise SteerHTTPError(400, f"not a valid vector file ({type(e).__name__})",
+                                 field) from e
+        _check_against_model(v, ctx, layers, field)
+        final = upload_dir / f"{name}-{uuid.uuid4().hex[:12]}.{fmt}"
+        os.replace(tmp, final)
+        return final
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _register(ctx: ServerContext, name: str, scale: float, layers: tuple[int, ...] | None,
+              replace: bool, data: bytes | None, path: str | None, data_field: str
+              ) -> dict[str, Any]:
+    """Blocking part of ``POST`` (run in a thread)."""
+    reg = ctx.registry
+    if not replace and name in reg.entries:
+        raise SteerHTTPError(409, f"vector {name!r} exists; pass replace=true to overwrite",
+                             "name")
+    if path is not None:
+        real = reg.is_allowed(path)
+        try:
+            ok = real is not None and real.is_file()
+        except OSError:  # e.g. a name too long for the file system
+            ok = False
+        if real is None or not ok:
+            raise SteerHTTPError(400, f"{path!r} is not a file inside an allowed vector "
+                                 "directory", "path")
+        try:
+            v = load_vector(real)
+        except SteeringVectorError as e:
+            raise SteerHTTPError(400, f"not a valid vector file: "
+                                 f"{getattr(e, 'problem', None) or e}", "path") from e
+        except Exception as e:
+            raise SteerHTTPError(400, f"not a valid vector file ({type(e).__name__})",
+                                 "path") from e
+        _check_against_model(v, ctx, layers, "path")
+        target, uploaded = real, False
+    else:
+        assert data is not None
+        target = _store_upload(ctx, data, name, layers, data_field)
+        uploaded = True
+    old = reg.entries.get(name)
+    try:
+        entry = reg.register(name, target, scale=scale, layers=layers, replace=replace)
+    except KeyError:
+        if uploaded:
+            target.unlink(missing_ok=True)
+        raise SteerHTTPError(409, f"vector {name!r} exists; pass replace=true to overwrite",
+                             "name") from None
+    except ValueError as e:
+        if uploaded:
+            target.unlink(missing_ok=True)
+        raise SteerHTTPError(400, str(e), "name") from e
+    except OSError as e:  # the overlay could not be written: nothing was registered
+        if uploaded:
+            target.unlink(missing_ok=True)
+        raise SteerHTTPError(500, f"cannot persist the registry ({e.strerror})") from e
+    if old is not None and all(e.path != old.path for e in reg.entries.values()):
+        _forget_file(ctx, old.path)
+    return {**vector_info(ctx, entry), "persisted": reg.persistent}
+
+
+def _forget_file(ctx: ServerContext, path: Path) -> None:
+    """Drop a removed file's parsed vector from the resolver's cache (bounded memory)."""
+    ctx.resolver.forget_file(path)
+
+
+def _unregister(ctx: ServerContext, name: str) -> None:
+    entry = ctx.registry.unregister(name)
+    if all(e.path != entry.path for e in ctx.registry.entries.values()):
+        _forget_file(ctx, entry.path)
+
+
+# -- routes ----------------------------------------------------------------------------
+@router.get("/v1/steering/vectors")
+async def list_vectors(request: Request) -> JSONResponse:
+    ctx = context(request)
+    entries = list(ctx.registry.entries.values())
+    data = await asyncio.to_thread(lambda: [vector_info(ctx, e) for e in entries])
+    return JSONResponse({"object": "list", "data": data,
+                         "model": {"num_layers": ctx.num_layers, "hidden_size": ctx.hidden_size},
+                         "persistent": ctx.registry.persistent})
+
+
+@router.get("/v1/steering/vectors/{name}")
+async def get_vector(name: str, request: Request) -> JSONResponse:
+    ctx = context(request)
+    entry = ctx.registry.entries.get(name)
+    if entry is None:
+        raise SteerHTTPError(404, f"unknown vector {name!r}", "name")
+    return JSONResponse(await asyncio.to_thread(vector_info, ctx, entry))
+
+
+@router.post("/v1/steering/vectors")
+async def register_vector(request: Request) -> JSONResponse:
+    ctx = context(request)
+    limit = ctx.registry.max_upload_bytes
+    is_json = request.headers.get("content-type", "").split(";")[0].strip().lower() \
+        == "application/json"
+    if is_json:
+        raw = await read_body(request, limit * 4 // 3 + 65536)  # base64 + JSON overhead
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise SteerHTTPError(400, "malformed JSON", "body") from None
+        if not isinstance(body, dict):
+            raise SteerHTTPError(400, "must be a JSON object", "body")
+        unknown = sorted(str(k) for k in body if k not in _JSON_KEYS)
+        if unknown:
+            raise SteerHTTPError(400, f"unknown field (known: {', '.join(sorted(_JSON_KEYS))})",
+                                 unknown[0])
+        params = body
+        if ("path" in body) == ("data" in body):
+            raise SteerHTTPError(400, "give exactly one of 'path' or 'data' (base64)", "path")
+        path, data = body.get("path"), None
+        if path is not None and (not isinstance(path, str) or not path or "\x00" in path):
+            raise SteerHTTPError(400, "must be a non-empty string", "path")
+        if "data" in body:
+            if not isinstance(body["data"], str):
+                raise SteerHTTPError(400, "must be a base64 string", "data")
+            try:
+                data = base64.b64decode(body["data"], validate=True)
+            except (binascii.Error, ValueError):
+                raise SteerHTTPError(400, "is not valid base64", "data") from None
+            if len(data) > limit:
+                raise SteerHTTPError(413, f"vector larger than the upload limit of {limit} "
+                                     "bytes", "data")
+    else:
+        q = request.query_params
+        unknown = sorted(k for k in q if k not in _QUERY_KEYS)
+        if unknown:
+            raise SteerHTTPError(400, "unknown query parameter (known: "
+                                 f"{', '.join(sorted(_QUERY_KEYS))})", unknown[0])
+        params = dict(q)
+        if "name" not in params:
+            raise SteerHTTPError(400, "required (as a query parameter with a raw file body)",
+                                 "name")
+        _name(params["name"])  # refuse before reading the body
+        data, path = await read_body(request, limit), None
+        if not data:
+            raise SteerHTTPError(400, "empty body: send the safetensors or GGUF file", "body")
+    name = _name(params.get("name"))
+    scale = _scale(params.get("scale"))
+    layers = _layers(params.get("layers"), ctx.num_layers)
+    replace = _bool(params.get("replace"), "replace")
+    info = await asyncio.to_thread(_register, ctx, name, scale, layers, replace, data, path,
+                                   "data" if is_json else "body")
+    return JSONResponse(info, status_code=201)
+
+
+@router.delete("/v1/steering/vectors/{name}")
+async def delete_vector(name: str, request: Request) -> JSONResponse:
+    ctx = context(request)
+    try:
+        await asyncio.to_thread(_unregister, ctx, name)
+    except KeyError:
+        raise SteerHTTPError(404, f"unknown vector {name!r}", "name") from None
+    return JSONResponse({"id": name, "object": "steering.vector", "deleted": True})
