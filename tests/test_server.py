@@ -198,7 +198,7 @@ def test_routes_obey_api_key(server, http):
     wrong = {"Authorization": "Bearer not-the-key"}
     checks = [("GET", "/v1/steering/vectors"), ("GET", "/v1/steering/vectors/v1"),
               ("GET", "/v1/steering/stats"), ("POST", "/v1/steering/vectors?name=x"),
-              ("DELETE", "/v1/steering/vectors/v1")]
+              ("DELETE", "/v1/steering/vectors/v1"), ("POST", "/v1/steering/probe")]
     for method, path in checks:
         for headers in ({}, wrong, {"Authorization": API_KEY}):
             r = bare.request(method, path, headers=headers, content=b"x")
@@ -844,6 +844,32 @@ def test_vllm_bench_serve_runs(server):
     assert res.returncode == 0, out[-3000:]
     assert re.search(r"Successful requests:\s+4\b", out), out[-3000:]
     assert re.search(r"Failed requests:\s+0\b", out), out[-3000:]
+
+
+def test_probe_route_returns_trajectory_readings(server, http):
+    body = {"prompt": "Is 17 a prime number? Answer Yes or No.", "open_thinking": "<think>\n",
+            "every": 8, "max_tokens": 32, "ignore_eos": True,
+            "steering": {"vectors": [{"name": "v1", "scale": 0.5}], "apply_to": "generated"}}
+    r = http.post("/v1/steering/probe", json=body, timeout=REQUEST_TIMEOUT)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    traj = data["trajectory"]
+    assert data["choices"] == ["Yes", "No"] and len(traj["token_ids"]) == 32
+    assert [x["token_index"] for x in traj["readings"]] == [0, 8, 16, 24, 32]
+    for x in traj["readings"]:
+        assert x["log_ratio"] is not None and 0 < x["mass"] <= 1
+        assert x["in_thinking"] is True  # never closed: each fork appends </think>
+    # the one-shot reading of the same prompt equals the trajectory's first fork
+    once = http.post("/v1/steering/probe", json={**body, "trajectory": False},
+                     timeout=REQUEST_TIMEOUT).json()["trajectory"]["readings"]
+    assert len(once) == 1
+    assert abs(once[0]["log_ratio"] - traj["readings"][0]["log_ratio"]) < 1e-4
+    bad = http.post("/v1/steering/probe", json={**body, "every": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "every"
+    unknown = http.post("/v1/steering/probe",
+                        json={**body, "steering": {"vectors": [{"name": "nope"}]}})
+    assert unknown.status_code == 400
+    assert unknown.json()["error"]["param"] == "steering.vectors[0].name"
 
 
 # -- restart (keep last: it restarts the module's server) -----------------------------
