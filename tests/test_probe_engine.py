@@ -4,6 +4,7 @@ and hit the prefix cache for every full block of their prefix."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -13,11 +14,14 @@ from vllm_steer.probe.run import _generate, run_job
 
 pytestmark = pytest.mark.engine
 BLOCK = 32
+SHIPPED = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.fixture(scope="module")
 def setup(default_model_dir, tmp_path_factory):
     reg = write_test_vectors(tmp_path_factory.mktemp("probe"))
+    with reg.open("a") as f:   # the shipped, trained happy vector (for the sweep)
+        f.write(f"  happy: {{path: {SHIPPED / 'vectors' / 'happy.safetensors'}}}\n")
     env_registry(reg)
     llm = make_llm(default_model_dir, block_size=BLOCK)
     yield llm, reg
@@ -96,3 +100,17 @@ def test_fork_readings_match_hf_reference(setup, default_model_dir):
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
         ref = logsumexp([float(logp[i]) for i in yes]) - logsumexp([float(logp[i]) for i in no])
         assert abs(reading.log_ratio - ref) < 1e-3, fork.token_index
+
+
+def test_happy_sweep_moves_log_ratio_monotonically(setup):
+    from vllm_steer.probe import ProbeConfig, sweep
+    from vllm_steer.probe.cli import load_questions
+
+    llm, _ = setup
+    questions, signs, choices = load_questions(SHIPPED / "questions" / "mood_yes_no.yaml")
+    res = sweep(llm, questions, "happy", [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0],
+                ProbeConfig(choices=choices, suffix=None), signs=signs)
+    print("signed means", res.mean_signed_log_ratio, "r", res.pearson_r_signed)
+    assert res.pearson_r_signed is not None and res.pearson_r_signed >= 0.9
+    print("mean mass", res.mean_mass, "low-mass readings", res.low_mass_count)
+    assert all(0 < m <= 1 for m in res.mean_mass)

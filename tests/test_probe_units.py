@@ -119,6 +119,14 @@ def test_bad_probe_config(tok, kw, field):
     assert ei.value.field == field
 
 
+def test_null_suffix_only_for_one_shot_readings(tok):
+    job = ProbeJob(tok, [[1, 2, 3]], [None], ProbeConfig(suffix=None), generate=False)
+    job.fork_requests()
+    assert job.forks[0].ids == [1, 2, 3]
+    with pytest.raises(ProbeError, match="forcing suffix"):
+        ProbeJob(tok, [[1, 2, 3]], [None], ProbeConfig(suffix=None))
+
+
 def test_prompt_longer_than_context_is_refused(tok):
     with pytest.raises(ProbeError, match="context"):
         ProbeJob(tok, [[1] * 100], [None], ProbeConfig(max_tokens=50), max_model_len=120)

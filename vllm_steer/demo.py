@@ -93,7 +93,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     mood, signs, choices = load_questions(CONFIGS / "questions" / "mood_yes_no.yaml")
     res = sweep(llm, mood, "happy", [-2.0, -1.0, 0.0, 1.0, 2.0],
-                ProbeConfig(choices=choices, suffix="Answer:"), signs=signs)
+                ProbeConfig(choices=choices, suffix=None), signs=signs)
     (out / "sweep.json").write_text(json.dumps(res.to_json(), indent=1))
     plot_sweep(res, out / "sweep.png")
     print(f"\n[demo] happy sweep: mean persona-signed log ratio by scale "

@@ -29,11 +29,12 @@ from vllm_steer.steering.tokens import ANSWER, THINK, ThinkTracker
 
 @dataclass
 class ProbeConfig:
-    """How to probe. ``every``: fork spacing in generated tokens."""
+    """How to probe. ``every``: fork spacing in generated tokens. ``suffix=None`` (one-shot
+    readings only) reads right after the prompt, e.g. at an open assistant turn."""
 
     choices: list[str] = field(default_factory=lambda: ["Yes", "No"])
     every: int = 16
-    suffix: str = "\nThe final answer is"
+    suffix: str | None = "\nThe final answer is"
     max_tokens: int = 256
     min_mass: float = DEFAULT_MIN_MASS
     think_start: str = "<think>"
@@ -48,8 +49,9 @@ class ProbeConfig:
             raise ProbeError("every", f"must be a positive integer, got {self.every!r}")
         if self.max_tokens < 0:
             raise ProbeError("max_tokens", f"must be >= 0, got {self.max_tokens}")
-        if not self.suffix:
-            raise ProbeError("suffix", "must not be empty")
+        if self.suffix is not None and not self.suffix:
+            raise ProbeError("suffix", "must not be empty (use null to read right after a "
+                             "one-shot prompt)")
 
 
 @dataclass
@@ -116,9 +118,14 @@ class ProbeJob:
                 raise ProbeError(f"steering[{i}].{e.field}", str(e)) from e
         self.tok, self.cfg, self.generate = tokenizer, cfg, generate
         self.choices = ChoiceSet.build(tokenizer, cfg.choices)
-        self.suffix_ids = tokenizer.encode(cfg.suffix, add_special_tokens=False)
-        if not self.suffix_ids:
-            raise ProbeError("suffix", f"{cfg.suffix!r} tokenizes to nothing")
+        if cfg.suffix is None:
+            if generate:
+                raise ProbeError("suffix", "trajectory probes need a forcing suffix")
+            self.suffix_ids: list[int] = []
+        else:
+            self.suffix_ids = tokenizer.encode(cfg.suffix, add_special_tokens=False)
+            if not self.suffix_ids:
+                raise ProbeError("suffix", f"{cfg.suffix!r} tokenizes to nothing")
         self.ts = tuple(tokenizer.encode(cfg.think_start, add_special_tokens=False))
         self.te = tuple(tokenizer.encode(cfg.think_end, add_special_tokens=False))
         if not self.ts or not self.te:

@@ -91,7 +91,8 @@ def parse_probe_body(raw: bytes, tok: Any, max_model_len: int | None) -> ProbeJo
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 100:
                 raise ProbeError(key, f"must be a number in [0, 100], got {v!r}")
         for key in ("suffix", "think_start", "think_end"):
-            if not isinstance(getattr(cfg, key), str):
+            v = getattr(cfg, key)
+            if not isinstance(v, str) and not (key == "suffix" and v is None):
                 raise ProbeError(key, "must be a string")
         steering = body.get("steering")
         if isinstance(steering, str):
