@@ -194,15 +194,7 @@ def write_result(name: str, data: dict[str, Any], out_dir: Path | None = None) -
     return path
 
 
-def shutdown(llm: Any) -> None:
-    import gc
-
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
+from vllm_steer.engine import shutdown  # noqa: E402,F401  (re-exported for the scripts)
 
 
 # -- peak memory of a process tree --------------------------------------------------------

@@ -3,13 +3,13 @@ reference (full recompute with forward hooks, independent of the plugin's code).
 
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 
 import torch
 
 from vllm_steer import SteeringVector
+from vllm_steer.engine import shutdown  # noqa: F401  (re-exported for the tests)
 from vllm_steer.hf_reference import steer_hf
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -45,15 +45,6 @@ def make_llm(model_dir: str, **kw):
                 max_model_len=2048)
     opts.update(kw)
     return LLM(**opts)
-
-
-def shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
 
 
 def composed_dense(registry_path: Path, vectors: list[tuple[str, float]],

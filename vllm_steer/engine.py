@@ -32,3 +32,15 @@ def make_llm(model: str | None = None, registry: str | os.PathLike[str] | None =
     opts: dict[str, Any] = {"gpu_memory_utilization": 0.5, "seed": 0}
     opts.update(engine_options)
     return LLM(model=resolve_model(model), **opts)
+
+
+def shutdown(llm: Any) -> None:
+    """Stop ``llm``'s engine processes now (rather than at interpreter exit)."""
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # already stopped, or an engine without a separate core
+        pass
+    del llm
+    gc.collect()

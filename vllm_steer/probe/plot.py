@@ -17,6 +17,15 @@ def _plt():
     return plt
 
 
+def _save(fig, plt, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_trajectories(trajs: list[Trajectory], path: str | Path, title: str = "") -> Path:
     """Log ratio against generated-token index, one line per trajectory; thinking end as a
     dashed vertical line; low-mass readings as red crosses."""
@@ -38,30 +47,28 @@ def plot_trajectories(trajs: list[Trajectory], path: str | Path, title: str = ""
     ax.set_ylabel("log P(first choice) - log P(second choice)")
     ax.set_title(title or "answer probe (red x: low probability mass)")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)
 
 
 def plot_sweep(res: SweepResult, path: str | Path) -> Path:
-    """Per-question log ratios (dots) and their mean (line) against the scale."""
+    """Per-question log ratios (dots) and the mean (red line) against the scale; with
+    persona signs, also the persona-signed mean (green line)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, s in enumerate(res.scales):
         ys = [y for y in res.log_ratios[i] if y is not None]
         ax.scatter([s] * len(ys), ys, s=8, alpha=0.4, color="tab:blue")
-    pts = [(s, m) for s, m in zip(res.scales, res.mean_log_ratio, strict=True) if m is not None]
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:red", marker="o")
-    r = "n/a" if res.pearson_r is None else f"{res.pearson_r:.3f}"
-    ax.set_title(f"sweep of {res.vector}: Pearson r = {r}")
+    lines = [("mean", res.mean_log_ratio, res.pearson_r, "tab:red")]
+    if res.mean_signed_log_ratio is not None:
+        lines.append(("persona-signed mean", res.mean_signed_log_ratio, res.pearson_r_signed,
+                      "tab:green"))
+    for label, means, r, color in lines:
+        pts = [(s, m) for s, m in zip(res.scales, means, strict=True) if m is not None]
+        r_text = "n/a" if r is None else f"{r:.3f}"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker="o",
+                label=f"{label} (Pearson r = {r_text})")
+    ax.set_title(f"coefficient sweep of {res.vector}")
     ax.set_xlabel("steering scale")
     ax.set_ylabel("log P(first choice) - log P(second choice)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, plt, path)
