@@ -177,14 +177,14 @@ class ProbeJob:
             n = len(t.token_ids)
             points = sorted(set(range(0, n + 1, self.cfg.every)) | {n})
             spec = replay_spec(t.steering, len(t.prompt_ids))
-            prev = tracker.advance(seq, len(t.prompt_ids))
-            for i in range(n):   # where thinking closed, for the plot
-                state = tracker.advance(seq, len(t.prompt_ids) + i + 1)
-                if t.think_end_index is None and prev == THINK and state == ANSWER:
-                    t.think_end_index = i + 1
-                prev = state
+            # states[i]: thinking state after prompt + generated[:i], one causal scan
+            states = [tracker.advance(seq, len(t.prompt_ids))]
+            for i in range(n):
+                states.append(tracker.advance(seq, len(t.prompt_ids) + i + 1))
+                if t.think_end_index is None and states[i] == THINK and states[i + 1] == ANSWER:
+                    t.think_end_index = i + 1   # where thinking closed, for the plot
             for p in points:
-                state = ThinkTracker(self.ts, self.te).advance(seq, len(t.prompt_ids) + p)
+                state = states[p]
                 ids = seq[: len(t.prompt_ids) + p].tolist()
                 if state == THINK:
                     ids += list(self.te)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vllm_steer.steering.registry import Registry
-from vllm_steer.steering.spec import WIRE_KEY, SpecError, SteeringSpec
+from vllm_steer.steering.spec import SpecError, SteeringSpec
 from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector_io import load as load_vector
 
@@ -251,6 +251,3 @@ class Resolver:
             raise SpecError(where, f"marker {marker!r} tokenizes to nothing")
         return ids
 
-
-def attach(extra_args: dict[str, Any], resolved: ResolvedSteering) -> None:
-    extra_args[WIRE_KEY] = resolved.to_wire()

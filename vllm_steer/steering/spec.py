@@ -66,7 +66,6 @@ class SteeringSpec:
     end_position: int | None = None
     think_start: str | None = None
     think_end: str | None = None
-    _source: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     #: True when parsed from the flat ``steer*`` shorthand (errors then name those keys).
     flat: bool = field(default=False, compare=False)
 
@@ -218,7 +217,7 @@ def _parse_dict(raw: dict[str, Any], prefix: str, flat: bool = False) -> Steerin
             raise SpecError(f(key), "must be valid Unicode text (no lone surrogates)")
         markers[key] = m
     return SteeringSpec(refs, apply_to, start, end, markers["think_start"], markers["think_end"],
-                        _source=raw, flat=flat)
+                        flat=flat)
 
 
 def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
