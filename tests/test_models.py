@@ -72,7 +72,8 @@ def write_marked_dir(d: Path, files: dict[str, bytes]) -> Path:
         name: {"size": (d / name).stat().st_size, "sha256": models._sha256(d / name)}
         for name in files
     }
-    (d / models.MARKER).write_text(json.dumps({"source": "test", "files": recs}))
+    (d / models.MARKER).write_text(json.dumps({"conversion": models.CONVERSION_VERSION,
+                                               "source": "test", "files": recs}))
     return d
 
 
@@ -88,6 +89,14 @@ def test_is_complete_on_good_dir(marked_dir):
     assert is_complete(marked_dir)
     assert is_complete(marked_dir, verify=True)
     assert is_complete(str(marked_dir), verify=True)  # str accepted too
+
+
+def test_is_complete_false_for_an_older_conversion(marked_dir):
+    marker = marked_dir / models.MARKER
+    info = json.loads(marker.read_text())
+    del info["conversion"]   # written before CONVERSION_VERSION existed
+    marker.write_text(json.dumps(info))
+    assert not is_complete(marked_dir)
 
 
 def test_is_complete_false_without_marker(marked_dir):

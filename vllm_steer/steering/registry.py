@@ -5,7 +5,7 @@ Located by ``$VLLM_STEER_REGISTRY`` or the engine option
 Example::
 
     allowed_dirs: [vectors]          # relative to this file; specs may name files here by path
-    think_markers: {start: "<think>", end: "</think>"}
+    think_markers: {start: "<think>", end: "</think>"}   # default: the model's own, else these
     upload_dir: uploads              # where the server stores registered vectors (default)
     max_upload_bytes: 67108864       # vector upload limit of the server (default 64 MiB)
     vectors:
@@ -36,7 +36,6 @@ REGISTRY_ENV = "VLLM_STEER_REGISTRY"
 #: Overrides the registry's ``upload_dir`` / ``max_upload_bytes``.
 UPLOAD_DIR_ENV = "VLLM_STEER_UPLOAD_DIR"
 MAX_UPLOAD_ENV = "VLLM_STEER_MAX_UPLOAD_BYTES"
-DEFAULT_THINK_MARKERS = ("<think>", "</think>")
 DEFAULT_UPLOAD_DIR = "uploads"
 DEFAULT_MAX_UPLOAD_BYTES = 64 << 20
 OVERLAY_NAME = "registry.overlay.yaml"
@@ -64,7 +63,8 @@ class Registry:
 
     entries: dict[str, RegistryEntry] = field(default_factory=dict)
     allowed_dirs: tuple[Path, ...] = ()
-    think_markers: tuple[str, str] = DEFAULT_THINK_MARKERS
+    #: ``(start, end)`` from the file; None: the served model's own (``vllm_steer.thinking``).
+    think_markers: tuple[str, str] | None = None
     source: Path | None = None
     #: Where registered uploads and the overlay live; None: a temporary dir (not persisted).
     upload_dir: Path | None = None
@@ -94,9 +94,13 @@ class Registry:
 
         dirs = tuple(rel(d) for d in raw.get("allowed_dirs") or [])
         entries = _parse_entries(raw.get("vectors"), rel, f"{path}: vectors", "config")
-        tm = raw.get("think_markers") or {}
-        markers = (str(tm.get("start", DEFAULT_THINK_MARKERS[0])),
-                   str(tm.get("end", DEFAULT_THINK_MARKERS[1])))
+        tm = raw.get("think_markers")
+        markers = None
+        if tm is not None:
+            if not isinstance(tm, dict) or set(tm) - {"start", "end"} or not all(
+                    isinstance(tm.get(k), str) and tm.get(k) for k in ("start", "end")):
+                raise RegistryError(f"{path}: think_markers must be {{start: STR, end: STR}}")
+            markers = (tm["start"], tm["end"])
         upload_dir = rel(os.environ.get(UPLOAD_DIR_ENV) or raw.get("upload_dir")
                          or DEFAULT_UPLOAD_DIR)
         limit = os.environ.get(MAX_UPLOAD_ENV) or raw.get("max_upload_bytes")

@@ -22,6 +22,7 @@ import torch
 
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.spec import SpecError, SteeringSpec
+from vllm_steer.thinking import markers_for
 from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector_io import load as load_vector
 
@@ -114,6 +115,7 @@ class Resolver:
         # Composition is cached by what it depends on: file identities, scales, layers.
         self._composed: OrderedDict[tuple, _Composed] = OrderedDict()
         self._markers: dict[str, tuple[int, ...]] = {}
+        self._model_markers = markers_for(tokenizer)
 
     # -- vectors ---------------------------------------------------------------------
     def _load_file(self, path: Path, where: str
@@ -232,12 +234,16 @@ class Resolver:
             if not self.thinking_supported:
                 raise SpecError("steering.apply_to", f"{mode!r} needs the engine to run without "
                                 "async scheduling (start it with --no-async-scheduling)")
-            ts = self._marker_ids(spec.think_start or self.registry.think_markers[0],
-                                  "steering.think_start")
-            te = self._marker_ids(spec.think_end or self.registry.think_markers[1],
-                                  "steering.think_end")
+            m_start, m_end = self.think_markers
+            ts = self._marker_ids(spec.think_start or m_start, "steering.think_start")
+            te = self._marker_ids(spec.think_end or m_end, "steering.think_end")
         return ResolvedSteering(composed.layers, composed.delta, mode, start, end, ts, te,
                                 composed.digest)
+
+    @property
+    def think_markers(self) -> tuple[str, str]:
+        """The registry's markers, else the served model's own, else ``<think>``/``</think>``."""
+        return self.registry.think_markers or self._model_markers
 
     def _marker_ids(self, marker: str, where: str) -> tuple[int, ...]:
         if self.tokenizer is None:

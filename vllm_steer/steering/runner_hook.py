@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vllm_steer.steering.layers import attach, plan_layers
 from vllm_steer.steering.resolve import NO_END, ResolvedSteering
 from vllm_steer.steering.slots import SlotTable
 from vllm_steer.steering.spec import WIRE_KEY
@@ -40,34 +40,6 @@ class _ReqSteer:
     start: int
     end: int
     tracker: ThinkTracker | None = field(default=None)
-
-
-def find_decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The model's decoder-block list: ``model.model.layers`` or the first ModuleList of
-    ``num_layers`` modules."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers) == num_layers:
-        return layers
-    for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == num_layers:
-            return mod
-    raise RuntimeError(f"vllm-steer: cannot find {num_layers} decoder layers in "
-                       f"{type(model).__name__}; this architecture is not supported")
-
-
-def _steered_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    out = self._vllm_steer_forward(*args, **kwargs)
-    if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
-        # vLLM defers the residual add: the block output is hidden + residual.
-        hidden, residual = out
-        delta = self._vllm_steer_table[self._vllm_steer_rows[: residual.shape[0]]]
-        return hidden, residual + delta
-    hidden = out[0] if isinstance(out, tuple) else out
-    delta = self._vllm_steer_table[self._vllm_steer_rows[: hidden.shape[0]]]
-    if isinstance(out, tuple):
-        return (hidden + delta, *out[1:])
-    return hidden + delta
 
 
 class RunnerSteering:
@@ -90,18 +62,18 @@ class RunnerSteering:
         self._filled = 0            # rows[:_filled] may be non-zero
         self.reqs: dict[str, _ReqSteer] = {}
 
-        layers = find_decoder_layers(model, self.num_layers)
-        for i, layer in enumerate(layers):
-            if hasattr(layer, "_vllm_steer_forward"):
-                continue
-            # Plain attributes (not buffers) so weight loading, state dicts and inductor
-            # freezing leave them alone; dynamo lifts them as graph inputs.
-            layer._vllm_steer_table = self.slots.tables[i]
-            layer._vllm_steer_rows = self.rows
-            layer._vllm_steer_forward = layer.forward
-            layer.forward = types.MethodType(_steered_forward, layer)
-        logger.info("vllm-steer: steering %d layers, %d slots (%.1f MiB of tables)",
-                    self.num_layers, num_slots, self.slots.stats()["table_bytes"] / 2**20)
+        plan = plan_layers(model, self.num_layers, layer_adapter_option(runner.vllm_config))
+        for i, layer in enumerate(plan.layers):
+            if layer is not None:
+                attach(layer, plan.kind, self.slots.tables[i], self.rows)
+        self.adapter = plan.kind
+        if plan.forced:
+            logger.warning("vllm-steer: layers of %s matched no adapter; steering them as %r "
+                           "because additional_config forces it", type(model).__name__,
+                           plan.kind.value)
+        logger.info("vllm-steer: steering %d layers of %s (%s adapter), %d slots "
+                    "(%.1f MiB of tables)", self.num_layers, type(model).__name__,
+                    plan.kind.value, num_slots, self.slots.stats()["table_bytes"] / 2**20)
 
     # -- request lifetime ----------------------------------------------------------
     def add_request(self, req_id: str, sampling_params: Any) -> None:
@@ -192,11 +164,21 @@ def install() -> None:
         base._prepare_inputs = _wrap_prepare_inputs(base._prepare_inputs)
 
 
-def _worker_stats(worker: Any) -> dict[str, int] | None:
+def layer_adapter_option(vllm_config: Any) -> str | None:
+    """``additional_config={"vllm_steer": {"layer_adapter": KIND}}``: the opt-in that steers
+    layers no adapter matches as ``KIND`` (see ``steering.layers``)."""
+    extra = getattr(vllm_config, "additional_config", None)
+    opts = extra.get("vllm_steer") if isinstance(extra, dict) else None
+    value = opts.get("layer_adapter") if isinstance(opts, dict) else None
+    return str(value) if value else None
+
+
+def _worker_stats(worker: Any) -> dict[str, Any] | None:
     steer: RunnerSteering | None = getattr(worker.model_runner, "_vllm_steer", None)
     if steer is None:
         return None
-    return {**steer.slots.stats(), "live_requests": len(steer.reqs)}
+    return {**steer.slots.stats(), "live_requests": len(steer.reqs),
+            "adapter": steer.adapter.value}
 
 
 def _mark(fn):
@@ -204,19 +186,30 @@ def _mark(fn):
     return fn
 
 
-def _add_to_compile_key(vllm_config: Any, hook_file: str) -> None:
-    """Make this hook part of vLLM's torch.compile cache key.
+def traced_files() -> list[str]:
+    """Source files whose code runs inside the compiled model (the layer forwards) or
+    decides what is traced (which adapter a layer gets)."""
+    import vllm_steer.steering.layers as layers
+
+    return [layers.__file__, __file__]
+
+
+def _add_to_compile_key(vllm_config: Any, files: list[str]) -> None:
+    """Make the steering hook part of vLLM's torch.compile cache key.
 
     A graph compiled without the steering wrapper (plugin absent, disabled or older) must
     never be loaded by a steered engine. vLLM's AOT cache key hashes the env and
     ``vllm_config.compute_hash()``, which includes ``additional_config``; the classic
-    cache also hashes ``traced_files``. Both get the hook's source hash. Only this
+    cache also hashes ``traced_files``. Both get the hash of every traced file. Only this
     worker's copy of the config changes.
     """
     import hashlib
 
-    with open(hook_file, "rb") as f:
-        key = hashlib.sha256(f.read()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    key = h.hexdigest()[:16]
     extra = vllm_config.additional_config
     if isinstance(extra, dict):
         extra[COMPILE_KEY] = key
@@ -225,15 +218,13 @@ def _add_to_compile_key(vllm_config: Any, hook_file: str) -> None:
                        "cannot include the steering hook")
     traced = getattr(vllm_config.compilation_config, "traced_files", None)
     if isinstance(traced, set):
-        traced.add(hook_file)
+        traced.update(files)
 
 
 def _wrap_load_model(orig):
     def load_model(self, *args, **kwargs):
-        import vllm_steer.steering.runner_hook as this_module
-
         out = orig(self, *args, **kwargs)
-        _add_to_compile_key(self.vllm_config, this_module.__file__)
+        _add_to_compile_key(self.vllm_config, traced_files())
         model = self.get_model()
         self._vllm_steer = RunnerSteering(self, model)
         return out

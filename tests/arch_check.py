@@ -1,0 +1,161 @@
+"""One steered mixed batch on a vLLM engine, checked against HF transformers with forward
+hooks on the same weights (teacher-forced: one full forward over prompt + vLLM's tokens).
+
+Used by the architecture matrix (eager and compiled) and the thinking-tokenizer tests.
+The reference masks come from ``tests.steer_helpers.position_mask`` (markers matched on
+token ids by a separate implementation), never from the plugin's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tests.steer_helpers import position_mask
+from vllm_steer import SteeringVector
+from vllm_steer.hf_reference import steer_hf
+
+LOGPROB_ATOL = 2e-3
+#: A greedy step may pick HF's runner-up only when the two are this close (nats): a tie
+#: that float rounding may break either way. Counted and reported, never silently.
+NEAR_TIE = 1e-3
+
+
+@contextlib.contextmanager
+def inproc_engine(enable: bool = True) -> Iterator[None]:
+    """Engines built inside run their core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if enable else "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+
+
+def write_vectors(root: Path, hidden: int, num_layers: int, scale: float = 4.0) -> Path:
+    """Two random vectors ``a`` (all layers) and ``b`` (layers 1..) plus a registry."""
+    vdir = root / "vectors"
+    vdir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(7)
+    SteeringVector({i: scale * torch.randn(hidden, generator=g) for i in range(num_layers)}
+                   ).save(vdir / "a.safetensors")
+    SteeringVector({i: scale * torch.randn(hidden, generator=g) for i in range(1, num_layers)}
+                   ).save(vdir / "b.safetensors")
+    reg = root / "registry.yaml"
+    reg.write_text("allowed_dirs: [vectors]\nvectors:\n"
+                   "  a: {path: vectors/a.safetensors}\n  b: {path: vectors/b.safetensors}\n")
+    return reg
+
+
+def dense(reg: Path, parts: list[tuple[str, float]], num_layers: int, hidden: int) -> torch.Tensor:
+    """``sum scale * v`` as float32 ``[num_layers, hidden]``, read straight from the files."""
+    out = torch.zeros(num_layers, hidden)
+    for name, scale in parts:
+        for layer, d in SteeringVector.load(reg.parent / "vectors" / f"{name}.safetensors"
+                                            ).directions.items():
+            out[layer] += scale * d
+    return out
+
+
+@dataclass
+class Case:
+    """One request of the batch: prompt ids, composed vectors (empty = unsteered), mode."""
+
+    prompt: list[int]
+    parts: list[tuple[str, float]]
+    mode: str = "all"
+    prompt_logprobs: bool = False
+
+    @property
+    def spec(self) -> dict | None:
+        if not self.parts:
+            return None
+        return {"vectors": [{"name": n, "scale": s} for n, s in self.parts],
+                "apply_to": self.mode}
+
+
+@dataclass
+class Report:
+    near_ties: int = 0
+    max_lp_err: float = 0.0
+    max_prompt_lp_err: float = 0.0
+    steered_effect: float = 0.0   # max |steered - unsteered| HF log-prob over sampled tokens
+
+
+def run_cases(llm, cases: list[Case], n_tokens: int = 12):
+    from vllm import SamplingParams
+
+    params = [SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True, logprobs=0,
+                             prompt_logprobs=0 if c.prompt_logprobs else None,
+                             extra_args={"steering": c.spec} if c.spec else None)
+              for c in cases]
+    return llm.generate([{"prompt_token_ids": c.prompt} for c in cases], params, use_tqdm=False)
+
+
+@torch.no_grad()
+def _hf_logp(model, ids: list[int], delta: torch.Tensor | None, mask) -> torch.Tensor:
+    x = torch.tensor([ids])
+    if delta is None:
+        logits = model(x).logits
+    else:
+        with steer_hf(model, delta, position_mask=mask):
+            logits = model(x).logits
+    return torch.log_softmax(logits[0].float(), -1)
+
+
+def check_against_hf(model, reg: Path, cases: list[Case], outs, num_layers: int, hidden: int,
+                     markers: tuple[list[int], list[int]] | None = None) -> Report:
+    """Assert every request equals the HF reference; return what was measured."""
+    rep = Report()
+    for k, (case, out) in enumerate(zip(cases, outs, strict=True)):
+        comp = out.outputs[0]
+        gen = list(comp.token_ids)
+        ids = case.prompt + gen
+        n = len(case.prompt)
+        delta = dense(reg, case.parts, num_layers, hidden) if case.parts else None
+        mask = (position_mask(ids, case.mode, n, markers=markers) if delta is not None
+                else None)
+        if mask is not None:
+            assert 0 < int(mask.sum()), f"request {k}: the reference steers nothing"
+        logp = _hf_logp(model, ids, delta, mask)
+        plain = _hf_logp(model, ids, None, None) if delta is not None else logp
+        for t, tok in enumerate(gen):
+            row = logp[n - 1 + t]
+            best = int(row.argmax())
+            if tok != best:
+                gap = float(row[best] - row[tok])
+                assert gap < NEAR_TIE, (f"request {k} ({case.mode}) step {t}: vLLM chose {tok}, "
+                                        f"HF {best} by {gap:.4f} nats")
+                rep.near_ties += 1
+            err = abs(comp.logprobs[t][tok].logprob - float(row[tok]))
+            assert err < LOGPROB_ATOL, f"request {k} ({case.mode}) step {t}: log-prob off by {err}"
+            rep.max_lp_err = max(rep.max_lp_err, err)
+            rep.steered_effect = max(rep.steered_effect,
+                                     abs(float(row[tok]) - float(plain[n - 1 + t, tok])))
+        if case.prompt_logprobs:
+            for p in range(1, n):
+                got = out.prompt_logprobs[p][case.prompt[p]].logprob
+                err = abs(got - float(logp[p - 1, case.prompt[p]]))
+                assert err < LOGPROB_ATOL, f"request {k}: prompt log-prob {p} off by {err}"
+                rep.max_prompt_lp_err = max(rep.max_prompt_lp_err, err)
+    return rep
+
+
+def think_ids(tok, start: str, end: str, closed: bool) -> list[int]:
+    """A prompt with a thinking section (closed, or still open at the end)."""
+    def enc(s: str) -> list[int]:
+        return tok.encode(s, add_special_tokens=False)
+
+    ids = enc("Question: is seven a prime number? Think first.\n") + enc(start) \
+        + enc("\nSeven has no divisors other than one and itself, so")
+    if closed:
+        ids += enc(" it is prime.\n") + enc(end) + enc("\nAnswer:")
+    return ids

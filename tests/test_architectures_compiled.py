@@ -1,0 +1,49 @@
+"""The architecture matrix in vLLM's default compiled mode (torch.compile / inductor), one
+architecture per layer adapter: the steering wrapper is traced into each model's graph.
+
+Same batch and HF reference as tests/test_architectures.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.arch_check import check_against_hf, inproc_engine, run_cases, write_vectors
+from tests.steer_helpers import THINK_END, THINK_START, env_registry, make_llm, shutdown
+from tests.test_architectures import matrix_cases
+from vllm_steer.testing.tiny_models import ARCHS, HIDDEN, LAYERS, build_tiny_model
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+#: residual_pair (with MoE), stream, stream_first, hf_batched (Transformers backend)
+COMPILED = ["qwen3_moe", "gpt2", "stablelm", "olmo2"]
+
+
+@pytest.fixture(scope="module", params=COMPILED)
+def arch(request, default_model_dir, tmp_path_factory):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = request.param
+    model_dir = build_tiny_model(name, default_model_dir)
+    reg = write_vectors(tmp_path_factory.mktemp(f"compiled-{name}"), HIDDEN, LAYERS)
+    env_registry(reg)
+    with inproc_engine(ARCHS[name].adapter != "hf_batched"):
+        llm = make_llm(str(model_dir), max_model_len=512, enforce_eager=False)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    yield name, llm, hf, tok, reg
+    shutdown(llm)
+
+
+def test_compiled_steering_matches_hf_hooks(arch):
+    name, llm, hf, tok, reg = arch
+    # vLLM 0.32 on the CPU defaults to DYNAMO_TRACE_ONCE (2); anything but NONE (0) compiles
+    assert int(llm.llm_engine.vllm_config.compilation_config.mode) > 0
+    cases = matrix_cases(tok)
+    outs = run_cases(llm, cases)
+    markers = (tok.encode(THINK_START, add_special_tokens=False),
+               tok.encode(THINK_END, add_special_tokens=False))
+    rep = check_against_hf(hf, reg, cases, outs, LAYERS, HIDDEN, markers)
+    print(f"{name} (compiled): max log-prob error {rep.max_lp_err:.2e}, near ties "
+          f"{rep.near_ties}, steering moved log-probs by up to {rep.steered_effect:.2f} nats")
+    assert rep.steered_effect > 0.5
