@@ -43,7 +43,6 @@ def test_good_body_builds_a_job(tok):
     ({"prompt": "x", "every": True}, "every"),
     ({"prompt": "x", "choices": []}, "choices"),
     ({"prompt": "x", "choices": "Yes"}, "choices"),
-    ({"prompt": "x", "choices": ["Yes", "Zyzzyvaqx"]}, "choices"),
     ({"prompt": "x", "suffix": ""}, "suffix"),
     ({"prompt": "x", "min_mass": float("nan")}, "min_mass"),
     ({"prompt": "x", "max_tokens": 5000}, "prompts"),

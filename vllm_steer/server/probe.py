@@ -22,8 +22,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from vllm_steer.probe.choices import ProbeError
-from vllm_steer.probe.job import ProbeConfig, ProbeJob
-from vllm_steer.probe.run import build_prompt, run_job_async
+from vllm_steer.probe.config import ProbeConfig
+from vllm_steer.probe.drivers import run_job_async
+from vllm_steer.probe.job import ProbeJob
+from vllm_steer.probe.prompts import build_prompt
 from vllm_steer.server.common import SteerHTTPError, context, read_body
 
 router = APIRouter()
