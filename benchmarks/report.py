@@ -135,8 +135,9 @@ def probe_section(d: dict[str, Any]) -> list[str]:
     sets = wl.get("choice_sets")
     out = ["### Probe forks: prefix caching on vs off" + (f" ({' | '.join(sets)})" if sets
                                                          else ""), "", *_meta(d),
-           f"- trajectory {wl['trajectory_tokens']} generated tokens, a fork point every "
-           f"{wl['every']} tokens; steering: {wl['trajectory_steering']}; eager engine",
+           f"- trajectory {wl['trajectory_tokens']} generated tokens, a fork "
+           f"{'point ' if sets else ''}every {wl['every']} tokens; steering: "
+           f"{wl['trajectory_steering']}; eager engine",
            *(f"- load average, block_size={bs}: start {b['load']['start']}, end "
              f"{b['load']['end']}, 1-min max {b['load']['max_1m']}"
              for bs, b in d["block_sizes"].items() if "load" in b)]
