@@ -134,7 +134,7 @@ def sweep_figure(plt: Any, res: SweepResult, min_mass: float) -> Any:
     for s, m, n in zip(res.scales, res.min_mass, res.low_mass_count, strict=True):
         if n:
             max_.annotate(f"{n} low", (s, max(m, 1e-12)), fontsize=7, color="red",
-                          textcoords="offset points", xytext=(0, -12), ha="center")
+                          textcoords="offset points", xytext=(0, 6), ha="center")
     _mass_axis(max_, min_mass)
     max_.set_xlabel("steering scale")
     max_.legend(fontsize=7, loc="best")
