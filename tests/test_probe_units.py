@@ -377,3 +377,43 @@ def test_plots_show_choice_probabilities_and_a_mass_panel(tmp_path, choices):
     plt.close(fig)
     assert plot_trajectories(trajs, tmp_path / "p.png").stat().st_size > 0
     assert plot_sweep(res, tmp_path / "s.png").stat().st_size > 0
+
+
+class _FakeLLM:
+    """Answers head forks with made-up log-probs that grow with the steering scale (only
+    the sweep's bookkeeping is under test here, no model)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def generate(self, prompts, params, use_tqdm=False):
+        outs = []
+        for p, sp in zip(prompts, params, strict=True):
+            spec = (sp.extra_args or {}).get("steering")
+            scale = spec["vectors"][0]["scale"] if spec else 0.0
+            lp = {t: _LP(logprob=-1.0 - k + (scale if k == 0 else 0.0))
+                  for k, t in enumerate(sp.logprob_token_ids)}
+            outs.append(_Out(prompt_token_ids=p["prompt_token_ids"], num_cached_tokens=0,
+                             prompt_logprobs=None, outputs=[_Out(logprobs=[lp])]))
+        return outs
+
+
+@pytest.mark.parametrize("signs", [None, [1.0, -1.0]])
+def test_sweep_scores_the_target_with_or_without_signs(tok, signs):
+    from vllm_steer.probe import sweep
+
+    res = sweep(_FakeLLM(tok), ["q1", "q2"], "v", [-1.0, 0.0, 1.0],
+                ProbeConfig(choices=["Paris", "London", "Rome"], suffix=None),
+                target="london", signs=signs)
+    assert res.target == "London" and res.choices == ["Paris", "London", "Rome"]
+    assert len(res.log_odds) == 3 and all(len(row) == 2 for row in res.log_odds)
+    assert (res.mean_signed_log_odds is None) == (signs is None)
+    assert res.pearson_r is not None and all(sum(p.values()) == pytest.approx(1.0)
+                                             for p in res.mean_probs)
+    with pytest.raises(ProbeError) as ei:
+        sweep(_FakeLLM(tok), ["q"], "v", [0.0], ProbeConfig(choices=["Yes", "No"]),
+              target="Maybe")
+    assert ei.value.field == "target"

@@ -128,7 +128,8 @@ def sweep(llm: Any, questions: list[str], vector: str, scales: list[float],
     if signs is not None:
         signed = [_mean([None if x is None else g * x for g, x in zip(signs, row, strict=True)])
                   for row in odds]
-    sok = [(s, m) for s, m in zip(scales, signed or [], strict=True) if m is not None]
+    sok = [] if signed is None else [(s, m) for s, m in zip(scales, signed, strict=True)
+                                     if m is not None]
     return SweepResult(
         vector=vector, scales=list(scales), questions=list(questions),
         choices=list(cfg.choices), target=target, log_odds=odds, mean_log_odds=means,
