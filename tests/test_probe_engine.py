@@ -1,5 +1,6 @@
-"""Answer probes on a real engine: forks equal fresh computation and the HF reference,
-and hit the prefix cache for every full block of their prefix."""
+"""Answer probes on a real engine (one per module): forks equal fresh computation and the
+HF reference (Yes/No and multi-token N-way choices, through the Python API and the CLI),
+hit the prefix cache for every full block of their prefix, and sweeps score a target."""
 
 from __future__ import annotations
 
