@@ -1,18 +1,21 @@
 """Benchmark 3: answer-probe forks with prefix caching on vs off.
 
-Per repetition a fresh steered trajectory (``--traj-tokens`` generated tokens, greedy,
-ignore_eos, ``apply_to=generated``) is generated, then its forks (one every ``--every``
-tokens, ``max_tokens=1`` with the choices' logprobs, exactly what ``vllm_steer.probe``
-submits) are timed, in shuffled order, as:
+Per repetition and choice set a fresh steered trajectory (``--traj-tokens`` generated
+tokens, greedy, ignore_eos, ``apply_to=generated``) is generated; then the probe's fork
+stages for it (the head fork per point, one prompt-log-prob fork per multi-token variant
+and point, and any gap reads: exactly what ``vllm_steer.probe`` submits) are timed, the
+variants in shuffled order, each on its own copy of the same job:
 
-- ``cached``: the forks as the probe sends them (they share the trajectory's blocks);
-- ``salted``: every fork gets a unique ``cache_salt`` (emulates caching off on the same
+- ``cached``: the requests as the probe sends them (they share the trajectory's blocks);
+- ``salted``: every request gets a unique ``cache_salt`` (emulates caching off on the same
   engine: nothing is shared, every fork recomputes its whole prefix);
 - ``engine_off`` (``--real-off``): a second engine started with
-  ``enable_prefix_caching=False`` runs the same forks.
+  ``enable_prefix_caching=False`` runs the same requests.
 
-Reported: ``t(salted) / t(cached)`` and ``t(engine_off) / t(cached)`` per repetition, per
-block size (``--block-sizes``; vLLM's CPU default is 128).
+Reported per block size (``--block-sizes``; vLLM's CPU default is 128) and choice set
+(``--choices``, repeatable: ``Yes,No`` and the multi-token ``20,30,40,50`` by default):
+``t(variant) / t(cached)`` per repetition, prompt tokens computed vs served from the
+cache, and the largest difference of a choice log-prob between a variant and ``cached``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ QUESTIONS = ["Is the sky blue on a clear day?", "Is seven a prime number?",
              "Do fish live in water?", "Is Paris the capital of France?",
              "Can penguins fly?", "Is ice colder than steam?", "Is the moon a planet?",
              "Do cats bark?", "Is two plus two four?", "Is the sun a star?"]
+STEERING = {"vectors": [{"name": "all30", "scale": 1.0}], "apply_to": "generated"}
 
 
 def _engine(block_size: int, caching: bool) -> Any:
@@ -49,29 +53,62 @@ def _engine(block_size: int, caching: bool) -> Any:
                     enable_prefix_caching=caching, max_model_len=2048)
 
 
-def _fork_requests(llm: Any, rep: int, args: argparse.Namespace) -> tuple[list, list, Any]:
-    """A fresh trajectory for repetition ``rep``; returns (fork prompts, params, job)."""
-    from vllm_steer.probe.job import ProbeConfig, ProbeJob
-    from vllm_steer.probe.run import build_prompt
+def _trajectory(llm: Any, rep: int, choices: list[str], args: argparse.Namespace
+                ) -> tuple[list[int], list[int]]:
+    """A fresh steered trajectory for repetition ``rep``: (prompt ids, generated ids)."""
+    from vllm_steer.probe import ProbeJob, build_prompt
 
     tok = llm.get_tokenizer()
-    prompt = build_prompt(tok, QUESTIONS[rep % len(QUESTIONS)] + f" (case {rep})")
-    spec = {"vectors": [{"name": "all30", "scale": 1.0}], "apply_to": "generated"}
-    cfg = ProbeConfig(every=args.every, max_tokens=args.traj_tokens, ignore_eos=True)
-    job = ProbeJob(tok, [prompt], [spec], cfg, max_model_len=2048)
-    (p, sp), = job.trajectory_requests()
-    job.take_trajectories(llm.generate([p], [sp], use_tqdm=False))
-    reqs = job.fork_requests()
-    return [r[0] for r in reqs], [r[1] for r in reqs], job
+    question = QUESTIONS[rep % len(QUESTIONS)] + f" (case {rep}) Answer {' or '.join(choices)}."
+    prompt = build_prompt(tok, question)
+    job = ProbeJob(tok, [prompt], [STEERING], _config(choices, args), max_model_len=2048)
+    (p, sp), = job.requests("trajectories")
+    job.take("trajectories", llm.generate([p], [sp], use_tqdm=False))
+    return prompt, job.trajs[0].token_ids
 
 
-def _time(llm: Any, prompts: list[dict], params: list) -> tuple[float, int, int]:
+def _config(choices: list[str], args: argparse.Namespace) -> Any:
+    from vllm_steer.probe import ProbeConfig
+
+    return ProbeConfig(choices=choices, every=args.every, max_tokens=args.traj_tokens,
+                       ignore_eos=True)
+
+
+def _job(tok: Any, prompt: list[int], token_ids: list[int], choices: list[str],
+         args: argparse.Namespace) -> Any:
+    """A job whose trajectory stage is already done (the same trajectory for every variant)."""
+    from types import SimpleNamespace
+
+    from vllm_steer.probe import ProbeJob
+
+    job = ProbeJob(tok, [prompt], [STEERING], _config(choices, args), max_model_len=2048)
+    job.take("trajectories", [SimpleNamespace(outputs=[SimpleNamespace(token_ids=token_ids)])])
+    return job
+
+
+def _time(llm: Any, job: Any, salt: str | None) -> tuple[float, dict[str, int]]:
+    """Seconds for the fork and gap stages of ``job`` on ``llm``, and token counts."""
+    info = {"requests": 0, "gap_requests": 0, "cached_tokens": 0, "prompt_tokens": 0}
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    cached = sum(int(o.num_cached_tokens or 0) for o in outs)
-    total = sum(len(o.prompt_token_ids) for o in outs)
-    return dt, cached, total
+    for stage in ("forks", "gaps"):
+        reqs = job.requests(stage)
+        if salt is not None:
+            reqs = [({**p, "cache_salt": f"{salt}-{stage}-{i}"}, sp)
+                    for i, (p, sp) in enumerate(reqs)]
+        outs = llm.generate([r[0] for r in reqs], [r[1] for r in reqs],
+                            use_tqdm=False) if reqs else []
+        job.take(stage, outs)
+        info["requests"] += len(reqs)
+        info["gap_requests"] += len(reqs) if stage == "gaps" else 0
+        info["cached_tokens"] += sum(int(o.num_cached_tokens or 0) for o in outs)
+        info["prompt_tokens"] += sum(len(o.prompt_token_ids) for o in outs)
+    return time.perf_counter() - t0, info
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    return max(abs(x.logprobs[c] - y.logprobs[c])
+               for x, y in zip(a.trajs[0].readings, b.trajs[0].readings, strict=True)
+               for c in x.logprobs)
 
 
 def run_block_size(bs: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -79,32 +116,41 @@ def run_block_size(bs: int, args: argparse.Namespace) -> dict[str, Any]:
 
     llm = _engine(bs, True)
     off = _engine(bs, False) if args.real_off else None
+    tok = llm.get_tokenizer()
     variants = ["cached", "salted"] + (["engine_off"] if off is not None else [])
     # warm-up (not timed)
-    prompts, params, _ = _fork_requests(llm, 1000, args)
-    _time(llm, prompts[:4], params[:4])
-    if off is not None:
-        _time(off, prompts[:4], params[:4])
-    load = LoadTracker()
-    times: dict[str, dict[int, float]] = {v: {} for v in variants}
-    info: dict[str, dict[int, dict[str, int]]] = {v: {} for v in variants}
-    forks: dict[int, tuple[list, list]] = {}
-    n_forks = 0
-    for rep, v in tqdm(interleaved(variants, args.reps, seed=bs), desc=f"probe forks bs={bs}"):
-        if rep not in forks:
-            forks[rep] = _fork_requests(llm, rep, args)[:2]
-        prompts, params = forks[rep]
-        n_forks = len(prompts)
-        if v == "salted":
-            prompts = [{**p, "cache_salt": f"off-{rep}-{i}"} for i, p in enumerate(prompts)]
-        dt, cached, total = _time(off if v == "engine_off" else llm, prompts, params)
-        times[v][rep] = dt
-        info[v][rep] = {"cached_tokens": cached, "prompt_tokens": total}
-    out = {"block_size": bs, "forks_per_trajectory": n_forks, "load": load.finish(),
-           "seconds": {v: summarize(t.values()) for v, t in times.items()},
-           "tokens": info,
-           "ratio_off_over_on": {v: summarize(ratios(times, "cached", v))
-                                 for v in variants if v != "cached"}}
+    warm = _job(tok, *_trajectory(llm, 1000, args.choices[0], args), args.choices[0], args)
+    _time(llm, warm, None)
+    out: dict[str, Any] = {"block_size": bs, "choice_sets": {}}
+    for choices in args.choices:
+        load = LoadTracker()
+        times: dict[str, dict[int, float]] = {v: {} for v in variants}
+        info: dict[str, dict[int, dict[str, int]]] = {v: {} for v in variants}
+        diffs: dict[str, list[float]] = {v: [] for v in variants if v != "cached"}
+        trajs: dict[int, tuple[list[int], list[int]]] = {}
+        jobs: dict[tuple[int, str], Any] = {}
+        key = ",".join(choices)
+        for rep, v in tqdm(interleaved(variants, args.reps, seed=bs),
+                           desc=f"probe forks bs={bs} choices={key}"):
+            if rep not in trajs:
+                trajs[rep] = _trajectory(llm, rep, choices, args)
+            job = jobs[(rep, v)] = _job(tok, *trajs[rep], choices, args)
+            engine = off if v == "engine_off" else llm
+            times[v][rep], info[v][rep] = _time(engine, job, f"off-{rep}" if v == "salted"
+                                                else None)
+        for rep in range(args.reps):
+            for v in diffs:
+                diffs[v].append(_max_diff(jobs[(rep, "cached")], jobs[(rep, v)]))
+        points = len(jobs[(0, "cached")].points)
+        out["choice_sets"][key] = {
+            "choices": choices, "points_per_trajectory": points,
+            "multi_token": list(jobs[(0, "cached")].choices.multi_token),
+            "load": load.finish(),
+            "seconds": {v: summarize(t.values()) for v, t in times.items()},
+            "tokens": info,
+            "ratio_off_over_on": {v: summarize(ratios(times, "cached", v))
+                                  for v in variants if v != "cached"},
+            "max_abs_logprob_diff_vs_cached": {v: max(d) for v, d in diffs.items()}}
     shutdown(llm)
     if off is not None:
         shutdown(off)
@@ -119,6 +165,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=16)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--block-sizes", default="32,128")
+    p.add_argument("--choices", action="append", default=None,
+                   help="comma-separated choice set (repeatable; default: Yes,No and "
+                        "20,30,40,50)")
     p.add_argument("--real-off", action="store_true",
                    help="also time a second engine started with enable_prefix_caching=False")
     p.add_argument("--out", default=None)
@@ -126,6 +175,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     if a.quick:
         a.traj_tokens, a.reps, a.block_sizes = 64, 2, "32"
     a.block_sizes = [int(x) for x in a.block_sizes.split(",")]
+    a.choices = [[c.strip() for c in s.split(",") if c.strip()]
+                 for s in (a.choices or ["Yes,No", "20,30,40,50"])]
     return a
 
 
@@ -135,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res = header(argv, "probe")
     res["engine"] = {"enforce_eager": True, "dtype": "float32"}
     res["workload"] = {"trajectory_tokens": args.traj_tokens, "every": args.every,
+                       "choice_sets": [",".join(c) for c in args.choices],
                        "trajectory_steering": "all30, apply_to=generated (forks replay it)"}
     bench_registry()
     res["block_sizes"] = {str(bs): run_block_size(bs, args) for bs in args.block_sizes}

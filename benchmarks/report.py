@@ -126,25 +126,58 @@ def vs_hf_section(d: dict[str, Any]) -> list[str]:
     return out
 
 
+_OFF_LABELS = {"salted": "unique cache_salt per fork (same engine)",
+               "engine_off": "second engine, enable_prefix_caching=False"}
+
+
 def probe_section(d: dict[str, Any]) -> list[str]:
     wl = d["workload"]
-    out = ["### Probe forks: prefix caching on vs off", "", *_meta(d),
-           f"- trajectory {wl['trajectory_tokens']} generated tokens, a fork every "
-           f"{wl['every']} tokens; steering: {wl['trajectory_steering']}; eager engine",
+    sets = wl.get("choice_sets")
+    out = ["### Probe forks: prefix caching on vs off" + (f" ({' | '.join(sets)})" if sets
+                                                         else ""), "", *_meta(d),
+           f"- trajectory {wl['trajectory_tokens']} generated tokens, a fork "
+           f"{'point ' if sets else ''}every {wl['every']} tokens; steering: "
+           f"{wl['trajectory_steering']}; eager engine",
            *(f"- load average, block_size={bs}: start {b['load']['start']}, end "
              f"{b['load']['end']}, 1-min max {b['load']['max_1m']}"
-             for bs, b in d["block_sizes"].items()), "",
-           "| block_size | forks | t(cached) s | off variant | t(off) / t(cached) | "
-           "cached prompt tokens (cached run) |", "|---|---|---|---|---|---|"]
+             for bs, b in d["block_sizes"].items() if "load" in b)]
+    if not sets:   # results written before choice sets existed (Yes/No only)
+        out += ["", "| block_size | forks | t(cached) s | off variant | t(off) / t(cached) | "
+                "cached prompt tokens (cached run) |", "|---|---|---|---|---|---|"]
+        for bs, b in d["block_sizes"].items():
+            tok = b["tokens"]["cached"]
+            frac = [v["cached_tokens"] / max(v["prompt_tokens"], 1) for v in tok.values()]
+            for v, r in b["ratio_off_over_on"].items():
+                out.append(f"| {bs} | {b['forks_per_trajectory']} | "
+                           f"{_s(b['seconds']['cached'], digits=2)} | {_OFF_LABELS.get(v, v)} | "
+                           f"{_s(r, digits=1)}x | {100 * min(frac):.0f}-{100 * max(frac):.0f}% |")
+        out.append("")
+        return out
     for bs, b in d["block_sizes"].items():
-        tok = b["tokens"]["cached"]
-        frac = [v["cached_tokens"] / max(v["prompt_tokens"], 1) for v in tok.values()]
-        for v, r in b["ratio_off_over_on"].items():
-            label = {"salted": "unique cache_salt per fork (same engine)",
-                     "engine_off": "second engine, enable_prefix_caching=False"}.get(v, v)
-            out.append(f"| {bs} | {b['forks_per_trajectory']} | "
-                       f"{_s(b['seconds']['cached'], digits=2)} | {label} | "
-                       f"{_s(r, digits=1)}x | {100 * min(frac):.0f}-{100 * max(frac):.0f}% |")
+        for key, c in b["choice_sets"].items():
+            ld = c["load"]
+            out.append(f"- load average, block_size={bs}, choices {key}: start {ld['start']}, "
+                       f"end {ld['end']}, 1-min max {ld['max_1m']}")
+    out += ["", "| block_size | choices | points | requests per trajectory (gap reads) | "
+            "prompt tokens computed per trajectory, cached run | t(cached) s | off variant | "
+            "t(off) / t(cached) | off computes (tokens) | max abs log-prob diff vs cached |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for bs, b in d["block_sizes"].items():
+        for key, c in b["choice_sets"].items():
+            tok = c["tokens"]["cached"].values()
+            reqs = sorted({v["requests"] for v in tok})
+            gaps = sorted({v["gap_requests"] for v in tok})
+            computed = [v["prompt_tokens"] - v["cached_tokens"] for v in tok]
+            mt = "multi-token" if any(c["multi_token"]) else "single-token"
+            for v, r in c["ratio_off_over_on"].items():
+                off = [x["prompt_tokens"] - x["cached_tokens"] for x in c["tokens"][v].values()]
+                out.append(
+                    f"| {bs} | {key} ({mt}) | {c['points_per_trajectory']} | "
+                    f"{'/'.join(map(str, reqs))} ({'/'.join(map(str, gaps))}) | "
+                    f"{min(computed)}-{max(computed)} | "
+                    f"{_s(c['seconds']['cached'], digits=2)} | {_OFF_LABELS.get(v, v)} | "
+                    f"{_s(r, digits=1)}x | {min(off)}-{max(off)} | "
+                    f"{c['max_abs_logprob_diff_vs_cached'][v]:.1e} |")
     out.append("")
     return out
 
@@ -259,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     names = ("overhead_compiled_resolver_fix", "overhead_compiled", "overhead_eager", "vs_hf",
-             "probe_forks", "memory", "serving")
+             "probe_forks", "probe_forks_choices", "memory", "serving")
     results = {n: d for n in names if (d := _load(n, args.quick)) is not None}
     out_md = RESULTS_DIR / "RESULTS_quick.md" if args.quick else BENCH_DIR / "RESULTS.md"
     png = (RESULTS_DIR / "overhead_quick.png") if args.quick else BENCH_DIR / "overhead.png"
@@ -281,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                  "front-end fix", 1) for line in overhead_section(d)],
                 "overhead_compiled": overhead_section, "overhead_eager": overhead_section,
                 "vs_hf": vs_hf_section, "probe_forks": probe_section,
+                "probe_forks_choices": probe_section,
                 "memory": memory_section, "serving": serving_section}
     for n, d in results.items():
         try:

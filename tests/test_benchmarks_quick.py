@@ -101,6 +101,9 @@ def test_parsers_and_cli() -> None:
     finally:
         sys.path.remove(str(BENCH))
     assert probe_forks.parse(["--quick"]).block_sizes == [32]
+    assert probe_forks.parse([]).choices == [["Yes", "No"], ["20", "30", "40", "50"]]
+    assert probe_forks.parse(["--choices", "New York, Chicago"]).choices == [
+        ["New York", "Chicago"]]
     assert vs_hf.parse(["--quick"]).hf_batch_sizes == [4, 8]
     assert memory.parse(["--quick"]).variants == ["unsteered", "steered"]
     assert serving.parse(["--quick"]).num_prompts == 4

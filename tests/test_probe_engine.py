@@ -1,16 +1,26 @@
-"""Answer probes on a real engine: forks equal fresh computation and the HF reference,
-and hit the prefix cache for every full block of their prefix."""
+"""Answer probes on a real engine (one per module): forks equal fresh computation and the
+HF reference (Yes/No and multi-token N-way choices, through the Python API and the CLI),
+hit the prefix cache for every full block of their prefix, and sweeps score a target."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from tests.steer_helpers import composed_dense, env_registry, make_llm, shutdown, write_test_vectors
+from tests.steer_helpers import (
+    composed_dense,
+    env_registry,
+    make_llm,
+    position_mask,
+    shutdown,
+    write_test_vectors,
+)
 from vllm_steer.probe import ProbeConfig, ProbeJob, build_prompt, probe
-from vllm_steer.probe.run import _generate, run_job
+from vllm_steer.probe.drivers import generate, run_job
+from vllm_steer.probe.job import STAGES
 
 pytestmark = pytest.mark.engine
 BLOCK = 32
@@ -52,49 +62,69 @@ def test_forks_of_256_token_trajectory_hit_every_full_block(setup, steering):
         assert r.log_ratio is not None and math.isfinite(r.log_ratio)
 
 
-def test_fork_readings_equal_fresh_uncached_computation(setup):
+def _salted(llm, tag: str):
+    """A submit function giving every request its own cache salt: computed from scratch."""
+    counter = iter(range(1 << 30))
+
+    def submit(reqs):
+        salted = [({**pr, "cache_salt": f"{tag}-{next(counter)}"}, sp) for pr, sp in reqs]
+        outs = generate(llm, salted)
+        assert all(int(o.num_cached_tokens or 0) == 0 for o in outs)
+        return outs
+
+    return submit
+
+
+@pytest.mark.parametrize("choices", [["Yes", "No"], ["20", "30", "40", "50"]],
+                         ids=["yes-no", "20-50"])
+def test_fork_readings_equal_fresh_uncached_computation(setup, choices):
     llm, _ = setup
     tok = llm.get_tokenizer()
     p = build_prompt(tok, QUESTION, open_thinking="<think>\n")
-    cfg = ProbeConfig(every=24, max_tokens=96, ignore_eos=True)
+    cfg = ProbeConfig(choices=choices, every=24, max_tokens=96, ignore_eos=True)
     job = ProbeJob(tok, [p, p], [None, STEERED], cfg)
-    (cached,) = [run_job(llm, job, use_tqdm=False)]
-    # the same fork requests, each with a unique cache salt: computed from scratch
+    cached = run_job(llm, job, use_tqdm=False)
+    # the same forks (and gap reads), each request with a unique cache salt
     fresh_job = ProbeJob(tok, [p, p], [None, STEERED], cfg)
-    fresh_job.trajs = [type(t)(t.label, t.prompt_ids, t.steering, list(t.token_ids))
-                       for t in cached]
-    reqs = fresh_job.fork_requests()
-    salted = [({**pr, "cache_salt": f"fresh-{i}"}, sp) for i, (pr, sp) in enumerate(reqs)]
-    outs = _generate(llm, salted, False)
-    assert all(int(o.num_cached_tokens or 0) == 0 for o in outs)
-    fresh_job.take_forks(outs)
-    pairs = [(a, b) for t, f in zip(cached, fresh_job.trajs, strict=True)
+    fresh_job.take("trajectories", [SimpleNamespace(outputs=[SimpleNamespace(
+        token_ids=t.token_ids)]) for t in cached])
+    fresh = run_job(llm, fresh_job, submit=_salted(llm, f"fresh-{len(choices)}"),
+                    stages=STAGES[1:])
+    pairs = [(a, b) for t, f in zip(cached, fresh, strict=True)
              for a, b in zip(t.readings, f.readings, strict=True)]
     assert len(pairs) >= 8 and any(a.cached_tokens > 0 for a, _ in pairs)
     for a, b in pairs:
-        assert abs(a.log_ratio - b.log_ratio) < 1e-3
+        assert a.token_index == b.token_index
+        for c in choices:
+            assert abs(a.logprobs[c] - b.logprobs[c]) < 1e-3, (a.token_index, c)
         assert abs(a.mass - b.mass) < 1e-4
     assert cached[0].token_ids != cached[1].token_ids  # steering changed the trajectory
 
 
-def test_fork_readings_match_hf_reference(setup, default_model_dir):
+@pytest.fixture(scope="module")
+def hf_model(default_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.steer_helpers import position_mask
+    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
+def test_fork_readings_match_hf_reference(setup, hf_model):
+    import torch
+
     from vllm_steer.hf_reference import steer_hf
     from vllm_steer.probe.reading import logsumexp
 
     llm, reg = setup
+    model = hf_model
     tok = llm.get_tokenizer()
     p = build_prompt(tok, QUESTION, open_thinking="<think>\n")
     job = ProbeJob(tok, [p], [STEERED], ProbeConfig(every=32, max_tokens=64, ignore_eos=True))
     (traj,) = run_job(llm, job, use_tqdm=False)
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     dense = composed_dense(reg, [("v1", 0.7)])
-    yes, no = job.choices.variants
-    for fork, reading in zip(job.forks, traj.readings, strict=True):
-        ids = fork.ids
+    yes, no = ([v[0] for v in vs] for vs in job.choices.variants)
+    for fork, reading in zip(job.points, traj.readings, strict=True):
+        ids = fork.base
         mask = position_mask(ids, "generated", len(p))
         with torch.no_grad(), steer_hf(model, dense, position_mask=mask):
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
@@ -102,15 +132,169 @@ def test_fork_readings_match_hf_reference(setup, default_model_dir):
         assert abs(reading.log_ratio - ref) < 1e-3, fork.token_index
 
 
-def test_happy_sweep_moves_log_ratio_monotonically(setup):
-    from vllm_steer.probe import ProbeConfig, sweep
-    from vllm_steer.probe.cli import load_questions
+MULTI = [
+    ("A train travels 120 km in 3 hours. What is its average speed in km/h? Think step by "
+     "step inside <think> </think>, then answer 20, 30, 40 or 50.", ["20", "30", "40", "50"]),
+    ("Which US city is nicknamed the Big Apple? Think step by step inside <think> </think>, "
+     "then answer New York, Los Angeles, Chicago or Houston.",
+     ["New York", "Los Angeles", "Chicago", "Houston"]),
+]
+
+
+@pytest.mark.parametrize("question, choices, steer_suffix",
+                         [(*MULTI[0], True), (*MULTI[1], False)],
+                         ids=["20-50", "cities-unsteered-suffix"])
+def test_multi_token_readings_match_hf_reference(setup, hf_model, question, choices,
+                                                 steer_suffix):
+    from tests.probe_reference import fork_context, hf_choice_logprobs, reference_variants
+
+    llm, reg = setup
+    tok = llm.get_tokenizer()
+    p = build_prompt(tok, question, open_thinking="<think>\n")
+    cfg = ProbeConfig(choices=choices, every=16, max_tokens=48, ignore_eos=True,
+                      steer_suffix=steer_suffix)
+    job = ProbeJob(tok, [p], [STEERED], cfg)
+    (traj,) = run_job(llm, job, use_tqdm=False)
+    variants = {c: reference_variants(tok, c) for c in choices}
+    assert [set(variants[c]) for c in choices] == [set(vs) for vs in job.choices.variants]
+    assert any(len(v) > 1 for vs in variants.values() for v in vs)
+    dense = composed_dense(reg, [("v1", 0.7)])
+    te = len(tok.encode("</think>", add_special_tokens=False))
+    sfx = len(tok.encode(cfg.suffix, add_special_tokens=False))
+    longest = max(len(v) for vs in variants.values() for v in vs)
+    assert [r.token_index for r in traj.readings] == [0, 16, 32, 48]
+    for r in traj.readings:
+        ctx = fork_context(tok, p, traj.token_ids, r.token_index, cfg.suffix)
+        end = None if steer_suffix else len(p) + r.token_index
+        ref = hf_choice_logprobs(hf_model, ctx, variants, dense, start=len(p), end=end)
+        for c in choices:
+            assert abs(r.logprobs[c] - ref[c]) < 1e-3, (r.token_index, c, r.logprobs[c], ref[c])
+        assert r.mass == pytest.approx(sum(math.exp(x) for x in ref.values()), rel=2e-3)
+        if steer_suffix:
+            # a suffix cost: each request computes at most its partial last KV block, the
+            # think-end marker, the suffix and the choice tokens, never the whole prefix
+            assert r.computed_tokens <= r.requests * (BLOCK - 1 + te + sfx + longest), r
+        print(r.token_index, {c: round(x, 4) for c, x in r.logprobs.items()},
+              "mass", round(r.mass, 4), "requests", r.requests, "computed", r.computed_tokens)
+
+
+def test_choice_rows_taken_from_the_prefix_cache_are_read_again(setup, hf_model):
+    """" 20" and " 30" share their first token ' '. With the KV block boundary right after
+    it, the second fork finds that block cached and vLLM computes no prompt log-prob for
+    ' ' -> '3': the job reads it with an extra (gap) request, and the reading still matches
+    the HF reference."""
+    from tests.probe_reference import fork_context, hf_choice_logprobs, reference_variants
 
     llm, _ = setup
-    questions, signs, choices = load_questions(SHIPPED / "questions" / "mood_yes_no.yaml")
-    res = sweep(llm, questions, "happy", [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0],
-                ProbeConfig(choices=choices, suffix=None), signs=signs)
-    print("signed means", res.mean_signed_log_ratio, "r", res.pearson_r_signed)
+    tok = llm.get_tokenizer()
+    cfg = ProbeConfig(choices=["20", "30"], suffix="\nThe final answer is")
+    p = build_prompt(tok, "Is the speed 20 or 30 km/h? Answer 20 or 30.")
+    sfx = len(tok.encode(cfg.suffix, add_special_tokens=False))
+    filler = tok.encode(" ok", add_special_tokens=False)
+    p = p[:1] + filler * ((BLOCK - 1 - len(p) - sfx) % BLOCK) + p[1:]
+    assert (len(p) + sfx + 1) % BLOCK == 0
+    llm.reset_prefix_cache()
+    job = ProbeJob(tok, [p], [None], cfg, generate=False)
+    (traj,) = run_job(llm, job, use_tqdm=False)
+    (r,) = traj.readings
+    assert r.requests > 1 + 4, "expected a gap read"   # head + 4 variant forks + gaps
+    variants = {c: reference_variants(tok, c) for c in cfg.choices}
+    ref = hf_choice_logprobs(hf_model, fork_context(tok, p, [], 0, cfg.suffix), variants)
+    for c in cfg.choices:
+        assert abs(r.logprobs[c] - ref[c]) < 1e-3, (c, r.logprobs[c], ref[c])
+
+
+def test_single_token_choices_read_the_same_on_forks(setup):
+    """Yes/No through the one-fork path and through one prompt-log-prob fork per variant."""
+    llm, _ = setup
+    tok = llm.get_tokenizer()
+    p = build_prompt(tok, QUESTION, open_thinking="<think>\n")
+    cfg = ProbeConfig(every=16, max_tokens=48, ignore_eos=True)
+    (head,) = run_job(llm, ProbeJob(tok, [p], [STEERED], cfg), use_tqdm=False)
+    forked_job = ProbeJob(tok, [p], [STEERED], cfg, fork_single_tokens=True)
+    forked_job.take("trajectories", [SimpleNamespace(outputs=[SimpleNamespace(
+        token_ids=head.token_ids)])])
+    (forked,) = run_job(llm, forked_job, use_tqdm=False, stages=STAGES[1:])
+    n_variants = sum(len(vs) for vs in forked_job.choices.variants)
+    for a, b in zip(head.readings, forked.readings, strict=True):
+        assert b.requests >= 1 + n_variants and a.requests == 1
+        for c in ("Yes", "No"):
+            assert abs(a.logprobs[c] - b.logprobs[c]) < 1e-4, (a.token_index, c)
+
+
+def test_cli_probe_multi_token_questions_match_hf_reference(setup, hf_model, tmp_path):
+    """``vllm-steer probe`` on the multiple-choice questions (the module's engine is passed in
+    instead of starting another), its JSON checked against the HF reference."""
+    import argparse
+    import json
+
+    from tests.probe_reference import fork_context, hf_choice_logprobs, reference_variants
+    from vllm_steer.probe.cli import run_probe
+
+    llm, reg = setup
+    tok = llm.get_tokenizer()
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        f"questions: {SHIPPED / 'questions' / 'multiple_choice.yaml'}\n"
+        "limit: 2\nopen_thinking: \"<think>\\n\"\n"
+        "probe: {every: 16, max_tokens: 32, ignore_eos: true}\n"
+        "runs:\n  - {label: unsteered, steering: null}\n"
+        "  - {label: v1, steering: {vectors: [{name: v1, scale: 0.7}], apply_to: generated}}\n")
+    args = argparse.Namespace(config=str(exp), out=str(tmp_path / "out"), limit=None,
+                              model=None, registry=None)
+    assert run_probe(args, llm=llm) == 0
+    data = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert [q["trajectories"][0]["readings"][0]["logprobs"].keys() for q in data["questions"]] \
+        == [{"20": 0, "30": 0, "40": 0, "50": 0}.keys(),
+            {"New York": 0, "Los Angeles": 0, "Chicago": 0, "Houston": 0}.keys()]
+    dense = composed_dense(reg, [("v1", 0.7)])
+    for qi, q in enumerate(data["questions"]):
+        assert (tmp_path / "out" / f"probe_q{qi}.png").stat().st_size > 0
+        choices = list(q["variants"])
+        variants = {c: reference_variants(tok, c) for c in choices}
+        assert {c: sorted(tuple(v["token_ids"]) for v in q["variants"][c]) for c in choices} \
+            == variants
+        for t in q["trajectories"]:
+            steered = t["steering"] is not None
+            for r in t["readings"]:
+                ctx = fork_context(tok, t["prompt_ids"], t["token_ids"], r["token_index"],
+                                   q["probe"]["suffix"])
+                ref = hf_choice_logprobs(hf_model, ctx, variants, dense if steered else None,
+                                         start=len(t["prompt_ids"]))
+                for c in choices:
+                    assert abs(r["logprobs"][c] - ref[c]) < 1e-3, (qi, t["label"], c)
+
+
+def test_cli_sweep_of_an_n_way_question_with_a_target(setup, tmp_path):
+    """``vllm-steer sweep`` on four-way mood questions, scored as the log-odds of "happy"."""
+    import argparse
+    import json
+
+    from vllm_steer.probe.cli import run_sweep
+
+    llm, _ = setup
+    args = argparse.Namespace(config=str(SHIPPED / "experiments" / "sweep_mood_four_way.yaml"),
+                              out=str(tmp_path), model=None, registry=None, vector=None,
+                              scales=None, target=None)
+    assert run_sweep(args, llm=llm) == 0
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert res["target"] == "happy" and res["choices"] == ["happy", "sad", "angry", "bored"]
+    print("mean log-odds", res["mean_log_odds"], "r", res["pearson_r"], "mass", res["mean_mass"])
+    assert all(abs(sum(p.values()) - 1) < 1e-6 for p in res["mean_probs"])
+    assert all(0 < m <= 1 for m in res["mean_mass"])
+    assert res["pearson_r"] is not None and res["pearson_r"] >= 0.9
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_happy_sweep_moves_log_ratio_monotonically(setup):
+    from vllm_steer.probe import ProbeConfig, sweep
+    from vllm_steer.probe.questions import load_questions
+
+    llm, _ = setup
+    qs = load_questions(SHIPPED / "questions" / "mood_yes_no.yaml")
+    res = sweep(llm, qs.texts, "happy", [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0],
+                ProbeConfig(choices=["Yes", "No"], suffix=None), signs=qs.signs("Yes"))
+    print("signed means", res.mean_signed_log_odds, "r", res.pearson_r_signed)
     assert res.pearson_r_signed is not None and res.pearson_r_signed >= 0.9
     print("mean mass", res.mean_mass, "low-mass readings", res.low_mass_count)
     assert all(0 < m <= 1 for m in res.mean_mass)

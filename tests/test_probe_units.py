@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from vllm_steer import SteeringVector
-from vllm_steer.probe import ChoiceSet, ProbeConfig, ProbeError, ProbeJob, replay_spec
+from vllm_steer.probe import (
+    ChoiceSet,
+    ProbeConfig,
+    ProbeError,
+    ProbeJob,
+    fork_spec,
+    pearson,
+    replay_spec,
+)
 from vllm_steer.probe.reading import make_reading
-from vllm_steer.probe.run import pearson
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.resolve import Resolver
 from vllm_steer.steering.spec import parse_spec
@@ -26,18 +33,22 @@ def tok(default_model_dir):
 
 def test_choice_variants_come_from_the_tokenizer(tok):
     cs = ChoiceSet.build(tok, ["Yes", "No"])
-    yes = {tok.decode([i]) for i in cs.variants[0]}
+    assert all(len(v) == 1 for vs in cs.variants for v in vs)   # single-token choices
+    yes = {tok.decode(list(v)) for v in cs.variants[0]}
     assert {"Yes", " Yes", "yes", " yes"} <= yes
     assert all(s.strip(" \n\"'").lower() == "yes" for s in yes)
     assert not set(cs.variants[0]) & set(cs.variants[1])
-    assert len(cs.all_ids) <= 128
+    assert len(cs.head_ids) <= 128 and cs.multi_token == (False, False)
 
 
 @pytest.mark.parametrize("choices, message", [
     ([], "at least one"),
     (["Yes", "yes"], "repeat"),
-    (["Yes", "Supercalifragilistic"], "'Supercalifragilistic'"),
     (["  "], "empty"),
+    (["New", "New York"], "prefix"),
+    (["20", "200"], "prefix"),
+    (["Yes", "word " * 40], "longer than"),
+    (["Yes", 5], "strings"),
 ])
 def test_bad_choices(tok, choices, message):
     with pytest.raises(ProbeError, match=message):
@@ -45,23 +56,24 @@ def test_bad_choices(tok, choices, message):
 
 
 def test_reading_math():
-    cs = ChoiceSet(("Yes", "No"), ((1, 2), (3,)))
-    r = make_reading(cs, {1: math.log(0.2), 2: math.log(0.1), 3: math.log(0.1)},
+    yn = ("Yes", "No")
+    r = make_reading(yn, [[math.log(0.2), math.log(0.1)], [math.log(0.1)]],
                      token_index=5, in_thinking=True)
     assert r.logprobs["Yes"] == pytest.approx(math.log(0.3))
     assert r.log_ratio == pytest.approx(math.log(3.0))
     assert r.mass == pytest.approx(0.4) and not r.low_mass
     assert r.normalized["Yes"] == pytest.approx(math.log(0.75))
-    low = make_reading(cs, {1: -20.0, 2: -20.0, 3: -21.0}, token_index=0, in_thinking=False)
+    assert r.probs == pytest.approx({"Yes": 0.75, "No": 0.25})
+    low = make_reading(yn, [[-20.0, -20.0], [-21.0]], token_index=0, in_thinking=False)
     assert low.low_mass and low.log_ratio == pytest.approx(math.log(2 * math.exp(1)), rel=1e-6)
-    dead = make_reading(cs, {1: -math.inf, 2: -math.inf, 3: -math.inf}, token_index=0,
+    dead = make_reading(yn, [[-math.inf, -math.inf], [-math.inf]], token_index=0,
                         in_thinking=False)
     assert dead.log_ratio is None and dead.mass == 0.0 and dead.low_mass
     assert dead.to_json()["logprobs"] == {"Yes": None, "No": None}
-    three = make_reading(ChoiceSet(("A", "B", "C"), ((1,), (2,), (3,))),
-                         {1: -1.0, 2: -2.0, 3: -3.0}, token_index=0, in_thinking=False)
+    three = make_reading(("A", "B", "C"), [[-1.0], [-2.0], [-3.0]], token_index=0,
+                         in_thinking=False)
     assert three.log_ratio is None
-    assert sum(math.exp(v) for v in three.normalized.values()) == pytest.approx(1.0)
+    assert sum(three.probs.values()) == pytest.approx(1.0)
 
 
 def test_pearson():
@@ -94,18 +106,20 @@ def test_fork_plan_closes_thinking_and_appends_suffix(tok):
     gen = tok.encode(" a b c", add_special_tokens=False) + te + tok.encode(" ok",
                                                                           add_special_tokens=False)
     job = ProbeJob(tok, [prompt], [None], cfg)
-    job.take_trajectories([_Out(outputs=[_Out(token_ids=gen)])])
-    reqs = job.fork_requests()
+    job.take("trajectories", [_Out(outputs=[_Out(token_ids=gen)])])
+    reqs = job.requests("forks")
     suffix = tok.encode(" Final answer:", add_special_tokens=False)
-    points = [f.token_index for f in job.forks]
-    assert points == sorted(set(range(0, len(gen) + 1, 4)) | {len(gen)})
-    for fork, (p, sp) in zip(job.forks, reqs, strict=True):
+    points = [f.token_index for f in job.points]
+    # gen = ' a',' b',' c','</','think','>',' ok': point 4 would cut </think>, so it moves
+    # to the marker's start (3)
+    assert len(gen) == 7 and points == [0, 3, 7]
+    for fork, (p, sp) in zip(job.points, reqs, strict=True):
         base = prompt + gen[: fork.token_index]
         expect = base + (te if fork.in_thinking else []) + suffix
-        assert p["prompt_token_ids"] == expect
-        assert sp.max_tokens == 1 and sp.logprob_token_ids == job.choices.all_ids
-    assert [f.in_thinking for f in job.forks] == [f.token_index < len(gen) - 1
-                                                  for f in job.forks]
+        assert p["prompt_token_ids"] == expect == fork.base
+        assert sp.max_tokens == 1 and sp.logprob_token_ids == job.choices.head_ids
+    assert [f.in_thinking for f in job.points] == [f.token_index < len(gen) - 1
+                                                   for f in job.points]
     assert job.trajs[0].think_end_index == len(gen) - 1
 
 
@@ -121,8 +135,8 @@ def test_bad_probe_config(tok, kw, field):
 
 def test_null_suffix_only_for_one_shot_readings(tok):
     job = ProbeJob(tok, [[1, 2, 3]], [None], ProbeConfig(suffix=None), generate=False)
-    job.fork_requests()
-    assert job.forks[0].ids == [1, 2, 3]
+    job.requests("forks")
+    assert job.points[0].base == [1, 2, 3]
     with pytest.raises(ProbeError, match="forcing suffix"):
         ProbeJob(tok, [[1, 2, 3]], [None], ProbeConfig(suffix=None))
 
@@ -136,3 +150,270 @@ def test_bad_steering_in_probe_names_the_field(tok):
     with pytest.raises(ProbeError) as ei:
         ProbeJob(tok, [[1]], [{"vectors": [{"name": "a"}], "apply_to": "nope"}], ProbeConfig())
     assert ei.value.field == "steering[0].steering.apply_to"
+
+
+# -- issue 11 defects (written before the fixes) -------------------------------------------
+def test_context_check_counts_the_fork_output_token(tok):
+    """prompt + max_tokens + </think> + suffix == max_model_len leaves no room for the fork's
+    one output token: vLLM refuses the last fork, after the whole trajectory was generated."""
+    cfg = ProbeConfig(max_tokens=50)
+    te = len(tok.encode("</think>", add_special_tokens=False))
+    sfx = len(tok.encode(cfg.suffix, add_special_tokens=False))
+    exact = 100 + 50 + te + sfx
+    with pytest.raises(ProbeError, match="context"):
+        ProbeJob(tok, [[1] * 100], [None], cfg, max_model_len=exact)
+    ProbeJob(tok, [[1] * 100], [None], cfg, max_model_len=exact + 1)
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"top_k_flagged": -1}, "top_k_flagged"),
+])
+def test_config_values_vllm_would_refuse_are_refused_up_front(tok, kw, field):
+    with pytest.raises(ProbeError) as ei:
+        ProbeJob(tok, [[1, 2]], [None], ProbeConfig(**kw))
+    assert ei.value.field == field
+
+
+def test_fork_points_never_fall_inside_a_marker(tok):
+    te = tok.encode("</think>", add_special_tokens=False)
+    assert len(te) == 3
+    prompt = tok.encode("Q?", add_special_tokens=False) + tok.encode("<think>",
+                                                                     add_special_tokens=False)
+    words = tok.encode(" a b c", add_special_tokens=False)
+    gen = words + te + tok.encode(" Yes it is", add_special_tokens=False)
+    every = len(words) + 1   # a point right after '</'
+    job = ProbeJob(tok, [prompt], [None], ProbeConfig(every=every, suffix=" A:"))
+    job.take("trajectories", [_Out(outputs=[_Out(token_ids=gen)])])
+    job.requests("forks")
+    for fork in job.points:
+        text = tok.decode(fork.base)
+        assert "</</think>" not in text and "</think</think>" not in text, text
+        assert text.count("</think>") == 1, text
+
+
+# -- multi-token choices -----------------------------------------------------------------
+def test_multi_token_choices_have_spelling_variants(tok):
+    cs = ChoiceSet.build(tok, ["20", "30", "40", "50"])
+    assert cs.multi_token == (True,) * 4
+    for c, vs in zip(cs.choices, cs.variants, strict=True):
+        assert set(vs) == {tuple(tok.encode(c, add_special_tokens=False)),
+                           tuple(tok.encode(" " + c, add_special_tokens=False))}
+    assert cs.head_ids == sorted({v[0] for vs in cs.variants for v in vs})
+    city = ChoiceSet.build(tok, ["New York", "Chicago"])
+    assert city.multi_token == (True, False)   # "Chicago" and " Chicago" are single tokens
+    ny = {tok.decode(list(v)) for v in city.variants[0]}
+    assert ny == {"New York", " New York", "new york", " new york", "NEW YORK", " NEW YORK"}
+    for c in ["-3", "B)", "Los Angeles"]:
+        (vs,) = ChoiceSet.build(tok, [c]).variants
+        assert tuple(tok.encode(" " + c, add_special_tokens=False)) in vs
+    # single-token choices also keep their spelling as written when it is split ...
+    three, houston = ChoiceSet.build(tok, ["3", "Houston"]).variants
+    assert (tok.encode("3", add_special_tokens=False)[0],) in three
+    assert tuple(tok.encode(" 3", add_special_tokens=False)) in three   # ' ', '3'
+    assert tuple(tok.encode("Houston", add_special_tokens=False)) in houston   # 3 tokens
+    assert tuple(tok.encode(" Houston", add_special_tokens=False)) in houston  # 1 token
+    # ... but Yes/No stay single-token (their split case spellings, e.g. "YES", are left out)
+    assert ChoiceSet.build(tok, ["Yes", "No"]).multi_token == (False, False)
+
+
+def _lp(ctx: tuple[int, ...], tid: int) -> float:
+    """A made-up conditional log-prob of ``tid`` after base + ``ctx`` (deterministic)."""
+    return -0.05 - (hash((ctx, tid)) % 997) / 97.0
+
+
+class _LP(SimpleNamespace):
+    pass
+
+
+def _fake_outputs(job: ProbeJob, reqs, cache_hits: dict[int, int]) -> list:
+    """Outputs as vLLM returns them, from ``_lp``; request i reads ``cache_hits.get(i, 0)``
+    prompt tokens from the prefix cache (their prompt log-probs are garbage)."""
+    outs = []
+    for i, (p, sp) in enumerate(reqs):
+        ids = p["prompt_token_ids"]
+        pt = next(q for q in job.points if ids[:len(q.base)] == q.base)
+        n = len(pt.base)
+        cached = cache_hits.get(i, 0)
+        plp = None
+        if sp.prompt_logprobs is not None:
+            plp = [None] + [{ids[k]: _LP(logprob=(_lp(tuple(ids[n:k]), ids[k])
+                                                  if k - 1 >= cached and k >= n else 0.0))}
+                            for k in range(1, len(ids))]
+        head = None
+        if sp.logprob_token_ids:
+            ctx = tuple(ids[n:])
+            head = [{t: _LP(logprob=_lp(ctx, t)) for t in sp.logprob_token_ids}]
+        outs.append(_Out(prompt_token_ids=ids, num_cached_tokens=cached, prompt_logprobs=plp,
+                         outputs=[_Out(logprobs=head, token_ids=[0])]))
+    return outs
+
+
+@pytest.mark.parametrize("fork_single", [False, True])
+def test_multi_token_readings_sum_token_logprobs_and_fill_cache_gaps(tok, fork_single):
+    choices = ["20", "30", "Chicago", "New York"]
+    job = ProbeJob(tok, [tok.encode("Q? <think>", add_special_tokens=False)], [None],
+                   ProbeConfig(choices=choices, every=2, min_mass=0.0),
+                   fork_single_tokens=fork_single)
+    job.take("trajectories", [_Out(outputs=[_Out(token_ids=tok.encode(" a b c d",
+                                                                      add_special_tokens=False))])])
+    reqs = job.requests("forks")
+    cs = job.choices
+    forked = [v for vs in cs.variants for v in vs if len(v) > 1 or fork_single]
+    assert len(reqs) == len(job.points) * (1 + len(forked))
+    for i, (p, sp) in enumerate(reqs):
+        pt = job.points[i // (1 + len(forked))]
+        if i % (1 + len(forked)) == 0:
+            assert p["prompt_token_ids"] == pt.base and sp.logprob_token_ids == cs.head_ids
+        else:
+            v = forked[i % (1 + len(forked)) - 1]
+            assert p["prompt_token_ids"] == pt.base + list(v)
+            assert sp.prompt_logprobs == 0 and sp.skip_reading_prefix_cache is False
+    # every third variant fork found its first two choice tokens in the prefix cache
+    hits = {i: len(p["prompt_token_ids"]) - len(forked[(i % (1 + len(forked))) - 1]) + 1
+            for i, (p, _) in enumerate(reqs) if i % (1 + len(forked)) and i % 3 == 0}
+    job.take("forks", _fake_outputs(job, reqs, hits))
+    gaps = job.requests("gaps")
+    assert gaps, "the cache hits must leave rows that no fork computed"
+    job.take("gaps", _fake_outputs(job, gaps, {}))
+    (traj,) = job.trajs
+    assert [r.token_index for r in traj.readings] == [0, 2, 4]
+    for r in traj.readings:
+        per = {}
+        for c, vs in zip(choices, cs.variants, strict=True):
+            per[c] = math.log(sum(math.exp(sum(_lp(tuple(v[:j]), t) for j, t in enumerate(v)))
+                                  for v in vs))
+        assert r.logprobs == pytest.approx(per, abs=1e-9)
+        assert r.mass == pytest.approx(sum(math.exp(x) for x in per.values()))
+        assert sum(r.probs.values()) == pytest.approx(1.0) and r.log_ratio is None
+        assert r.requests >= 1 + len(forked)
+
+
+def test_fork_spec_steers_the_suffix_only_when_asked():
+    spec = {"vectors": [{"name": "a", "scale": 2}], "apply_to": "generated"}
+    on = fork_spec(spec, 10, 5, True)
+    assert on["apply_to"] == "all" and on["start_position"] == 10 and "end_position" not in on
+    off = fork_spec(spec, 10, 5, False)
+    assert off["start_position"] == 10 and off["end_position"] == 15
+    assert fork_spec(spec, 10, 0, False) is None   # nothing generated yet: nothing to steer
+    think = fork_spec({**spec, "apply_to": "thinking"}, 10, 5, False)
+    assert think["apply_to"] == "thinking" and think["end_position"] == 15
+
+
+@pytest.mark.parametrize("d, field", [
+    ({"colour": 1}, "probe.colour"), ({"ignore_eos": "no"}, "probe.ignore_eos"),
+    ({"steer_suffix": 1}, "probe.steer_suffix"), ({"min_mass": 2}, "probe.min_mass"),
+    ({"top_k_flagged": 21}, "probe.top_k_flagged"), ({"every": 2.5}, "probe.every"),
+    ({"choices": "Yes"}, "probe.choices"), ({"think_end": ""}, "probe.think_end"),
+])
+def test_probe_config_from_dict_names_the_field(d, field):
+    with pytest.raises(ProbeError) as ei:
+        ProbeConfig.from_dict(d, prefix="probe.")
+    assert ei.value.field == field
+
+
+def test_question_files_take_per_question_choices(tmp_path):
+    from vllm_steer.probe.questions import load_questions
+
+    f = tmp_path / "q.yaml"
+    f.write_text('instruction: "Answer with {choices}."\n'
+                 'questions:\n'
+                 '  - {question: "Is it?", expected: "No"}\n'
+                 '  - {question: "Speed?", choices: [20, 30, 40, 50], expected: 40}\n')
+    qs = load_questions(f)
+    assert qs.texts == ["Is it? Answer with Yes or No.",
+                        "Speed? Answer with 20, 30, 40 or 50."]
+    assert list(qs.choice_groups()) == [("Yes", "No"), ("20", "30", "40", "50")]
+    assert qs.signs("Yes") == [-1.0, -1.0]
+    f.write_text('questions:\n  - {question: "Is it?", expected: "Maybe"}\n')
+    with pytest.raises(ProbeError) as ei:
+        load_questions(f)
+    assert ei.value.field == "questions[0].expected"
+
+
+def _reading(probs: dict[str, float], mass: float, t: int):
+    lps = [[math.log(p * mass)] for p in probs.values()]
+    return make_reading(tuple(probs), lps, token_index=t, in_thinking=t < 8)
+
+
+@pytest.mark.parametrize("choices", [["Yes", "No"], ["20", "30", "40", "50"]])
+def test_plots_show_choice_probabilities_and_a_mass_panel(tmp_path, choices):
+    from vllm_steer.probe import SweepResult, Trajectory
+    from vllm_steer.probe.plot import (
+        _plt,
+        plot_sweep,
+        plot_trajectories,
+        sweep_figure,
+        trajectory_figure,
+    )
+
+    k = len(choices)
+    trajs = []
+    for label, shift in (("a", 0.0), ("b", 0.5)):
+        t = Trajectory(label, [1], None, think_end_index=8)
+        for i in range(0, 17, 4):
+            w = [1.0 + shift * (j == i // 4 % k) for j in range(k)]
+            t.readings.append(_reading({c: x / sum(w) for c, x in zip(choices, w, strict=True)},
+                                       0.5 / (i + 1), i))
+        trajs.append(t)
+    plt = _plt()
+    fig = trajectory_figure(plt, trajs, "q", 0.05)
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert labels[-1] == "mass of all choices" and fig.axes[-1].get_yscale() == "log"
+    assert [lb for lb in labels if lb.startswith("P(")] == [f"P({c}) / P(choices)"
+                                                            for c in choices]
+    assert len(fig.axes[-1].lines) >= 2 and len(fig.axes[1].lines) >= 2   # both runs drawn
+    plt.close(fig)
+    res = SweepResult(vector="v", scales=[-1.0, 0.0, 1.0], questions=["q1", "q2"],
+                      choices=choices, target=choices[0],
+                      log_odds=[[-1.0, -0.5], [0.0, 0.1], [1.0, None]],
+                      mean_log_odds=[-0.75, 0.05, 1.0],
+                      mean_probs=[{c: 1 / k for c in choices}] * 3,
+                      mean_mass=[0.5, 0.4, 0.01], min_mass=[0.4, 0.3, 0.001],
+                      low_mass_count=[0, 0, 2], pearson_r=0.99, pearson_r_all_points=0.9)
+    fig = sweep_figure(plt, res, 0.05)
+    assert [ax.get_ylabel() for ax in fig.axes][1:] == ["mean P(choice) / P(choices)",
+                                                        "mass of all choices"]
+    assert len(fig.axes[1].lines) == k
+    plt.close(fig)
+    assert plot_trajectories(trajs, tmp_path / "p.png").stat().st_size > 0
+    assert plot_sweep(res, tmp_path / "s.png").stat().st_size > 0
+
+
+class _FakeLLM:
+    """Answers head forks with made-up log-probs that grow with the steering scale (only
+    the sweep's bookkeeping is under test here, no model)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def generate(self, prompts, params, use_tqdm=False):
+        outs = []
+        for p, sp in zip(prompts, params, strict=True):
+            spec = (sp.extra_args or {}).get("steering")
+            scale = spec["vectors"][0]["scale"] if spec else 0.0
+            lp = {t: _LP(logprob=-1.0 - k + (scale if k == 0 else 0.0))
+                  for k, t in enumerate(sp.logprob_token_ids)}
+            outs.append(_Out(prompt_token_ids=p["prompt_token_ids"], num_cached_tokens=0,
+                             prompt_logprobs=None, outputs=[_Out(logprobs=[lp])]))
+        return outs
+
+
+@pytest.mark.parametrize("signs", [None, [1.0, -1.0]])
+def test_sweep_scores_the_target_with_or_without_signs(tok, signs):
+    from vllm_steer.probe import sweep
+
+    res = sweep(_FakeLLM(tok), ["q1", "q2"], "v", [-1.0, 0.0, 1.0],
+                ProbeConfig(choices=["Paris", "London", "Rome"], suffix=None),
+                target="london", signs=signs)
+    assert res.target == "London" and res.choices == ["Paris", "London", "Rome"]
+    assert len(res.log_odds) == 3 and all(len(row) == 2 for row in res.log_odds)
+    assert (res.mean_signed_log_odds is None) == (signs is None)
+    assert res.pearson_r is not None and all(sum(p.values()) == pytest.approx(1.0)
+                                             for p in res.mean_probs)
+    with pytest.raises(ProbeError) as ei:
+        sweep(_FakeLLM(tok), ["q"], "v", [0.0], ProbeConfig(choices=["Yes", "No"]),
+              target="Maybe")
+    assert ei.value.field == "target"

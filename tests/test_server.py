@@ -858,9 +858,11 @@ def test_probe_route_returns_trajectory_readings(server, http):
     assert [x["token_index"] for x in traj["readings"]] == [0, 8, 16, 24, 32]
     for x in traj["readings"]:
         assert x["log_ratio"] is not None and 0 < x["mass"] <= 1
+        assert abs(sum(x["probs"].values()) - 1) < 1e-6
         assert x["in_thinking"] is True  # never closed: each fork appends </think>
     # the one-shot reading of the same prompt equals the trajectory's first fork
-    once = http.post("/v1/steering/probe", json={**body, "trajectory": False},
+    one_shot = {k: v for k, v in body.items() if k not in ("every", "max_tokens", "ignore_eos")}
+    once = http.post("/v1/steering/probe", json={**one_shot, "trajectory": False},
                      timeout=REQUEST_TIMEOUT).json()["trajectory"]["readings"]
     assert len(once) == 1
     assert abs(once[0]["log_ratio"] - traj["readings"][0]["log_ratio"]) < 1e-4
@@ -870,6 +872,61 @@ def test_probe_route_returns_trajectory_readings(server, http):
                         json={**body, "steering": {"vectors": [{"name": "nope"}]}})
     assert unknown.status_code == 400
     assert unknown.json()["error"]["param"] == "steering.vectors[0].name"
+    for extra, param in (({"trajectory": "no"}, "trajectory"), ({"system": 5}, "system"),
+                         ({"steering": "not json"}, "steering"),
+                         ({"top_k_flagged": -1}, "top_k_flagged")):
+        bad = http.post("/v1/steering/probe", json={**body, **extra})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+
+
+MULTI_TOKEN_PROBES = [
+    ({"messages": [{"role": "user", "content": "A train travels 120 km in 3 hours. What is its "
+                    "average speed in km/h? Think step by step inside <think> </think>, then "
+                    "answer 20, 30, 40 or 50."}],
+      "choices": ["20", "30", "40", "50"]}, True),
+    ({"prompt": "Which US city is nicknamed the Big Apple? Think step by step, then answer "
+                "New York, Los Angeles, Chicago or Houston.",
+      "choices": ["New York", "Los Angeles", "Chicago", "Houston"], "steer_suffix": False},
+     False),
+]
+
+
+def test_probe_route_multi_token_choices_match_hf_reference(server, http):
+    """20/30/40/50 (through ``messages``) and a named-entity question on the route, against
+    full HF forwards over each fork's context + choice tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.probe_reference import fork_context, hf_choice_logprobs, reference_variants
+    from tests.steer_helpers import composed_dense
+
+    tok = AutoTokenizer.from_pretrained(server.model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32).eval()
+    dense = composed_dense(server.registry, [("v1", 0.5)])
+    for extra, steer_suffix in MULTI_TOKEN_PROBES:
+        body = {**extra, "open_thinking": "<think>\n", "every": 16, "max_tokens": 32,
+                "ignore_eos": True,
+                "steering": {"vectors": [{"name": "v1", "scale": 0.5}], "apply_to": "generated"}}
+        r = http.post("/v1/steering/probe", json=body, timeout=REQUEST_TIMEOUT)
+        assert r.status_code == 200, r.text
+        data = r.json()
+        traj, choices = data["trajectory"], extra["choices"]
+        assert data["choices"] == choices and data["probe"]["steer_suffix"] is steer_suffix
+        variants = {c: reference_variants(tok, c) for c in choices}
+        assert {c: sorted(tuple(v["token_ids"]) for v in data["variants"][c])
+                for c in choices} == variants
+        p = traj["prompt_ids"]
+        if "messages" in extra:
+            expect = tok.apply_chat_template(extra["messages"], add_generation_prompt=True,
+                                             tokenize=True)["input_ids"]
+            assert p == list(expect) + tok.encode("<think>\n", add_special_tokens=False)
+        assert [x["token_index"] for x in traj["readings"]] == [0, 16, 32]
+        for x in traj["readings"]:
+            ctx = fork_context(tok, p, traj["token_ids"], x["token_index"],
+                               data["probe"]["suffix"])
+            end = None if steer_suffix else len(p) + x["token_index"]
+            ref = hf_choice_logprobs(hf, ctx, variants, dense, start=len(p), end=end)
+            for c in choices:
+                assert abs(x["logprobs"][c] - ref[c]) < 1e-3, (c, x["logprobs"][c], ref[c])
 
 
 # -- restart (keep last: it restarts the module's server) -----------------------------

@@ -34,10 +34,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from vllm_steer.engine import make_llm
     from vllm_steer.models import resolve_model
-    from vllm_steer.probe.cli import load_questions
-    from vllm_steer.probe.job import ProbeConfig
+    from vllm_steer.probe import ProbeConfig, build_prompt, probe, sweep
     from vllm_steer.probe.plot import plot_sweep, plot_trajectories
-    from vllm_steer.probe.run import build_prompt, probe, sweep
+    from vllm_steer.probe.questions import load_questions
     from vllm_steer.vector import SteeringVector
 
     out = Path(args.out)
@@ -77,27 +76,28 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"  {label:>10}: {reply}")
     (out / "generations.json").write_text(json.dumps(gens, indent=1))
 
-    qs, _, choices = load_questions(CONFIGS / "questions" / "yes_no_reasoning.yaml")
-    p = build_prompt(tok, qs[0], open_thinking="<think>\n")
-    cfg = ProbeConfig(choices=choices, every=16, max_tokens=128)
+    q = load_questions(CONFIGS / "questions" / "yes_no_reasoning.yaml").questions[0]
+    p = build_prompt(tok, q.text, open_thinking="<think>\n")
+    cfg = ProbeConfig(choices=list(q.choices), every=16, max_tokens=128)
     specs = [None, {"vectors": [{"name": "cautious_thinking", "scale": 4.0}],
                     "apply_to": "thinking"}]
     trajs = probe(llm, [p, p], specs, cfg, labels=["unsteered", "cautious thinking +4"])
     (out / "probe.json").write_text(json.dumps([t.to_json() for t in trajs], indent=1))
-    plot_trajectories(trajs, out / "probe.png", title=qs[0])
-    print(f"\n[demo] answer probe on {qs[0]!r} -> {out / 'probe.png'}")
+    plot_trajectories(trajs, out / "probe.png", title=q.text)
+    print(f"\n[demo] answer probe on {q.text!r} -> {out / 'probe.png'}")
     for t in trajs:
         pts = ", ".join(f"{r.token_index}:{r.log_ratio:+.2f}" for r in t.readings
                         if r.log_ratio is not None)
         print(f"  {t.label}: log P(Yes)-log P(No) by token: {pts}")
 
-    mood, signs, choices = load_questions(CONFIGS / "questions" / "mood_yes_no.yaml")
-    res = sweep(llm, mood, "happy", [-2.0, -1.0, 0.0, 1.0, 2.0],
-                ProbeConfig(choices=choices, suffix=None), signs=signs)
+    mood = load_questions(CONFIGS / "questions" / "mood_yes_no.yaml")
+    (choices,) = mood.choice_groups()
+    res = sweep(llm, mood.texts, "happy", [-2.0, -1.0, 0.0, 1.0, 2.0],
+                ProbeConfig(choices=list(choices), suffix=None), signs=mood.signs(choices[0]))
     (out / "sweep.json").write_text(json.dumps(res.to_json(), indent=1))
     plot_sweep(res, out / "sweep.png")
-    print(f"\n[demo] happy sweep: mean persona-signed log ratio by scale "
-          f"{[round(x, 2) for x in res.mean_signed_log_ratio or []]}, "
+    print(f"\n[demo] happy sweep: mean persona-signed log P(Yes) - log P(No) by scale "
+          f"{[round(x, 2) for x in res.mean_signed_log_odds or []]}, "
           f"Pearson r = {res.pearson_r_signed:.3f} -> {out / 'sweep.png'}")
     return 0
 

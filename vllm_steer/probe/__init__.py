@@ -1,20 +1,22 @@
-"""Answer probes ("action confidence") over reasoning trajectories on prefix-cached forks."""
+"""Answer probes ("action confidence") over reasoning trajectories on prefix-cached forks.
+
+Modules: ``choices`` (answer variants), ``config`` (``ProbeConfig``), ``prompts``,
+``forks`` (fork points, fork text and steering), ``job`` (requests and readings, by
+stage), ``reading``, ``drivers`` (sync/async runs, ``probe``, ``probe_once``), ``sweep``,
+``questions`` (question files), ``plot``, ``cli``.
+"""
 
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
-from vllm_steer.probe.job import ProbeConfig, ProbeJob, Trajectory, replay_spec
+from vllm_steer.probe.config import ProbeConfig
+from vllm_steer.probe.drivers import probe, probe_once, run_job, run_job_async
+from vllm_steer.probe.forks import fork_spec, replay_spec
+from vllm_steer.probe.job import ProbeJob, Trajectory
+from vllm_steer.probe.prompts import build_prompt
 from vllm_steer.probe.reading import Reading
-from vllm_steer.probe.run import (
-    SweepResult,
-    build_prompt,
-    pearson,
-    probe,
-    probe_once,
-    run_job_async,
-    sweep,
-)
+from vllm_steer.probe.sweep import SweepResult, pearson, sweep
 
 __all__ = [
     "ChoiceSet", "ProbeConfig", "ProbeError", "ProbeJob", "Reading", "SweepResult",
-    "Trajectory", "build_prompt", "pearson", "probe", "probe_once", "replay_spec",
-    "run_job_async", "sweep",
+    "Trajectory", "build_prompt", "fork_spec", "pearson", "probe", "probe_once",
+    "replay_spec", "run_job", "run_job_async", "sweep",
 ]

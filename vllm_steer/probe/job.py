@@ -1,17 +1,24 @@
 """Answer probes over reasoning trajectories, as a plan -> submit -> read pipeline.
 
-``ProbeJob`` only builds requests and reads outputs; the drivers in ``run`` submit
-them to ``vllm.LLM`` (sync) or an ``EngineClient`` (async, for the server), so both
-paths share every rule:
+``ProbeJob`` only builds requests and reads outputs, one stage at a time (``STAGES``);
+the drivers (``drivers``) submit each stage to ``vllm.LLM`` (sync) or an
+``EngineClient`` (async, for the server), so both paths share every rule:
 
-1. trajectories: one request per prompt (optionally steered, any ``apply_to``);
-2. forks: at generated-token index ``t`` in ``0, N, 2N, ..., T`` (and ``T``), the
-   prompt is ``prompt + generated[:t]`` + the think-end marker when the thinking
-   section is open + the forcing suffix; ``max_tokens=1`` and ``logprob_token_ids``
-   = every variant of every choice. Forks carry the trajectory's steering rewritten
-   to absolute positions (``replay_spec``), so they steer exactly the tokens the
-   trajectory steered and share its prefix-cache blocks;
-3. low-mass readings are re-asked with ``logprobs=k`` for their top tokens.
+1. ``trajectories``: one request per prompt (optionally steered, any ``apply_to``);
+2. ``forks``: at each fork point ``t`` (``forks.fork_points``: every N generated tokens
+   and the end, never inside a marker) the *base* is ``prompt + generated[:t]`` + the
+   think-end marker when the thinking section is open + the forcing suffix. The *head*
+   fork is the base with ``max_tokens=1`` and ``logprob_token_ids`` = the first token of
+   every variant: for single-token choices that is the whole reading. Each multi-token
+   variant gets one fork = base + its tokens, read through prompt log-probs. Forks carry
+   the trajectory's steering in absolute positions (``forks.fork_spec``), so they share
+   its prefix-cache blocks and each computes its suffix and choice tokens, not the prefix
+   (prompt log-probs turn prefix-cache reads off in vLLM by default; forks turn them on);
+3. ``gaps``: vLLM computes prompt log-probs only for the tokens it computes, so a choice
+   token whose row a fork took from the prefix cache (a block boundary inside the part
+   two forks share) has none. If no other fork computed that (context, token), it is read
+   at the last position of a request ending with the context. Usually empty;
+4. ``top``: low-mass readings are re-asked with ``logprobs=k`` for their top tokens.
 """
 
 from __future__ import annotations
@@ -19,39 +26,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
-from vllm_steer.probe.reading import DEFAULT_MIN_MASS, Reading, make_reading
-from vllm_steer.steering.spec import SpecError, parse_spec
-from vllm_steer.steering.tokens import ANSWER, THINK, ThinkTracker
+from vllm_steer.probe.config import ProbeConfig
+from vllm_steer.probe.forks import fork_points, fork_spec, replay_spec, think_states
+from vllm_steer.probe.reading import Reading, make_reading
+from vllm_steer.steering.spec import SpecError
+from vllm_steer.steering.tokens import ANSWER, THINK
 
-
-@dataclass
-class ProbeConfig:
-    """How to probe. ``every``: fork spacing in generated tokens. ``suffix=None`` (one-shot
-    readings only) reads right after the prompt, e.g. at an open assistant turn."""
-
-    choices: list[str] = field(default_factory=lambda: ["Yes", "No"])
-    every: int = 16
-    suffix: str | None = "\nThe final answer is"
-    max_tokens: int = 256
-    min_mass: float = DEFAULT_MIN_MASS
-    think_start: str = "<think>"
-    think_end: str = "</think>"
-    temperature: float = 0.0
-    seed: int = 0
-    top_k_flagged: int = 5
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        if not isinstance(self.every, int) or self.every <= 0:
-            raise ProbeError("every", f"must be a positive integer, got {self.every!r}")
-        if self.max_tokens < 0:
-            raise ProbeError("max_tokens", f"must be >= 0, got {self.max_tokens}")
-        if self.suffix is not None and not self.suffix:
-            raise ProbeError("suffix", "must not be empty (use null to read right after a "
-                             "one-shot prompt)")
+STAGES = ("trajectories", "forks", "gaps", "top")
 
 
 @dataclass
@@ -60,7 +42,7 @@ class Trajectory:
 
     label: str
     prompt_ids: list[int]
-    steering: dict[str, Any] | None
+    steering: dict[str, Any] | str | None
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     think_end_index: int | None = None
@@ -72,43 +54,40 @@ class Trajectory:
         return d
 
 
-def replay_spec(spec: dict[str, Any] | None, prompt_len: int) -> dict[str, Any] | None:
-    """The trajectory's steering in absolute positions, for requests that replay its tokens.
-
-    ``generated`` becomes ``all`` from ``prompt_len``; ``prompt`` becomes ``all`` up to it.
-    The plugin canonicalises the same way, so both get the same prefix-cache salt.
-    """
-    if spec is None:
-        return None
-    s = parse_spec(spec)
-    d = s.to_dict()
-    if s.apply_to == "generated":
-        d["apply_to"] = "all"
-        d["start_position"] = max(s.start_position, prompt_len)
-    elif s.apply_to == "prompt":
-        d["apply_to"] = "all"
-        d["end_position"] = prompt_len if s.end_position is None else min(s.end_position,
-                                                                          prompt_len)
-    return d
-
-
 @dataclass
-class _Fork:
+class ProbePoint:
+    """One fork point of one trajectory: its base ids, steering, and the conditional
+    log-probs read so far (``table[context][token]``, context = choice tokens after the
+    base)."""
+
     traj: int
     token_index: int
     in_thinking: bool
-    ids: list[int]
+    base: list[int]
+    spec: dict[str, Any] | None
+    table: dict[tuple[int, ...], dict[int, float]] = field(default_factory=dict)
+    requests: int = 0
+    computed_tokens: int = 0
+    head_cached: int = 0
+    reading: Reading | None = None
 
 
 class ProbeJob:
-    """Requests and readings for a set of trajectories (or one-shot prompts)."""
+    """Requests and readings for a set of trajectories (or one-shot prompts).
 
-    def __init__(self, tokenizer: Any, prompts: list[list[int]], steering: list[dict | None],
-                 cfg: ProbeConfig, *, labels: list[str] | None = None, generate: bool = True,
-                 max_model_len: int | None = None) -> None:
+    ``fork_single_tokens=True`` reads single-token variants on their own forks through
+    prompt log-probs too (the multi-token path), to check that both paths agree.
+    """
+
+    def __init__(self, tokenizer: Any, prompts: list[list[int]],
+                 steering: list[dict[str, Any] | str | None], cfg: ProbeConfig, *,
+                 labels: list[str] | None = None, generate: bool = True,
+                 max_model_len: int | None = None, fork_single_tokens: bool = False) -> None:
         cfg.validate()
         if not prompts:
             raise ProbeError("prompts", "at least one prompt is needed")
+        if any(not p for p in prompts):
+            raise ProbeError("prompts", "a prompt is empty")
         if len(steering) != len(prompts):
             raise ProbeError("steering", "give one steering spec (or None) per prompt")
         for i, spec in enumerate(steering):
@@ -117,6 +96,7 @@ class ProbeJob:
             except SpecError as e:
                 raise ProbeError(f"steering[{i}].{e.field}", str(e)) from e
         self.tok, self.cfg, self.generate = tokenizer, cfg, generate
+        self.fork_single_tokens = fork_single_tokens
         self.choices = ChoiceSet.build(tokenizer, cfg.choices)
         if cfg.suffix is None:
             if generate:
@@ -128,21 +108,47 @@ class ProbeJob:
                 raise ProbeError("suffix", f"{cfg.suffix!r} tokenizes to nothing")
         self.ts = tuple(tokenizer.encode(cfg.think_start, add_special_tokens=False))
         self.te = tuple(tokenizer.encode(cfg.think_end, add_special_tokens=False))
-        if not self.ts or not self.te:
-            raise ProbeError("think_start/think_end", "markers tokenize to nothing")
+        if not self.ts:
+            raise ProbeError("think_start", "tokenizes to nothing")
+        if not self.te:
+            raise ProbeError("think_end", "tokenizes to nothing")
         self.max_model_len = max_model_len
-        longest = max(len(p) for p in prompts) + (cfg.max_tokens if generate else 0) \
-            + len(self.te) + len(self.suffix_ids)
-        if max_model_len is not None and longest > max_model_len:
-            raise ProbeError("prompts", f"prompt + max_tokens + suffix can reach {longest} "
-                             f"tokens, more than the model's context ({max_model_len})")
+        if max_model_len is not None:
+            self._check_context(prompts, max_model_len)
         labels = labels or [f"trajectory {i}" for i in range(len(prompts))]
         self.trajs = [Trajectory(lbl, list(p), s) for lbl, p, s in
                       zip(labels, prompts, steering, strict=True)]
-        self.forks: list[_Fork] = []
+        self.points: list[ProbePoint] = []
+        self._pending: list[tuple[ProbePoint, str, Any]] = []
+
+    def _check_context(self, prompts: list[list[int]], max_model_len: int) -> None:
+        # The longest request is a fork at the end of the longest trajectory: prompt +
+        # max_tokens + think-end + suffix + the longest forked variant, and vLLM needs room
+        # for the one token every request generates (a prompt of max_model_len is refused).
+        forked = self.choices.max_len if (self.fork_single_tokens or any(
+            self.choices.multi_token)) else 0
+        longest = max(len(p) for p in prompts) + (self.cfg.max_tokens if self.generate
+                                                  else 0) + len(self.te) + len(self.suffix_ids)
+        need = longest + forked + 1
+        if need > max_model_len:
+            raise ProbeError("prompts", f"prompt + max_tokens + think-end + suffix"
+                             f"{' + choice tokens' if forked else ''} + 1 output token can "
+                             f"reach {need} tokens, more than the model's context "
+                             f"({max_model_len})")
+
+    # -- stages --------------------------------------------------------------------------
+    def requests(self, stage: str) -> list[tuple[dict[str, Any], Any]]:
+        """``(prompt, SamplingParams)`` pairs of ``stage`` (one of ``STAGES``)."""
+        return {"trajectories": self._trajectory_requests, "forks": self._fork_requests,
+                "gaps": self._gap_requests, "top": self._top_requests}[stage]()
+
+    def take(self, stage: str, outputs: list[Any]) -> None:
+        """Read the ``RequestOutput``s of ``stage``'s requests (same order)."""
+        {"trajectories": self._take_trajectories, "forks": self._take_forks,
+         "gaps": self._take_gaps, "top": self._take_top}[stage](outputs)
 
     # -- 1. trajectories ---------------------------------------------------------------
-    def trajectory_requests(self) -> list[tuple[dict[str, Any], Any]]:
+    def _trajectory_requests(self) -> list[tuple[dict[str, Any], Any]]:
         from vllm import SamplingParams
 
         if not self.generate:
@@ -155,7 +161,9 @@ class ProbeJob:
             reqs.append(({"prompt_token_ids": t.prompt_ids}, sp))
         return reqs
 
-    def take_trajectories(self, outputs: list[Any]) -> None:
+    def _take_trajectories(self, outputs: list[Any]) -> None:
+        if not self.generate:
+            return
         eos = getattr(self.tok, "eos_token_id", None)
         for t, out in zip(self.trajs, outputs, strict=True):
             ids = list(out.outputs[0].token_ids)
@@ -165,71 +173,152 @@ class ProbeJob:
             t.text = self.tok.decode(ids)
 
     # -- 2. forks ----------------------------------------------------------------------
-    def fork_requests(self) -> list[tuple[dict[str, Any], Any]]:
-        from vllm import SamplingParams
-
-        self.forks = []
-        reqs = []
-        ids_all = self.choices.all_ids
+    def plan(self) -> list[ProbePoint]:
+        """The fork points of every trajectory (needs the trajectories' tokens)."""
+        self.points = []
         for k, t in enumerate(self.trajs):
-            seq = np.asarray(t.prompt_ids + t.token_ids, dtype=np.int64)
-            tracker = ThinkTracker(self.ts, self.te)
-            n = len(t.token_ids)
-            points = sorted(set(range(0, n + 1, self.cfg.every)) | {n})
-            spec = replay_spec(t.steering, len(t.prompt_ids))
-            # states[i]: thinking state after prompt + generated[:i], one causal scan
-            states = [tracker.advance(seq, len(t.prompt_ids))]
-            for i in range(n):
-                states.append(tracker.advance(seq, len(t.prompt_ids) + i + 1))
-                if t.think_end_index is None and states[i] == THINK and states[i + 1] == ANSWER:
+            seq = t.prompt_ids + t.token_ids
+            n_prompt = len(t.prompt_ids)
+            states = think_states(seq, n_prompt, self.ts, self.te)
+            for i in range(len(t.token_ids)):
+                if states[i] == THINK and states[i + 1] == ANSWER:
                     t.think_end_index = i + 1   # where thinking closed, for the plot
+                    break
+            points = fork_points(seq, n_prompt, self.cfg.every, (self.ts, self.te)) \
+                if self.generate else [0]
             for p in points:
-                state = states[p]
-                ids = seq[: len(t.prompt_ids) + p].tolist()
-                if state == THINK:
-                    ids += list(self.te)
-                ids += self.suffix_ids
-                self.forks.append(_Fork(k, p, state == THINK, ids))
-                sp = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids_all,
-                                    extra_args={"steering": spec} if spec else None)
-                reqs.append(({"prompt_token_ids": ids}, sp))
-        return reqs
+                thinking = states[p] == THINK
+                base = seq[:n_prompt + p] + (list(self.te) if thinking else []) \
+                    + self.suffix_ids
+                spec = fork_spec(t.steering, n_prompt, p, self.cfg.steer_suffix)
+                self.points.append(ProbePoint(k, p, thinking, base, spec))
+        return self.points
 
-    def take_forks(self, outputs: list[Any]) -> None:
-        for fork, out in zip(self.forks, outputs, strict=True):
-            lp = out.outputs[0].logprobs[0]
-            reading = make_reading(
-                self.choices, {tid: v.logprob for tid, v in lp.items()},
-                token_index=fork.token_index, in_thinking=fork.in_thinking,
-                min_mass=self.cfg.min_mass, cached_tokens=int(out.num_cached_tokens or 0))
-            self.trajs[fork.traj].readings.append(reading)
+    def _forked_variants(self) -> list[tuple[int, ...]]:
+        return [v for vs in self.choices.variants for v in vs
+                if len(v) > 1 or self.fork_single_tokens]
 
-    # -- 3. top tokens of flagged readings ---------------------------------------------
-    def _flagged(self) -> list[tuple[_Fork, Reading]]:
-        pairs = []
-        for fork in self.forks:
-            traj = self.trajs[fork.traj]
-            reading = next(r for r in traj.readings if r.token_index == fork.token_index)
-            if reading.low_mass:
-                pairs.append((fork, reading))
-        return pairs
-
-    def top_requests(self) -> list[tuple[dict[str, Any], Any]]:
+    def _fork_requests(self) -> list[tuple[dict[str, Any], Any]]:
         from vllm import SamplingParams
 
-        reqs = []
-        for fork, _ in self._flagged():
-            spec = replay_spec(self.trajs[fork.traj].steering,
-                               len(self.trajs[fork.traj].prompt_ids))
-            sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.cfg.top_k_flagged,
-                                extra_args={"steering": spec} if spec else None)
-            reqs.append(({"prompt_token_ids": fork.ids}, sp))
+        self.plan()
+        self._pending, reqs = [], []
+        head_ids = self.choices.head_ids
+        forked = self._forked_variants()
+        for pt in self.points:
+            extra = {"steering": pt.spec} if pt.spec else None
+            self._pending.append((pt, "head", None))
+            reqs.append(({"prompt_token_ids": pt.base},
+                         SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                        logprob_token_ids=head_ids, extra_args=extra)))
+            for v in forked:
+                self._pending.append((pt, "variant", v))
+                # skip_reading_prefix_cache: vLLM's default for prompt log-probs is True,
+                # which would recompute the whole prefix for every fork.
+                reqs.append(({"prompt_token_ids": pt.base + list(v)},
+                             SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                            prompt_logprobs=0, skip_reading_prefix_cache=False,
+                                            extra_args=extra)))
         return reqs
 
-    def take_top(self, outputs: list[Any]) -> list[Trajectory]:
-        for (_, reading), out in zip(self._flagged(), outputs, strict=True):
+    @staticmethod
+    def _count(pt: ProbePoint, out: Any) -> int:
+        cached = int(out.num_cached_tokens or 0)
+        pt.requests += 1
+        pt.computed_tokens += len(out.prompt_token_ids) - cached
+        return cached
+
+    def _take_forks(self, outputs: list[Any]) -> None:
+        pending = list(zip(self._pending, outputs, strict=True))
+        # Variant forks first: their rows are the multi-token path's own reading; the head
+        # fills first tokens no fork computed (and all of single-token choices).
+        for (pt, kind, v), out in pending:
+            if kind != "variant":
+                continue
+            cached = self._count(pt, out)
+            rows = out.prompt_logprobs
+            n = len(pt.base)
+            for j, tid in enumerate(v):
+                # prompt_logprobs[n + j] is read from the hidden state at n + j - 1; positions
+                # below ``cached`` came from the prefix cache and were not computed.
+                if n + j - 1 >= cached:
+                    pt.table.setdefault(tuple(v[:j]), {})[tid] = rows[n + j][tid].logprob
+        for (pt, kind, _), out in pending:
+            if kind != "head":
+                continue
+            pt.head_cached = self._count(pt, out)
+            lp = out.outputs[0].logprobs[0]
+            row = pt.table.setdefault((), {})
+            for tid in self.choices.head_ids:
+                if tid not in lp:
+                    raise RuntimeError(f"engine returned no logprob for token {tid}")
+                row.setdefault(tid, lp[tid].logprob)
+        self._pending = []
+
+    # -- 3. rows no fork computed ------------------------------------------------------
+    def _missing(self, pt: ProbePoint) -> dict[tuple[int, ...], list[int]]:
+        out: dict[tuple[int, ...], set[int]] = {}
+        for vs in self.choices.variants:
+            for v in vs:
+                for j, tid in enumerate(v):
+                    ctx = tuple(v[:j])
+                    if tid not in pt.table.get(ctx, {}):
+                        out.setdefault(ctx, set()).add(tid)
+        return {ctx: sorted(ids) for ctx, ids in out.items()}
+
+    def _gap_requests(self) -> list[tuple[dict[str, Any], Any]]:
+        from vllm import SamplingParams
+
+        self._pending, reqs = [], []
+        for pt in self.points:
+            for ctx, ids in self._missing(pt).items():
+                self._pending.append((pt, "gap", (ctx, ids)))
+                reqs.append(({"prompt_token_ids": pt.base + list(ctx)},
+                             SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                            logprob_token_ids=ids,
+                                            extra_args={"steering": pt.spec} if pt.spec
+                                            else None)))
+        return reqs
+
+    def _take_gaps(self, outputs: list[Any]) -> None:
+        for (pt, _, (ctx, ids)), out in zip(self._pending, outputs, strict=True):
+            self._count(pt, out)
+            lp = out.outputs[0].logprobs[0]
+            row = pt.table.setdefault(ctx, {})
+            for tid in ids:
+                row[tid] = lp[tid].logprob
+        self._pending = []
+        for t in self.trajs:
+            t.readings = []
+        for pt in self.points:
+            if self._missing(pt):
+                raise RuntimeError(f"probe point {pt.token_index}: log-probs still missing")
+            lps = [[sum(pt.table[tuple(v[:j])][tid] for j, tid in enumerate(v)) for v in vs]
+                   for vs in self.choices.variants]
+            pt.reading = make_reading(
+                self.choices.choices, lps, token_index=pt.token_index,
+                in_thinking=pt.in_thinking, min_mass=self.cfg.min_mass,
+                cached_tokens=pt.head_cached, requests=pt.requests,
+                computed_tokens=pt.computed_tokens)
+            self.trajs[pt.traj].readings.append(pt.reading)
+
+    # -- 4. top tokens of flagged readings ---------------------------------------------
+    def _flagged(self) -> list[ProbePoint]:
+        if self.cfg.top_k_flagged == 0:
+            return []
+        return [pt for pt in self.points if pt.reading is not None and pt.reading.low_mass]
+
+    def _top_requests(self) -> list[tuple[dict[str, Any], Any]]:
+        from vllm import SamplingParams
+
+        return [({"prompt_token_ids": pt.base},
+                 SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.cfg.top_k_flagged,
+                                extra_args={"steering": pt.spec} if pt.spec else None))
+                for pt in self._flagged()]
+
+    def _take_top(self, outputs: list[Any]) -> None:
+        for pt, out in zip(self._flagged(), outputs, strict=True):
             lp = out.outputs[0].logprobs[0]
             best = sorted(lp.items(), key=lambda kv: -kv[1].logprob)[: self.cfg.top_k_flagged]
-            reading.top_tokens = [(self.tok.decode([tid]), round(v.logprob, 4))
-                                  for tid, v in best]
-        return self.trajs
+            pt.reading.top_tokens = [(self.tok.decode([tid]), round(v.logprob, 4))
+                                     for tid, v in best]

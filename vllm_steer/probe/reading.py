@@ -1,18 +1,18 @@
-"""One probe reading: per-choice log-probabilities, log ratio and probability mass."""
+"""One probe reading: per-choice log-probabilities, normalized probabilities, log ratio
+and the probability mass of all choices."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-from vllm_steer.probe.choices import ChoiceSet
 
 #: Below this total probability of all choice variants a reading is flagged.
 DEFAULT_MIN_MASS = 0.05
 
 
-def logsumexp(xs: list[float]) -> float:
+def logsumexp(xs: Sequence[float]) -> float:
     m = max(xs, default=-math.inf)
     if m == -math.inf:
         return -math.inf
@@ -21,23 +21,31 @@ def logsumexp(xs: list[float]) -> float:
 
 @dataclass
 class Reading:
-    """A reading at one probe point.
+    """A reading at one probe point (natural logs, full-vocabulary probabilities).
 
-    ``logprobs[c]``: log P(c) summed over c's variants (natural log, full vocabulary);
-    ``normalized[c]``: ``logprobs[c] - logsumexp(logprobs)`` (over the choices only);
-    ``log_ratio``: ``logprobs[c0] - logprobs[c1]`` for two choices, else None (also None
-    when both are impossible, never NaN); ``mass``: total probability of all choices.
+    ``logprobs[c]``: log P(c), logsumexp over c's variants of the sum of each variant's
+    token log-probs; ``normalized[c]``: ``logprobs[c] - logsumexp(logprobs)``;
+    ``probs[c]``: ``exp(normalized[c])`` = p_c / sum of p over the choices; ``log_ratio``:
+    ``logprobs[c0] - logprobs[c1]`` for two choices, else None (also None when both are
+    impossible, never NaN); ``mass``: total probability of all choices (low mass: the
+    model would not answer with any of them, and the reading means little).
+    ``cached_tokens``: prefix-cache hits of the point's head fork; ``requests`` and
+    ``computed_tokens``: engine requests and prompt tokens computed (not cached) for this
+    point over all its forks.
     """
 
     token_index: int
     in_thinking: bool
     logprobs: dict[str, float]
     normalized: dict[str, float]
+    probs: dict[str, float]
     log_ratio: float | None
     mass: float
     low_mass: bool
     top_tokens: list[tuple[str, float]] | None = None
     cached_tokens: int = 0
+    requests: int = 1
+    computed_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -48,26 +56,22 @@ class Reading:
         return d
 
 
-def make_reading(choices: ChoiceSet, token_logprobs: dict[int, float], *, token_index: int,
-                 in_thinking: bool, min_mass: float = DEFAULT_MIN_MASS,
-                 cached_tokens: int = 0) -> Reading:
-    """Fold ``{token_id: logprob}`` (all variant ids present) into a ``Reading``."""
-    per = {}
-    for c, ids in zip(choices.choices, choices.variants, strict=True):
-        missing = [i for i in ids if i not in token_logprobs]
-        if missing:
-            raise RuntimeError(f"engine returned no logprob for variant ids {missing} of {c!r}")
-        per[c] = logsumexp([token_logprobs[i] for i in ids])
+def make_reading(choices: Sequence[str], variant_logprobs: Sequence[Sequence[float]], *,
+                 token_index: int, in_thinking: bool, min_mass: float = DEFAULT_MIN_MASS,
+                 cached_tokens: int = 0, requests: int = 1,
+                 computed_tokens: int = 0) -> Reading:
+    """Fold ``variant_logprobs[k][v]`` (log P of variant ``v`` of choice ``k``) into a
+    ``Reading``."""
+    per = {c: logsumexp(list(lps)) for c, lps in zip(choices, variant_logprobs, strict=True)}
     total = logsumexp(list(per.values()))
     mass = math.exp(total) if total > -math.inf else 0.0
     norm = {c: (v - total if total > -math.inf else -math.inf) for c, v in per.items()}
+    probs = {c: math.exp(v) for c, v in norm.items()}
     ratio = None
     if len(per) == 2:
         a, b = per.values()
-        if math.isfinite(a) or math.isfinite(b):
-            ratio = a - b if (math.isfinite(a) and math.isfinite(b)) else (
-                math.inf if math.isfinite(a) else -math.inf)
-            if not math.isfinite(ratio):
-                ratio = None
-    return Reading(token_index, in_thinking, per, norm, ratio, mass, mass < min_mass,
-                   cached_tokens=cached_tokens)
+        if math.isfinite(a) and math.isfinite(b):
+            ratio = a - b
+    return Reading(token_index, in_thinking, per, norm, probs, ratio, mass, mass < min_mass,
+                   cached_tokens=cached_tokens, requests=requests,
+                   computed_tokens=computed_tokens)

@@ -1,16 +1,10 @@
 """``POST /v1/steering/probe``: an answer probe (trajectory + fork readings) as JSON.
 
-Body::
-
-    {"prompt": "Is 17 prime?"            # or "messages": [...], or "prompt_token_ids": [...]
-     "chat": true,                       # apply the chat template to "prompt" (default true)
-     "open_thinking": "<think>\\n",       # appended to the prompt (optional)
-     "steering": {...} | null,           # the same spec as on /v1/completions
-     "choices": ["Yes", "No"], "every": 16, "max_tokens": 256,
-     "suffix": "\\nThe final answer is", "min_mass": 0.05, "temperature": 0, "seed": 0,
-     "trajectory": true}                 # false: one reading of prompt + suffix
-
-The forks run on the server's engine with prefix caching, exactly as ``vllm_steer.probe``.
+The body is documented field by field in docs/serving.md ("Answer probes"). It is
+validated here, once: every error is an HTTP 400 whose ``param`` names the field, and a
+field that would be ignored (``system`` without a chat prompt, ``every`` without a
+trajectory, ...) is an error too. The forks run on the server's engine with prefix
+caching, exactly as ``vllm_steer.probe``.
 """
 
 from __future__ import annotations
@@ -22,48 +16,96 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from vllm_steer.probe.choices import ProbeError
-from vllm_steer.probe.job import ProbeConfig, ProbeJob
-from vllm_steer.probe.run import build_prompt, run_job_async
+from vllm_steer.probe.config import ProbeConfig
+from vllm_steer.probe.drivers import run_job_async
+from vllm_steer.probe.job import ProbeJob
+from vllm_steer.probe.prompts import build_prompt, chat_ids
 from vllm_steer.server.common import SteerHTTPError, context, read_body
+from vllm_steer.steering.spec import SpecError, parse_spec
 
 router = APIRouter()
 MAX_BODY = 1 << 20
-_PROMPT_KEYS = {"prompt", "messages", "prompt_token_ids", "chat", "open_thinking", "steering",
-                "trajectory", "system"}
+_PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
+_OTHER_KEYS = {"chat", "system", "open_thinking", "steering", "trajectory"}
 _CFG_KEYS = {"choices", "every", "max_tokens", "suffix", "min_mass", "temperature", "seed",
-             "think_start", "think_end", "top_k_flagged", "ignore_eos"}
+             "think_start", "think_end", "top_k_flagged", "ignore_eos", "steer_suffix"}
+#: Config fields that only shape the trajectory (an error with ``"trajectory": false``).
+_TRAJECTORY_ONLY = ("every", "max_tokens", "temperature", "seed", "ignore_eos")
+_KNOWN = set(_PROMPT_KEYS) | _OTHER_KEYS | _CFG_KEYS
+
+
+def _bad(param: str, message: str) -> SteerHTTPError:
+    return SteerHTTPError(400, f"{param}: {message}", param)
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    v = body.get(key, default)
+    if not isinstance(v, bool):
+        raise _bad(key, f"must be true or false, got {v!r}")
+    return v
+
+
+def _opt_text(body: dict[str, Any], key: str) -> str | None:
+    v = body.get(key)
+    if v is not None and (not isinstance(v, str) or not v):
+        raise _bad(key, "must be a non-empty string or null")
+    return v
 
 
 def _prompt_ids(body: dict[str, Any], tok: Any) -> list[int]:
-    given = [k for k in ("prompt", "messages", "prompt_token_ids") if k in body]
+    given = [k for k in _PROMPT_KEYS if k in body]
     if len(given) != 1:
-        raise SteerHTTPError(400, "give exactly one of prompt, messages, prompt_token_ids",
-                             "prompt")
-    opener = body.get("open_thinking")
-    if opener is not None and not isinstance(opener, str):
-        raise SteerHTTPError(400, "must be a string", "open_thinking")
-    if "prompt_token_ids" in body:
+        raise _bad("prompt", "give exactly one of prompt, messages, prompt_token_ids")
+    opener = _opt_text(body, "open_thinking")
+    system = _opt_text(body, "system")
+    chat = _flag(body, "chat", True)
+    if given[0] != "prompt":
+        for key in ("chat", "system"):
+            if key in body:
+                raise _bad(key, f"only applies to 'prompt' (not to '{given[0]}')")
+    elif not chat and system is not None:
+        raise _bad("system", "needs a chat prompt (chat: true)")
+    tail = tok.encode(opener, add_special_tokens=False) if opener else []
+    if given[0] == "prompt_token_ids":
         ids = body["prompt_token_ids"]
         if not isinstance(ids, list) or not ids or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tok)
                 for i in ids):
-            raise SteerHTTPError(400, "must be a non-empty list of token ids in the vocabulary",
-                                 "prompt_token_ids")
-        return ids + (tok.encode(opener, add_special_tokens=False) if opener else [])
-    if "messages" in body:
+            raise _bad("prompt_token_ids", "must be a non-empty list of token ids in the "
+                       "vocabulary")
+        return ids + tail
+    if given[0] == "messages":
         msgs = body["messages"]
         if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
-            raise SteerHTTPError(400, "must be a list of {role, content} messages", "messages")
-        ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
-        return ids + (tok.encode(opener, add_special_tokens=False) if opener else [])
+                isinstance(m, dict) and set(m) == {"role", "content"}
+                and isinstance(m["role"], str) and isinstance(m["content"], str)
+                for m in msgs):
+            raise _bad("messages", "must be a non-empty list of {role, content} messages "
+                       "with string values")
+        if not getattr(tok, "chat_template", None):
+            raise _bad("messages", "the served tokenizer has no chat template")
+        try:
+            return chat_ids(tok, msgs) + tail
+        except ProbeError:
+            raise
+        except Exception as e:  # the template's own errors (e.g. roles out of order)
+            raise _bad("messages", f"the chat template refused them ({e})") from None
     prompt = body["prompt"]
     if not isinstance(prompt, str) or not prompt:
-        raise SteerHTTPError(400, "must be a non-empty string", "prompt")
-    if body.get("chat", True):
-        return build_prompt(tok, prompt, system=body.get("system"), open_thinking=opener)
-    return tok.encode(prompt, add_special_tokens=False) + (
-        tok.encode(opener, add_special_tokens=False) if opener else [])
+        raise _bad("prompt", "must be a non-empty string")
+    if chat:
+        return build_prompt(tok, prompt, system=system, open_thinking=opener)
+    return tok.encode(prompt, add_special_tokens=False) + tail
+
+
+def _steering(body: dict[str, Any]) -> dict[str, Any] | None:
+    raw = body.get("steering")
+    if raw is None:
+        return None
+    try:
+        return parse_spec(raw).to_dict()
+    except SpecError as e:
+        raise SteerHTTPError(400, str(e), e.field) from None
 
 
 def parse_probe_body(raw: bytes, tok: Any, max_model_len: int | None) -> ProbeJob:
@@ -71,38 +113,25 @@ def parse_probe_body(raw: bytes, tok: Any, max_model_len: int | None) -> ProbeJo
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        raise SteerHTTPError(400, "body is not valid JSON", "body") from None
+        raise _bad("body", "not valid JSON") from None
     if not isinstance(body, dict):
-        raise SteerHTTPError(400, "body must be a JSON object", "body")
-    unknown = sorted(set(body) - _PROMPT_KEYS - _CFG_KEYS)
+        raise _bad("body", "must be a JSON object")
+    unknown = sorted(str(k) for k in set(body) - _KNOWN)
     if unknown:
-        raise SteerHTTPError(400, f"unknown field (known: {sorted(_PROMPT_KEYS | _CFG_KEYS)})",
-                             unknown[0])
+        raise _bad(unknown[0], f"unknown field (known: {', '.join(sorted(_KNOWN))})")
     try:
-        cfg = ProbeConfig(**{k: body[k] for k in _CFG_KEYS if k in body})
-        if not isinstance(cfg.choices, list) or not all(isinstance(c, str) for c in cfg.choices):
-            raise ProbeError("choices", "must be a list of strings")
-        for key in ("every", "max_tokens", "seed", "top_k_flagged"):
-            v = getattr(cfg, key)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ProbeError(key, f"must be an integer, got {v!r}")
-        for key in ("min_mass", "temperature"):
-            v = getattr(cfg, key)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 100:
-                raise ProbeError(key, f"must be a number in [0, 100], got {v!r}")
-        for key in ("suffix", "think_start", "think_end"):
-            v = getattr(cfg, key)
-            if not isinstance(v, str) and not (key == "suffix" and v is None):
-                raise ProbeError(key, "must be a string")
-        steering = body.get("steering")
-        if isinstance(steering, str):
-            steering = json.loads(steering)
-        return ProbeJob(tok, [_prompt_ids(body, tok)], [steering], cfg,
-                        generate=bool(body.get("trajectory", True)), max_model_len=max_model_len)
+        trajectory = _flag(body, "trajectory", True)
+        if not trajectory:
+            stray = [k for k in _TRAJECTORY_ONLY if k in body]
+            if stray:
+                raise _bad(stray[0], "only applies to trajectories (trajectory: true)")
+        cfg = ProbeConfig.from_dict({k: body[k] for k in _CFG_KEYS if k in body})
+        steering = _steering(body)
+        ids = _prompt_ids(body, tok)
+        return ProbeJob(tok, [ids], [steering], cfg, generate=trajectory,
+                        max_model_len=max_model_len)
     except ProbeError as e:
         raise SteerHTTPError(400, str(e), e.field) from None
-    except (TypeError, ValueError, RecursionError) as e:
-        raise SteerHTTPError(400, f"invalid probe request ({e})", "body") from None
 
 
 @router.post("/v1/steering/probe")
@@ -119,5 +148,6 @@ async def steering_probe(request: Request) -> JSONResponse:
         (traj,) = await run_job_async(ctx.engine_client, job)
     except VLLMValidationError as e:
         raise SteerHTTPError(400, str(e), e.parameter) from None
-    return JSONResponse({"object": "steering.probe", "choices": job.choices.choices,
+    return JSONResponse({"object": "steering.probe", "choices": list(job.choices.choices),
+                         "variants": job.choices.to_json(tok), "probe": job.cfg.to_json(),
                          "trajectory": traj.to_json()})

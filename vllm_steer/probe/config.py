@@ -1,0 +1,113 @@
+"""``ProbeConfig``: how to probe, validated once (types and ranges, each error names the
+field) whether it comes from Python, a YAML experiment or the server's JSON body."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from vllm_steer.probe.choices import ProbeError
+from vllm_steer.probe.reading import DEFAULT_MIN_MASS
+
+#: vLLM's default ``max_logprobs``: the most top tokens a flagged reading can ask for.
+MAX_TOP_K = 20
+
+
+def _int(v: Any, name: str, lo: int, hi: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProbeError(name, f"must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ProbeError(name, f"must be {bound}, got {v}")
+
+
+def _num(v: Any, name: str, lo: float, hi: float) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+            or not lo <= v <= hi:
+        raise ProbeError(name, f"must be a number in [{lo:g}, {hi:g}], got {v!r}")
+
+
+def _bool(v: Any, name: str) -> None:
+    if not isinstance(v, bool):
+        raise ProbeError(name, f"must be true or false, got {v!r}")
+
+
+def _text(v: Any, name: str, *, nullable: bool = False) -> None:
+    if v is None and nullable:
+        return
+    if not isinstance(v, str) or not v:
+        raise ProbeError(name, "must be a non-empty string" + (" or null" if nullable else ""))
+
+
+@dataclass
+class ProbeConfig:
+    """How to probe.
+
+    ``choices``: answer strings (single- or multi-token, see ``choices``); ``every``: fork
+    spacing in generated tokens; ``suffix``: forcing text appended at each fork (``None``,
+    one-shot readings only: read right after the prompt); ``max_tokens``: trajectory
+    length; ``min_mass``: readings whose choices hold less probability are flagged and
+    re-asked for their ``top_k_flagged`` top tokens (0: not re-asked);
+    ``think_start``/``think_end``: the thinking-section markers (a fork inside an open
+    section appends ``think_end``); ``temperature``/``seed``/``ignore_eos``: trajectory
+    sampling. ``steer_suffix``: whether the fork's inserted ``think_end``, the suffix and
+    the choice tokens are steered like the trajectory's own next tokens would be (default
+    True, as if the model had written them itself). False steers only the trajectory's
+    tokens; its forks cannot share the trajectory's prefix-cache blocks (the cache salt
+    covers the steered range) and recompute their prefix.
+    """
+
+    choices: list[str] = field(default_factory=lambda: ["Yes", "No"])
+    every: int = 16
+    suffix: str | None = "\nThe final answer is"
+    max_tokens: int = 256
+    min_mass: float = DEFAULT_MIN_MASS
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+    temperature: float = 0.0
+    seed: int = 0
+    top_k_flagged: int = 5
+    ignore_eos: bool = False
+    steer_suffix: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], prefix: str = "") -> ProbeConfig:
+        """Build and validate from a mapping; unknown keys are errors (``prefix`` is
+        prepended to the field names in errors, e.g. ``"probe."``)."""
+        if not isinstance(d, dict):
+            raise ProbeError(prefix.rstrip(".") or "probe", "must be a mapping")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise ProbeError(prefix + unknown[0], f"unknown field (known: {', '.join(known)})")
+        cfg = cls(**d)
+        try:
+            cfg.validate()
+        except ProbeError as e:
+            raise ProbeError(prefix + e.field, str(e).split(": ", 1)[1]) from None
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ``ProbeError`` naming the first bad field."""
+        if not isinstance(self.choices, list | tuple) or not self.choices or not all(
+                isinstance(c, str) for c in self.choices):
+            raise ProbeError("choices", "must be a non-empty list of strings")
+        _int(self.every, "every", 1)
+        if self.suffix is not None and not isinstance(self.suffix, str):
+            raise ProbeError("suffix", "must be a string or null")
+        if self.suffix == "":
+            raise ProbeError("suffix", "must not be empty (use null to read right after a "
+                             "one-shot prompt)")
+        _int(self.max_tokens, "max_tokens", 1)
+        _num(self.min_mass, "min_mass", 0.0, 1.0)
+        _text(self.think_start, "think_start")
+        _text(self.think_end, "think_end")
+        _num(self.temperature, "temperature", 0.0, 100.0)
+        _int(self.seed, "seed", 0)  # vLLM seeds its generator with it
+        _int(self.top_k_flagged, "top_k_flagged", 0, MAX_TOP_K)
+        _bool(self.ignore_eos, "ignore_eos")
+        _bool(self.steer_suffix, "steer_suffix")
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
