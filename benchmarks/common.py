@@ -194,7 +194,7 @@ def write_result(name: str, data: dict[str, Any], out_dir: Path | None = None) -
     return path
 
 
-from vllm_steer.engine import shutdown  # noqa: E402,F401  (re-exported for the scripts)
+from vllm_steer.llm_factory import shutdown  # noqa: E402,F401  (re-exported for the scripts)
 
 
 # -- peak memory of a process tree --------------------------------------------------------

@@ -40,7 +40,7 @@ VARIANTS = ("plugin_off", "unsteered", "steered")
 def worker(args: argparse.Namespace) -> None:
     from vllm import SamplingParams
 
-    from vllm_steer.engine import make_llm
+    from vllm_steer.llm_factory import make_llm
 
     llm = make_llm(enforce_eager=True, dtype="float32", max_num_seqs=args.prompts,
                    max_model_len=2048)

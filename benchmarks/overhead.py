@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res = header(argv, "overhead")
     res["mode"] = mode
     bench_registry()
-    from vllm_steer.engine import make_llm
+    from vllm_steer.llm_factory import make_llm
 
     t0 = time.perf_counter()
     llm = make_llm(enforce_eager=not args.compiled, dtype="float32",

@@ -47,7 +47,7 @@ STEERING = {"vectors": [{"name": "all30", "scale": 1.0}], "apply_to": "generated
 
 
 def _engine(block_size: int, caching: bool) -> Any:
-    from vllm_steer.engine import make_llm
+    from vllm_steer.llm_factory import make_llm
 
     return make_llm(enforce_eager=True, dtype="float32", block_size=block_size,
                     enable_prefix_caching=caching, max_model_len=2048)

@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res = header(argv, "profile")
     res["command"] = " ".join(["python benchmarks/profile_steer.py", *argv])
     bench_registry()
-    from vllm_steer.engine import make_llm
+    from vllm_steer.llm_factory import make_llm
 
     llm = make_llm(enforce_eager=True, dtype="float32", max_num_seqs=args.prompts,
                    max_model_len=2048)

@@ -101,7 +101,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from vllm_steer.models import resolve_model
+    from vllm_steer.default_model import resolve_model
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)

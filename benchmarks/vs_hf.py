@@ -1,7 +1,7 @@
 """Benchmark 2: vLLM + vllm-steer versus HF transformers ``generate`` with forward hooks.
 
 The HF side is what repeng does: forward hooks adding the vector to decoder block outputs
-(``vllm_steer.hf_reference.steer_hf``), one ``generate`` per batch. Same prompts
+(``vllm_steer.hf_steering.steer_hf``), one ``generate`` per batch. Same prompts
 (equal-length random token ids, so HF needs no padding), same number of sampled output
 tokens (``min_new_tokens = max_new_tokens``, i.e. ignore_eos), same vectors (all 30
 layers), both in float32.
@@ -50,7 +50,7 @@ def _vector_of(i: int, workload: str) -> str:
 def vllm_worker(args: argparse.Namespace) -> None:
     from vllm import SamplingParams
 
-    from vllm_steer.engine import make_llm
+    from vllm_steer.llm_factory import make_llm
 
     llm = make_llm(enforce_eager=not args.compiled, dtype="float32",
                    max_num_seqs=max(args.prompts, 8), max_model_len=2048)
@@ -78,8 +78,8 @@ def hf_worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from vllm_steer import SteeringVector
-    from vllm_steer.hf_reference import steer_hf
-    from vllm_steer.models import resolve_model
+    from vllm_steer.default_model import resolve_model
+    from vllm_steer.hf_steering import steer_hf
 
     torch.set_num_threads(args.hf_threads)
     torch.manual_seed(0)

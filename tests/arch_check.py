@@ -18,7 +18,7 @@ import torch
 
 from tests.steer_helpers import position_mask
 from vllm_steer import SteeringVector
-from vllm_steer.hf_reference import steer_hf
+from vllm_steer.hf_steering import steer_hf
 
 LOGPROB_ATOL = 2e-3
 #: A greedy step may pick HF's runner-up only when the two are this close (nats): a tie

@@ -13,6 +13,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def default_model_dir() -> str:
     """The converted fp32 SmolLM2-135M-Instruct directory (converted once, then cached)."""
-    from vllm_steer.models import prepare_default_model
+    from vllm_steer.default_model import prepare_default_model
 
     return str(prepare_default_model())

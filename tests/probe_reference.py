@@ -11,7 +11,7 @@ import math
 import torch
 
 from tests.steer_helpers import think_states
-from vllm_steer.hf_reference import steer_hf
+from vllm_steer.hf_steering import steer_hf
 
 LEADING = " \t\n\r\"'`“”‘’«»*_(["
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from vllm_steer import SteeringVector
-from vllm_steer.engine import shutdown  # noqa: F401  (re-exported for the tests)
-from vllm_steer.hf_reference import steer_hf
+from vllm_steer.hf_steering import steer_hf
+from vllm_steer.llm_factory import shutdown  # noqa: F401  (re-exported for the tests)
 
 THINK_START, THINK_END = "<think>", "</think>"
 

@@ -30,7 +30,7 @@ from vllm_steer.extract import (
     separation_scores,
     train,
 )
-from vllm_steer.hf_reference import steer_hf
+from vllm_steer.hf_steering import steer_hf
 from vllm_steer.vector import SteeringVector
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ NUM_LAYERS = 4
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from vllm_steer.models import resolve_model
+    from vllm_steer.default_model import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(None))
 

@@ -112,7 +112,7 @@ def hf_model(default_model_dir):
 def test_fork_readings_match_hf_reference(setup, hf_model):
     import torch
 
-    from vllm_steer.hf_reference import steer_hf
+    from vllm_steer.hf_steering import steer_hf
     from vllm_steer.probe.reading import logsumexp
 
     llm, reg = setup

@@ -132,7 +132,7 @@ def test_thinking_prompt_logprobs_match_masked_reference(setup, hf):
     import torch
 
     from tests.steer_helpers import position_mask
-    from vllm_steer.hf_reference import steer_hf
+    from vllm_steer.hf_steering import steer_hf
 
     llm, reg = setup
     model, tok = hf

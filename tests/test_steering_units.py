@@ -20,7 +20,7 @@ from vllm_steer.steering.spec import (
     parse_extra_args,
     parse_spec,
 )
-from vllm_steer.steering.tokens import ANSWER, THINK, ThinkTracker
+from vllm_steer.steering.think_tracker import ANSWER, THINK, ThinkTracker
 
 H, L = 8, 4
 

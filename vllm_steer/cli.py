@@ -20,7 +20,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--verify", action="store_true", help="check file checksums")
 
     def run(args: argparse.Namespace) -> int:
-        from vllm_steer.models import prepare_default_model
+        from vllm_steer.default_model import prepare_default_model
 
         print(prepare_default_model(force=args.force, verify=args.verify))
         return 0
@@ -104,7 +104,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="print the environment and command instead of running them")
 
     def run(args: argparse.Namespace) -> int:
-        from vllm_steer.models import resolve_model
+        from vllm_steer.default_model import resolve_model
 
         env = serve_env(args.registry)
         argv = [*_vllm_cli_argv(), "serve", resolve_model(args.model), *args.extra]

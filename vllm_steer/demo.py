@@ -32,8 +32,8 @@ def ensure_vector(name: str) -> Path:
 def run_demo(args: argparse.Namespace) -> int:
     from vllm import SamplingParams
 
-    from vllm_steer.engine import make_llm
-    from vllm_steer.models import resolve_model
+    from vllm_steer.default_model import resolve_model
+    from vllm_steer.llm_factory import make_llm
     from vllm_steer.probe import ProbeConfig, build_prompt, probe, sweep
     from vllm_steer.probe.plot import plot_sweep, plot_trajectories
     from vllm_steer.probe.questions import load_questions

@@ -25,7 +25,7 @@ from torch import nn
 
 from vllm_steer.extract.dataset import DatasetError
 from vllm_steer.extract.hidden import pad_batch
-from vllm_steer.hf_reference import steer_hf
+from vllm_steer.hf_steering import steer_hf
 from vllm_steer.vector import SteeringVector
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vllm_steer.hf_reference import decoder_layers
+from vllm_steer.hf_steering import decoder_layers
 
 
 class HiddenStateError(ValueError):

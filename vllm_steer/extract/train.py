@@ -29,7 +29,7 @@ from vllm_steer.extract.dataset import (
 )
 from vllm_steer.extract.hidden import read_last_token
 from vllm_steer.extract.methods import check_method, find_direction, separation
-from vllm_steer.hf_reference import decoder_layers
+from vllm_steer.hf_steering import decoder_layers
 from vllm_steer.vector import SteeringVector, VectorMetadata
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -166,7 +166,7 @@ def load_model(path: str | os.PathLike[str] | None = None, *, dtype: str = "floa
     """``(model, tokenizer)`` for a local HF causal LM (``None``: the default model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_steer.models import resolve_model
+    from vllm_steer.default_model import resolve_model
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -204,7 +204,7 @@ def extract_from_config(
     """
     from transformers import AutoTokenizer
 
-    from vllm_steer.models import resolve_model
+    from vllm_steer.default_model import resolve_model
 
     t0 = time.perf_counter()
     dtype = dtype or cfg.dtype

@@ -46,7 +46,7 @@ def probe_config(d: dict[str, Any] | None, choices: tuple[str, ...] | None = Non
 
 
 def _engine(cfg: dict[str, Any], args: argparse.Namespace) -> Any:
-    from vllm_steer.engine import make_llm
+    from vllm_steer.llm_factory import make_llm
 
     opts = {"block_size": 32, "enforce_eager": True, "max_model_len": 2048}
     opts.update(cfg.get("engine") or {})

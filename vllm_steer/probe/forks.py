@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from vllm_steer.steering.spec import parse_spec
-from vllm_steer.steering.tokens import ThinkTracker
+from vllm_steer.steering.think_tracker import ThinkTracker
 
 
 def replay_spec(spec: dict[str, Any] | str | None, prompt_len: int) -> dict[str, Any] | None:

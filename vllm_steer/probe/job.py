@@ -31,7 +31,7 @@ from vllm_steer.probe.config import ProbeConfig
 from vllm_steer.probe.forks import fork_points, fork_spec, replay_spec, think_states
 from vllm_steer.probe.reading import Reading, make_reading
 from vllm_steer.steering.spec import SpecError
-from vllm_steer.steering.tokens import ANSWER, THINK
+from vllm_steer.steering.think_tracker import ANSWER, THINK
 
 STAGES = ("trajectories", "forks", "gaps", "top")
 

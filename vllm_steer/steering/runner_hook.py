@@ -26,7 +26,7 @@ from vllm_steer.steering.layers import attach, plan_layers
 from vllm_steer.steering.resolve import NO_END, ResolvedSteering
 from vllm_steer.steering.slots import SlotTable
 from vllm_steer.steering.spec import WIRE_KEY
-from vllm_steer.steering.tokens import ANSWER, THINK, ThinkTracker
+from vllm_steer.steering.think_tracker import ANSWER, THINK, ThinkTracker
 
 logger = logging.getLogger("vllm_steer")
 _MODE_STATE = {"thinking": THINK, "answer": ANSWER}

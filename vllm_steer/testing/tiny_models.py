@@ -140,7 +140,7 @@ ARCHS: dict[str, TinyArch] = {a.name: a for a in (
 
 
 def cache_root() -> Path:
-    from vllm_steer.models import cache_dir
+    from vllm_steer.default_model import cache_dir
 
     return cache_dir() / "test-models"
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vllm_steer.models import resolve_model
+from vllm_steer.default_model import resolve_model
 from vllm_steer.steering.registry import REGISTRY_ENV
 
 #: The registry shipped in the repository (source checkout / editable install).

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vllm_steer import compat, models
-from vllm_steer.models import ModelNotFoundError, is_complete, resolve_model
+from vllm_steer import compat
+from vllm_steer import default_model as models
+from vllm_steer.default_model import ModelNotFoundError, is_complete, resolve_model
 
 # -- resolve_model ------------------------------------------------------------------------
 
