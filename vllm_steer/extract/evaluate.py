@@ -1,6 +1,7 @@
 """Checking a vector with HF forward hooks: yes/no log-odds on held-out questions.
 
-Question files (``configs/questions/*.yaml``)::
+Question files (``configs/questions/*.yaml``) are the probes' format
+(``vllm_steer.probe.questions``) with two choices and every ``expected`` given::
 
     choices: ["Yes", "No"]            # first = the "yes" answer
     instruction: "Answer with Yes or No."   # optional, appended after a space
@@ -13,19 +14,19 @@ Question files (``configs/questions/*.yaml``)::
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from vllm_steer.extract.dataset import DatasetError
 from vllm_steer.extract.hidden import pad_batch
 from vllm_steer.hf_steering import steer_hf
+from vllm_steer.probe.choices import normalize
+from vllm_steer.probe.questions import load_questions as load_question_set
+from vllm_steer.stats import pearson
 from vllm_steer.vector import SteeringVector
 
 
@@ -43,18 +44,21 @@ class YesNoQuestions:
 
 
 def load_questions(path: str | os.PathLike[str]) -> YesNoQuestions:
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    choices = tuple(raw.get("choices", ["Yes", "No"]))
-    if len(choices) != 2:
-        raise DatasetError(f"{path}: 'choices' must hold exactly two answers")
-    items = raw.get("questions") or []
-    if not items:
-        raise DatasetError(f"{path}: no questions")
-    for k, q in enumerate(items):
-        if q.get("expected") not in choices:
-            raise DatasetError(f"{path}: questions[{k}].expected must be one of {choices}")
-    return YesNoQuestions(tuple(q["question"] for q in items), tuple(q["expected"] for q in items),
-                          (str(choices[0]), str(choices[1])), str(raw.get("instruction") or ""))
+    """A two-choice question file (the probes' format, ``vllm_steer.probe.questions``) with
+    every question's ``expected`` answer given."""
+    qs = load_question_set(path)
+    for k, q in enumerate(qs.questions):
+        if len(q.choices) != 2:
+            raise DatasetError(f"{path}: questions[{k}] must have exactly two choices")
+        if q.expected is None:
+            raise DatasetError(f"{path}: questions[{k}].expected must be one of {q.choices}")
+    choices = qs.questions[0].choices
+    if any(q.choices != choices for q in qs.questions):
+        raise DatasetError(f"{path}: every question must have the same two choices")
+    expected = tuple(next(c for c in choices if normalize(c) == normalize(q.expected))
+                     for q in qs.questions)
+    # the question texts already end with the file's instruction
+    return YesNoQuestions(tuple(qs.texts), expected, (choices[0], choices[1]), "")
 
 
 def _first_token(tokenizer, text: str) -> int:
@@ -105,13 +109,6 @@ def yes_no_log_odds(
         return run()
     with steer_hf(model, vector, scale=scale):
         return run()
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-    xc, yc = xt - xt.mean(), yt - yt.mean()
-    denom = float(xc.norm() * yc.norm())
-    return float((xc * yc).sum()) / denom if denom > 0 else math.nan
 
 
 def scale_sweep(

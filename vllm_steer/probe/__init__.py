@@ -13,7 +13,8 @@ from vllm_steer.probe.forks import fork_spec, replay_spec
 from vllm_steer.probe.job import ProbeJob, Trajectory
 from vllm_steer.probe.prompts import build_prompt
 from vllm_steer.probe.reading import Reading
-from vllm_steer.probe.sweep import SweepResult, pearson, sweep
+from vllm_steer.probe.sweep import SweepResult, sweep
+from vllm_steer.stats import pearson
 
 __all__ = [
     "ChoiceSet", "ProbeConfig", "ProbeError", "ProbeJob", "Reading", "SweepResult",

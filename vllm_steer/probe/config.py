@@ -50,7 +50,8 @@ class ProbeConfig:
     length; ``min_mass``: readings whose choices hold less probability are flagged and
     re-asked for their ``top_k_flagged`` top tokens (0: not re-asked);
     ``think_start``/``think_end``: the thinking-section markers (a fork inside an open
-    section appends ``think_end``); ``temperature``/``seed``/``ignore_eos``: trajectory
+    section appends ``think_end``; None: the tokenizer's own, see ``vllm_steer.thinking``);
+    ``temperature``/``seed``/``ignore_eos``: trajectory
     sampling. ``steer_suffix``: whether the fork's inserted ``think_end``, the suffix and
     the choice tokens are steered like the trajectory's own next tokens would be (default
     True, as if the model had written them itself). False steers only the trajectory's
@@ -63,8 +64,8 @@ class ProbeConfig:
     suffix: str | None = "\nThe final answer is"
     max_tokens: int = 256
     min_mass: float = DEFAULT_MIN_MASS
-    think_start: str = "<think>"
-    think_end: str = "</think>"
+    think_start: str | None = None
+    think_end: str | None = None
     temperature: float = 0.0
     seed: int = 0
     top_k_flagged: int = 5
@@ -101,8 +102,8 @@ class ProbeConfig:
                              "one-shot prompt)")
         _int(self.max_tokens, "max_tokens", 1)
         _num(self.min_mass, "min_mass", 0.0, 1.0)
-        _text(self.think_start, "think_start")
-        _text(self.think_end, "think_end")
+        _text(self.think_start, "think_start", nullable=True)
+        _text(self.think_end, "think_end", nullable=True)
         _num(self.temperature, "temperature", 0.0, 100.0)
         _int(self.seed, "seed", 0)  # vLLM seeds its generator with it
         _int(self.top_k_flagged, "top_k_flagged", 0, MAX_TOP_K)

@@ -14,21 +14,12 @@ from vllm_steer.steering.think_tracker import ThinkTracker
 def replay_spec(spec: dict[str, Any] | str | None, prompt_len: int) -> dict[str, Any] | None:
     """The trajectory's steering in absolute positions, for requests that replay its tokens.
 
-    ``generated`` becomes ``all`` from ``prompt_len``; ``prompt`` becomes ``all`` up to it.
-    The plugin canonicalises the same way, so both get the same prefix-cache salt.
+    Rewritten by ``SteeringSpec.at_absolute_positions``, as the plugin's resolver rewrites
+    every request, so the trajectory and its replays get the same prefix-cache salt.
     """
     if spec is None:
         return None
-    s = parse_spec(spec)
-    d = s.to_dict()
-    if s.apply_to == "generated":
-        d["apply_to"] = "all"
-        d["start_position"] = max(s.start_position, prompt_len)
-    elif s.apply_to == "prompt":
-        d["apply_to"] = "all"
-        d["end_position"] = prompt_len if s.end_position is None else min(s.end_position,
-                                                                          prompt_len)
-    return d
+    return parse_spec(spec).at_absolute_positions(prompt_len).to_dict()
 
 
 def fork_spec(spec: dict[str, Any] | str | None, prompt_len: int, token_index: int,

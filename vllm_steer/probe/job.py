@@ -32,6 +32,7 @@ from vllm_steer.probe.forks import fork_points, fork_spec, replay_spec, think_st
 from vllm_steer.probe.reading import Reading, make_reading
 from vllm_steer.steering.spec import SpecError
 from vllm_steer.steering.think_tracker import ANSWER, THINK
+from vllm_steer.thinking import markers_for
 
 STAGES = ("trajectories", "forks", "gaps", "top")
 
@@ -106,8 +107,10 @@ class ProbeJob:
             self.suffix_ids = tokenizer.encode(cfg.suffix, add_special_tokens=False)
             if not self.suffix_ids:
                 raise ProbeError("suffix", f"{cfg.suffix!r} tokenizes to nothing")
-        self.ts = tuple(tokenizer.encode(cfg.think_start, add_special_tokens=False))
-        self.te = tuple(tokenizer.encode(cfg.think_end, add_special_tokens=False))
+        default_start, default_end = markers_for(tokenizer)
+        self.ts = tuple(tokenizer.encode(cfg.think_start or default_start,
+                                         add_special_tokens=False))
+        self.te = tuple(tokenizer.encode(cfg.think_end or default_end, add_special_tokens=False))
         if not self.ts:
             raise ProbeError("think_start", "tokenizes to nothing")
         if not self.te:

@@ -12,19 +12,7 @@ from vllm_steer.probe.config import ProbeConfig
 from vllm_steer.probe.drivers import probe_once
 from vllm_steer.probe.prompts import build_prompt
 from vllm_steer.probe.reading import Reading, logsumexp
-
-
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    n = len(xs)
-    if n < 2:
-        return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    if sxx == 0 or syy == 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
+from vllm_steer.stats import pearson
 
 
 def target_log_odds(r: Reading, target: str) -> float | None:

@@ -10,6 +10,7 @@ caching, exactly as ``vllm_steer.probe``.
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -27,8 +28,8 @@ router = APIRouter()
 MAX_BODY = 1 << 20
 _PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
 _OTHER_KEYS = {"chat", "system", "open_thinking", "steering", "trajectory"}
-_CFG_KEYS = {"choices", "every", "max_tokens", "suffix", "min_mass", "temperature", "seed",
-             "think_start", "think_end", "top_k_flagged", "ignore_eos", "steer_suffix"}
+#: ``ProbeConfig``'s fields, validated there (one place for probe settings).
+_CFG_KEYS = {f.name for f in fields(ProbeConfig)}
 #: Config fields that only shape the trajectory (an error with ``"trajectory": false``).
 _TRAJECTORY_ONLY = ("every", "max_tokens", "temperature", "seed", "ignore_eos")
 _KNOWN = set(_PROMPT_KEYS) | _OTHER_KEYS | _CFG_KEYS

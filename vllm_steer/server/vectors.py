@@ -15,7 +15,6 @@ import asyncio
 import base64
 import binascii
 import json
-import math
 import os
 import uuid
 from pathlib import Path
@@ -26,7 +25,7 @@ from fastapi.responses import JSONResponse
 
 from vllm_steer.server.common import ServerContext, SteerHTTPError, context, read_body
 from vllm_steer.steering.registry import NAME_RE, RegistryEntry
-from vllm_steer.steering.spec import MAX_ABS_SCALE, SpecError
+from vllm_steer.steering.values import SpecError, parse_layers, parse_scale
 from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector_io import VectorFileError, detect_format
 from vllm_steer.vector_io import load as load_vector
@@ -47,35 +46,19 @@ def _name(x: Any) -> str:
 def _scale(x: Any) -> float:
     if x is None:
         return 1.0
-    if isinstance(x, bool) or not isinstance(x, int | float | str):
-        raise SteerHTTPError(400, f"must be a number, got {type(x).__name__}", "scale")
     try:
-        s = float(x)
-    except (ValueError, OverflowError):
-        raise SteerHTTPError(400, "must be a number", "scale") from None
-    if not math.isfinite(s) or abs(s) > MAX_ABS_SCALE:
-        raise SteerHTTPError(400, f"must be finite with |scale| <= {MAX_ABS_SCALE:g}", "scale")
-    return s
+        return parse_scale(x, "scale")
+    except SpecError as e:
+        raise SteerHTTPError(400, e.message, "scale") from None
 
 
 def _layers(x: Any, num_layers: int) -> tuple[int, ...] | None:
     if x is None:
         return None
-    if isinstance(x, str):
-        try:
-            x = json.loads(x) if x.strip().startswith("[") else [int(v) for v in x.split(",")]
-        except (ValueError, RecursionError):
-            raise SteerHTTPError(400, "must be a list of layer indices", "layers") from None
-    if not isinstance(x, list) or not x or len(x) > num_layers:
-        raise SteerHTTPError(400, f"must be a non-empty list of at most {num_layers} layer "
-                             "indices", "layers")
-    for v in x:
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_layers:
-            raise SteerHTTPError(400, f"layer {v!r} is not an integer in 0..{num_layers - 1}",
-                                 "layers")
-    if len(set(x)) != len(x):
-        raise SteerHTTPError(400, "layers repeat", "layers")
-    return tuple(sorted(x))
+    try:
+        return parse_layers(x, "layers", num_layers)
+    except SpecError as e:
+        raise SteerHTTPError(400, e.message, "layers") from None
 
 
 def _bool(x: Any, field: str) -> bool:

@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from vllm_steer.steering.values import SpecError, parse_layers, parse_scale
+
 REGISTRY_ENV = "VLLM_STEER_REGISTRY"
 #: Overrides the registry's ``upload_dir`` / ``max_upload_bytes``.
 UPLOAD_DIR_ENV = "VLLM_STEER_UPLOAD_DIR"
@@ -146,8 +148,12 @@ class Registry:
         if not NAME_RE.match(name):
             raise ValueError(f"invalid vector name {name!r}: use letters, digits, '_', '.', "
                              "'-' (at most 128, starting with a letter or digit)")
-        entry = RegistryEntry(name, Path(path).resolve(), float(scale),
-                              tuple(layers) if layers else None, "registered")
+        try:
+            scale = parse_scale(scale, "scale")
+            layers = parse_layers(list(layers), "layers") if layers else None
+        except SpecError as e:
+            raise RegistryError(f"vector {name!r}: {e}") from e
+        entry = RegistryEntry(name, Path(path).resolve(), scale, layers, "registered")
         with self._lock:
             old = self.entries.get(name)
             if old is not None and not replace:
@@ -259,12 +265,13 @@ def _parse_entries(raw: Any, rel: Any, where: str, origin: str) -> dict[str, Reg
             entries[str(name)] = RegistryEntry(
                 name=str(name),
                 path=rel(spec["path"]),
-                scale=float(spec.get("scale", 1.0)),
-                layers=tuple(int(x) for x in layers) if layers else None,
+                scale=parse_scale(spec.get("scale", 1.0), "scale"),
+                layers=parse_layers(layers, "layers") if layers is not None else None,
                 origin=origin,
             )
         except (TypeError, ValueError) as e:
-            raise RegistryError(f"{where}.{name}: {e}") from e
+            raise RegistryError(f"{where}.{name}.{e}" if isinstance(e, SpecError)
+                                else f"{where}.{name}: {e}") from e
     return entries
 
 

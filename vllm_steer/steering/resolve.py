@@ -222,12 +222,9 @@ class Resolver:
     def resolve(self, spec: SteeringSpec, prompt_len: int) -> ResolvedSteering:
         composed = self.compose(spec)
 
-        mode, start, end = spec.apply_to, spec.start_position, spec.end_position
-        end = NO_END if end is None else end
-        if mode == "prompt":
-            mode, end = "all", prompt_len if end == NO_END else min(end, prompt_len)
-        elif mode == "generated":
-            mode, start = "all", max(start, prompt_len)
+        canon = spec.at_absolute_positions(prompt_len)
+        mode, start = canon.apply_to, canon.start_position
+        end = NO_END if canon.end_position is None else canon.end_position
         ts: tuple[int, ...] = ()
         te: tuple[int, ...] = ()
         if mode in ("thinking", "answer"):

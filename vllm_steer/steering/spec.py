@@ -16,13 +16,13 @@ Unknown keys are errors: nothing is silently ignored.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from vllm_steer.steering.values import SpecError, parse_layers, parse_scale
 
 APPLY_TO_MODES = ("all", "prompt", "generated", "thinking", "answer")
 MAX_VECTORS = 16
-MAX_ABS_SCALE = 1000.0
 MAX_SPEC_CHARS = 65536
 #: Positions travel to the workers as msgpack int64; anything this large means "no bound".
 MAX_POSITION = (1 << 62) - 1
@@ -33,14 +33,6 @@ WIRE_KEY = "_vllm_steer"
 
 _SPEC_KEYS = {"vectors", "apply_to", "start_position", "end_position", "think_start", "think_end"}
 _VECTOR_KEYS = {"name", "path", "scale", "layers"}
-
-
-class SpecError(ValueError):
-    """A malformed steering spec. ``field`` names the offending field (dotted path)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +69,22 @@ class SteeringSpec:
             if field_name.endswith(suffix):
                 return key
         return "steer_apply_to" if field_name.endswith("apply_to") else "steer"
+
+    def at_absolute_positions(self, prompt_len: int) -> SteeringSpec:
+        """The same steering with ``prompt``/``generated`` rewritten as ``all`` within
+        absolute positions (``generated``: from ``prompt_len``; ``prompt``: up to it).
+
+        The one place this rewrite lives: the resolver canonicalises every request with it,
+        and replays of a trajectory (probe forks) send its result, so both get the same
+        prefix-cache salt and share KV blocks.
+        """
+        if self.apply_to == "generated":
+            return replace(self, apply_to="all",
+                           start_position=max(self.start_position, prompt_len))
+        if self.apply_to == "prompt":
+            end = prompt_len if self.end_position is None else min(self.end_position, prompt_len)
+            return replace(self, apply_to="all", end_position=end)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         vecs = []
@@ -234,36 +242,11 @@ def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
     if path is not None and (not isinstance(path, str) or not path):
         raise SpecError(f"{where}.path", "must be a non-empty string")
     scale = v.get("scale")
-    scale_field = "steer_scale" if flat else f"{where}.scale"
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, int | float | str):
-            raise SpecError(scale_field, f"must be a number, got {type(scale).__name__}")
-        try:
-            scale = float(scale)
-        except ValueError as e:
-            raise SpecError(scale_field, f"must be a number, got {scale!r}") from e
-        if not math.isfinite(scale):
-            raise SpecError(scale_field, f"must be finite, got {scale}")
-        if abs(scale) > MAX_ABS_SCALE:
-            raise SpecError(scale_field, f"|scale| must be <= {MAX_ABS_SCALE:g}, got {scale:g}")
+        scale = parse_scale(scale, "steer_scale" if flat else f"{where}.scale")
     layers = v.get("layers")
-    layers_field = "steer_layers" if flat else f"{where}.layers"
     if layers is not None:
-        if isinstance(layers, str):
-            try:
-                layers = json.loads(layers)
-            except ValueError as e:
-                raise SpecError(layers_field, "must be a list of layer indices") from e
-        if not isinstance(layers, list) or not layers:
-            raise SpecError(layers_field, "must be a non-empty list of layer indices")
-        for x in layers:
-            if isinstance(x, bool) or not isinstance(x, int):
-                raise SpecError(layers_field, f"layer {x!r} is not an integer")
-            if x < 0:
-                raise SpecError(layers_field, f"layer {x} is negative")
-        if len(set(layers)) != len(layers):
-            raise SpecError(layers_field, "layers repeat")
-        layers = tuple(sorted(layers))
+        layers = parse_layers(layers, "steer_layers" if flat else f"{where}.layers")
     return VectorRef(name=name, path=path, scale=scale, layers=layers)
 
 

@@ -1,0 +1,58 @@
+"""Validation of the values a spec, a registry entry or a vector upload carries: scales and
+layer lists. One implementation for all three edges; each maps ``SpecError`` to its own
+error type (``VLLMValidationError``, ``RegistryError``, HTTP 400) keeping the field name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+MAX_ABS_SCALE = 1000.0
+
+
+class SpecError(ValueError):
+    """A malformed steering value. ``field`` names the offending field (dotted path)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")
+
+
+def parse_scale(x: Any, field: str) -> float:
+    """A finite number with ``|x| <= MAX_ABS_SCALE`` (numeric strings accepted)."""
+    if isinstance(x, bool) or not isinstance(x, int | float | str):
+        raise SpecError(field, f"must be a number, got {type(x).__name__}")
+    try:
+        scale = float(x)
+    except (ValueError, OverflowError) as e:
+        raise SpecError(field, f"must be a number, got {x!r}") from e
+    if not math.isfinite(scale):
+        raise SpecError(field, f"must be finite, got {scale}")
+    if abs(scale) > MAX_ABS_SCALE:
+        raise SpecError(field, f"|scale| must be <= {MAX_ABS_SCALE:g}, got {scale:g}")
+    return scale
+
+
+def parse_layers(x: Any, field: str, num_layers: int | None = None) -> tuple[int, ...]:
+    """A non-empty list of distinct layer indices, sorted; given as a list, a JSON list string
+    or a comma-separated string (``"8,9,10"``). With ``num_layers`` each must be below it."""
+    if isinstance(x, str):
+        try:
+            x = json.loads(x) if x.strip().startswith("[") else [int(v) for v in x.split(",")]
+        except (ValueError, RecursionError) as e:
+            raise SpecError(field, "must be a list of layer indices") from e
+    if not isinstance(x, list | tuple) or not x:
+        raise SpecError(field, "must be a non-empty list of layer indices")
+    for v in x:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise SpecError(field, f"layer {v!r} is not an integer")
+        if v < 0:
+            raise SpecError(field, f"layer {v} is negative")
+        if num_layers is not None and v >= num_layers:
+            raise SpecError(field, f"layer {v} out of range: the model has {num_layers} layers "
+                                   f"(0..{num_layers - 1})")
+    if len(set(x)) != len(x):
+        raise SpecError(field, "layers repeat")
+    return tuple(sorted(x))
