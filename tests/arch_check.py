@@ -8,17 +8,14 @@ token ids by a separate implementation), never from the plugin's code.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tests.steer_helpers import position_mask
-from vllm_steer import SteeringVector
+from tests.steer_helpers import composed_dense, position_mask
 from vllm_steer.hf_steering import steer_hf
+from vllm_steer.testing.vectors import write_vectors as write_random_vectors
 
 LOGPROB_ATOL = 2e-3
 #: A greedy step may pick HF's runner-up only when the two are this close (nats): a tie
@@ -26,43 +23,10 @@ LOGPROB_ATOL = 2e-3
 NEAR_TIE = 1e-3
 
 
-@contextlib.contextmanager
-def inproc_engine(enable: bool = True) -> Iterator[None]:
-    """Engines built inside run their core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if enable else "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
-
-
 def write_vectors(root: Path, hidden: int, num_layers: int, scale: float = 4.0) -> Path:
     """Two random vectors ``a`` (all layers) and ``b`` (layers 1..) plus a registry."""
-    vdir = root / "vectors"
-    vdir.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(7)
-    SteeringVector({i: scale * torch.randn(hidden, generator=g) for i in range(num_layers)}
-                   ).save(vdir / "a.safetensors")
-    SteeringVector({i: scale * torch.randn(hidden, generator=g) for i in range(1, num_layers)}
-                   ).save(vdir / "b.safetensors")
-    reg = root / "registry.yaml"
-    reg.write_text("allowed_dirs: [vectors]\nvectors:\n"
-                   "  a: {path: vectors/a.safetensors}\n  b: {path: vectors/b.safetensors}\n")
-    return reg
-
-
-def dense(reg: Path, parts: list[tuple[str, float]], num_layers: int, hidden: int) -> torch.Tensor:
-    """``sum scale * v`` as float32 ``[num_layers, hidden]``, read straight from the files."""
-    out = torch.zeros(num_layers, hidden)
-    for name, scale in parts:
-        for layer, d in SteeringVector.load(reg.parent / "vectors" / f"{name}.safetensors"
-                                            ).directions.items():
-            out[layer] += scale * d
-    return out
+    return write_random_vectors(root, {"a": range(num_layers), "b": range(1, num_layers)},
+                                hidden=hidden, norm_scale=scale, seed=7)
 
 
 @dataclass
@@ -120,7 +84,7 @@ def check_against_hf(model, reg: Path, cases: list[Case], outs, num_layers: int,
         gen = list(comp.token_ids)
         ids = case.prompt + gen
         n = len(case.prompt)
-        delta = dense(reg, case.parts, num_layers, hidden) if case.parts else None
+        delta = composed_dense(reg, case.parts, num_layers, hidden) if case.parts else None
         mask = (position_mask(ids, case.mode, n, markers=markers) if delta is not None
                 else None)
         if mask is not None:

@@ -15,38 +15,6 @@ from vllm_steer.llm_factory import shutdown  # noqa: F401  (re-exported for the 
 THINK_START, THINK_END = "<think>", "</think>"
 
 
-def write_test_vectors(root: Path, hidden: int = 576, num_layers: int = 30) -> Path:
-    """Random vectors big enough to change greedy output, plus a registry; returns its path."""
-    vdir = root / "vectors"
-    vdir.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(1234)
-    for name, layers in (("v1", range(num_layers)), ("v2", range(5, 20)),
-                         ("v3", range(0, num_layers, 3))):
-        SteeringVector({i: 0.15 * torch.randn(hidden, generator=g) for i in layers}).save(
-            vdir / f"{name}.safetensors")
-    SteeringVector({0: torch.randn(hidden + 8, generator=g)}).save(vdir / "wide.safetensors")
-    reg = root / "registry.yaml"
-    reg.write_text(
-        "allowed_dirs: [vectors]\n"
-        "vectors:\n"
-        "  v1: {path: vectors/v1.safetensors}\n"
-        "  v2: {path: vectors/v2.safetensors, scale: 2.0}\n"
-        "  v3: {path: vectors/v3.safetensors}\n"
-        "  wide: {path: vectors/wide.safetensors}\n"
-    )
-    return reg
-
-
-def make_llm(model_dir: str, **kw):
-    from vllm import LLM
-
-    opts = dict(model=model_dir, dtype="float32", gpu_memory_utilization=0.5, seed=0,
-                enforce_eager=True, block_size=32, max_num_batched_tokens=256,
-                max_model_len=2048)
-    opts.update(kw)
-    return LLM(**opts)
-
-
 def composed_dense(registry_path: Path, vectors: list[tuple[str, float]],
                    num_layers: int = 30, hidden: int = 576) -> torch.Tensor:
     """``sum scale * v`` as float32 ``[num_layers, hidden]``, read straight from the files."""

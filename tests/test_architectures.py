@@ -17,12 +17,12 @@ import pytest
 from tests.arch_check import (
     Case,
     check_against_hf,
-    inproc_engine,
     run_cases,
     think_ids,
     write_vectors,
 )
-from tests.steer_helpers import THINK_END, THINK_START, env_registry, make_llm, shutdown
+from tests.steer_helpers import THINK_END, THINK_START, env_registry
+from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
 from vllm_steer.testing.tiny_models import ARCHS, HIDDEN, LAYERS, build_tiny_model
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -41,7 +41,7 @@ def arch(request, default_model_dir, tmp_path_factory):
     # process that builds the model, which would break the HF reference here: those engines
     # keep their core in a separate process.
     with inproc_engine(ARCHS[name].adapter != "hf_batched"):
-        llm = make_llm(str(model_dir), max_model_len=512)
+        llm = make_test_llm(str(model_dir), max_model_len=512)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     yield name, llm, hf, tok, reg

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.arch_check import check_against_hf, inproc_engine, run_cases, write_vectors
-from tests.steer_helpers import THINK_END, THINK_START, env_registry, make_llm, shutdown
+from tests.arch_check import check_against_hf, run_cases, write_vectors
+from tests.steer_helpers import THINK_END, THINK_START, env_registry
 from tests.test_architectures import matrix_cases
+from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
 from vllm_steer.testing.tiny_models import ARCHS, HIDDEN, LAYERS, build_tiny_model
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -28,7 +29,7 @@ def arch(request, default_model_dir, tmp_path_factory):
     reg = write_vectors(tmp_path_factory.mktemp(f"compiled-{name}"), HIDDEN, LAYERS)
     env_registry(reg)
     with inproc_engine(ARCHS[name].adapter != "hf_batched"):
-        llm = make_llm(str(model_dir), max_model_len=512, enforce_eager=False)
+        llm = make_test_llm(str(model_dir), max_model_len=512, enforce_eager=False)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     yield name, llm, hf, tok, reg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -70,7 +71,8 @@ def write_marked_dir(d: Path, files: dict[str, bytes]) -> Path:
     for name, data in files.items():
         (d / name).write_bytes(data)
     recs = {
-        name: {"size": (d / name).stat().st_size, "sha256": models._sha256(d / name)}
+        name: {"size": (d / name).stat().st_size,
+               "sha256": hashlib.sha256((d / name).read_bytes()).hexdigest()}
         for name in files
     }
     (d / models.MARKER).write_text(json.dumps({"conversion": models.CONVERSION_VERSION,

@@ -337,14 +337,18 @@ def _reading(probs: dict[str, float], mass: float, t: int):
 
 @pytest.mark.parametrize("choices", [["Yes", "No"], ["20", "30", "40", "50"]])
 def test_plots_show_choice_probabilities_and_a_mass_panel(tmp_path, choices):
+    import matplotlib
+
     from vllm_steer.probe import SweepResult, Trajectory
     from vllm_steer.probe.plot import (
-        _plt,
         plot_sweep,
         plot_trajectories,
         sweep_figure,
         trajectory_figure,
     )
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     k = len(choices)
     trajs = []
@@ -355,7 +359,6 @@ def test_plots_show_choice_probabilities_and_a_mass_panel(tmp_path, choices):
             t.readings.append(_reading({c: x / sum(w) for c, x in zip(choices, w, strict=True)},
                                        0.5 / (i + 1), i))
         trajs.append(t)
-    plt = _plt()
     fig = trajectory_figure(plt, trajs, "q", 0.05)
     labels = [ax.get_ylabel() for ax in fig.axes]
     assert labels[-1] == "mass of all choices" and fig.axes[-1].get_yscale() == "log"

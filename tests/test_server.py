@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from tests.server_helpers import Server
-from tests.steer_helpers import write_test_vectors
 from vllm_steer import SteeringVector
+from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
 

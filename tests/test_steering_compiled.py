@@ -20,10 +20,9 @@ from tests.steer_helpers import (
     composed_dense,
     env_registry,
     hf_greedy,
-    make_llm,
-    shutdown,
-    write_test_vectors,
 )
+from vllm_steer.testing.engines import make_test_llm, shutdown
+from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 N_TOKENS = 32
@@ -63,7 +62,7 @@ def setup(default_model_dir, tmp_path_factory):
     # 2) then the steered engine, same cache root, compiled mode
     os.environ["VLLM_CACHE_ROOT"] = str(cache)
     env_registry(write_test_vectors(root))
-    llm = make_llm(default_model_dir, enforce_eager=False)
+    llm = make_test_llm(default_model_dir, enforce_eager=False)
     yield llm, Path(os.environ["VLLM_STEER_REGISTRY"]), cache, prompt, plain
     shutdown(llm)
     os.environ.pop("VLLM_CACHE_ROOT", None)

@@ -14,10 +14,9 @@ from tests.steer_helpers import (
     composed_dense,
     env_registry,
     hf_greedy,
-    make_llm,
-    shutdown,
-    write_test_vectors,
 )
+from vllm_steer.testing.engines import make_test_llm, shutdown
+from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
 N_TOKENS = 32
@@ -28,7 +27,7 @@ LOGPROB_ATOL = 2e-3
 def setup(default_model_dir, tmp_path_factory):
     reg = write_test_vectors(tmp_path_factory.mktemp("steer"))
     env_registry(reg)
-    llm = make_llm(default_model_dir)
+    llm = make_test_llm(default_model_dir)
     yield llm, reg
     shutdown(llm)
 

@@ -12,8 +12,9 @@ import os
 import pytest
 import torch
 
-from tests.steer_helpers import env_registry, make_llm, shutdown
+from tests.steer_helpers import env_registry
 from vllm_steer import SteeringVector
+from vllm_steer.testing.engines import make_test_llm, shutdown
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 HIDDEN, LAYERS = 128, 4
@@ -49,7 +50,7 @@ def _run(model_dir, tok, tp):
     prompts = ["The capital of France is", "Once upon a time", "def fib(n):"]
     specs = [{"vectors": [{"name": "t"}]}, None,
              {"vectors": [{"name": "t", "scale": -1.5}], "apply_to": "generated"}]
-    llm = make_llm(model_dir, tensor_parallel_size=tp, max_model_len=512,
+    llm = make_test_llm(model_dir, tensor_parallel_size=tp, max_model_len=512,
                    distributed_executor_backend="mp")
     try:
         params = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0,

@@ -19,12 +19,12 @@ from tests.arch_check import (
     LOGPROB_ATOL,
     Case,
     check_against_hf,
-    dense,
-    inproc_engine,
     run_cases,
     write_vectors,
 )
+from tests.steer_helpers import composed_dense
 from vllm_steer.hf_steering import steer_hf
+from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
 from vllm_steer.testing.thinking_tokenizer import (
     THINK_END_ID,
     THINK_START_ID,
@@ -98,13 +98,13 @@ pytest_engine = pytest.mark.engine
 def r1_engine(r1_tok, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from tests.steer_helpers import env_registry, make_llm, shutdown
+    from tests.steer_helpers import env_registry
 
     model_dir = build_tiny_model("qwen2", r1_tokenizer_dir())
     reg = write_vectors(tmp_path_factory.mktemp("r1"), HIDDEN, LAYERS)
     env_registry(reg)   # no think_markers in it: the model's own are used
     with inproc_engine():
-        llm = make_llm(str(model_dir), max_model_len=512)
+        llm = make_test_llm(str(model_dir), max_model_len=512)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert hf.config.vocab_size == VOCAB_SIZE
     yield llm, hf, reg
@@ -140,7 +140,7 @@ def test_steered_positions_are_exactly_the_marked_ones(r1_engine, r1_tok, mode):
     want = ((pos > s) & (pos < e)) if mode == "thinking" else (pos > e)
     out = run_cases(llm, [Case(ids, [("a", 3.0)], mode, prompt_logprobs=True)], n_tokens=1)[0]
     got = [out.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))]
-    delta = dense(reg, [("a", 3.0)], LAYERS, HIDDEN)
+    delta = composed_dense(reg, [("a", 3.0)], LAYERS, HIDDEN)
     ref = _prompt_logprobs(hf, ids, delta, want[None])
     assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) < LOGPROB_ATOL
     # one position more or less is visible: steering the marker token too does not match,
@@ -179,7 +179,7 @@ def test_probe_forks_close_the_section_with_the_single_token_marker(r1_engine, r
     assert [r.token_index for r in traj.readings] == [0, 4, 8]
     choices = ChoiceSet.build(r1_tok, ["Yes", "No"])
     suffix = r1_tok.encode(cfg.suffix, add_special_tokens=False)
-    delta = dense(reg, [("a", 1.0)], LAYERS, HIDDEN)
+    delta = composed_dense(reg, [("a", 1.0)], LAYERS, HIDDEN)
     for r in traj.readings:
         assert r.in_thinking
         # the fork: prompt + generated[:t] + </think> (one token) + suffix; only the tokens
