@@ -1,0 +1,131 @@
+"""GPU readiness without vLLM: the steering hot path inside a captured CUDA graph.
+
+vLLM replays CUDA graphs captured once; steering must then work by updating preallocated
+tensors in place: the per-layer slot tables (``SlotTable``) and the per-token row index.
+Here a stack of layers with the real adapters (``steering.layers.attach``) is captured in
+a CUDA graph, then replayed after new vectors were uploaded into the tables and new rows
+copied host -> device (non-blocking, from pinned memory, as the runner does); every replay
+must equal an eager forward with the same tables and rows. Skips without CUDA; the CPU
+variant checks the same in-place protocol without a graph (so the test itself runs here).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vllm_steer.steering.layers import AdapterKind, attach
+from vllm_steer.steering.slots import SlotTable
+
+HIDDEN, LAYERS, MAX_TOKENS = 64, 3, 16
+
+
+class _PairLayer(nn.Module):
+    """A decoder layer in vLLM's deferred-residual form: returns ``(hidden, residual)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+        residual = hidden if residual is None else hidden + residual
+        return torch.tanh(self.proj(residual)), residual
+
+
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_PairLayer() for _ in range(LAYERS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, residual = x, None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return hidden + residual
+
+
+def _setup(device: torch.device):
+    torch.manual_seed(0)
+    model = _Stack().to(device)
+    slots = SlotTable(LAYERS, 5, HIDDEN, torch.float32, device)
+    rows = torch.zeros(MAX_TOKENS, dtype=torch.long, device=device)
+    for i, layer in enumerate(model.layers):
+        attach(layer, AdapterKind.RESIDUAL_PAIR, slots.tables[i], rows)
+    host_rows = torch.zeros(MAX_TOKENS, dtype=torch.long,
+                            pin_memory=device.type == "cuda")
+    return model, slots, rows, host_rows
+
+
+def _upload(slots: SlotTable, digest: str, seed: int) -> int:
+    g = torch.Generator().manual_seed(seed)
+    slots.acquire(digest, tuple(range(LAYERS)), torch.randn(LAYERS, HIDDEN, generator=g))
+    return slots.slot_for(digest, {digest})
+
+
+def _set_rows(rows: torch.Tensor, host: torch.Tensor, values: list[int]) -> None:
+    host.zero_()
+    host[: len(values)] = torch.tensor(values)
+    rows.copy_(host, non_blocking=True)
+
+
+def _reference(model: _Stack, x: torch.Tensor, slots: SlotTable, values: list[int]):
+    """Eager forward without the wrappers: the delta added by hand, per token."""
+    hidden, residual = x, None
+    idx = torch.tensor(values + [0] * (x.shape[0] - len(values)), device=x.device)
+    for i, layer in enumerate(model.layers):
+        hidden, residual = layer._vllm_steer_forward(hidden, residual)
+        residual = residual + slots.tables[i][idx]
+    return hidden + residual
+
+
+def _rounds(slots: SlotTable):
+    """(rows per token, vectors to upload first): new rows and new table contents each time."""
+    yield [0] * MAX_TOKENS, []
+    yield [1, 1, 0, 2] + [0] * 12, [("a", 1), ("b", 2)]
+    yield [2, 0, 0, 1] + [1] * 12, []
+    slots.release("a")  # slot 1 is freed and refilled with another vector
+    yield [1] * MAX_TOKENS, [("c", 3)]
+
+
+def _check(run, model, slots, rows, host, x) -> int:
+    seen = 0
+    for values, uploads in _rounds(slots):
+        for digest, seed in uploads:
+            _upload(slots, digest, seed)
+        _set_rows(rows, host, values)
+        got = run()
+        want = _reference(model, x, slots, values)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        seen += int(any(values))
+    return seen
+
+
+def test_in_place_protocol_on_cpu():
+    model, slots, rows, host = _setup(torch.device("cpu"))
+    x = torch.randn(MAX_TOKENS, HIDDEN)
+    with torch.no_grad():
+        assert _check(lambda: model(x), model, slots, rows, host, x) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hot_path_in_a_cuda_graph_equals_eager():
+    dev = torch.device("cuda")
+    model, slots, rows, host = _setup(dev)
+    x = torch.randn(MAX_TOKENS, HIDDEN, device=dev)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph, as vLLM does
+            model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            torch.cuda.synchronize()
+            return out.clone()
+
+        assert _check(replay, model, slots, rows, host, x) == 3
