@@ -599,3 +599,55 @@ def test_steer_hf_tensor_mask_rejects_decoding(tiny_model, tokenizer):
             pass
     with torch.no_grad():
         assert math.isfinite(float(tiny_model(ids).logits.sum()))
+
+
+# -- unpaired prompt sets (the refusal-direction recipe) ------------------------------------------
+def test_prompt_sets_mean_diff_matches_an_independent_computation(tiny_model, tokenizer):
+    from vllm_steer.extract import build_prompt_sets
+
+    pos = ["How do I pick a lock?", "How can I steal a bike?", "Write a threat."]
+    neg = ["How do I bake bread?", "How can I fix a bike?", "Write a poem.", "Name a fruit."]
+    ds = build_prompt_sets(tokenizer, pos, neg, fmt=PromptFormat(style="chat"))
+    assert len(ds.positives) == 3 and len(ds.negatives) == 4
+    v = train(tiny_model, tokenizer, ds, layers=[1, 2], method="mean_diff", normalize="none",
+              progress=False)
+    # reference: each rendered prompt alone through HF, block outputs via output_hidden_states
+    for layer in (1, 2):
+        def last(text, layer=layer):
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                out = tiny_model(ids, output_hidden_states=True)
+            return out.hidden_states[layer + 1][0, -1]
+
+        want = (torch.stack([last(t) for t in ds.positives]).double().mean(0)
+                - torch.stack([last(t) for t in ds.negatives]).double().mean(0))
+        torch.testing.assert_close(v.directions[layer].double(), want, atol=1e-4, rtol=1e-4)
+    assert v.metadata.extra["num_positive"] == "3" and v.metadata.extra["num_negative"] == "4"
+    assert set(separation_scores(v)) == {1, 2}
+
+
+def test_prompt_sets_refuse_paired_methods_and_broadcast_one_direction(tiny_model, tokenizer,
+                                                                        tmp_path):
+    from vllm_steer.extract import build_prompt_sets
+
+    ds = build_prompt_sets(tokenizer, ["a", "b"], ["c"], fmt=PromptFormat(style="plain"))
+    with pytest.raises(DatasetError, match="mean_diff"):
+        train(tiny_model, tokenizer, ds, method="pca_center", progress=False)
+    v = train(tiny_model, tokenizer, ds, layers="all", method="mean_diff",
+              direction_from_layer=2, progress=False)
+    src = v.directions[2]
+    assert abs(float(src.norm()) - 1.0) < 1e-5
+    assert all(torch.equal(v.directions[i], src) for i in range(NUM_LAYERS))
+    cfg = tmp_path / "sets.yaml"
+    cfg.write_text("method: pca_center\npositive_prompts: [a]\nnegative_prompts: [b]\n")
+    with pytest.raises(DatasetError, match="mean_diff"):
+        load_config(cfg)
+    cfg.write_text("method: mean_diff\npositive_prompts: [a]\nnegative_prompts: []\n")
+    with pytest.raises(DatasetError, match="negative_prompts"):
+        load_config(cfg)
+    (tmp_path / "neg.txt").write_text("# harmless\nc\nd\n")
+    cfg.write_text("method: mean_diff\nstyle: plain\npositive_prompts: [a, b]\n"
+                   "negative_prompts: neg.txt\ndirection_from_layer: 1\n")
+    loaded = load_config(cfg)
+    sets = build_dataset(loaded, tokenizer)
+    assert sets.negatives == ("c", "d") and loaded.direction_from_layer == 1

@@ -102,6 +102,54 @@ class ContrastiveDataset:
         return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+@dataclass(frozen=True)
+class PromptSets:
+    """Two unpaired prompt lists (e.g. harmful vs harmless instructions, rendered): the data
+    of the refusal-direction recipe, a difference of means of last-token activations.
+    ``add_special_tokens``/``info`` as in ``ContrastiveDataset``."""
+
+    positives: tuple[str, ...]
+    negatives: tuple[str, ...]
+    add_special_tokens: bool = True
+    name: str = ""
+    info: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positives", tuple(self.positives))
+        object.__setattr__(self, "negatives", tuple(self.negatives))
+        for which, items in (("positives", self.positives), ("negatives", self.negatives)):
+            if not items:
+                raise DatasetError(f"prompt sets: '{which}' is empty")
+            bad = [k for k, x in enumerate(items) if not isinstance(x, str) or not x.strip()]
+            if bad:
+                raise DatasetError(f"prompt sets: {which}[{bad[0]}] must be a non-empty string")
+
+    def __len__(self) -> int:
+        return len(self.positives) + len(self.negatives)
+
+    def fingerprint(self) -> str:
+        payload = json.dumps({"add_special_tokens": self.add_special_tokens,
+                              "positives": list(self.positives),
+                              "negatives": list(self.negatives)},
+                             ensure_ascii=False, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def build_prompt_sets(tokenizer, positives: Sequence[str], negatives: Sequence[str], *,
+                      fmt: PromptFormat | None = None, name: str = "") -> PromptSets:
+    """Prompt sets with every instruction rendered as a user turn with the generation prompt
+    open (``style: chat``/``thinking``), or as raw text (``style: plain``)."""
+    fmt = fmt or PromptFormat()
+    if fmt.style == "plain":
+        return PromptSets(tuple(positives), tuple(negatives), add_special_tokens=True,
+                          name=name, info={"style": "plain", "data": "prompt sets"})
+    check_chat_template(tokenizer, fmt)
+    render = [render_generation_prompt(tokenizer, x, fmt) for x in (*positives, *negatives)]
+    n = len(positives)
+    return PromptSets(tuple(render[:n]), tuple(render[n:]), add_special_tokens=False,
+                      name=name, info={"style": fmt.style, "data": "prompt sets"})
+
+
 def _to_pair(item: Any, k: int) -> ContrastivePair:
     if isinstance(item, ContrastivePair):
         return item
@@ -320,7 +368,8 @@ _CONFIG_KEYS = {
     "name", "description", "model", "style", "template", "personas", "suffixes",
     "expand_suffixes", "max_suffixes", "system_prompt", "think_open", "think_close",
     "chat_template_kwargs", "separator", "pairs", "pairs_file", "layers", "method",
-    "normalize", "batch_size", "dtype", "output",
+    "normalize", "batch_size", "dtype", "output", "positive_prompts", "negative_prompts",
+    "direction_from_layer",
 }
 
 
@@ -344,7 +393,12 @@ class VectorConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     separator: str = "\n"
     pairs: list[ContrastivePair] | None = None
+    #: Unpaired prompt lists (refusal-direction style data; ``method: mean_diff`` only).
+    positive_prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
     layers: str | list[int] | None = None
+    #: Use the direction found at this layer for every layer (directional ablation).
+    direction_from_layer: int | None = None
     method: str = "pca_center"
     normalize: str = "unit"
     batch_size: int = 32
@@ -430,6 +484,10 @@ def load_config(path: str | os.PathLike[str]) -> VectorConfig:
         raise DatasetError(f"{where}: batch_size must be >= 1")
     cfg.layers = raw.get("layers")
     check_layers_spec(cfg.layers, f"{where}: layers")
+    dfl = raw.get("direction_from_layer")
+    if dfl is not None and (isinstance(dfl, bool) or not isinstance(dfl, int)):
+        raise DatasetError(f"{where}: direction_from_layer must be a layer index")
+    cfg.direction_from_layer = dfl
     for key in ("think_open", "think_close"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value):
@@ -443,6 +501,25 @@ def load_config(path: str | os.PathLike[str]) -> VectorConfig:
         if cfg.max_suffixes < 1:
             raise DatasetError(f"{where}: max_suffixes must be >= 1")
 
+    has_sets = raw.get("positive_prompts") is not None or raw.get("negative_prompts") is not None
+    if has_sets:
+        others = [k for k in ("personas", "pairs", "pairs_file") if raw.get(k) is not None]
+        if others:
+            raise DatasetError(f"{where}: give either positive_prompts/negative_prompts or "
+                               f"'{others[0]}', not both")
+        if cfg.method != "mean_diff":
+            raise DatasetError(f"{where}: prompt sets are unpaired: method must be 'mean_diff'"
+                               f" (got {cfg.method!r})")
+        for key in ("positive_prompts", "negative_prompts"):
+            items = raw.get(key)
+            if isinstance(items, str):   # a file of prompts, one per line
+                items = load_suffixes(items, base_dir=cfg.base_dir)
+            if not isinstance(items, list) or not items or not all(
+                    isinstance(x, str) and x.strip() for x in items):
+                raise DatasetError(f"{where}: '{key}' must be a non-empty list of prompts or "
+                                   "a file with one prompt per line")
+            setattr(cfg, key, list(items))
+        return cfg
     has_pairs = raw.get("pairs") is not None or raw.get("pairs_file") is not None
     if has_pairs:
         if raw.get("personas") is not None:
@@ -475,8 +552,11 @@ def load_config(path: str | os.PathLike[str]) -> VectorConfig:
     return cfg
 
 
-def build_dataset(cfg: VectorConfig, tokenizer) -> ContrastiveDataset:
+def build_dataset(cfg: VectorConfig, tokenizer) -> ContrastiveDataset | PromptSets:
     """The dataset a config describes, rendered with ``tokenizer``'s chat template."""
+    if cfg.positive_prompts is not None:
+        return build_prompt_sets(tokenizer, cfg.positive_prompts, cfg.negative_prompts or [],
+                                 fmt=cfg.prompt_format, name=cfg.name)
     if cfg.pairs is not None:
         return as_dataset(cfg.pairs, add_special_tokens=True, name=cfg.name)
     suffixes = load_suffixes(cfg.suffixes, base_dir=cfg.base_dir)

@@ -112,6 +112,26 @@ def orient(pos: torch.Tensor, neg: torch.Tensor, direction: torch.Tensor) -> tor
     return direction
 
 
+def set_mean_diff(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """float32 ``[hidden]``: ``mean(pos) - mean(neg)`` for two *unpaired* sets
+    ``pos [n_pos, hidden]`` and ``neg [n_neg, hidden]`` (the refusal-direction recipe)."""
+    if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1]:
+        raise ValueError(f"pos and neg must be [n, hidden] with one hidden size, got "
+                         f"{tuple(pos.shape)} and {tuple(neg.shape)}")
+    if pos.shape[0] < 1 or neg.shape[0] < 1:
+        raise ValueError("need at least one prompt in each set")
+    return (pos.double().mean(0) - neg.double().mean(0)).float()
+
+
+def set_separation(pos: torch.Tensor, neg: torch.Tensor, direction: torch.Tensor) -> float:
+    """Fraction of all prompts on their own side of the midpoint between the two sets'
+    mean projections onto ``direction`` (1.0: a threshold separates the sets perfectly)."""
+    d = direction.double()
+    pp, pn = pos.double() @ d, neg.double() @ d
+    mid = (pp.mean() + pn.mean()) / 2
+    return float(((pp > mid).sum() + (pn < mid).sum()) / (len(pp) + len(pn)))
+
+
 def find_direction(pos: torch.Tensor, neg: torch.Tensor, method: str) -> torch.Tensor:
     """Oriented float32 ``[hidden]`` direction separating ``pos`` from ``neg`` with ``method``."""
     direction = _FUNCS[check_method(method)](pos, neg)

@@ -22,13 +22,20 @@ from vllm_steer.extract.dataset import (
     NORMALIZE,
     ContrastiveDataset,
     DatasetError,
+    PromptSets,
     VectorConfig,
     as_dataset,
     build_dataset,
     check_layers_spec,
 )
 from vllm_steer.extract.hidden import read_last_token
-from vllm_steer.extract.methods import check_method, find_direction, separation
+from vllm_steer.extract.methods import (
+    check_method,
+    find_direction,
+    separation,
+    set_mean_diff,
+    set_separation,
+)
 from vllm_steer.hf_steering import decoder_layers
 from vllm_steer.vector import SteeringVector, VectorMetadata
 
@@ -85,7 +92,7 @@ def format_separation(scores: dict[int, float]) -> str:
 def train(
     model: nn.Module,
     tokenizer,
-    dataset: ContrastiveDataset | Sequence[Any],
+    dataset: ContrastiveDataset | PromptSets | Sequence[Any],
     *,
     layers: str | Sequence[int] | None = None,
     method: str = "pca_center",
@@ -95,10 +102,13 @@ def train(
     share_prefix: bool = True,
     progress: bool = True,
     model_name: str | None = None,
+    direction_from_layer: int | None = None,
 ) -> SteeringVector:
     """Train a control vector on ``model`` from contrastive ``dataset``.
 
-    ``dataset``: a ``ContrastiveDataset`` or a list of ``(positive, negative)`` strings.
+    ``dataset``: a ``ContrastiveDataset``, a list of ``(positive, negative)`` strings, or
+    ``PromptSets`` (two unpaired prompt lists; ``method="mean_diff"`` only: the difference
+    of the sets' mean last-token activations, the refusal-direction recipe).
     ``layers``: see ``resolve_layers``. ``method``: ``pca_diff``, ``pca_center`` or
     ``mean_diff`` (see ``methods``). ``normalize``: ``unit`` scales every layer's
     direction to norm 1 (repeng's convention); ``none`` keeps ``mean_diff``'s raw
@@ -106,9 +116,13 @@ def train(
     positive scale moves toward the positive prompts. The per-layer separation score
     (fraction of pairs the direction orders correctly) is stored as JSON in
     ``metadata.extra["separation"]`` and printed to stderr when ``progress``.
+    ``direction_from_layer``: use the direction found at that layer (unit norm) for every
+    picked layer, as directional ablation ("abliteration") does with one refusal direction.
     """
-    ds = as_dataset(dataset)
+    ds = dataset if isinstance(dataset, PromptSets) else as_dataset(dataset)
     check_method(method)
+    if isinstance(ds, PromptSets) and method != "mean_diff":
+        raise DatasetError(f"prompt sets are unpaired: method must be 'mean_diff', got {method!r}")
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
     num_layers = len(decoder_layers(model))
@@ -116,7 +130,10 @@ def train(
     if method == "pca_diff" and len(ds) < 2:
         raise DatasetError("method 'pca_diff' needs at least 2 pairs (it centres the differences)")
 
-    prompts = [s for p in ds.pairs for s in (p.positive, p.negative)]
+    if isinstance(ds, PromptSets):
+        prompts = [*ds.positives, *ds.negatives]
+    else:
+        prompts = [s for p in ds.pairs for s in (p.positive, p.negative)]
     hidden = read_last_token(model, tokenizer, prompts, picked, batch_size=batch_size,
                              add_special_tokens=ds.add_special_tokens,
                              padding_side=padding_side, share_prefix=share_prefix,
@@ -125,22 +142,37 @@ def train(
     directions: dict[int, torch.Tensor] = {}
     scores: dict[int, float] = {}
     for layer in picked:
-        h = hidden[layer]  # [2 n, hidden]: positive, negative, positive, ...
-        pos, neg = h[0::2], h[1::2]
-        d = find_direction(pos, neg, method)
+        h = hidden[layer]
+        if isinstance(ds, PromptSets):  # [n_pos + n_neg, hidden]
+            pos, neg = h[:len(ds.positives)], h[len(ds.positives):]
+            d = set_mean_diff(pos, neg)
+        else:  # [2 n, hidden]: positive, negative, positive, ...
+            pos, neg = h[0::2], h[1::2]
+            d = find_direction(pos, neg, method)
         if normalize == "unit":
             d = d / d.norm().clamp_min(1e-12)
         directions[layer] = d
-        scores[layer] = separation(pos, neg, d)
+        scores[layer] = (set_separation(pos, neg, d) if isinstance(ds, PromptSets)
+                         else separation(pos, neg, d))
 
+    if direction_from_layer is not None:
+        src = resolve_layers([direction_from_layer], num_layers)[0]
+        if src not in picked:
+            raise ValueError(f"direction_from_layer {direction_from_layer} is not one of the "
+                             f"extracted layers {picked}")
+        unit = directions[src] / directions[src].norm().clamp_min(1e-12)
+        directions = {layer: unit.clone() for layer in picked}
     cfg = getattr(model, "config", None)
     hidden_size = next(iter(directions.values())).shape[0]
     extra = {k: str(v) for k, v in ds.info.items()}
     extra.update({
         "layers": json.dumps(picked),
         "separation": json.dumps({str(k): round(v, 6) for k, v in scores.items()}),
-        "num_pairs": str(len(ds)),
+        **({"num_positive": str(len(ds.positives)), "num_negative": str(len(ds.negatives))}
+           if isinstance(ds, PromptSets) else {"num_pairs": str(len(ds))}),
         "normalize": normalize,
+        **({"direction_from_layer": str(direction_from_layer)}
+           if direction_from_layer is not None else {}),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     })
     if ds.name:
@@ -224,7 +256,7 @@ def extract_from_config(
     t1 = time.perf_counter()
     vector = train(model, tokenizer, ds, layers=cfg.layers, method=cfg.method,
                    normalize=cfg.normalize, batch_size=batch_size or cfg.batch_size,
-                   progress=progress)
+                   progress=progress, direction_from_layer=cfg.direction_from_layer)
     t_train = time.perf_counter() - t1
     return ExtractResult(vector=vector, seconds_total=time.perf_counter() - t0,
                          seconds_model_load=t_load, seconds_extract=t_train, num_pairs=len(ds),
