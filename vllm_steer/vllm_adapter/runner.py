@@ -22,6 +22,8 @@ import functools
 import hashlib
 import inspect
 import logging
+import os
+import sys
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -249,6 +251,11 @@ def code_files(roots: Iterable[Any], package: str = "vllm_steer") -> list[str]:
                 files.add(inspect.getsourcefile(obj) or "")
                 stack.extend(vars(obj).values())
         elif inspect.isfunction(obj) and ours(obj):
+            # Only code written in its module's file: generated functions ("<string>") and
+            # wrappers made elsewhere (dataclasses' repr) merely carry our __module__.
+            module = sys.modules.get(obj.__module__)
+            if obj.__code__.co_filename != getattr(module, "__file__", None):
+                continue
             files.add(obj.__code__.co_filename)
             codes = [obj.__code__]
             while codes:
@@ -260,8 +267,7 @@ def code_files(roots: Iterable[Any], package: str = "vllm_steer") -> list[str]:
                     stack.append(cell.cell_contents)
                 except ValueError:  # empty cell
                     pass
-    files.discard("")
-    return sorted(files)
+    return sorted(f for f in files if os.path.isfile(f))
 
 
 def traced_files() -> list[str]:
