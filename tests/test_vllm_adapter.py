@@ -243,3 +243,50 @@ def test_doctor_lists_and_checks_every_symbol(capsys, monkeypatch, vllm_classes)
     assert main(["doctor"]) == 1
     text = capsys.readouterr().out
     assert f"{GPU}._prepare_inputs" in text and "-> FAIL: does not exist" in text
+
+
+# -- plugin load and the V2 model runner ------------------------------------------------------
+def test_register_forces_v1_runner_and_installs_every_patch():
+    """In a fresh process (plugin load patches vLLM classes process-wide)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "os.environ.pop('VLLM_USE_V2_MODEL_RUNNER', None)\n"
+        "from vllm_steer import plugin\n"
+        "plugin.register()\n"
+        "from vllm.v1.worker.gpu_model_runner import GPUModelRunner as G\n"
+        "from vllm.v1.worker.cpu_model_runner import CPUModelRunner as C\n"
+        "from vllm.v1.worker.worker_base import WorkerBase as W\n"
+        "from vllm.v1.engine.input_processor import InputProcessor as P\n"
+        "from vllm.entrypoints.openai.completion.protocol import CompletionRequest as R\n"
+        "ours = lambda f: getattr(f, '_vllm_steer', False)\n"
+        "print('V2', os.environ['VLLM_USE_V2_MODEL_RUNNER'])\n"
+        "print('PATCHED', all(map(ours, [G.load_model, C.load_model, G._update_states,\n"
+        "    G._prepare_inputs, P.__init__, P.process_inputs, R.to_sampling_params,\n"
+        "    R.to_beam_search_params])), hasattr(W, 'vllm_steer_stats'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert "V2 0" in out.stdout and "PATCHED True True" in out.stdout, out.stderr[-3000:]
+
+
+def test_steering_is_refused_when_the_v2_runner_is_active():
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_steer.vllm_adapter.frontend import steer_request
+
+    processor = types.SimpleNamespace(
+        vllm_config=types.SimpleNamespace(use_v2_model_runner=True))
+    request = types.SimpleNamespace(
+        sampling_params=types.SimpleNamespace(
+            extra_args={"steering": {"vectors": [{"name": "happy"}]}}),
+        prompt_token_ids=[1, 2], cache_salt=None)
+    with pytest.raises(VLLMValidationError, match="V2 model runner") as ei:
+        steer_request(processor, request)
+    assert ei.value.parameter == "steering"
+    unsteered = types.SimpleNamespace(
+        sampling_params=types.SimpleNamespace(extra_args={"other_plugin": 1}),
+        prompt_token_ids=[1], cache_salt=None)
+    steer_request(processor, unsteered)           # only steered requests are refused
+    assert unsteered.cache_salt is None
