@@ -290,3 +290,62 @@ def test_steering_is_refused_when_the_v2_runner_is_active():
         prompt_token_ids=[1], cache_salt=None)
     steer_request(processor, unsteered)           # only steered requests are refused
     assert unsteered.cache_salt is None
+
+
+# -- the worker's intake of the wire -----------------------------------------------------------
+def bare_steering(num_layers=4, hidden=8):
+    """A ``RunnerSteering`` without a runner (its request bookkeeping only)."""
+    from vllm_steer.steering.slots import SlotTable
+
+    st = runner.RunnerSteering.__new__(runner.RunnerSteering)
+    st.num_layers, st.hidden, st.reqs = num_layers, hidden, {}
+    st.slots = SlotTable(num_layers, 3, hidden, torch.float32, torch.device("cpu"))
+    return st
+
+
+def params_with(wire: dict) -> types.SimpleNamespace:
+    from vllm_steer.steering.spec import WIRE_KEY
+
+    return types.SimpleNamespace(extra_args={WIRE_KEY: wire})
+
+
+def test_worker_takes_a_valid_wire_and_refuses_a_malformed_one():
+    from tests.test_wire import make
+    from vllm_steer.steering.wire import WireError
+
+    st = bare_steering()
+    w = make(layers=(1, 3), mode="thinking")
+    st.add_request("r1", params_with(w.to_extra_arg()))
+    st.add_request("r2", params_with(w.to_extra_arg()))       # same digest: shared slot
+    assert st.slots.stats()["live_digests"] == 1 and set(st.reqs) == {"r1", "r2"}
+    assert st.reqs["r1"].tracker is not None and st.reqs["r1"].start == w.start
+    for bad, field in (({"mode": "sideways"}, "mode"),
+                       ({"delta": b"\0" * 4}, "delta"),
+                       ({"digest": "0" * 64}, "digest"),   # content does not match its key
+                       ({"hidden": 16, "delta": b"\0" * (2 * 16 * 4)}, "hidden")):
+        with pytest.raises(WireError) as ei:
+            st.add_request("bad", params_with({**make(layers=(0, 2)).to_extra_arg(), **bad}))
+        assert ei.value.field == field
+    with pytest.raises(WireError, match="out of range"):
+        bare_steering(num_layers=3).add_request("r", params_with(w.to_extra_arg()))
+    assert "bad" not in st.reqs and st.slots.stats()["live_digests"] == 1
+
+
+def test_steered_request_on_an_unhooked_runner_stops_the_engine():
+    """A runner class whose load_model was not wrapped has no steering state: a steered
+    request must not run unsteered."""
+    from tests.test_wire import make
+
+    class Runner:
+        pass
+
+    update = runner._wrap_update_states(lambda self, so: "ran")
+    new = [types.SimpleNamespace(req_id="r", sampling_params=params_with(make().to_extra_arg()))]
+    so = types.SimpleNamespace(finished_req_ids=set(), scheduled_new_reqs=new)
+    with pytest.raises(VLLMDriftError, match="was not hooked") as ei:
+        update(Runner(), so)
+    assert ei.value.symbol.endswith("Runner.load_model")
+    plain = types.SimpleNamespace(req_id="p", sampling_params=types.SimpleNamespace(
+        extra_args=None))
+    assert update(Runner(), types.SimpleNamespace(finished_req_ids=set(),
+                                                  scheduled_new_reqs=[plain])) == "ran"
