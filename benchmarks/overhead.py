@@ -156,14 +156,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res["mode"] = mode
     bench_registry()
     from vllm_steer.llm_factory import make_llm
+    from vllm_steer.vllm_adapter.engine import vllm_config
 
     t0 = time.perf_counter()
     llm = make_llm(enforce_eager=not args.compiled, dtype="float32",
                    max_num_seqs=max([args.prompts, *args.batch_sizes, 8]), max_model_len=2048)
     res["engine_start_s"] = round(time.perf_counter() - t0, 1)
+    cfg = vllm_config(llm)
     res["engine"] = {"enforce_eager": not args.compiled, "dtype": "float32",
-                     "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
-                     "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs}
+                     "block_size": cfg.cache_config.block_size,
+                     "max_num_seqs": cfg.scheduler_config.max_num_seqs}
     vanilla = None
     if args.vanilla:
         os.environ["VLLM_STEER_DISABLE"] = "1"  # inherited by the new engine's processes

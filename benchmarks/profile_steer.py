@@ -53,8 +53,8 @@ def _classify(stack: str) -> str:
     if any("slots.py" in f or "add_request" in f or "remove_request" in f
            or "_update_states (vllm_steer/" in f for f in ours):
         return "slots"
-    if any(k in f for f in ours for k in ("frontend_hook.py", "resolve.py", "spec.py",
-                                          "registry.py", "vector")):
+    if any(k in f for f in ours for k in ("vllm_adapter/frontend.py", "resolve.py", "spec.py",
+                                          "wire.py", "registry.py", "vector")):
         return "frontend"
     if any("_steered_forward" in f for f in frames):
         return "model"       # the decoder layers themselves (called by the wrapper)

@@ -13,6 +13,7 @@ from tests.steer_helpers import THINK_END, THINK_START, env_registry
 from tests.test_architectures import matrix_cases
 from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
 from vllm_steer.testing.tiny_models import ARCHS, HIDDEN, LAYERS, build_tiny_model
+from vllm_steer.vllm_adapter.engine import vllm_config
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 #: residual_pair (with MoE), stream, stream_first, hf_batched (Transformers backend)
@@ -39,7 +40,7 @@ def arch(request, default_model_dir, tmp_path_factory):
 def test_compiled_steering_matches_hf_hooks(arch):
     name, llm, hf, tok, reg = arch
     # vLLM 0.32 on the CPU defaults to DYNAMO_TRACE_ONCE (2); anything but NONE (0) compiles
-    assert int(llm.llm_engine.vllm_config.compilation_config.mode) > 0
+    assert int(vllm_config(llm).compilation_config.mode) > 0
     cases = matrix_cases(tok)
     outs = run_cases(llm, cases)
     markers = (tok.encode(THINK_START, add_special_tokens=False),

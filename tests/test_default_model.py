@@ -222,10 +222,10 @@ def vllm_engine(default_model_dir):
     yield llm
     # Stop the engine-core process now, not from an atexit finalizer after pytest has
     # closed its capture streams.
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if core is not None:
-        core.shutdown()
-    del llm, core
+    from vllm_steer.llm_factory import shutdown
+
+    shutdown(llm)
+    del llm
     gc.collect()
 
 

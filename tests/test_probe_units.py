@@ -388,6 +388,7 @@ class _FakeLLM:
 
     def __init__(self, tok):
         self.tok = tok
+        self.model_config = SimpleNamespace(max_model_len=4096)  # as vllm.LLM has
 
     def get_tokenizer(self):
         return self.tok

@@ -146,11 +146,11 @@ def test_body_steering_lands_in_extra_args():
     assert ei.value.field == "steer_scale"
 
 
-def test_request_models_are_patched_on_import():
+def test_request_models_are_patched_by_the_adapter():
     import subprocess
     import sys
 
-    code = ("from vllm_steer.server import body; body.install()\n"
+    code = ("from vllm_steer.vllm_adapter import server; server.install()\n"
             "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest"
             " as C\n"
             "r = C(model='m', messages=[{'role': 'user', 'content': 'hi'}],"

@@ -21,6 +21,7 @@ from vllm_steer.steering.spec import (
     parse_spec,
 )
 from vllm_steer.steering.think_tracker import ANSWER, THINK, ThinkTracker
+from vllm_steer.steering.wire import WireSteering
 
 H, L = 8, 4
 
@@ -150,7 +151,7 @@ def test_composition_sums_scaled_vectors_per_layer(resolver, registry):
 
 def test_wire_round_trip(resolver):
     r = resolver.resolve(parse_spec({"vectors": [{"name": "a"}], "apply_to": "thinking"}), 3)
-    back = ResolvedSteering.from_wire(r.to_wire())
+    back = ResolvedSteering.from_wire(WireSteering.from_extra_arg(r.to_wire().to_extra_arg()))
     assert back.layers == r.layers and torch.equal(back.delta, r.delta)
     assert (back.mode, back.start, back.end) == ("thinking", 0, NO_END)
     assert back.think_start_ids == (7,) and back.think_end_ids == (9,)

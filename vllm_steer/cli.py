@@ -195,6 +195,41 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "doctor", help="check the installed vLLM against every vLLM symbol the plugin uses",
+        description="List the table of vLLM symbols vllm-steer patches, reads or calls "
+                    "(vllm_steer/vllm_adapter/symbols.py), with why and how each is checked, "
+                    "and check each against the installed vLLM. Exit status 1 if any fails.")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from vllm_steer.compat import SUPPORTED_VLLM, UnsupportedVLLMError, check_vllm_version
+        from vllm_steer.vllm_adapter.check import report
+
+        try:
+            version, version_ok = check_vllm_version(), "ok"
+        except UnsupportedVLLMError as e:
+            version, version_ok = None, f"FAIL: {e}"
+        rows = report()
+        failed = version_ok != "ok" or any(r["status"].startswith("FAIL") for r in rows)
+        if args.json:
+            print(json.dumps({"vllm": version, "supported": str(SUPPORTED_VLLM),
+                              "version": version_ok, "symbols": rows}, indent=2))
+        else:
+            print(f"vLLM {version or '?'} (supported: {SUPPORTED_VLLM}): {version_ok}")
+            for r in rows:
+                ok = r["status"] == "ok"
+                print(f"{'ok' if ok else r['status'].split(':')[0]:<5} {r['kind']:<8} "
+                      f"{r['symbol']}\n{'':15}checked: {r['checked']}\n{'':15}why: {r['why']}"
+                      + ("" if ok else f"\n{'':15}-> {r['status']}"))
+            print(f"{len(rows)} symbols, "
+                  f"{sum(r['status'].startswith('FAIL') for r in rows)} failing")
+        return 1 if failed else 0
+
+    p.set_defaults(func=run)
+
+
 #: Subcommand builders, in ``--help`` order. Later features append theirs here.
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     from vllm_steer.probe.cli import add_probe
@@ -224,6 +259,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_model, _add_vector, _add_serve, _add_vllm, _add_extract, _add_probe, _add_sweep,
     _add_demo]
 SUBCOMMANDS.append(_add_bench)
+SUBCOMMANDS.append(_add_doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,11 +36,6 @@ def make_llm(model: str | None = None, registry: str | os.PathLike[str] | None =
 
 def shutdown(llm: Any) -> None:
     """Stop ``llm``'s engine processes now (rather than at interpreter exit)."""
-    import gc
+    from vllm_steer.vllm_adapter.engine import shutdown as stop_engine
 
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # already stopped, or an engine without a separate core
-        pass
-    del llm
-    gc.collect()
+    stop_engine(llm)

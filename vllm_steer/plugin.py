@@ -12,7 +12,12 @@ DISABLE_ENV = "VLLM_STEER_DISABLE"
 
 
 def register() -> None:
-    """Check the vLLM version, force the V1 model runner, and install the hooks."""
+    """Check the vLLM version and every vLLM symbol the plugin uses
+    (``vllm_adapter.symbols``), force the V1 model runner, and install the hooks.
+
+    A vLLM outside the supported range, or one whose internals changed, fails here with an
+    error naming the symbol, rather than serving without (or with wrong) steering.
+    """
     global _registered
     if _registered:
         return
@@ -20,19 +25,8 @@ def register() -> None:
         logger.warning("vllm-steer: disabled by %s; requests with steering are not refused "
                        "by this process", DISABLE_ENV)
         return
-    from vllm_steer.compat import check_vllm_version
+    from vllm_steer.vllm_adapter import install
 
-    version = check_vllm_version()
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
-        # vllm-steer hooks the V1 runner; on GPUs with Triton vLLM 0.32 would pick V2.
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        logger.info("vllm-steer: set VLLM_USE_V2_MODEL_RUNNER=0 (steering hooks the V1 runner)")
-    from vllm_steer.steering import frontend_hook, runner_hook
-
-    frontend_hook.install()
-    from vllm_steer.server import body
-
-    body.install()  # OpenAI body "steering" -> extra_args (patched when imported)
-    runner_hook.install()
+    version = install()
     _registered = True
     logger.info("vllm-steer: plugin registered for vLLM %s", version)

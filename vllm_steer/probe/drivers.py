@@ -12,6 +12,7 @@ from vllm_steer.probe.config import ProbeConfig
 from vllm_steer.probe.job import STAGES, ProbeJob, Trajectory
 from vllm_steer.probe.prompts import as_ids
 from vllm_steer.probe.reading import Reading
+from vllm_steer.vllm_adapter.engine import max_model_len
 
 Requests = list[tuple[dict[str, Any], Any]]
 
@@ -22,11 +23,6 @@ def _steering_list(steering: Any, n: int) -> list[Any]:
     return [steering] * n
 
 
-def max_model_len(llm: Any) -> int | None:
-    try:
-        return int(llm.llm_engine.model_config.max_model_len)
-    except AttributeError:
-        return None
 
 
 def generate(llm: Any, reqs: Requests, use_tqdm: bool = False) -> list[Any]:

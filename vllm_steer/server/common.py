@@ -77,11 +77,10 @@ def context(request: Request) -> ServerContext:
 
 
 def _api_tokens(request: Request) -> list[bytes]:
-    from vllm import envs
+    from vllm_steer.vllm_adapter.server import api_keys
 
-    args = getattr(request.app.state, "args", None)
-    keys = getattr(args, "api_key", None) or [envs.VLLM_API_KEY]
-    return [hashlib.sha256(k.encode()).digest() for k in keys if k]
+    keys = api_keys(getattr(request.app.state, "args", None))
+    return [hashlib.sha256(k.encode()).digest() for k in keys]
 
 
 async def require_api_key(request: Request) -> None:

@@ -23,6 +23,7 @@ from vllm_steer.probe.job import ProbeJob
 from vllm_steer.probe.prompts import build_prompt, chat_ids
 from vllm_steer.server.common import SteerHTTPError, context, read_body
 from vllm_steer.steering.spec import SpecError, parse_spec
+from vllm_steer.vllm_adapter.engine import max_model_len
 
 router = APIRouter()
 MAX_BODY = 1 << 20
@@ -143,7 +144,7 @@ async def steering_probe(request: Request) -> JSONResponse:
     tok = ctx.resolver.tokenizer
     if tok is None:
         raise SteerHTTPError(503, "the server has no tokenizer; probes need one")
-    max_len = getattr(getattr(ctx.engine_client, "model_config", None), "max_model_len", None)
+    max_len = max_model_len(ctx.engine_client)
     job = parse_probe_body(await read_body(request, MAX_BODY), tok, max_len)
     try:
         (traj,) = await run_job_async(ctx.engine_client, job)

@@ -38,13 +38,10 @@ def build_router() -> APIRouter:
 
 def _resolver_for(engine_client: Any) -> Any:
     """The frontend hook's resolver (shared registry); built the same way if not yet used."""
-    from vllm_steer.steering.frontend_hook import get_resolver
+    from vllm_steer.vllm_adapter.engine import input_processor
+    from vllm_steer.vllm_adapter.frontend import get_resolver
 
-    processor = getattr(engine_client, "input_processor", None)
-    if processor is None:
-        raise RuntimeError("the engine client has no input_processor; vllm-steer routes need "
-                           "vLLM's AsyncLLM frontend")
-    return get_resolver(processor)
+    return get_resolver(input_processor(engine_client))
 
 
 class SteeringEndpoints:

@@ -1,4 +1,6 @@
-"""Per-request steering inside vLLM: spec parsing (edge), resolution, and the runner hook."""
+"""Per-request steering, vLLM-free: spec parsing (edge), resolution, the wire struct, slot
+tables, layer adapters (the traced forwards) and the thinking tracker. The vLLM side is
+``vllm_steer.vllm_adapter``."""
 
 from vllm_steer.steering.spec import (
     APPLY_TO_MODES,

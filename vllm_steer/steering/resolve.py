@@ -10,7 +10,6 @@ explicit ``start_position`` produces the same cache salt and shares the prefix c
 from __future__ import annotations
 
 import hashlib
-import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,11 +21,11 @@ import torch
 
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.spec import SpecError, SteeringSpec
+from vllm_steer.steering.wire import NO_END, WIRE_VERSION, WireSteering, content_digest
 from vllm_steer.thinking import markers_for
 from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector_io import load as load_vector
 
-NO_END = -1
 _COMPOSED_CACHE = 4096
 
 
@@ -62,33 +61,25 @@ class ResolvedSteering:
                        self.think_end_ids if self.mode != "all" else ())).encode())
         return "vllm-steer:" + h.hexdigest()[:32]
 
-    def to_wire(self) -> dict[str, Any]:
-        """Plain msgpack-able dict that travels in ``extra_args[WIRE_KEY]``."""
-        return {
-            "digest": self.vector_digest,
-            "layers": list(self.layers),
-            "delta": self.delta.numpy().tobytes(),
-            "hidden": int(self.delta.shape[1]),
-            "mode": self.mode,
-            "start": self.start,
-            "end": self.end,
-            "ts": list(self.think_start_ids),
-            "te": list(self.think_end_ids),
-        }
+    def to_wire(self) -> WireSteering:
+        """The typed struct that travels (as builtins) in ``extra_args[WIRE_KEY]``."""
+        return WireSteering(
+            version=WIRE_VERSION,
+            digest=self.vector_digest,
+            layers=tuple(self.layers),
+            hidden=int(self.delta.shape[1]),
+            delta=self.delta.numpy().astype("<f4", copy=False).tobytes(),
+            mode=self.mode,
+            start=self.start,
+            end=self.end,
+            think_start_ids=tuple(self.think_start_ids),
+            think_end_ids=tuple(self.think_end_ids),
+        )
 
     @classmethod
-    def from_wire(cls, w: dict[str, Any]) -> ResolvedSteering:
-        buf = np.frombuffer(w["delta"], dtype="<f4").reshape(len(w["layers"]), w["hidden"])
-        return cls(tuple(w["layers"]), torch.from_numpy(buf.copy()), w["mode"], w["start"],
-                   w["end"], tuple(w["ts"]), tuple(w["te"]), w["digest"])
-
-
-def content_digest(layers: tuple[int, ...], delta: np.ndarray) -> str:
-    """sha256 of the layer list and the float32 little-endian delta bytes."""
-    h = hashlib.sha256()
-    h.update(struct.pack(f"<{len(layers)}q", *layers))
-    h.update(np.ascontiguousarray(delta, dtype="<f4").tobytes())
-    return h.hexdigest()
+    def from_wire(cls, w: WireSteering) -> ResolvedSteering:
+        return cls(w.layers, torch.from_numpy(w.delta_array()), w.mode, w.start, w.end,
+                   w.think_start_ids, w.think_end_ids, w.digest)
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,20 @@ class SlotTable:
         self._free = list(range(num_slots - 1, 0, -1))
 
     # -- reference counting (request lifetime) -------------------------------------
-    def acquire(self, digest: str, layers: tuple[int, ...], delta: torch.Tensor) -> None:
-        """A live request uses ``digest``; ``delta`` is float32 ``[len(layers), hidden]``."""
+    def acquire(self, digest: str, layers: tuple[int, ...], delta: torch.Tensor | None) -> None:
+        """A live request uses ``digest``; ``delta`` is float32 ``[len(layers), hidden]``
+        (may be None only while ``digest`` is live: the table already holds it)."""
         if digest not in self._refs:
+            if delta is None:
+                raise ValueError(f"vllm-steer: no delta for steering {digest[:12]}, which this "
+                                 "worker does not hold")
             self._refs[digest] = 0
             self._host[digest] = (layers, delta)
         self._refs[digest] += 1
+
+    def is_live(self, digest: str) -> bool:
+        """True while a live request holds ``digest``."""
+        return digest in self._refs
 
     def release(self, digest: str) -> None:
         n = self._refs[digest] - 1

@@ -1,19 +1,30 @@
-"""The worker-side hook: steering tables inside vLLM's (V1) model runner.
+"""The worker side: steering tables inside vLLM's (V1) model runner.
 
 ``install`` patches three runner methods, all outside the compiled model:
 
-- ``load_model``: after the model loads, wrap each decoder layer's ``forward`` so that
-  it adds ``table_i[rows[:num_tokens]]`` to the block output (the residual stream).
-  The wrapper is traced by torch.compile like the rest of the model; the tables and
-  ``rows`` are preallocated and only ever updated in place, so the compiled graph
+- ``load_model``: after the model loads, check the live runner against the symbol table,
+  add the hook to vLLM's compile-cache key, and wrap each decoder layer's ``forward``
+  (``steering.layers``) so that it adds ``table_i[rows[:num_tokens]]`` to the residual
+  stream. The wrapper is traced by torch.compile like the rest of the model; the tables
+  and ``rows`` are preallocated and only ever updated in place, so the compiled graph
   (and a CUDA graph) reads fresh values without any Python branch on tensor data.
 - ``_update_states``: acquire/release slot references as requests arrive and finish.
 - ``_prepare_inputs``: fill ``rows`` (one slot index per scheduled token) in place.
+
+vLLM's V2 model runner (``vllm/v1/worker/gpu/model_runner.py``) is not hooked: the plugin
+sets ``VLLM_USE_V2_MODEL_RUNNER=0`` and the frontend refuses steered requests when V2 is
+active anyway (``frontend.steer_request``).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import logging
+import os
+import sys
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,14 +34,16 @@ import torch
 from torch import nn
 
 from vllm_steer.steering.layers import attach, plan_layers
-from vllm_steer.steering.resolve import NO_END, ResolvedSteering
 from vllm_steer.steering.slots import SlotTable
 from vllm_steer.steering.spec import WIRE_KEY
 from vllm_steer.steering.think_tracker import ANSWER, THINK, ThinkTracker
+from vllm_steer.steering.wire import NO_END, WireSteering
+from vllm_steer.vllm_adapter.check import VLLMDriftError, check_instance
 
 logger = logging.getLogger("vllm_steer")
 _MODE_STATE = {"thinking": THINK, "answer": ANSWER}
 COMPILE_KEY = "vllm_steer_hook"
+_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 
 
 @dataclass
@@ -77,19 +90,27 @@ class RunnerSteering:
 
     # -- request lifetime ----------------------------------------------------------
     def add_request(self, req_id: str, sampling_params: Any) -> None:
+        """Take a new request's wire steering (``extra_args[WIRE_KEY]``), if any.
+
+        A malformed wire raises ``WireError`` (the engine stops with it) rather than
+        steering wrongly; it can only come from a frontend of another plugin version.
+        """
         extra = getattr(sampling_params, "extra_args", None) or {}
-        wire = extra.get(WIRE_KEY)
-        if wire is None:
+        raw = extra.get(WIRE_KEY)
+        if raw is None:
             return
+        w = WireSteering.from_extra_arg(raw)
+        w.check_model(self.num_layers, self.hidden)
         if req_id in self.reqs:      # resubmitted id: the old one was finished first
             self.remove_request(req_id)
-        r = ResolvedSteering.from_wire(wire)
-        digest = wire["digest"]
-        self.slots.acquire(digest, r.layers, r.delta)
-        tracker = (ThinkTracker(r.think_start_ids, r.think_end_ids)
-                   if r.mode in _MODE_STATE else None)
-        self.reqs[req_id] = _ReqSteer(digest, r.mode, r.start,
-                                      r.end if r.end != NO_END else 1 << 62, tracker)
+        # A new digest's content is verified (finite, matches the digest it is keyed by);
+        # a live one is already in the table.
+        delta = None if self.slots.is_live(w.digest) else torch.from_numpy(w.verify_content())
+        self.slots.acquire(w.digest, w.layers, delta)
+        tracker = (ThinkTracker(w.think_start_ids, w.think_end_ids)
+                   if w.mode in _MODE_STATE else None)
+        self.reqs[req_id] = _ReqSteer(w.digest, w.mode, w.start,
+                                      w.end if w.end != NO_END else 1 << 62, tracker)
 
     def remove_request(self, req_id: str) -> None:
         st = self.reqs.pop(req_id, None)
@@ -139,29 +160,46 @@ class RunnerSteering:
             self.rows[:clear_to].copy_(self._rows_host[:clear_to], non_blocking=True)
 
 
-def install() -> None:
-    """Patch vLLM's V1 model runner classes (idempotent)."""
+def runner_classes() -> list[type]:
+    """The V1 runner classes whose ``load_model`` is wrapped (GPU, and the CPU one, which
+    overrides ``load_model``)."""
     from vllm.v1.worker import gpu_model_runner
 
-    classes = [gpu_model_runner.GPUModelRunner]
+    classes: list[type] = [gpu_model_runner.GPUModelRunner]
     try:
         from vllm.v1.worker import cpu_model_runner
+    except ImportError:  # a build without the CPU runner; the symbol check says if needed
+        return classes
+    classes.append(cpu_model_runner.CPUModelRunner)
+    return classes
 
-        # CPUModelRunner overrides load_model, so patching only the GPU class misses it.
-        classes.append(cpu_model_runner.CPUModelRunner)
-    except Exception:  # CUDA build without the CPU runner importable
-        pass
-    for cls in classes:
-        if "load_model" in cls.__dict__ and not getattr(cls.load_model, "_vllm_steer", False):
-            cls.load_model = _wrap_load_model(cls.load_model)
+
+def install() -> None:
+    """Patch vLLM's V1 model runner classes and ``WorkerBase`` (idempotent)."""
     from vllm.v1.worker.worker_base import WorkerBase
 
+    classes = runner_classes()
+    for cls in classes:
+        if "load_model" in cls.__dict__ and not _is_ours(cls.load_model):
+            cls.load_model = _wrap_load_model(cls.load_model)
     # Reachable with LLM.collective_rpc("vllm_steer_stats"): slot usage per worker.
     WorkerBase.vllm_steer_stats = _worker_stats
-    base = gpu_model_runner.GPUModelRunner
-    if not getattr(base._update_states, "_vllm_steer", False):
+    base = classes[0]
+    if not _is_ours(base._update_states):
         base._update_states = _wrap_update_states(base._update_states)
+    if not _is_ours(base._prepare_inputs):
         base._prepare_inputs = _wrap_prepare_inputs(base._prepare_inputs)
+
+
+def check_runner(runner: Any) -> None:
+    """Engine-start checks on the live runner: the table's instance attributes, and that
+    the runner's class still reaches the patched ``_update_states``/``_prepare_inputs``."""
+    check_instance("runner", runner)
+    for name in ("_update_states", "_prepare_inputs"):
+        if not _is_ours(getattr(type(runner), name, None)):
+            raise VLLMDriftError(f"{type(runner).__module__}:{type(runner).__qualname__}.{name}",
+                                 "is not the patched GPUModelRunner method (overridden by "
+                                 "this runner class): steering would be silently absent")
 
 
 def layer_adapter_option(vllm_config: Any) -> str | None:
@@ -181,17 +219,62 @@ def _worker_stats(worker: Any) -> dict[str, Any] | None:
             "adapter": steer.adapter.value}
 
 
-def _mark(fn):
-    fn._vllm_steer = True
-    return fn
+# -- the compile-cache key ---------------------------------------------------------------------
+def code_files(roots: Iterable[Any], package: str = "vllm_steer") -> list[str]:
+    """Source files of ``roots`` (functions, classes) and, transitively, of every function,
+    class or module of ``package`` their code names (globals, closures, containers)."""
+    def ours(obj: Any) -> bool:
+        mod = getattr(obj, "__module__", None) if not inspect.ismodule(obj) else obj.__name__
+        return isinstance(mod, str) and (mod == package or mod.startswith(package + "."))
+
+    files: set[str] = set()
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple | set | frozenset):
+            stack.extend(obj)
+        elif isinstance(obj, staticmethod | classmethod | types.MethodType):
+            stack.append(obj.__func__)
+        elif isinstance(obj, property):
+            stack.extend(f for f in (obj.fget, obj.fset, obj.fdel) if f is not None)
+        elif inspect.ismodule(obj):
+            if ours(obj) and getattr(obj, "__file__", None):
+                files.add(obj.__file__)
+        elif inspect.isclass(obj):
+            if ours(obj):
+                files.add(inspect.getsourcefile(obj) or "")
+                stack.extend(vars(obj).values())
+        elif inspect.isfunction(obj) and ours(obj):
+            # Only code written in its module's file: generated functions ("<string>") and
+            # wrappers made elsewhere (dataclasses' repr) merely carry our __module__.
+            module = sys.modules.get(obj.__module__)
+            if obj.__code__.co_filename != getattr(module, "__file__", None):
+                continue
+            files.add(obj.__code__.co_filename)
+            codes = [obj.__code__]
+            while codes:
+                code = codes.pop()
+                stack.extend(obj.__globals__[n] for n in code.co_names if n in obj.__globals__)
+                codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+            for cell in obj.__closure__ or ():
+                try:
+                    stack.append(cell.cell_contents)
+                except ValueError:  # empty cell
+                    pass
+    return sorted(f for f in files if os.path.isfile(f))
 
 
 def traced_files() -> list[str]:
-    """Source files whose code runs inside the compiled model (the layer forwards) or
-    decides what is traced (which adapter a layer gets)."""
-    import vllm_steer.steering.layers as layers
-
-    return [layers.__file__, __file__]
+    """Files whose code torch.compile traces inside the model (the layer forwards and all
+    they call), picks which forward a layer gets (``plan_layers``, ``attach``), or builds
+    the tensors those forwards read (``RunnerSteering.__init__``)."""
+    return code_files([attach, plan_layers, RunnerSteering.__init__])
 
 
 def _add_to_compile_key(vllm_config: Any, files: list[str]) -> None:
@@ -203,8 +286,6 @@ def _add_to_compile_key(vllm_config: Any, files: list[str]) -> None:
     cache also hashes ``traced_files``. Both get the hash of every traced file. Only this
     worker's copy of the config changes.
     """
-    import hashlib
-
     h = hashlib.sha256()
     for path in files:
         with open(path, "rb") as f:
@@ -216,37 +297,55 @@ def _add_to_compile_key(vllm_config: Any, files: list[str]) -> None:
     else:
         logger.warning("vllm-steer: additional_config is not a dict; the compile cache key "
                        "cannot include the steering hook")
-    traced = getattr(vllm_config.compilation_config, "traced_files", None)
-    if isinstance(traced, set):
-        traced.update(files)
+    vllm_config.compilation_config.traced_files.update(files)
+
+
+# -- the wrappers ------------------------------------------------------------------------------
+def _is_ours(fn: Any) -> bool:
+    return bool(getattr(fn, "_vllm_steer", False))
+
+
+def _mark(fn):
+    fn._vllm_steer = True
+    return fn
 
 
 def _wrap_load_model(orig):
+    @functools.wraps(orig)
     def load_model(self, *args, **kwargs):
+        check_runner(self)   # before loading: a drifted runner fails fast
         out = orig(self, *args, **kwargs)
         _add_to_compile_key(self.vllm_config, traced_files())
-        model = self.get_model()
-        self._vllm_steer = RunnerSteering(self, model)
+        self._vllm_steer = RunnerSteering(self, self.get_model())
         return out
 
     return _mark(load_model)
 
 
 def _wrap_update_states(orig):
+    @functools.wraps(orig)
     def _update_states(self, scheduler_output):
         steer: RunnerSteering | None = getattr(self, "_vllm_steer", None)
         if steer is not None:
             steer.remove_requests(scheduler_output.finished_req_ids)
         out = orig(self, scheduler_output)
+        new = scheduler_output.scheduled_new_reqs
         if steer is not None:
-            for new in scheduler_output.scheduled_new_reqs:
-                steer.add_request(new.req_id, new.sampling_params)
+            for req in new:
+                steer.add_request(req.req_id, req.sampling_params)
+        elif any(WIRE_KEY in (getattr(r.sampling_params, "extra_args", None) or {})
+                 for r in new):
+            raise VLLMDriftError(
+                f"{type(self).__module__}:{type(self).__qualname__}.load_model",
+                "was not hooked (this runner class overrides load_model), so a steered "
+                "request would run unsteered")
         return out
 
     return _mark(_update_states)
 
 
 def _wrap_prepare_inputs(orig):
+    @functools.wraps(orig)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
         steer: RunnerSteering | None = getattr(self, "_vllm_steer", None)
         if steer is not None:

@@ -1,15 +1,18 @@
-"""The frontend hook: parse, validate and resolve each request's steering at admission.
+"""The frontend side: parse, validate and resolve each request's steering at admission.
 
 Patches ``InputProcessor.process_inputs`` (the path every ``LLM.generate`` call and
-every OpenAI-server request takes). Bad specs raise ``VLLMValidationError`` naming the
-field, which the server answers with HTTP 400, before the request reaches the engine.
-A good spec is replaced by its resolved wire form and the request's ``cache_salt``
-gains the steering's content hash, so prefix-cache blocks are shared only between
-requests whose steering is identical in content.
+every OpenAI-server request takes; ``process_inputs_async`` wraps it) and
+``InputProcessor.__init__`` (to remember the process's processor, after checking it
+against the symbol table). Bad specs raise ``VLLMValidationError`` naming the field,
+which the server answers with HTTP 400, before the request reaches the engine. A good
+spec is replaced by its resolved wire form (``steering.wire``) and the request's
+``cache_salt`` gains the steering's content hash, so prefix-cache blocks are shared only
+between requests whose steering is identical in content.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -18,6 +21,7 @@ from typing import Any
 from vllm_steer.steering.registry import load_registry
 from vllm_steer.steering.resolve import Resolver
 from vllm_steer.steering.spec import WIRE_KEY, SpecError, parse_extra_args
+from vllm_steer.vllm_adapter.check import check_instance
 
 logger = logging.getLogger("vllm_steer")
 _lock = threading.Lock()
@@ -80,7 +84,7 @@ def steer_request(processor: Any, request: Any) -> None:
         spec = parse_extra_args(extra)
         if spec is None:
             return
-        if getattr(processor.vllm_config, "use_v2_model_runner", False):
+        if processor.vllm_config.use_v2_model_runner:
             raise SpecError("steering", "vLLM's V2 model runner is active and vllm-steer only "
                             "hooks the V1 runner; start with VLLM_USE_V2_MODEL_RUNNER=0")
         resolved = get_resolver(processor).resolve(spec, len(request.prompt_token_ids or ()))
@@ -88,7 +92,7 @@ def steer_request(processor: Any, request: Any) -> None:
         field = spec.user_field(e.field) if spec is not None else e.field
         message = str(e) if field == e.field else f"{field}: {e}"
         raise VLLMValidationError(message, parameter=field) from e
-    extra[WIRE_KEY] = resolved.to_wire()
+    extra[WIRE_KEY] = resolved.to_wire().to_extra_arg()
     salt = resolved.cache_salt
     request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
 
@@ -117,6 +121,7 @@ def prevalidate(extra_args: dict[str, Any] | None) -> None:
 
 
 def install() -> None:
+    """Patch ``InputProcessor.__init__`` and ``process_inputs`` (idempotent)."""
     from vllm.v1.engine.input_processor import InputProcessor
 
     orig = InputProcessor.process_inputs
@@ -124,17 +129,20 @@ def install() -> None:
         return
     orig_init = InputProcessor.__init__
 
+    @functools.wraps(orig_init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         global _active
         orig_init(self, *args, **kwargs)
+        check_instance("processor", self)
         _active = weakref.ref(self)
 
-    InputProcessor.__init__ = __init__
-
+    @functools.wraps(orig)
     def process_inputs(self, *args: Any, **kwargs: Any):
         request = orig(self, *args, **kwargs)
         steer_request(self, request)
         return request
 
+    __init__._vllm_steer = True  # type: ignore[attr-defined]
     process_inputs._vllm_steer = True  # type: ignore[attr-defined]
+    InputProcessor.__init__ = __init__
     InputProcessor.process_inputs = process_inputs

@@ -1,0 +1,45 @@
+"""What the package reads from a running engine: ``vllm.LLM`` (offline) or an
+``EngineClient`` (the OpenAI server's ``AsyncLLM``). Each accessor names its symbol when
+the attribute is gone (``VLLMDriftError``) instead of guessing."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from vllm_steer.vllm_adapter.check import VLLMDriftError
+
+
+def _attr(obj: Any, name: str, symbol: str) -> Any:
+    value = getattr(obj, name, None)
+    if value is None:
+        raise VLLMDriftError(symbol, f"is missing on this {type(obj).__name__}")
+    return value
+
+
+def input_processor(engine_client: Any) -> Any:
+    """The engine client's ``InputProcessor`` (whose resolver the routes share)."""
+    return _attr(engine_client, "input_processor",
+                 "vllm.engine.protocol:EngineClient.input_processor")
+
+
+def max_model_len(engine: Any) -> int:
+    """``max_model_len`` of a ``vllm.LLM`` or an ``EngineClient`` (both hold model_config)."""
+    cfg = _attr(engine, "model_config", "vllm.engine.protocol:EngineClient.model_config"
+                if not hasattr(engine, "llm_engine") else "vllm.entrypoints.llm:LLM.model_config")
+    return int(cfg.max_model_len)
+
+
+def vllm_config(llm: Any) -> Any:
+    """The ``VllmConfig`` a ``vllm.LLM`` runs with (benchmark records, tests)."""
+    engine = _attr(llm, "llm_engine", "vllm.entrypoints.llm:LLM.llm_engine")
+    return _attr(engine, "vllm_config", "vllm.v1.engine.llm_engine:LLMEngine.vllm_config")
+
+
+def shutdown(llm: Any) -> None:
+    """Stop ``llm``'s engine-core process now (rather than at interpreter exit)."""
+    engine = _attr(llm, "llm_engine", "vllm.entrypoints.llm:LLM.llm_engine")
+    core = _attr(engine, "engine_core", "vllm.v1.engine.llm_engine:LLMEngine.engine_core")
+    core.shutdown()
+    del core, engine
+    gc.collect()

