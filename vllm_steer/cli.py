@@ -35,13 +35,9 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     info.add_argument("path")
 
     def run_info(args: argparse.Namespace) -> int:
-        from vllm_steer.vector_io import detect_format, load
+        from vllm_steer.vector_io import describe
 
-        v = load(args.path)
-        norms = {str(k): round(float(t.norm()), 6) for k, t in v.directions.items()}
-        print(json.dumps({"path": args.path, "format": detect_format(args.path),
-                          "hidden_size": v.hidden_size, "layers": v.layers, "norms": norms,
-                          "metadata": v.metadata.to_dict()}, indent=2))
+        print(json.dumps(describe(args.path), indent=2))
         return 0
 
     info.set_defaults(func=run_info)
