@@ -144,11 +144,14 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
-def prepare_default_model(*, force: bool = False, verify: bool = False) -> Path:
-    """Return the HF directory of the default model, converting it on first use."""
+def prepare_default_model(*, force: bool = False, verify: bool = False) -> str:
+    """The HF directory of the default model, converting it on first use.
+
+    A ``str``, as ``vllm.LLM(model=...)`` and ``from_pretrained`` take it (vLLM refuses a
+    ``Path``)."""
     dest = default_model_dir()
     if not force and is_complete(dest, verify=verify):
-        return dest
+        return str(dest)
     gguf_path = find_default_gguf()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=dest.parent))
@@ -170,7 +173,7 @@ def prepare_default_model(*, force: bool = False, verify: bool = False) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return str(dest)
 
 
 def resolve_model(name_or_path: str | os.PathLike[str] | None = None) -> str:
