@@ -23,9 +23,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from vllm_steer.bench.common import (
     BENCH_VECTORS,
     WORK_DIR,
     LoadTracker,

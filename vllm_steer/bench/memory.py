@@ -2,7 +2,7 @@
 ``vllm_steer_stats``) and peak RSS/PSS of the whole engine process tree, each variant in
 a fresh subprocess (interleaved over repetitions):
 
-- ``plugin_off``: ``VLLM_STEER_DISABLE=1`` (plugin not loaded), unsteered workload;
+- ``plugin_off``: ``VLLMSTEER_DISABLE=1`` (plugin not loaded), unsteered workload;
 - ``unsteered``: plugin loaded, unsteered workload;
 - ``steered``: plugin loaded, every request a distinct composed vector (all slots used).
 
@@ -17,9 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from vllm_steer.bench.common import (
     HIDDEN,
     NUM_LAYERS,
     WORK_DIR,
@@ -28,6 +26,7 @@ from common import (  # noqa: E402
     bench_registry,
     header,
     interleaved,
+    module_argv,
     random_prompts,
     serve_commands,
     summarize,
@@ -96,10 +95,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tag = "_quick" if args.quick else ""
     for rep, v in tqdm(interleaved(args.variants, args.reps), desc="memory"):
         env = dict(os.environ)
-        env.pop("VLLM_STEER_DISABLE", None)
+        env.pop("VLLMSTEER_DISABLE", None)
+        env.pop("VLLM_STEER_DISABLE", None)  # the deprecated spelling
         if v == "plugin_off":
-            env["VLLM_STEER_DISABLE"] = "1"
-        w = Worker([sys.executable, __file__, *argv, "--worker", v],
+            env["VLLMSTEER_DISABLE"] = "1"
+        w = Worker([*module_argv("memory"), *argv, "--worker", v],
                    WORK_DIR / f"memory_{v}{tag}.log", env=env)
         w.recv()
         reply = w.call(variant=v)

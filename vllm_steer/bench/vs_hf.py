@@ -23,15 +23,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from vllm_steer.bench.common import (
     WORK_DIR,
     LoadTracker,
     Worker,
     bench_registry,
     header,
     interleaved,
+    module_argv,
     random_prompts,
     serve_commands,
     summarize,
@@ -157,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        "hf_batch_sizes": args.hf_batch_sizes, "sampling": "temperature 0.8",
                        "hf_torch_threads": args.hf_threads}
     res["vllm_mode"] = "compiled" if args.compiled else "eager"
-    me = [sys.executable, __file__, *argv]
+    me = [*module_argv("vs_hf"), *argv]
     tag = "_quick" if args.quick else ""
     vw = Worker([*me, "--worker", "vllm"], WORK_DIR / f"vs_hf_vllm{tag}.log")
     hw = Worker([*me, "--worker", "hf"], WORK_DIR / f"vs_hf_hf{tag}.log")

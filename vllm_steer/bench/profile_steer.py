@@ -10,7 +10,7 @@ whose stack passes through vllm-steer code are attributed to:
 - ``frontend``: the front-end hook (parse, resolve, compose) in this process;
 - ``model``: the decoder layers under the wrapper; ``other``: everything else.
 
-``python benchmarks/profile_steer.py --reread`` re-classifies the saved raw profiles.
+``python -m vllm_steer.bench.profile_steer --reread`` re-classifies the saved raw profiles.
 
 Needs ``pip install py-spy`` (root or ptrace permission). Not part of ``bench all``.
 """
@@ -27,9 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from vllm_steer.bench.common import (
     RESULTS_DIR,
     WORK_DIR,
     LoadTracker,
@@ -38,7 +36,7 @@ from common import (  # noqa: E402
     shutdown,
     write_result,
 )
-from overhead import run_case  # noqa: E402
+from vllm_steer.bench.overhead import run_case
 
 
 def _classify(stack: str) -> str:
@@ -108,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_result("profile", res)
         return res
     res = header(argv, "profile")
-    res["command"] = " ".join(["python benchmarks/profile_steer.py", *argv])
+    res["command"] = " ".join(["python -m vllm_steer.bench.profile_steer", *argv])
     bench_registry()
     from vllm_steer.llm_factory import make_llm
 

@@ -16,7 +16,7 @@ Groups:
 - ``batch``: unsteered vs every-request-distinct at several batch sizes;
 - ``layers``: unsteered vs one shared vector restricted to 1, 8, 15, 30 layers.
 
-With ``--vanilla`` a second engine is started with ``VLLM_STEER_DISABLE=1`` in its
+With ``--vanilla`` a second engine is started with ``VLLMSTEER_DISABLE=1`` in its
 processes (plain vLLM workers: no tables, no per-layer gather/add) and its unsteered
 workload ``vanilla`` joins the ``modes`` group, so the plugin's always-on cost is
 measured too (``unsteered / vanilla``). The plugin-free engine's front end shares this
@@ -32,9 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from vllm_steer.bench.common import (
     LoadTracker,
     bench_registry,
     header,
@@ -133,7 +131,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--layer-counts", default="1,8,15,30")
     p.add_argument("--sweep-tokens", type=int, default=128)
     p.add_argument("--vanilla", action="store_true",
-                   help="also time a plugin-free engine (VLLM_STEER_DISABLE=1) in the loop")
+                   help="also time a plugin-free engine (VLLMSTEER_DISABLE=1) in the loop")
     p.add_argument("--out", default=None, help="result name (default: overhead_eager|compiled)")
     a = p.parse_args(list(argv))
     if a.quick:
@@ -166,12 +164,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs}
     vanilla = None
     if args.vanilla:
-        os.environ["VLLM_STEER_DISABLE"] = "1"  # inherited by the new engine's processes
+        os.environ["VLLMSTEER_DISABLE"] = "1"  # inherited by the new engine's processes
         try:
             vanilla = make_llm(enforce_eager=not args.compiled, dtype="float32",
                                max_num_seqs=res["engine"]["max_num_seqs"], max_model_len=2048)
         finally:
-            os.environ.pop("VLLM_STEER_DISABLE", None)
+            os.environ.pop("VLLMSTEER_DISABLE", None)
     tok = llm.get_tokenizer()
     groups = build_cases(args)
     cases = {c: spec for g in groups.values() for c, spec in g.items()}

@@ -1,8 +1,10 @@
-"""Write ``benchmarks/RESULTS.md`` and ``benchmarks/overhead.png`` from ``results/*.json``.
+"""Write ``RESULTS.md`` and ``overhead.png`` from ``results/*.json``.
 
-Tables are generated; the hand-written analysis in ``benchmarks/notes.md`` (if present) is
-appended verbatim. ``--quick`` reports the ``*_quick.json`` files instead (to a separate
-``results/RESULTS_quick.md``) so a quick run never overwrites the real report.
+In a source checkout they go to ``benchmarks/`` and the hand-written analysis in
+``benchmarks/notes.md`` is appended verbatim; an installed package writes them next to
+its results (``common.RESULTS_DIR``). ``--quick`` reports the ``*_quick.json`` files
+instead (to a separate ``results/RESULTS_quick.md``) so a quick run never overwrites the
+real report.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_DIR, RESULTS_DIR  # noqa: E402
+from vllm_steer.bench.common import NOTES, REPORT_DIR, RESULTS_DIR
 
 TARGET = 0.98
 
@@ -294,8 +294,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = ("overhead_compiled_resolver_fix", "overhead_compiled", "overhead_eager", "vs_hf",
              "probe_forks", "probe_forks_choices", "memory", "serving")
     results = {n: d for n in names if (d := _load(n, args.quick)) is not None}
-    out_md = RESULTS_DIR / "RESULTS_quick.md" if args.quick else BENCH_DIR / "RESULTS.md"
-    png = (RESULTS_DIR / "overhead_quick.png") if args.quick else BENCH_DIR / "overhead.png"
+    out_md = RESULTS_DIR / "RESULTS_quick.md" if args.quick else REPORT_DIR / "RESULTS.md"
+    png = (RESULTS_DIR / "overhead_quick.png") if args.quick else REPORT_DIR / "overhead.png"
+    out_md.parent.mkdir(parents=True, exist_ok=True)  # an installed package: ./bench-results
     lines = ["# vllm-steer benchmark results", "",
              "Every number is a ratio measured side by side in one run: the variants run "
              "interleaved (shuffled per repetition) on the same engine (or, for vs-HF and "
@@ -305,9 +306,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              "the load average during each run is listed. Regenerate this file with "
              "`vllm-steer bench report` (tables from `benchmarks/results/*.json`, analysis "
              "from `benchmarks/notes.md`).", ""]
-    notes = BENCH_DIR / "notes.md"
-    if notes.is_file() and not args.quick:
-        lines += [notes.read_text().rstrip(), ""]
+    if NOTES is not None and NOTES.is_file() and not args.quick:
+        lines += [NOTES.read_text().rstrip(), ""]
     lines += ["## Tables", ""]
     sections = {"overhead_compiled_resolver_fix": lambda d: [
                     line.replace("### Overhead, compiled", "### Overhead, compiled, after the "
