@@ -80,4 +80,4 @@ def hf_greedy(model, prompt_ids: list[int], dense: torch.Tensor | None, mode: st
 
 
 def env_registry(path: Path) -> None:
-    os.environ["VLLM_STEER_REGISTRY"] = str(path)
+    os.environ["VLLMSTEER_REGISTRY"] = str(path)

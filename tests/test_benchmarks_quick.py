@@ -1,8 +1,9 @@
-"""Quick benchmark runs, so that the scripts in benchmarks/ cannot rot.
+"""Quick benchmark runs, so that the benchmarks (``vllm_steer.bench``) cannot rot.
 
 One eager engine (``vllm-steer bench overhead --quick``), the HF worker of ``vs-hf`` over
-its line protocol, the argument parsers of the other scripts, and the report. Results go
-to a temporary directory (``$VLLM_STEER_BENCH_RESULTS``), never to benchmarks/results.
+its line protocol, the argument parsers of the other benchmarks, the report (through the
+thin caller in benchmarks/). Results go to a temporary directory
+(``$VLLMSTEER_BENCH_RESULTS``), never to benchmarks/results.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _env(results_dir: Path) -> dict[str, str]:
-    return {**os.environ, "VLLM_STEER_BENCH_RESULTS": str(results_dir)}
+    return {**os.environ, "VLLMSTEER_BENCH_RESULTS": str(results_dir)}
 
 
 @pytest.mark.engine
@@ -69,37 +70,24 @@ def test_overhead_quick(results_dir: Path, default_model_dir: str) -> None:
 
 def test_hf_worker_protocol(results_dir: Path, default_model_dir: str) -> None:
     """The vs-hf HF side answers a command over the worker line protocol."""
-    sys.path.insert(0, str(BENCH))
+    from vllm_steer.bench.common import Worker, module_argv
+
+    w = Worker([*module_argv("vs_hf"), "--quick", "--worker", "hf"],
+               results_dir / "hf_worker.log", env=_env(results_dir))
     try:
-        from common import Worker, bench_registry
+        assert w.recv() == {"ready": True}
+        out = w.call(workload="spread", batch_size=4)
     finally:
-        sys.path.remove(str(BENCH))
-    os.environ["VLLM_STEER_BENCH_RESULTS"] = str(results_dir)
-    try:
-        bench_registry()
-        w = Worker([sys.executable, str(BENCH / "vs_hf.py"), "--quick", "--worker", "hf"],
-                   results_dir / "hf_worker.log", env=_env(results_dir))
-        try:
-            assert w.recv() == {"ready": True}
-            out = w.call(workload="spread", batch_size=4)
-        finally:
-            mem = w.close()
-    finally:
-        os.environ.pop("VLLM_STEER_BENCH_RESULTS", None)
+        mem = w.close()
+    assert (results_dir / "work" / "registry.yaml").is_file()  # the worker's, not the repo's
     assert out["tokens"] == 8 * 8  # 8 prompts x 8 tokens in quick mode
     assert _finite_pos(out["tok_s"])
     assert mem["peak_rss_mib"] > 100
 
 
 def test_parsers_and_cli() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import memory
-        import probe_forks
-        import serving
-        import vs_hf
-    finally:
-        sys.path.remove(str(BENCH))
+    from vllm_steer.bench import memory, probe_forks, serving, vs_hf
+
     assert probe_forks.parse(["--quick"]).block_sizes == [32]
     assert probe_forks.parse([]).choices == [["Yes", "No"], ["20", "30", "40", "50"]]
     assert probe_forks.parse(["--choices", "New York, Chicago"]).choices == [
@@ -107,9 +95,14 @@ def test_parsers_and_cli() -> None:
     assert vs_hf.parse(["--quick"]).hf_batch_sizes == [4, 8]
     assert memory.parse(["--quick"]).variants == ["unsteered", "steered"]
     assert serving.parse(["--quick"]).num_prompts == 4
-    from vllm_steer.bench import SCRIPTS, benchmarks_dir
+    import importlib
+
+    from vllm_steer.bench import MODULES
     from vllm_steer.cli import build_parser
 
-    assert all((benchmarks_dir() / s).is_file() for s in SCRIPTS.values())
+    for module in [*MODULES.values(), "profile_steer"]:
+        assert callable(importlib.import_module(f"vllm_steer.bench.{module}").main)
+        caller = BENCH / f"{module}.py"  # the repository's thin caller
+        assert f'"vllm_steer.bench.{module}"' in caller.read_text(), caller
     args, extra = build_parser().parse_known_args(["bench", "overhead", "--quick", "--reps", "3"])
     assert args.which == "overhead" and args.quick and extra == ["--reps", "3"]

@@ -55,6 +55,17 @@ def test_resolve_model_default_aliases(alias, default_model_dir):
     assert resolve_model(alias) == default_model_dir
 
 
+def test_prepare_default_model_returns_what_vllm_accepts(default_model_dir):
+    """Users pass it straight on: vLLM's model config refuses a Path (pydantic
+    string_type; ``vllm.LLM`` fails with "'PosixPath' object has no attribute 'lower'")."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    path = models.prepare_default_model()
+    assert isinstance(path, str) and path == default_model_dir
+    cfg = EngineArgs(model=path).create_model_config()
+    assert cfg.model == path
+
+
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "c"))
     assert models.default_model_dir() == tmp_path / "c" / "models" / models.DEFAULT_MODEL_NAME

@@ -170,7 +170,7 @@ def odd_model(default_model_dir, tmp_path_factory):
 
 def _serve(model_dir: Path, adapter: str | None, cases: list[dict], registry: Path) -> str:
     script = Path(__file__).with_name("odd_layer_engine.py")
-    env = {**os.environ, "PROMPTS_JSON": json.dumps(cases), "VLLM_STEER_REGISTRY": str(registry),
+    env = {**os.environ, "PROMPTS_JSON": json.dumps(cases), "VLLMSTEER_REGISTRY": str(registry),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent),
                                           os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, str(script), str(model_dir)] + ([adapter] if adapter

@@ -3,7 +3,7 @@
 One server per module (started as a subprocess on a free loopback port, plugins enabled
 through ``VLLM_PLUGINS``, ``--api-key`` set); the last test restarts it once to check that
 registered vectors survive. Every wait is bounded. Figures of the load and fuzz runs are
-printed (run with ``-s``) and written to ``$VLLM_STEER_SERVER_RESULTS`` when set.
+printed (run with ``-s``) and written to ``$VLLMSTEER_SERVER_RESULTS`` when set.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def server(default_model_dir, tmp_path_factory):
     FIGURES["startup_s"] = round(srv.start(), 1)
     yield srv
     srv.stop()
-    out = os.environ.get("VLLM_STEER_SERVER_RESULTS")
+    out = os.environ.get("VLLMSTEER_SERVER_RESULTS")
     if out:
         Path(out).write_text(json.dumps(FIGURES, indent=2))
     print("\nserver test figures:", json.dumps(FIGURES))

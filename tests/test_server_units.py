@@ -102,9 +102,9 @@ def test_overlay_and_limits_are_validated(reg_file, monkeypatch):
     with pytest.raises(RegistryError, match="mapping"):
         Registry.from_yaml(reg_file)
     (reg.upload_dir / OVERLAY_NAME).unlink()
-    monkeypatch.setenv("VLLM_STEER_MAX_UPLOAD_BYTES", "1234")
+    monkeypatch.setenv("VLLMSTEER_MAX_UPLOAD_BYTES", "1234")
     assert Registry.from_yaml(reg_file).max_upload_bytes == 1234
-    monkeypatch.setenv("VLLM_STEER_MAX_UPLOAD_BYTES", "-1")
+    monkeypatch.setenv("VLLMSTEER_MAX_UPLOAD_BYTES", "-1")
     with pytest.raises(RegistryError, match="positive"):
         Registry.from_yaml(reg_file)
 
@@ -163,16 +163,19 @@ def test_request_models_are_patched_by_the_adapter():
 
 # -- CLI ---------------------------------------------------------------------------------
 def test_serve_env_enables_both_plugins_and_a_registry(tmp_path):
-    from vllm_steer.cli import SHIPPED_REGISTRY, serve_env
+    from vllm_steer.cli import serve_env
+    from vllm_steer.locations import shipped_registry
 
     env = serve_env(None, {"VLLM_PLUGINS": "other"})
     assert env["VLLM_PLUGINS"] == "other,vllm_steer,vllm_steer_routes"
-    if SHIPPED_REGISTRY.is_file():
-        assert env["VLLM_STEER_REGISTRY"] == str(SHIPPED_REGISTRY)
-    env = serve_env(str(tmp_path / "r.yaml"), {"VLLM_STEER_REGISTRY": "/elsewhere.yaml"})
-    assert env["VLLM_STEER_REGISTRY"] == str(tmp_path / "r.yaml")
-    assert serve_env(None, {"VLLM_STEER_REGISTRY": "/x.yaml"})["VLLM_STEER_REGISTRY"] == \
+    assert env["VLLMSTEER_REGISTRY"] == str(shipped_registry())  # never an empty registry
+    env = serve_env(str(tmp_path / "r.yaml"), {"VLLMSTEER_REGISTRY": "/elsewhere.yaml"})
+    assert env["VLLMSTEER_REGISTRY"] == str(tmp_path / "r.yaml")
+    assert serve_env(None, {"VLLMSTEER_REGISTRY": "/x.yaml"})["VLLMSTEER_REGISTRY"] == \
         "/x.yaml"
+    # the deprecated spelling is still honoured
+    assert serve_env(None, {"VLLM_STEER_REGISTRY": "/y.yaml"})["VLLMSTEER_REGISTRY"] == \
+        "/y.yaml"
 
 
 def test_serve_passes_unknown_args_to_vllm(capsys, default_model_dir):
@@ -181,7 +184,12 @@ def test_serve_passes_unknown_args_to_vllm(capsys, default_model_dir):
     assert main(["serve", "--print-command", "--port", "8001", "--max-model-len", "2048"]) == 0
     out = capsys.readouterr().out
     assert "VLLM_PLUGINS=vllm_steer,vllm_steer_routes" in out
-    assert f"vllm_steer.server.vllm_cli serve {default_model_dir} --port 8001 " \
-           "--max-model-len 2048" in out
+    # the checkpoint's own dtype (vLLM's `auto` would run the fp32 model in bf16) ...
+    assert f"vllm_steer.server.vllm_cli serve {default_model_dir} --dtype float32 " \
+           "--port 8001 --max-model-len 2048" in out
+    # ... unless the user names one
+    assert main(["serve", "--print-command", "--dtype=bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(f"serve {default_model_dir} --dtype=bfloat16"), out
     with pytest.raises(SystemExit):
         main(["vector", "info", "x.safetensors", "--port", "1"])

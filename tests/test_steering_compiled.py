@@ -51,10 +51,10 @@ def setup(default_model_dir, tmp_path_factory):
     # 1) an engine without the plugin compiles (and caches) its graph first
     script = root / "no_plugin.py"
     script.write_text(_NO_PLUGIN_RUN)
-    # Only VLLM_STEER_DISABLE (not a vLLM variable, so not in vLLM's cache key) differs
+    # Only VLLMSTEER_DISABLE (not a vLLM variable, so not in vLLM's cache key) differs
     # between the two engines; everything vLLM hashes is the same.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(cache), "VLLM_STEER_DISABLE": "1"}
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(cache), "VLLMSTEER_DISABLE": "1"}
     res = subprocess.run([sys.executable, str(script), default_model_dir, str(prompt)],
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -63,7 +63,7 @@ def setup(default_model_dir, tmp_path_factory):
     os.environ["VLLM_CACHE_ROOT"] = str(cache)
     env_registry(write_test_vectors(root))
     llm = make_test_llm(default_model_dir, enforce_eager=False)
-    yield llm, Path(os.environ["VLLM_STEER_REGISTRY"]), cache, prompt, plain
+    yield llm, Path(os.environ["VLLMSTEER_REGISTRY"]), cache, prompt, plain
     shutdown(llm)
     os.environ.pop("VLLM_CACHE_ROOT", None)
 

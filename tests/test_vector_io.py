@@ -401,6 +401,29 @@ def test_cli_info(tmp_path, capsys):
     assert out["norms"]["5"] == pytest.approx(float(v.directions[5].norm()), abs=1e-5)
 
 
+def test_cli_info_on_a_repeng_gguf_reports_its_origin_and_sizes(tmp_path, capsys):
+    """A GGUF written by repeng / llama.cpp carries no vllm-steer metadata: info must not
+    claim vllm-steer made it, and gives the real hidden size (the model's depth is not in
+    the file: null, not 0)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "repeng.gguf"
+    repeng_gguf(path, {layer: rng.standard_normal(H).astype(np.float32) for layer in (3, 4)})
+    assert cli.main(["vector", "info", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    meta = out["metadata"]
+    assert meta["created_by"] == "unknown"
+    assert meta["hidden_size"] == H and out["hidden_size"] == H
+    assert meta["num_layers"] is None
+    assert meta["architecture"] == "llama"
+    assert load(path).metadata.created_by == "unknown"
+    # a file vllm-steer wrote keeps its own origin and sizes, as numbers
+    save(make_vector(num_layers=30), tmp_path / "ours.gguf")
+    assert cli.main(["vector", "info", str(tmp_path / "ours.gguf")]) == 0
+    meta = json.loads(capsys.readouterr().out)["metadata"]
+    assert meta["created_by"].startswith("vllm-steer ") and meta["num_layers"] == 30
+    assert meta["hidden_size"] == H
+
+
 def test_cli_info_bad_file(tmp_path, capsys):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"not a vector at all")

@@ -35,13 +35,9 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     info.add_argument("path")
 
     def run_info(args: argparse.Namespace) -> int:
-        from vllm_steer.vector_io import detect_format, load
+        from vllm_steer.vector_io import describe
 
-        v = load(args.path)
-        norms = {str(k): round(float(t.norm()), 6) for k, t in v.directions.items()}
-        print(json.dumps({"path": args.path, "format": detect_format(args.path),
-                          "hidden_size": v.hidden_size, "layers": v.layers, "norms": norms,
-                          "metadata": v.metadata.to_dict()}, indent=2))
+        print(json.dumps(describe(args.path), indent=2))
         return 0
 
     info.set_defaults(func=run_info)
@@ -67,10 +63,10 @@ def _vllm_cli_argv() -> list[str]:
 
 def serve_env(registry: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a steered ``vllm serve``: both plugins allow-listed in
-    ``VLLM_PLUGINS`` and ``VLLM_STEER_REGISTRY`` set (``registry``, else an existing
-    value, else the repository's ``configs/registry.yaml`` when present)."""
+    ``VLLM_PLUGINS`` and ``VLLMSTEER_REGISTRY`` set (``registry``, else an existing
+    value, else the registry shipped in the package)."""
+    from vllm_steer import envvars, locations
     from vllm_steer.server import ENDPOINT_PLUGIN, GENERAL_PLUGIN
-    from vllm_steer.steering.registry import REGISTRY_ENV
 
     env = dict(os.environ if base is None else base)
     plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]
@@ -78,38 +74,44 @@ def serve_env(registry: str | None, base: dict[str, str] | None = None) -> dict[
         if name not in plugins:
             plugins.append(name)
     env["VLLM_PLUGINS"] = ",".join(plugins)
-    if registry:
-        env[REGISTRY_ENV] = str(Path(registry).expanduser().resolve())
-    elif not env.get(REGISTRY_ENV) and SHIPPED_REGISTRY.is_file():
-        env[REGISTRY_ENV] = str(SHIPPED_REGISTRY)
+    env[envvars.REGISTRY] = str(locations.registry_path(registry, env))
     return env
 
 
-#: The registry shipped in the repository (present in a source checkout / editable install).
-SHIPPED_REGISTRY = Path(__file__).resolve().parent.parent / "configs" / "registry.yaml"
+def _has_option(argv: Sequence[str], name: str) -> bool:
+    return any(a == name or a.startswith(f"{name}=") for a in argv)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="run vLLM's OpenAI server with steering (unknown args go to vllm serve)",
         description="Exec `vllm serve MODEL [extra args]` with the vllm-steer general and "
-                    "endpoint plugins enabled and a vector registry. Every argument not "
-                    "listed here is passed to vllm serve unchanged.")
+                    "endpoint plugins enabled, a vector registry, and the checkpoint's own "
+                    "dtype unless --dtype is given (vLLM's `auto` would run a float32 "
+                    "checkpoint in bfloat16). Every argument not listed here is passed to "
+                    "vllm serve unchanged.")
     p.add_argument("--model", default=None,
                    help="local HF model directory (default: the embedded SmolLM2-135M)")
     p.add_argument("--registry", default=None,
-                   help="registry YAML (default: $VLLM_STEER_REGISTRY, else the repository's "
-                        "configs/registry.yaml)")
+                   help="registry YAML (default: $VLLMSTEER_REGISTRY, else the registry "
+                        "shipped in the package)")
     p.add_argument("--print-command", action="store_true",
                    help="print the environment and command instead of running them")
 
     def run(args: argparse.Namespace) -> int:
+        from vllm_steer import envvars
         from vllm_steer.default_model import resolve_model
+        from vllm_steer.llm_factory import checkpoint_dtype
 
         env = serve_env(args.registry)
-        argv = [*_vllm_cli_argv(), "serve", resolve_model(args.model), *args.extra]
+        model = resolve_model(args.model)
+        extra = list(args.extra)
+        dtype = checkpoint_dtype(model)
+        if dtype and not _has_option(extra, "--dtype"):
+            extra = ["--dtype", dtype, *extra]
+        argv = [*_vllm_cli_argv(), "serve", model, *extra]
         if args.print_command:
-            keys = ("VLLM_PLUGINS", "VLLM_STEER_REGISTRY")
+            keys = ("VLLM_PLUGINS", envvars.REGISTRY)
             print(" ".join([*(f"{k}={shlex.quote(env[k])}" for k in keys if k in env),
                             *map(shlex.quote, argv)]))
             return 0
@@ -136,7 +138,8 @@ def _add_vllm(sub: argparse._SubParsersAction) -> None:
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="train a control vector offline from a YAML config")
-    p.add_argument("config", help="vector config (e.g. configs/vectors/happy.yaml)")
+    p.add_argument("config", help="vector config (e.g. configs/vectors/happy.yaml; a "
+                   "configs/... path not found here names the shipped file)")
     p.add_argument("--model", help="local HF model directory (default: the config's 'model', "
                    "else the embedded default model)")
     p.add_argument("--out", help="output file (default: the config's 'output', else "
@@ -151,13 +154,16 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or score table")
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from vllm_steer.extract.dataset import load_config
         from vllm_steer.extract.train import extract_from_config, separation_scores
+        from vllm_steer.locations import find_config, in_installed_package
 
-        cfg = load_config(args.config)
+        cfg = load_config(find_config(args.config))
         out = Path(args.out or cfg.output or f"{cfg.name}.safetensors")
+        if in_installed_package(out):  # a shipped recipe: its output names a shipped file
+            print(f"vllm-steer: writing {out.name} to the working directory, not into the "
+                  "installed package", file=sys.stderr)
+            out = Path(out.name)
         targets = [out]
         if args.gguf and out.suffix.lower() != ".gguf":
             targets.append(out.with_suffix(".gguf"))

@@ -20,6 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from vllm_steer import envvars
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -30,7 +32,7 @@ MARKER = "vllm_steer_complete.json"
 #: Bumped when the conversion changes what it writes (2: special tokens from the GGUF's
 #: token types); a cached directory of another version is converted again.
 CONVERSION_VERSION = 2
-CACHE_ENV = "VLLM_STEER_CACHE"
+CACHE_ENV = envvars.CACHE
 DEFAULT_ALIASES = ("default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}")
 
 
@@ -39,8 +41,9 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def cache_dir() -> Path:
-    """Root of vllm-steer's cache: ``$VLLM_STEER_CACHE`` or ``~/.cache/vllm-steer``."""
-    root = os.environ.get(CACHE_ENV)
+    """Root of vllm-steer's cache: ``$VLLMSTEER_CACHE``, ``$XDG_CACHE_HOME/vllm-steer`` or
+    ``~/.cache/vllm-steer``."""
+    root = envvars.get(CACHE_ENV)
     if root:
         return Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -144,11 +147,14 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
-def prepare_default_model(*, force: bool = False, verify: bool = False) -> Path:
-    """Return the HF directory of the default model, converting it on first use."""
+def prepare_default_model(*, force: bool = False, verify: bool = False) -> str:
+    """The HF directory of the default model, converting it on first use.
+
+    A ``str``, as ``vllm.LLM(model=...)`` and ``from_pretrained`` take it (vLLM refuses a
+    ``Path``)."""
     dest = default_model_dir()
     if not force and is_complete(dest, verify=verify):
-        return dest
+        return str(dest)
     gguf_path = find_default_gguf()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=dest.parent))
@@ -170,7 +176,7 @@ def prepare_default_model(*, force: bool = False, verify: bool = False) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return str(dest)
 
 
 def resolve_model(name_or_path: str | os.PathLike[str] | None = None) -> str:

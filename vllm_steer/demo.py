@@ -13,18 +13,25 @@ import argparse
 import json
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_PROMPTS = ["Tell me about your weekend.", "How do you feel about Mondays?"]
 
 
 def ensure_vector(name: str) -> Path:
-    """``configs/vectors/NAME.safetensors``, trained from ``NAME.yaml`` when missing."""
-    from vllm_steer.extract import extract_from_config, load_config
+    """The shipped ``configs/vectors/NAME.safetensors``. In a source checkout a missing
+    file is trained from ``NAME.yaml`` (into the checkout's configs); an installed package
+    ships its vectors and is never written to."""
+    from vllm_steer.locations import shipped_configs, source_checkout
 
-    path = CONFIGS / "vectors" / f"{name}.safetensors"
+    vectors = shipped_configs() / "vectors"
+    path = vectors / f"{name}.safetensors"
     if not path.is_file():
+        if source_checkout() is None:
+            raise FileNotFoundError(f"{path} is missing from the installed package; "
+                                    "reinstall vllm-steer")
+        from vllm_steer.extract import extract_from_config, load_config
+
         print(f"[demo] training {name} from configs/vectors/{name}.yaml (first run only)")
-        res = extract_from_config(load_config(CONFIGS / "vectors" / f"{name}.yaml"))
+        res = extract_from_config(load_config(vectors / f"{name}.yaml"))
         res.vector.save(path)
     return path
 
@@ -33,7 +40,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from vllm import SamplingParams
 
     from vllm_steer.default_model import resolve_model
-    from vllm_steer.llm_factory import make_llm
+    from vllm_steer.llm_factory import checkpoint_dtype, make_llm
+    from vllm_steer.locations import shipped_configs, shipped_registry
     from vllm_steer.probe import ProbeConfig, build_prompt, probe, sweep
     from vllm_steer.probe.plot import plot_sweep, plot_trajectories
     from vllm_steer.probe.questions import load_questions
@@ -42,7 +50,11 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(args.model)
-    print(f"[demo] model: {model}")
+    # The checkpoint's own dtype (float32 for the default model, whose vectors were trained
+    # and measured in float32, as are the tests); vLLM's `auto` would run it in bfloat16.
+    dtype = checkpoint_dtype(model) or "auto"
+    print(f"[demo] model: {model} ({dtype})")
+    configs = shipped_configs()
 
     happy = ensure_vector("happy")
     ensure_vector("cautious_thinking")
@@ -54,7 +66,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"[demo] vector {happy.name}: {len(vec.layers)} layers, hidden {vec.hidden_size}; "
           f"GGUF round trip {'identical' if same else 'DIFFERS'} ({gguf})")
 
-    llm = make_llm(args.model, block_size=32, enforce_eager=True, max_model_len=2048)
+    llm = make_llm(model, registry=shipped_registry(), block_size=32, enforce_eager=True,
+                   max_model_len=2048, dtype=dtype)
     tok = llm.get_tokenizer()
     runs = [("unsteered", None), (f"happy +{args.scale:g}", args.scale),
             (f"happy -{args.scale:g}", -args.scale)]
@@ -76,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"  {label:>10}: {reply}")
     (out / "generations.json").write_text(json.dumps(gens, indent=1))
 
-    q = load_questions(CONFIGS / "questions" / "yes_no_reasoning.yaml").questions[0]
+    q = load_questions(configs / "questions" / "yes_no_reasoning.yaml").questions[0]
     p = build_prompt(tok, q.text, open_thinking="<think>\n")
     cfg = ProbeConfig(choices=list(q.choices), every=16, max_tokens=128)
     specs = [None, {"vectors": [{"name": "cautious_thinking", "scale": 4.0}],
@@ -90,7 +103,7 @@ def run_demo(args: argparse.Namespace) -> int:
                         if r.log_ratio is not None)
         print(f"  {t.label}: log P(Yes)-log P(No) by token: {pts}")
 
-    mood = load_questions(CONFIGS / "questions" / "mood_yes_no.yaml")
+    mood = load_questions(configs / "questions" / "mood_yes_no.yaml")
     (choices,) = mood.choice_groups()
     res = sweep(llm, mood.texts, "happy", [-2.0, -1.0, 0.0, 1.0, 2.0],
                 ProbeConfig(choices=list(choices), suffix=None), signs=mood.signs(choices[0]))

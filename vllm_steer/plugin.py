@@ -8,7 +8,7 @@ import os
 logger = logging.getLogger("vllm_steer")
 _registered = False
 #: Set to 1 to keep the plugin out of a vLLM process without uninstalling it.
-DISABLE_ENV = "VLLM_STEER_DISABLE"
+DISABLE_ENV = "VLLMSTEER_DISABLE"
 
 
 def register() -> None:
@@ -21,7 +21,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    if os.environ.get(DISABLE_ENV, "").lower() in ("1", "true", "yes"):
+    from vllm_steer import envvars
+
+    if (envvars.get(DISABLE_ENV) or "").lower() in ("1", "true", "yes"):
         logger.warning("vllm-steer: disabled by %s; requests with steering are not refused "
                        "by this process", DISABLE_ENV)
         return

@@ -30,6 +30,8 @@ FORMAT_NAME = "vllm-steer-vector"
 FORMAT_VERSION = "1"
 _TENSOR_RE = re.compile(r"^direction\.(\d+)$")
 GGUF_ARCH = "controlvector"
+#: ``created_by`` of a file that does not say who made it.
+UNKNOWN_ORIGIN = "unknown"
 
 
 class VectorFileError(SteeringVectorError):
@@ -188,6 +190,22 @@ def load_gguf(path: str | os.PathLike[str]) -> SteeringVector:
 
 
 # -- dispatch ----------------------------------------------------------------------------
+def describe(path: str | os.PathLike[str]) -> dict:
+    """What ``vllm-steer vector info`` prints: format, layers, per-layer norms and the
+    metadata, with sizes as numbers and fields the file does not record as None."""
+    v = load(path)
+    meta: dict = {}
+    for key, value in v.metadata.to_dict().items():
+        if key in ("hidden_size", "num_layers"):
+            meta[key] = int(value) or None
+        else:
+            meta[key] = value or None
+    return {"path": str(path), "format": detect_format(path), "hidden_size": v.hidden_size,
+            "layers": v.layers,
+            "norms": {str(k): round(float(t.norm()), 6) for k, t in v.directions.items()},
+            "metadata": meta}
+
+
 def load(path: str | os.PathLike[str]) -> SteeringVector:
     """Load a vector file of either format (detected from content)."""
     fmt = detect_format(path)
@@ -218,6 +236,13 @@ def _build(path, directions: dict[int, torch.Tensor], meta: dict[str, str]) -> S
     if len(sizes) != 1:
         raise VectorFileError(path, f"directions have different hidden sizes {sorted(sizes)}")
     meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "layers")}
+    # A file without vllm-steer metadata (repeng, llama.cpp's cvector-generator) says
+    # neither who made it nor its sizes; the tensors give the hidden size, the origin is
+    # unknown (SteeringVector would otherwise stamp it as made by this vllm-steer).
+    if not meta.get("created_by"):
+        meta["created_by"] = UNKNOWN_ORIGIN
+    if meta.get("hidden_size", "0") in ("", "0"):
+        meta["hidden_size"] = str(sizes.pop())
     try:
         return SteeringVector(directions, VectorMetadata.from_dict(meta))
     except SteeringVectorError as e:

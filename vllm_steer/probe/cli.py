@@ -20,7 +20,9 @@ _SWEEP_KEYS = {"questions", "vector", "scales", "apply_to", "layers", "system",
 
 
 def load_experiment(path: str | Path, known: set[str]) -> tuple[dict[str, Any], Path]:
-    path = Path(path)
+    from vllm_steer.locations import find_config
+
+    path = find_config(path)  # configs/... also names the shipped experiments
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:

@@ -1,12 +1,12 @@
 """The vector registry: a YAML file naming vectors, their files and default scales/layers.
 
-Located by ``$VLLM_STEER_REGISTRY`` or the engine option
+Located by ``$VLLMSTEER_REGISTRY`` or the engine option
 ``additional_config={"vllm_steer": {"registry": PATH}}``; loaded once per process.
 Example::
 
     allowed_dirs: [vectors]          # relative to this file; specs may name files here by path
     think_markers: {start: "<think>", end: "</think>"}   # default: the model's own, else these
-    upload_dir: uploads              # where the server stores registered vectors (default)
+    upload_dir: uploads              # where the server stores registered vectors
     max_upload_bytes: 67108864       # vector upload limit of the server (default 64 MiB)
     vectors:
       happy: {path: vectors/happy.safetensors, scale: 1.0, layers: [10, 11, 12]}
@@ -14,8 +14,11 @@ Example::
 Vectors registered at run time (``register``/``unregister``, used by the server's
 ``/v1/steering/vectors`` routes) are persisted in an overlay file
 ``<upload_dir>/registry.overlay.yaml`` that ``from_yaml`` applies on top of the base
-file, so a restart keeps them. Mutations swap ``entries`` for a new dict under a lock, so
-readers (the resolver, on every request) never see a half-updated mapping.
+file, so a restart keeps them. ``upload_dir`` defaults to ``uploads`` next to the registry
+file, except for the registry shipped inside the package, whose uploads go to the user's
+data home (``vllm_steer.locations``): nothing is ever written into the installed package.
+Mutations swap ``entries`` for a new dict under a lock, so readers (the resolver, on every
+request) never see a half-updated mapping.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from typing import Any
 
 import yaml
 
+from vllm_steer import envvars, locations
 from vllm_steer.steering.values import SpecError, parse_layers, parse_scale
 
-REGISTRY_ENV = "VLLM_STEER_REGISTRY"
-#: Overrides the registry's ``upload_dir`` / ``max_upload_bytes``.
-UPLOAD_DIR_ENV = "VLLM_STEER_UPLOAD_DIR"
-MAX_UPLOAD_ENV = "VLLM_STEER_MAX_UPLOAD_BYTES"
+REGISTRY_ENV = envvars.REGISTRY
+#: Override the registry's ``upload_dir`` / ``max_upload_bytes``.
+UPLOAD_DIR_ENV = envvars.UPLOAD_DIR
+MAX_UPLOAD_ENV = envvars.MAX_UPLOAD_BYTES
 DEFAULT_UPLOAD_DIR = "uploads"
 DEFAULT_MAX_UPLOAD_BYTES = 64 << 20
 OVERLAY_NAME = "registry.overlay.yaml"
@@ -103,9 +107,14 @@ class Registry:
                     isinstance(tm.get(k), str) and tm.get(k) for k in ("start", "end")):
                 raise RegistryError(f"{path}: think_markers must be {{start: STR, end: STR}}")
             markers = (tm["start"], tm["end"])
-        upload_dir = rel(os.environ.get(UPLOAD_DIR_ENV) or raw.get("upload_dir")
-                         or DEFAULT_UPLOAD_DIR)
-        limit = os.environ.get(MAX_UPLOAD_ENV) or raw.get("max_upload_bytes")
+        upload = envvars.get(UPLOAD_DIR_ENV) or raw.get("upload_dir")
+        if upload:
+            upload_dir = rel(upload)
+        elif locations.is_shipped_registry(path):
+            upload_dir = locations.shipped_upload_dir()
+        else:
+            upload_dir = rel(DEFAULT_UPLOAD_DIR)
+        limit = envvars.get(MAX_UPLOAD_ENV) or raw.get("max_upload_bytes")
         try:
             max_upload = int(limit) if limit is not None else DEFAULT_MAX_UPLOAD_BYTES
         except (TypeError, ValueError) as e:
@@ -235,20 +244,31 @@ class Registry:
     def is_allowed(self, path: str | os.PathLike[str]) -> Path | None:
         """The resolved path when it lies inside an allowed dir (symlinks resolved), else None.
 
-        Paths the OS cannot even look up (NUL bytes, lone surrogates, ``~nouser``) are None.
+        A relative path is read relative to each allowed dir (``happy.safetensors``) and
+        to the registry file's directory, the form the file itself uses
+        (``vectors/happy.safetensors``); the first of these that exists wins, else the
+        first inside an allowed dir (so a missing file is reported as missing). Paths
+        the OS cannot even look up (NUL bytes, lone surrogates, ``~nouser``) are None.
         """
         try:
             p = Path(path).expanduser()
-            candidates = [p] if p.is_absolute() else [d / p for d in self.allowed_dirs]
+            if p.is_absolute():
+                candidates = [p]
+            else:
+                candidates = [d / p for d in self.allowed_dirs]
+                if self.source is not None:
+                    candidates.append(self.source.parent / p)
+            inside = []
             for c in candidates:
                 real = c.resolve()
-                for d in self.allowed_dirs:
-                    if real == d or d in real.parents:
-                        os.fsencode(real)  # raises for names the OS cannot encode
+                if any(real == d or d in real.parents for d in self.allowed_dirs):
+                    os.fsencode(real)  # raises for names the OS cannot encode
+                    if real.exists():
                         return real
+                    inside.append(real)
         except (OSError, ValueError, RuntimeError):
             return None
-        return None
+        return inside[0] if inside else None
 
 
 def _parse_entries(raw: Any, rel: Any, where: str, origin: str) -> dict[str, RegistryEntry]:
@@ -280,15 +300,15 @@ _cache: dict[str, Registry] = {}
 
 
 def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
-    """The process-wide registry for ``path`` (default ``$VLLM_STEER_REGISTRY``; empty if unset)."""
-    path = path or os.environ.get(REGISTRY_ENV)
+    """The process-wide registry for ``path`` (default ``$VLLMSTEER_REGISTRY``; empty if unset)."""
+    path = path or envvars.get(REGISTRY_ENV)
     key = str(Path(path).expanduser().resolve()) if path else ""
     with _lock:
         if key not in _cache:
             if key:
                 _cache[key] = Registry.from_yaml(key)
             else:
-                limit = os.environ.get(MAX_UPLOAD_ENV)
+                limit = envvars.get(MAX_UPLOAD_ENV)
                 _cache[key] = Registry(max_upload_bytes=int(limit) if limit
                                        else DEFAULT_MAX_UPLOAD_BYTES)
         return _cache[key]

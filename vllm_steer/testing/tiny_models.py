@@ -2,7 +2,7 @@
 
 Each is built from a ``transformers`` config (3 layers, hidden 128, head_dim 64 — vLLM's
 CPU attention refuses smaller heads), seeded, saved with ``save_pretrained`` next to a
-tokenizer, and cached under ``$VLLM_STEER_CACHE/test-models`` keyed by a hash of the
+tokenizer, and cached under ``$VLLMSTEER_CACHE/test-models`` keyed by a hash of the
 config and the transformers version. Steering math does not depend on trained weights,
 so these check that the plugin finds the residual stream of every layer type; the
 weights' scale (``initializer_range``) is large enough that greedy decoding has clear

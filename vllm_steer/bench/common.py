@@ -20,11 +20,23 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-#: Where result JSON goes; ``$VLLM_STEER_BENCH_RESULTS`` overrides it (the tests use a tmp dir).
-RESULTS_DIR = Path(os.environ.get("VLLM_STEER_BENCH_RESULTS") or BENCH_DIR / "results")
+from vllm_steer import envvars, locations
+
+#: The repository root in a source checkout (benchmarks/ holds RESULTS.md, notes.md and
+#: results/ there), else None: an installed package writes to the working directory.
+REPO = locations.source_checkout()
+BENCH_DIR = REPO / "benchmarks" if REPO is not None else None
+#: Where result JSON goes: ``$VLLMSTEER_BENCH_RESULTS`` (the tests use a tmp dir), else
+#: ``benchmarks/results`` in a source checkout, else ``./bench-results``.
+RESULTS_DIR = Path(envvars.get(envvars.BENCH_RESULTS)
+                   or (BENCH_DIR / "results" if BENCH_DIR is not None else "bench-results")
+                   ).resolve()
 WORK_DIR = RESULTS_DIR / "work"
+#: Where ``report`` writes RESULTS.md and the chart (the checkout's benchmarks/ only for
+#: the checkout's own results); the hand-written analysis it appends.
+REPORT_DIR = BENCH_DIR if BENCH_DIR is not None and RESULTS_DIR == BENCH_DIR / "results" \
+    else RESULTS_DIR
+NOTES = BENCH_DIR / "notes.md" if BENCH_DIR is not None else None
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -54,9 +66,13 @@ def versions() -> dict[str, str]:
             out[mod] = __import__(mod).__version__
         except Exception:  # pragma: no cover - missing optional package
             out[mod] = "n/a"
+    from vllm_steer import __version__
+
+    out["vllm_steer"] = __version__
     try:
         out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                    capture_output=True, text=True, timeout=10).stdout.strip()
+                                    capture_output=True, text=True, timeout=10
+                                    ).stdout.strip() if REPO is not None else "n/a"
     except Exception:
         out["git"] = "n/a"
     return out
@@ -105,7 +121,7 @@ def header(argv: Sequence[str], name: str) -> dict[str, Any]:
 
 
 #: Environment variables that change what a benchmark measures (recorded with results).
-ENV_KEYS = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_STEER_DISABLE", "OMP_NUM_THREADS")
+ENV_KEYS = ("VLLM_CPU_KVCACHE_SPACE", envvars.DISABLE, "OMP_NUM_THREADS")
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -180,7 +196,7 @@ BENCH_VECTORS: dict[str, Sequence[int]] = {
 def bench_registry() -> Path:
     """Write (once per process) the benchmark vectors and registry; set the env var."""
     reg = write_vectors(WORK_DIR, BENCH_VECTORS)
-    os.environ["VLLM_STEER_REGISTRY"] = str(reg)
+    os.environ[envvars.REGISTRY] = str(reg)
     return reg
 
 
@@ -195,6 +211,12 @@ def write_result(name: str, data: dict[str, Any], out_dir: Path | None = None) -
 
 
 from vllm_steer.llm_factory import shutdown  # noqa: E402,F401  (re-exported for the scripts)
+
+
+def module_argv(module: str) -> list[str]:
+    """Command line that runs benchmark ``module`` (``vllm_steer.bench.NAME``) in a fresh
+    interpreter (each benchmark, and each of its workers, gets its own processes)."""
+    return [sys.executable, "-m", f"vllm_steer.bench.{module}"]
 
 
 # -- peak memory of a process tree --------------------------------------------------------

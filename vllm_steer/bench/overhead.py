@@ -1,0 +1,218 @@
+"""Benchmark 1: steering overhead in vLLM (output tokens/s relative to unsteered).
+
+One engine; every case of every group runs once per repetition in shuffled order, and
+each repetition gives one ratio ``tok/s(case) / tok/s(group baseline)``. Each request
+gets a ``cache_salt`` unique to (repetition, case) so that no case reuses another's
+prefix cache (every case pays the same prefill).
+
+Metrics: output tokens per wall-clock second, and output tokens per CPU-second of this
+process tree (front end + engine core + worker; far less sensitive to other people's load
+on a shared machine).
+
+Groups:
+- ``modes``: unsteered, one vector on all layers shared by every request, every request
+  a different spec (distinct scales -> distinct slots), three vectors composed per request,
+  ``apply_to`` = generated, ``apply_to`` = thinking (prompts end inside ``<think>``);
+- ``batch``: unsteered vs every-request-distinct at several batch sizes;
+- ``layers``: unsteered vs one shared vector restricted to 1, 8, 15, 30 layers.
+
+With ``--vanilla`` a second engine is started with ``VLLMSTEER_DISABLE=1`` in its
+processes (plain vLLM workers: no tables, no per-layer gather/add) and its unsteered
+workload ``vanilla`` joins the ``modes`` group, so the plugin's always-on cost is
+measured too (``unsteered / vanilla``). The plugin-free engine's front end shares this
+process, where the plugin's front-end hook is installed; it passes unsteered requests on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from vllm_steer.bench.common import (
+    LoadTracker,
+    bench_registry,
+    header,
+    interleaved,
+    random_prompts,
+    ratios,
+    shutdown,
+    summarize,
+    tree_cpu_seconds,
+    write_result,
+)
+
+THINK = {"think_start": "<think>", "think_end": "</think>"}
+
+
+def _spec(variant: str, i: int) -> dict[str, Any] | None:
+    """The steering spec of request ``i`` in a case."""
+    one = [{"name": "all30", "scale": 1.0}]
+    if variant == "unsteered":
+        return None
+    if variant == "shared":
+        return {"vectors": one, "apply_to": "all"}
+    if variant == "distinct":
+        return {"vectors": [{"name": "all30", "scale": 1.0 + 0.001 * (i + 1)}], "apply_to": "all"}
+    if variant == "composed3":
+        return {"vectors": [{"name": "c1", "scale": 1.0}, {"name": "c2", "scale": 0.5},
+                            {"name": "c3", "scale": -0.7}], "apply_to": "all"}
+    if variant == "generated":
+        return {"vectors": one, "apply_to": "generated"}
+    if variant == "thinking":
+        return {"vectors": one, "apply_to": "thinking", **THINK}
+    if variant.startswith("layers"):
+        n = int(variant[len("layers"):])
+        return {"vectors": [{"name": "all30", "scale": 1.0, "layers": list(range(n))}],
+                "apply_to": "all"}
+    raise ValueError(variant)
+
+
+def build_cases(args: argparse.Namespace) -> dict[str, dict[str, tuple[str, int, int]]]:
+    """``{group: {case: (variant, n_prompts, max_tokens)}}``; the first case is the base."""
+    groups: dict[str, dict[str, tuple[str, int, int]]] = {}
+    P, T = args.prompts, args.tokens
+    if "modes" in args.groups:
+        groups["modes"] = {v: (v, P, T) for v in
+                           ("unsteered", "shared", "distinct", "composed3", "generated",
+                            "thinking")}
+        if args.vanilla:
+            groups["modes"]["vanilla"] = ("unsteered", P, T)
+    if "batch" in args.groups:
+        for b in args.batch_sizes:
+            groups[f"batch{b}"] = {f"b{b}-unsteered": ("unsteered", b, args.sweep_tokens),
+                                   f"b{b}-distinct": ("distinct", b, args.sweep_tokens)}
+    if "layers" in args.groups:
+        g = {"l-unsteered": ("unsteered", P, args.sweep_tokens)}
+        for n in args.layer_counts:
+            g[f"l{n}"] = (f"layers{n}", P, args.sweep_tokens)
+        groups["layers"] = g
+    return groups
+
+
+def run_case(llm: Any, tok: Any, case: str, variant: str, n: int, max_tokens: int,
+             rep: int, prompt_len: int) -> dict[str, float]:
+    """Generate one case's workload; returns tokens, seconds, tokens/s."""
+    from vllm import SamplingParams
+
+    prompts = random_prompts(n, prompt_len, seed=7)
+    if variant == "thinking":
+        think = tok.encode("<think>\n", add_special_tokens=False)
+        prompts = [p + think for p in prompts]
+    reqs, params = [], []
+    for i, ids in enumerate(prompts):
+        spec = _spec(variant, i)
+        reqs.append({"prompt_token_ids": ids, "cache_salt": f"{case}-r{rep}"})
+        params.append(SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.8,
+                                     extra_args={"steering": spec} if spec else None))
+    c0, t0 = tree_cpu_seconds(), time.perf_counter()
+    outs = llm.generate(reqs, params, use_tqdm=False)
+    dt, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
+    ntok = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"tokens": ntok, "seconds": dt, "tok_s": ntok / dt, "cpu_s": cpu,
+            "tok_per_cpu_s": ntok / max(cpu, 1e-9)}
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vllm-steer bench overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (for the test suite)")
+    p.add_argument("--compiled", action="store_true",
+                   help="vLLM's default compiled mode (default: enforce_eager=True)")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--groups", default="modes,batch,layers")
+    p.add_argument("--batch-sizes", default="8,32,64")
+    p.add_argument("--layer-counts", default="1,8,15,30")
+    p.add_argument("--sweep-tokens", type=int, default=128)
+    p.add_argument("--vanilla", action="store_true",
+                   help="also time a plugin-free engine (VLLMSTEER_DISABLE=1) in the loop")
+    p.add_argument("--out", default=None, help="result name (default: overhead_eager|compiled)")
+    a = p.parse_args(list(argv))
+    if a.quick:
+        a.prompts, a.tokens, a.reps, a.sweep_tokens = 4, 8, 2, 8
+        a.batch_sizes, a.layer_counts = "2,4", "1,30"
+    a.groups = a.groups.split(",")
+    a.batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
+    a.layer_counts = [int(x) for x in a.layer_counts.split(",")]
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    mode = "compiled" if args.compiled else "eager"
+    name = args.out or f"overhead_{mode}" + ("_quick" if args.quick else "")
+    res = header(argv, "overhead")
+    res["mode"] = mode
+    bench_registry()
+    from vllm_steer.llm_factory import make_llm
+    from vllm_steer.vllm_adapter.engine import vllm_config
+
+    t0 = time.perf_counter()
+    llm = make_llm(enforce_eager=not args.compiled, dtype="float32",
+                   max_num_seqs=max([args.prompts, *args.batch_sizes, 8]), max_model_len=2048)
+    res["engine_start_s"] = round(time.perf_counter() - t0, 1)
+    cfg = vllm_config(llm)
+    res["engine"] = {"enforce_eager": not args.compiled, "dtype": "float32",
+                     "block_size": cfg.cache_config.block_size,
+                     "max_num_seqs": cfg.scheduler_config.max_num_seqs}
+    vanilla = None
+    if args.vanilla:
+        os.environ["VLLMSTEER_DISABLE"] = "1"  # inherited by the new engine's processes
+        try:
+            vanilla = make_llm(enforce_eager=not args.compiled, dtype="float32",
+                               max_num_seqs=res["engine"]["max_num_seqs"], max_model_len=2048)
+        finally:
+            os.environ.pop("VLLMSTEER_DISABLE", None)
+    tok = llm.get_tokenizer()
+    groups = build_cases(args)
+    cases = {c: spec for g in groups.values() for c, spec in g.items()}
+    res["workload"] = {c: {"variant": v, "prompts": n, "max_tokens": t,
+                           "prompt_len": args.prompt_len} for c, (v, n, t) in cases.items()}
+    # warm-up: one pass of each distinct variant (not timed)
+    for v in sorted({v for v, _, _ in cases.values()}):
+        run_case(llm, tok, f"warm-{v}", v, 2, 4, -1, args.prompt_len)
+    if vanilla is not None:
+        run_case(vanilla, tok, "warm-vanilla", "unsteered", 2, 4, -1, args.prompt_len)
+    load = LoadTracker()
+    raw: dict[str, dict[int, dict[str, float]]] = {c: {} for c in cases}
+    for rep, c in tqdm(interleaved(list(cases), args.reps), desc=f"overhead ({mode})"):
+        v, n, t = cases[c]
+        eng = vanilla if c == "vanilla" else llm
+        raw[c][rep] = run_case(eng, tok, c, v, n, t, rep, args.prompt_len)
+    res["load"] = load.finish()
+    res["slot_stats"] = llm.collective_rpc("vllm_steer_stats")
+    shutdown(llm)
+    if vanilla is not None:
+        shutdown(vanilla)
+    tps = {c: {r: x["tok_s"] for r, x in d.items()} for c, d in raw.items()}
+    tpc = {c: {r: x["tok_per_cpu_s"] for r, x in d.items()} for c, d in raw.items()}
+    res["raw"] = raw
+    res["groups"] = {}
+    for g, gcases in groups.items():
+        base = next(iter(gcases))
+        res["groups"][g] = {
+            "baseline": base,
+            "baseline_tok_s": summarize(tps[base].values()),
+            "ratios": {c: summarize(ratios(tps, base, c)) for c in gcases if c != base},
+            "cpu_ratios": {c: summarize(ratios(tpc, base, c)) for c in gcases if c != base},
+        }
+    if "vanilla" in tps:  # everything against plain vLLM too
+        res["groups"]["modes"]["ratios_vs_vanilla"] = {
+            c: summarize(ratios(tps, "vanilla", c)) for c in groups["modes"] if c != "vanilla"}
+        res["groups"]["modes"]["cpu_ratios_vs_vanilla"] = {
+            c: summarize(ratios(tpc, "vanilla", c)) for c in groups["modes"] if c != "vanilla"}
+    write_result(name, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

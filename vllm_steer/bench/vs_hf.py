@@ -1,0 +1,199 @@
+"""Benchmark 2: vLLM + vllm-steer versus HF transformers ``generate`` with forward hooks.
+
+The HF side is what repeng does: forward hooks adding the vector to decoder block outputs
+(``vllm_steer.hf_steering.steer_hf``), one ``generate`` per batch. Same prompts
+(equal-length random token ids, so HF needs no padding), same number of sampled output
+tokens (``min_new_tokens = max_new_tokens``, i.e. ignore_eos), same vectors (all 30
+layers), both in float32.
+
+Workloads: ``shared`` (every request steered by one vector) and ``spread`` (requests spread
+over 8 vectors: HF runs one batch per vector, vLLM one ``generate`` for all). HF is timed
+at several batch sizes; the best HF batch size (highest median tok/s) is the reference.
+
+Each side runs in its own subprocess (peak RSS/PSS of each process tree is sampled by the
+parent); the parent interleaves the calls (shuffled per repetition), so each repetition
+gives one ratio ``tok/s(vLLM) / tok/s(HF best)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from vllm_steer.bench.common import (
+    WORK_DIR,
+    LoadTracker,
+    Worker,
+    bench_registry,
+    header,
+    interleaved,
+    module_argv,
+    random_prompts,
+    serve_commands,
+    summarize,
+    tree_cpu_seconds,
+    write_result,
+)
+
+N_VECTORS = 8
+
+
+def _vector_of(i: int, workload: str) -> str:
+    return "h0" if workload == "shared" else f"h{i % N_VECTORS}"
+
+
+# -- workers --------------------------------------------------------------------------------
+def vllm_worker(args: argparse.Namespace) -> None:
+    from vllm import SamplingParams
+
+    from vllm_steer.llm_factory import make_llm
+
+    llm = make_llm(enforce_eager=not args.compiled, dtype="float32",
+                   max_num_seqs=max(args.prompts, 8), max_model_len=2048)
+
+    def handle(cmd: dict[str, Any]) -> dict[str, Any]:
+        wl, rep = cmd["workload"], cmd["rep"]
+        prompts = random_prompts(args.prompts, args.prompt_len, seed=11)
+        reqs = [{"prompt_token_ids": p, "cache_salt": f"{wl}-{rep}"} for p in prompts]
+        params = [SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.8,
+                                 extra_args={"steering": {"vectors": [
+                                     {"name": _vector_of(i, wl), "scale": 1.0}]}})
+                  for i in range(len(prompts))]
+        c0, t0 = tree_cpu_seconds(), time.perf_counter()
+        outs = llm.generate(reqs, params, use_tqdm=False)
+        dt, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        return {"tokens": n, "seconds": dt, "tok_s": n / dt, "cpu_s": cpu}
+
+    handle({"workload": "shared", "rep": -1})  # warm-up
+    serve_commands(handle)
+
+
+def hf_worker(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_steer import SteeringVector
+    from vllm_steer.default_model import resolve_model
+    from vllm_steer.hf_steering import steer_hf
+
+    torch.set_num_threads(args.hf_threads)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=torch.float32)
+    model.eval()
+    vecs = {f"h{i}": SteeringVector.load(WORK_DIR / "vectors" / f"h{i}.safetensors")
+            for i in range(N_VECTORS)}
+
+    @torch.inference_mode()
+    def gen(ids: list[list[int]], name: str, new: int) -> int:
+        x = torch.tensor(ids)
+        with steer_hf(model, vecs[name]):
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                 max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                                 temperature=0.8, top_k=0, top_p=1.0, pad_token_id=0)
+        return int(out.shape[0] * (out.shape[1] - x.shape[1]))
+
+    def handle(cmd: dict[str, Any]) -> dict[str, Any]:
+        wl, bs = cmd["workload"], cmd["batch_size"]
+        prompts = random_prompts(args.prompts, args.prompt_len, seed=11)
+        groups: dict[str, list[list[int]]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(_vector_of(i, wl), []).append(p)
+        c0, t0 = tree_cpu_seconds(), time.perf_counter()
+        n = 0
+        for name, ps in groups.items():
+            for k in range(0, len(ps), bs):
+                n += gen(ps[k:k + bs], name, cmd.get("tokens", args.tokens))
+        dt, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
+        return {"tokens": n, "seconds": dt, "tok_s": n / dt, "cpu_s": cpu,
+                "torch_threads": torch.get_num_threads()}
+
+    handle({"workload": "shared", "batch_size": 2, "tokens": 4})  # warm-up
+    serve_commands(handle)
+
+
+# -- driver ---------------------------------------------------------------------------------
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vllm-steer bench vs-hf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--compiled", action="store_true", help="vLLM compiled (default eager)")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--hf-batch-sizes", default="8,32")
+    p.add_argument("--hf-threads", type=int, default=1,
+                   help="torch threads for HF (default 1: vLLM's CPU worker also computes on "
+                        "one thread, and 2 OMP threads on a loaded 2-core box were far slower)")
+    p.add_argument("--worker", choices=["vllm", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(list(argv))
+    if a.quick:
+        a.prompts, a.tokens, a.reps, a.hf_batch_sizes = 8, 8, 2, "4,8"
+    a.hf_batch_sizes = [int(x) for x in str(a.hf_batch_sizes).split(",")]
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    bench_registry()
+    if args.worker == "vllm":
+        vllm_worker(args)
+        return {}
+    if args.worker == "hf":
+        hf_worker(args)
+        return {}
+    from tqdm import tqdm
+
+    res = header(argv, "vs-hf")
+    res["workload"] = {"prompts": args.prompts, "max_tokens": args.tokens,
+                       "prompt_len": args.prompt_len, "vectors": "random, all 30 layers",
+                       "hf_batch_sizes": args.hf_batch_sizes, "sampling": "temperature 0.8",
+                       "hf_torch_threads": args.hf_threads}
+    res["vllm_mode"] = "compiled" if args.compiled else "eager"
+    me = [*module_argv("vs_hf"), *argv]
+    tag = "_quick" if args.quick else ""
+    vw = Worker([*me, "--worker", "vllm"], WORK_DIR / f"vs_hf_vllm{tag}.log")
+    hw = Worker([*me, "--worker", "hf"], WORK_DIR / f"vs_hf_hf{tag}.log")
+    vw.recv()
+    hw.recv()
+    variants = [f"vllm_{w}" for w in ("shared", "spread")] + [
+        f"hf_{w}_b{b}" for w in ("shared", "spread") for b in args.hf_batch_sizes]
+    load = LoadTracker()
+    raw: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in variants}
+    for rep, v in tqdm(interleaved(variants, args.reps), desc="vs-hf"):
+        parts = v.split("_")
+        if parts[0] == "vllm":
+            raw[v][rep] = vw.call(workload=parts[1], rep=rep)
+        else:
+            raw[v][rep] = hw.call(workload=parts[1], batch_size=int(parts[2][1:]))
+    res["load"] = load.finish()
+    res["memory"] = {"vllm": vw.close(), "hf": hw.close()}
+    res["raw"] = raw
+    out: dict[str, Any] = {}
+    for wl in ("shared", "spread"):
+        hf = {b: summarize(x["tok_s"] for x in raw[f"hf_{wl}_b{b}"].values())
+              for b in args.hf_batch_sizes}
+        best = max(hf, key=lambda b: hf[b]["median"])
+        vl = raw[f"vllm_{wl}"]
+        hb = raw[f"hf_{wl}_b{best}"]
+        out[wl] = {"hf_tok_s_by_batch": hf, "hf_best_batch": best,
+                   "vllm_tok_s": summarize(x["tok_s"] for x in vl.values()),
+                   "ratio_vllm_over_hf": summarize(vl[r]["tok_s"] / hb[r]["tok_s"]
+                                                   for r in vl if r in hb),
+                   "cpu_s_ratio_hf_over_vllm": summarize(hb[r]["cpu_s"] / vl[r]["cpu_s"]
+                                                         for r in vl if r in hb)}
+    res["workloads"] = out
+    res["rss_ratio_vllm_over_hf"] = round(
+        res["memory"]["vllm"]["peak_rss_mib"] / max(res["memory"]["hf"]["peak_rss_mib"], 1), 3)
+    write_result(args.out or f"vs_hf{tag}", res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

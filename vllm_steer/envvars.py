@@ -1,0 +1,61 @@
+"""vllm-steer's environment variables (``VLLMSTEER_*``), read in one place.
+
+vLLM treats every ``VLLM_*`` variable as its own: an engine start logs "Unknown vLLM
+environment variable detected" for each one it does not know, and refuses to start with
+``--fail-on-environ-validation`` (``vllm/platforms/interface.py``, ``validate_environ``).
+So vllm-steer's variables are spelled ``VLLMSTEER_*``. The earlier ``VLLM_STEER_*``
+spellings are still read, with a deprecation warning, when the new name is unset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+logger = logging.getLogger("vllm_steer")
+
+PREFIX = "VLLMSTEER_"
+LEGACY_PREFIX = "VLLM_STEER_"
+
+#: Root of writable state (uploaded vectors, the overlay of the shipped registry).
+HOME = "VLLMSTEER_HOME"
+#: Registry YAML read by the engine's front end.
+REGISTRY = "VLLMSTEER_REGISTRY"
+#: Root of the cache (converted default model, test assets).
+CACHE = "VLLMSTEER_CACHE"
+#: Overrides a registry's ``upload_dir`` / ``max_upload_bytes``.
+UPLOAD_DIR = "VLLMSTEER_UPLOAD_DIR"
+MAX_UPLOAD_BYTES = "VLLMSTEER_MAX_UPLOAD_BYTES"
+#: ``1`` keeps the plugin out of a vLLM process without uninstalling it.
+DISABLE = "VLLMSTEER_DISABLE"
+#: Where benchmark results go (default: ``benchmarks/results`` in a source checkout).
+BENCH_RESULTS = "VLLMSTEER_BENCH_RESULTS"
+
+_warned: set[str] = set()
+
+
+def legacy_name(name: str) -> str:
+    """``VLLMSTEER_X`` -> ``VLLM_STEER_X`` (the deprecated spelling)."""
+    if not name.startswith(PREFIX):
+        raise ValueError(f"{name!r} is not a vllm-steer variable")
+    return LEGACY_PREFIX + name[len(PREFIX):]
+
+
+def get(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of ``name`` (a ``VLLMSTEER_*`` constant above), else of its deprecated
+    ``VLLM_STEER_*`` spelling (logged once per name), else None. Empty counts as unset."""
+    env = os.environ if environ is None else environ
+    value = env.get(name)
+    if value:
+        return value
+    old = legacy_name(name)
+    value = env.get(old)
+    if not value:
+        return None
+    if old not in _warned:
+        _warned.add(old)
+        logger.warning("vllm-steer: %s is deprecated, use %s (vLLM warns about, or with "
+                       "--fail-on-environ-validation refuses, unknown VLLM_* variables)",
+                       old, name)
+    return value
