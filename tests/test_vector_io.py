@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_steer import SteeringVector, VectorMetadata, cli, vector_io
-from vllm_steer.vector_io import VectorFileError, detect_format, load, save
+from vllm_steer.vector import load, save
+from vllm_steer.vector_errors import VectorFileError
+from vllm_steer.vector_io import detect_format
 
 H = 16
 

@@ -35,7 +35,7 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     info.add_argument("path")
 
     def run_info(args: argparse.Namespace) -> int:
-        from vllm_steer.vector_io import describe
+        from vllm_steer.vector import describe
 
         print(json.dumps(describe(args.path), indent=2))
         return 0
@@ -48,7 +48,7 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
                       help="GGUF export: drop layer 0, which llama.cpp cannot steer")
 
     def run_convert(args: argparse.Namespace) -> int:
-        from vllm_steer.vector_io import load, save
+        from vllm_steer.vector import load, save
 
         save(load(args.src), args.dst, drop_layer0=args.drop_layer0)
         print(args.dst)

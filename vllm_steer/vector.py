@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-
-class SteeringVectorError(ValueError):
-    """A vector's contents are invalid; the message names the file/field and the problem."""
+from vllm_steer import vector_io
+from vllm_steer.vector_errors import SteeringVectorError, VectorFileError
 
 
 @dataclass(frozen=True)
@@ -220,14 +220,44 @@ class SteeringVector:
             torch.allclose(self.directions[k], other.directions[k], atol=atol) for k in self.layers
         )
 
-    def save(self, path: str, **kw: Any) -> None:
+    def save(self, path: str | os.PathLike[str], *, drop_layer0: bool = False) -> None:
         """Write safetensors, or GGUF when ``path`` ends with ``.gguf`` (see ``vector_io``)."""
-        from vllm_steer import vector_io
-
-        vector_io.save(self, path, **kw)
+        vector_io.write(self, path, drop_layer0=drop_layer0)
 
     @classmethod
-    def load(cls, path: str) -> SteeringVector:
-        from vllm_steer import vector_io
+    def load(cls, path: str | os.PathLike[str]) -> SteeringVector:
+        """Read a vector file of either format (detected from its content)."""
+        raw = vector_io.read(path)
+        try:
+            return cls(raw.directions, VectorMetadata.from_dict(raw.metadata))
+        except VectorFileError:
+            raise
+        except SteeringVectorError as e:
+            raise VectorFileError(path, str(e)) from e
 
-        return vector_io.load(path)
+
+def load(path: str | os.PathLike[str]) -> SteeringVector:
+    """``SteeringVector.load(path)``."""
+    return SteeringVector.load(path)
+
+
+def save(vector: SteeringVector, path: str | os.PathLike[str], *, drop_layer0: bool = False
+         ) -> None:
+    """``vector.save(path, drop_layer0=...)``."""
+    vector.save(path, drop_layer0=drop_layer0)
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``vllm-steer vector info`` prints: format, layers, per-layer norms and the
+    metadata, with sizes as numbers and fields the file does not record as None."""
+    v = load(path)
+    meta: dict[str, Any] = {}
+    for key, value in v.metadata.to_dict().items():
+        if key in ("hidden_size", "num_layers"):
+            meta[key] = int(value) or None
+        else:
+            meta[key] = value or None
+    return {"path": str(path), "format": vector_io.detect_format(path),
+            "hidden_size": v.hidden_size, "layers": v.layers,
+            "norms": {str(k): round(float(t.norm()), 6) for k, t in v.directions.items()},
+            "metadata": meta}

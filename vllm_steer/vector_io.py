@@ -19,12 +19,23 @@ import os
 import re
 import struct
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
-from vllm_steer.vector import SteeringVector, SteeringVectorError, VectorMetadata
+from vllm_steer.vector_errors import VectorFileError
+
+
+class RawVector(NamedTuple):
+    """What a file holds: ``directions`` ``{layer: float tensor [hidden]}`` and ``metadata``
+    ``{key: str}`` (``vllm_steer.vector.VectorMetadata.from_dict`` reads it)."""
+
+    directions: dict[int, torch.Tensor]
+    metadata: dict[str, str]
+
 
 FORMAT_NAME = "vllm-steer-vector"
 FORMAT_VERSION = "1"
@@ -34,13 +45,13 @@ GGUF_ARCH = "controlvector"
 UNKNOWN_ORIGIN = "unknown"
 
 
-class VectorFileError(SteeringVectorError):
-    """A vector file could not be read or written; the message names the file."""
+class VectorLike(Protocol):
+    """What the writers need of a vector (``SteeringVector`` has it)."""
 
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
+    directions: Mapping[int, torch.Tensor]
+    hidden_size: int
+    layers: list[int]
+    metadata: Any
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -62,7 +73,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 
 # -- safetensors -------------------------------------------------------------------------
-def save_safetensors(vector: SteeringVector, path: str | os.PathLike[str]) -> None:
+def save_safetensors(vector: VectorLike, path: str | os.PathLike[str]) -> None:
     from safetensors.torch import save_file
 
     meta = vector.metadata.to_dict()
@@ -74,7 +85,7 @@ def save_safetensors(vector: SteeringVector, path: str | os.PathLike[str]) -> No
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_safetensors(path: str | os.PathLike[str]) -> SteeringVector:
+def read_safetensors(path: str | os.PathLike[str]) -> RawVector:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -105,7 +116,7 @@ def _layer_of(path, name: str, seen: dict[int, torch.Tensor]) -> int:
 
 # -- GGUF --------------------------------------------------------------------------------
 def save_gguf(
-    vector: SteeringVector, path: str | os.PathLike[str], *, drop_layer0: bool = False
+    vector: VectorLike, path: str | os.PathLike[str], *, drop_layer0: bool = False
 ) -> None:
     """Write a llama.cpp control vector; see the module docstring for layer 0."""
     import gguf
@@ -145,7 +156,7 @@ def save_gguf(
     _atomic_write(path, write)
 
 
-def load_gguf(path: str | os.PathLike[str]) -> SteeringVector:
+def read_gguf(path: str | os.PathLike[str]) -> RawVector:
     import gguf
 
     try:
@@ -190,31 +201,16 @@ def load_gguf(path: str | os.PathLike[str]) -> SteeringVector:
 
 
 # -- dispatch ----------------------------------------------------------------------------
-def describe(path: str | os.PathLike[str]) -> dict:
-    """What ``vllm-steer vector info`` prints: format, layers, per-layer norms and the
-    metadata, with sizes as numbers and fields the file does not record as None."""
-    v = load(path)
-    meta: dict = {}
-    for key, value in v.metadata.to_dict().items():
-        if key in ("hidden_size", "num_layers"):
-            meta[key] = int(value) or None
-        else:
-            meta[key] = value or None
-    return {"path": str(path), "format": detect_format(path), "hidden_size": v.hidden_size,
-            "layers": v.layers,
-            "norms": {str(k): round(float(t.norm()), 6) for k, t in v.directions.items()},
-            "metadata": meta}
-
-
-def load(path: str | os.PathLike[str]) -> SteeringVector:
-    """Load a vector file of either format (detected from content)."""
+def read(path: str | os.PathLike[str]) -> RawVector:
+    """``(directions, metadata)`` of a vector file of either format (detected from content),
+    checked: 1-D finite float tensors of one hidden size; ``created_by`` "unknown" and the
+    hidden size from the tensors when the file does not say (repeng, llama.cpp files)."""
     fmt = detect_format(path)
-    return load_gguf(path) if fmt == "gguf" else load_safetensors(path)
+    return read_gguf(path) if fmt == "gguf" else read_safetensors(path)
 
 
-def save(
-    vector: SteeringVector, path: str | os.PathLike[str], *, drop_layer0: bool = False
-) -> None:
+def write(vector: VectorLike, path: str | os.PathLike[str], *, drop_layer0: bool = False
+          ) -> None:
     """Save as GGUF when ``path`` ends with ``.gguf``, otherwise as safetensors."""
     if str(path).lower().endswith(".gguf"):
         save_gguf(vector, path, drop_layer0=drop_layer0)
@@ -222,7 +218,7 @@ def save(
         save_safetensors(vector, path)
 
 
-def _build(path, directions: dict[int, torch.Tensor], meta: dict[str, str]) -> SteeringVector:
+def _build(path, directions: dict[int, torch.Tensor], meta: dict[str, str]) -> RawVector:
     if not directions:
         raise VectorFileError(path, "file holds no direction.N tensors")
     for layer, t in directions.items():
@@ -243,10 +239,7 @@ def _build(path, directions: dict[int, torch.Tensor], meta: dict[str, str]) -> S
         meta["created_by"] = UNKNOWN_ORIGIN
     if meta.get("hidden_size", "0") in ("", "0"):
         meta["hidden_size"] = str(sizes.pop())
-    try:
-        return SteeringVector(directions, VectorMetadata.from_dict(meta))
-    except SteeringVectorError as e:
-        raise VectorFileError(path, str(e)) from e
+    return RawVector(directions, meta)
 
 
 def _atomic_write(path: str | os.PathLike[str], write) -> None:

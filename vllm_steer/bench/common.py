@@ -168,22 +168,11 @@ def random_prompts(n: int, length: int = 32, seed: int = 0, vocab: int = 49152,
 
 def write_vectors(root: Path, specs: dict[str, Sequence[int]], seed: int = 1234,
                   norm_scale: float = 0.15) -> Path:
-    """Random vectors ``{name: layers}`` under ``root/vectors`` and a registry; its path."""
-    import torch
+    """Random vectors ``{name: layers}`` for the default model and a registry; its path
+    (``vllm_steer.testing.vectors.write_vectors``, the tests' writer)."""
+    from vllm_steer.testing.vectors import write_vectors as write_random_vectors
 
-    from vllm_steer import SteeringVector
-
-    vdir = root / "vectors"
-    vdir.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    lines = ["allowed_dirs: [vectors]", "vectors:"]
-    for name, layers in specs.items():
-        SteeringVector({i: norm_scale * torch.randn(HIDDEN, generator=g) for i in layers}).save(
-            vdir / f"{name}.safetensors")
-        lines.append(f"  {name}: {{path: vectors/{name}.safetensors}}")
-    reg = root / "registry.yaml"
-    reg.write_text("\n".join(lines) + "\n")
-    return reg
+    return write_random_vectors(root, specs, hidden=HIDDEN, norm_scale=norm_scale, seed=seed)
 
 
 #: Vectors every benchmark uses: one on all layers, three to compose, eight for vs-hf.

@@ -27,8 +27,9 @@ from vllm_steer.server.common import ServerContext, SteerHTTPError, context, rea
 from vllm_steer.steering.registry import NAME_RE, RegistryEntry
 from vllm_steer.steering.values import SpecError, parse_layers, parse_scale
 from vllm_steer.vector import SteeringVector, SteeringVectorError
-from vllm_steer.vector_io import VectorFileError, detect_format
-from vllm_steer.vector_io import load as load_vector
+from vllm_steer.vector import load as load_vector
+from vllm_steer.vector_errors import VectorFileError
+from vllm_steer.vector_io import detect_format
 
 router = APIRouter()
 _JSON_KEYS = {"name", "path", "data", "scale", "layers", "replace"}

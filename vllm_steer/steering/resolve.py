@@ -24,7 +24,7 @@ from vllm_steer.steering.spec import SpecError, SteeringSpec
 from vllm_steer.steering.wire import NO_END, WIRE_VERSION, WireSteering, content_digest
 from vllm_steer.thinking import markers_for
 from vllm_steer.vector import SteeringVector, SteeringVectorError
-from vllm_steer.vector_io import load as load_vector
+from vllm_steer.vector import load as load_vector
 
 _COMPOSED_CACHE = 4096
 
