@@ -23,6 +23,29 @@ LOGPROB_ATOL = 2e-3
 NEAR_TIE = 1e-3
 
 
+def serve_arch(name: str, tokenizer_dir: str, root: Path, **engine_options):
+    """Yield ``(name, llm, hf_model, tokenizer, registry)`` for a tiny ``name`` checkpoint:
+    test vectors, an engine (in-process core except for the Transformers backend, which
+    decorates HF classes in the process that builds the model and would break the HF
+    reference here), the HF reference model; stops the engine afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.steer_helpers import env_registry
+    from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
+    from vllm_steer.testing.tiny_models import ARCHS, HIDDEN, LAYERS, build_tiny_model
+
+    model_dir = build_tiny_model(name, tokenizer_dir)
+    reg = write_vectors(root, HIDDEN, LAYERS)
+    env_registry(reg)
+    with inproc_engine(ARCHS[name].adapter != "hf_batched"):
+        llm = make_test_llm(str(model_dir), max_model_len=512, **engine_options)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    try:
+        yield name, llm, hf, AutoTokenizer.from_pretrained(model_dir), reg
+    finally:
+        shutdown(llm)
+
+
 def write_vectors(root: Path, hidden: int, num_layers: int, scale: float = 4.0) -> Path:
     """Two random vectors ``a`` (all layers) and ``b`` (layers 1..) plus a registry."""
     return write_random_vectors(root, {"a": range(num_layers), "b": range(1, num_layers)},

@@ -18,34 +18,19 @@ from tests.arch_check import (
     Case,
     check_against_hf,
     run_cases,
+    serve_arch,
     think_ids,
-    write_vectors,
 )
-from tests.steer_helpers import THINK_END, THINK_START, env_registry
-from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
-from vllm_steer.testing.tiny_models import ARCHS, HIDDEN, LAYERS, build_tiny_model
+from tests.steer_helpers import THINK_END, THINK_START
+from vllm_steer.testing.tiny_models import ARCHS, HIDDEN, LAYERS
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def arch(request, default_model_dir, tmp_path_factory):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    name = request.param
-    model_dir = build_tiny_model(name, default_model_dir)
-    reg = write_vectors(tmp_path_factory.mktemp(f"arch-{name}"), HIDDEN, LAYERS)
-    env_registry(reg)
-    # vLLM's Transformers backend decorates HF model classes for torch.compile in the
-    # process that builds the model, which would break the HF reference here: those engines
-    # keep their core in a separate process.
-    with inproc_engine(ARCHS[name].adapter != "hf_batched"):
-        llm = make_test_llm(str(model_dir), max_model_len=512)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    yield name, llm, hf, tok, reg
-    shutdown(llm)
+    yield from serve_arch(request.param, default_model_dir,
+                          tmp_path_factory.mktemp(f"arch-{request.param}"))
 
 
 def matrix_cases(tok) -> list[Case]:

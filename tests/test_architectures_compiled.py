@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.arch_check import check_against_hf, run_cases, write_vectors
-from tests.steer_helpers import THINK_END, THINK_START, env_registry
+from tests.arch_check import check_against_hf, run_cases, serve_arch
+from tests.steer_helpers import THINK_END, THINK_START
 from tests.test_architectures import matrix_cases
-from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
-from vllm_steer.testing.tiny_models import ARCHS, HIDDEN, LAYERS, build_tiny_model
+from vllm_steer.testing.tiny_models import HIDDEN, LAYERS
 from vllm_steer.vllm_adapter.engine import vllm_config
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -22,19 +21,9 @@ COMPILED = ["qwen3_moe", "gpt2", "stablelm", "olmo2"]
 
 @pytest.fixture(scope="module", params=COMPILED)
 def arch(request, default_model_dir, tmp_path_factory):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    name = request.param
-    model_dir = build_tiny_model(name, default_model_dir)
-    reg = write_vectors(tmp_path_factory.mktemp(f"compiled-{name}"), HIDDEN, LAYERS)
-    env_registry(reg)
-    with inproc_engine(ARCHS[name].adapter != "hf_batched"):
-        llm = make_test_llm(str(model_dir), max_model_len=512, enforce_eager=False)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    yield name, llm, hf, tok, reg
-    shutdown(llm)
+    yield from serve_arch(request.param, default_model_dir,
+                          tmp_path_factory.mktemp(f"compiled-{request.param}"),
+                          enforce_eager=False)
 
 
 def test_compiled_steering_matches_hf_hooks(arch):
