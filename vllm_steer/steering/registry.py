@@ -36,7 +36,15 @@ from typing import Any
 import yaml
 
 from vllm_steer import envvars, locations
-from vllm_steer.steering.values import SpecError, parse_layers, parse_scale
+from vllm_steer.steering.values import (
+    SpecError,
+    check_op_fields,
+    parse_clamp_value,
+    parse_layers,
+    parse_op,
+    parse_scale,
+    parse_strength,
+)
 
 REGISTRY_ENV = envvars.REGISTRY
 #: Override the registry's ``upload_dir`` / ``max_upload_bytes``.
@@ -61,6 +69,10 @@ class RegistryEntry:
     layers: tuple[int, ...] | None = None
     #: ``config`` (the base YAML) or ``registered`` (added at run time, in the overlay).
     origin: str = "config"
+    #: Default op (``add``, ``ablate``, ``clamp``) and its parameters for requests naming it.
+    op: str = "add"
+    strength: float = 1.0
+    value: float = 0.0
 
 
 @dataclass
@@ -288,11 +300,25 @@ def _parse_entries(raw: Any, rel: Any, where: str, origin: str) -> dict[str, Reg
                 scale=parse_scale(spec.get("scale", 1.0), "scale"),
                 layers=parse_layers(layers, "layers") if layers is not None else None,
                 origin=origin,
+                **_op_defaults(spec),
             )
         except (TypeError, ValueError) as e:
             raise RegistryError(f"{where}.{name}.{e}" if isinstance(e, SpecError)
                                 else f"{where}.{name}: {e}") from e
     return entries
+
+
+def _op_defaults(spec: dict[str, Any]) -> dict[str, Any]:
+    """``op``/``strength``/``value`` of a registry entry (validated like a spec's)."""
+    op = parse_op(spec.get("op", "add"), "op")
+    check_op_fields(op, scale=spec.get("scale"), strength=spec.get("strength"),
+                    value=spec.get("value"), where="entry")
+    out: dict[str, Any] = {"op": op}
+    if spec.get("strength") is not None:
+        out["strength"] = parse_strength(spec["strength"], "strength")
+    if spec.get("value") is not None:
+        out["value"] = parse_clamp_value(spec["value"], "value")
+    return out
 
 
 _lock = threading.Lock()
