@@ -4,9 +4,10 @@
 - ``registry``: path of the vector registry (else ``$VLLMSTEER_REGISTRY``);
 - ``max_projections``: ablate/clamp vectors per layer a request may use (default 1; 0
   steers by addition only: no projection tables, no projection work in the layers);
-- ``transport``: how vector contents reach the workers: ``store`` (default; the
-  content-addressed store under the data home, which every worker must see) or ``inline``
-  (with every request; for engines on several machines without shared storage);
+- ``transport``: how vector contents reach the workers: ``store`` (the content-addressed
+  store under the data home, which every worker must see), ``inline`` (with every
+  request) or ``auto`` (default: ``inline`` under the Ray executor, whose workers may run
+  on other machines, else ``store``);
 - ``layer_adapter``: force an adapter for decoder layers no adapter matches (at your own
   risk; see ``steering.layers``).
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 KEY = "vllm_steer"
-TRANSPORTS = ("store", "inline")
+TRANSPORTS = ("auto", "store", "inline")
 DEFAULT_MAX_PROJECTIONS = 1
 MAX_PROJECTIONS_LIMIT = 8
 _KNOWN = {"registry", "max_projections", "transport", "layer_adapter"}
@@ -31,8 +32,14 @@ class OptionError(ValueError):
 class EngineOptions:
     registry: str | None = None
     max_projections: int = DEFAULT_MAX_PROJECTIONS
-    transport: str = "store"
+    transport: str = "auto"
     layer_adapter: str | None = None
+
+    def resolved_transport(self, executor_backend: Any) -> str:
+        """``store`` or ``inline`` for an engine with this distributed executor backend."""
+        if self.transport != "auto":
+            return self.transport
+        return "inline" if str(executor_backend) == "ray" else "store"
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> EngineOptions:
@@ -51,7 +58,7 @@ class EngineOptions:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_PROJECTIONS_LIMIT:
             raise OptionError(f"additional_config.{KEY}.max_projections must be an integer in "
                               f"0..{MAX_PROJECTIONS_LIMIT}, got {k!r}")
-        transport = raw.get("transport", "store")
+        transport = raw.get("transport", "auto")
         if transport not in TRANSPORTS:
             raise OptionError(f"additional_config.{KEY}.transport must be one of "
                               f"{', '.join(TRANSPORTS)}, got {transport!r}")

@@ -58,7 +58,8 @@ def get_resolver(processor: Any) -> Resolver:
                 thinking_supported=not bool(getattr(cfg.scheduler_config,
                                                     "async_scheduling", False)),
                 max_projections=options.max_projections,
-                transport=options.transport,
+                transport=options.resolved_transport(
+                    cfg.parallel_config.distributed_executor_backend),
             )
             processor._vllm_steer_resolver = res
     return res
