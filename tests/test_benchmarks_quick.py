@@ -47,7 +47,9 @@ def test_overhead_quick(results_dir: Path, default_model_dir: str) -> None:
     assert d["mode"] == "eager"
     assert set(d["load"]) >= {"start", "end"}
     modes = d["groups"]["modes"]
-    assert set(modes["ratios"]) == {"shared", "distinct", "composed3", "generated", "thinking"}
+    assert set(modes["ratios"]) == {"shared", "distinct", "distinct_vectors", "composed3",
+                                    "generated", "thinking"}
+    assert set(d["groups"]["ops"]["ratios"]) == {"ablate", "clamp", "add_normalize", "shared"}
     groups = set(d["groups"])
     assert {"batch2", "batch4", "layers"} <= groups
     for g in d["groups"].values():
@@ -57,7 +59,11 @@ def test_overhead_quick(results_dir: Path, default_model_dir: str) -> None:
             assert r["n"] == 2
             assert all(_finite_pos(x) for x in (r["median"], r["min"], r["max"]))
     stats = d["slot_stats"][0]
-    assert stats["bytes_per_slot"] == 30 * 576 * 4
+    # per layer: the delta row, then per projection a direction row and two scalars (fp32);
+    # one fp32 normalize flag
+    k = stats["max_projections"]
+    assert k == 1  # the default
+    assert stats["bytes_per_slot"] == 30 * (576 + k * (576 + 2)) * 4 + 4
     assert stats["live_digests"] == 0  # every slot released after the run
 
     rep = subprocess.run([sys.executable, str(BENCH / "report.py"), "--quick"],

@@ -188,8 +188,10 @@ def test_steered_environments_pass_vllms_strict_variable_check(tmp_path, monkeyp
     from vllm_steer.cli import serve_env
     from vllm_steer.llm_factory import steering_environ
 
+    # any VLLM_* the test process holds is dropped too: vLLM itself sets some it does not
+    # list (VLLM_DIST_IDENT, after an engine ran in this process); only ours are checked
     clean = {k: v for k, v in os.environ.items()
-             if not k.startswith((envvars.PREFIX, envvars.LEGACY_PREFIX))}
+             if not k.startswith((envvars.PREFIX, envvars.LEGACY_PREFIX, "VLLM_"))}
     for env in (serve_env(None, clean), serve_env(str(tmp_path / "r.yaml"), clean)):
         monkeypatch.setattr(os, "environ", env)
         current_platform.validate_environ(hard_fail=True)

@@ -179,6 +179,7 @@ def write_vectors(root: Path, specs: dict[str, Sequence[int]], seed: int = 1234,
 BENCH_VECTORS: dict[str, Sequence[int]] = {
     "all30": range(NUM_LAYERS), "c1": range(NUM_LAYERS), "c2": range(5, 20),
     "c3": range(0, NUM_LAYERS, 3), **{f"h{i}": range(NUM_LAYERS) for i in range(8)},
+    **{f"d{i}": range(NUM_LAYERS) for i in range(64)},
 }
 
 

@@ -108,8 +108,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res["raw"] = raw
     stats = next((x["stats"][0] for d in raw.values() for x in d.values()
                   if x["stats"] and isinstance(x["stats"][0], dict)), None)
-    res["tables"] = {"measured": stats, "expected_bytes_per_slot": NUM_LAYERS * HIDDEN * 4,
-                     "expected_table_bytes": (args.prompts + 1) * NUM_LAYERS * HIDDEN * 4}
+    # per layer: delta row + per projection (direction row, two scalars); one normalize flag
+    k = stats["max_projections"] if stats else 1
+    per_slot = NUM_LAYERS * (HIDDEN + k * (HIDDEN + 2)) * 4 + 4
+    res["tables"] = {"measured": stats, "expected_bytes_per_slot": per_slot,
+                     "expected_table_bytes": (args.prompts + 1) * per_slot}
     res["peak_rss_mib"] = {v: summarize(x["peak_rss_mib"] for x in d.values())
                            for v, d in raw.items()}
     res["peak_pss_mib"] = {v: summarize(x["peak_pss_mib"] for x in d.values())

@@ -14,7 +14,16 @@ Groups:
   a different spec (distinct scales -> distinct slots), three vectors composed per request,
   ``apply_to`` = generated, ``apply_to`` = thinking (prompts end inside ``<think>``);
 - ``batch``: unsteered vs every-request-distinct at several batch sizes;
-- ``layers``: unsteered vs one shared vector restricted to 1, 8, 15, 30 layers.
+- ``layers``: unsteered vs one shared vector restricted to 1, 8, 15, 30 layers;
+- ``ops``: unsteered vs every request ablating (or clamping) one direction on all 30
+  layers, adding with ``normalize``, and plain adding, on the default engine (one
+  ablate/clamp per layer, ``max_projections`` 1). With ``--addonly`` a second engine runs
+  with ``max_projections`` 0 (the add-only layer code, as before interventions existed) and
+  its ``shared@k0`` / ``unsteered@k0`` join the group: ``shared / shared@k0`` is what
+  add-only requests pay for the projection tables.
+
+``distinct_vectors`` (group ``modes``) gives every request one of 64 different vector
+files: each worker reads each from the vector store once.
 
 With ``--vanilla`` a second engine is started with ``VLLMSTEER_DISABLE=1`` in its
 processes (plain vLLM workers: no tables, no per-layer gather/add) and its unsteered
@@ -64,6 +73,14 @@ def _spec(variant: str, i: int) -> dict[str, Any] | None:
         return {"vectors": one, "apply_to": "generated"}
     if variant == "thinking":
         return {"vectors": one, "apply_to": "thinking", **THINK}
+    if variant == "distinct_vectors":
+        return {"vectors": [{"name": f"d{i % 64}", "scale": 1.0}], "apply_to": "all"}
+    if variant == "ablate":
+        return {"vectors": [{"name": "all30", "op": "ablate"}], "apply_to": "all"}
+    if variant == "clamp":
+        return {"vectors": [{"name": "all30", "op": "clamp", "value": 2.0}], "apply_to": "all"}
+    if variant == "add_normalize":
+        return {"vectors": one, "apply_to": "all", "normalize": True}
     if variant.startswith("layers"):
         n = int(variant[len("layers"):])
         return {"vectors": [{"name": "all30", "scale": 1.0, "layers": list(range(n))}],
@@ -77,14 +94,20 @@ def build_cases(args: argparse.Namespace) -> dict[str, dict[str, tuple[str, int,
     P, T = args.prompts, args.tokens
     if "modes" in args.groups:
         groups["modes"] = {v: (v, P, T) for v in
-                           ("unsteered", "shared", "distinct", "composed3", "generated",
-                            "thinking")}
+                           ("unsteered", "shared", "distinct", "distinct_vectors", "composed3",
+                            "generated", "thinking")}
         if args.vanilla:
             groups["modes"]["vanilla"] = ("unsteered", P, T)
     if "batch" in args.groups:
         for b in args.batch_sizes:
             groups[f"batch{b}"] = {f"b{b}-unsteered": ("unsteered", b, args.sweep_tokens),
                                    f"b{b}-distinct": ("distinct", b, args.sweep_tokens)}
+    if "ops" in args.groups:
+        groups["ops"] = {v: (v, P, T) for v in
+                         ("unsteered", "ablate", "clamp", "add_normalize", "shared")}
+        if args.addonly:
+            groups["ops"]["shared@k0"] = ("shared", P, T)
+            groups["ops"]["unsteered@k0"] = ("unsteered", P, T)
     if "layers" in args.groups:
         g = {"l-unsteered": ("unsteered", P, args.sweep_tokens)}
         for n in args.layer_counts:
@@ -126,12 +149,14 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--groups", default="modes,batch,layers")
+    p.add_argument("--groups", default="modes,ops,batch,layers")
     p.add_argument("--batch-sizes", default="8,32,64")
     p.add_argument("--layer-counts", default="1,8,15,30")
     p.add_argument("--sweep-tokens", type=int, default=128)
     p.add_argument("--vanilla", action="store_true",
                    help="also time a plugin-free engine (VLLMSTEER_DISABLE=1) in the loop")
+    p.add_argument("--addonly", action="store_true",
+                   help="also time an engine with max_projections 0 (group ops)")
     p.add_argument("--out", default=None, help="result name (default: overhead_eager|compiled)")
     a = p.parse_args(list(argv))
     if a.quick:
@@ -164,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res["engine"] = {"enforce_eager": not args.compiled, "dtype": "float32",
                      "block_size": cfg.cache_config.block_size,
                      "max_num_seqs": cfg.scheduler_config.max_num_seqs}
+    k0 = None
+    if args.addonly:
+        k0 = make_llm(enforce_eager=not args.compiled, dtype="float32",
+                      max_num_seqs=res["engine"]["max_num_seqs"], max_model_len=2048,
+                      additional_config={"vllm_steer": {"max_projections": 0}})
     vanilla = None
     if args.vanilla:
         os.environ["VLLMSTEER_DISABLE"] = "1"  # inherited by the new engine's processes
@@ -182,17 +212,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run_case(llm, tok, f"warm-{v}", v, 2, 4, -1, args.prompt_len)
     if vanilla is not None:
         run_case(vanilla, tok, "warm-vanilla", "unsteered", 2, 4, -1, args.prompt_len)
+    if k0 is not None:
+        for v in ("unsteered", "shared"):
+            run_case(k0, tok, f"warm-k0-{v}", v, 2, 4, -1, args.prompt_len)
     load = LoadTracker()
     raw: dict[str, dict[int, dict[str, float]]] = {c: {} for c in cases}
     for rep, c in tqdm(interleaved(list(cases), args.reps), desc=f"overhead ({mode})"):
         v, n, t = cases[c]
-        eng = vanilla if c == "vanilla" else llm
+        eng = vanilla if c == "vanilla" else k0 if c.endswith("@k0") else llm
         raw[c][rep] = run_case(eng, tok, c, v, n, t, rep, args.prompt_len)
     res["load"] = load.finish()
     res["slot_stats"] = llm.collective_rpc("vllm_steer_stats")
     shutdown(llm)
-    if vanilla is not None:
-        shutdown(vanilla)
+    for other in (vanilla, k0):
+        if other is not None:
+            shutdown(other)
     tps = {c: {r: x["tok_s"] for r, x in d.items()} for c, d in raw.items()}
     tpc = {c: {r: x["tok_per_cpu_s"] for r, x in d.items()} for c, d in raw.items()}
     res["raw"] = raw

@@ -190,8 +190,10 @@ def memory_section(d: dict[str, Any]) -> list[str]:
            f"- eager engine, max_num_seqs={wl['max_num_seqs']}, {wl['prompts']} requests x "
            f"{wl['max_tokens']} tokens; each variant in a fresh process", "",
            f"Steering tables (from `collective_rpc('vllm_steer_stats')`): "
-           f"{m.get('bytes_per_slot', 'n/a')} bytes per slot (30 layers x 576 x fp32 = "
-           f"{t['expected_bytes_per_slot']}), {m.get('table_bytes', 'n/a')} bytes in total "
+           f"{m.get('bytes_per_slot', 'n/a')} bytes per slot (30 layers x (576 + K x 578) x "
+           f"fp32 + 4, K = {m.get('max_projections', 'n/a')} projections: "
+           f"{t['expected_bytes_per_slot']} expected), "
+           f"{m.get('table_bytes', 'n/a')} bytes in total "
            f"({m.get('num_slots', 'n/a')} slots = max_num_seqs + 1; "
            f"{m.get('table_bytes', 0) / 2**20:.2f} MiB).", "",
            "| variant | peak RSS MiB (tree) | peak PSS MiB (tree) | RSS ratio |",
