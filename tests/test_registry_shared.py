@@ -176,3 +176,30 @@ def test_a_malformed_overlay_written_by_hand_is_an_error_at_the_next_lookup(reg_
         _ = two.entries
     one.overlay_path.unlink()                     # no overlay: the base file alone
     assert set(two.entries) == {"a", "b"}
+
+
+def test_api_process_count_from_vllm_serve_arguments():
+    from argparse import Namespace
+
+    from vllm_steer.server.routes import api_processes
+
+    assert api_processes(None) == 1
+    assert api_processes(Namespace(api_server_count=None, data_parallel_size=1)) == 1
+    assert api_processes(Namespace(api_server_count=3, data_parallel_size=1)) == 3
+    # one API server per rank behind an external load balancer
+    assert api_processes(Namespace(api_server_count=1, data_parallel_size=4)) == 4
+
+
+def test_registration_without_a_registry_file_is_refused_with_several_processes(reg_file):
+    from vllm_steer.server.common import ServerContext, SteerHTTPError
+    from vllm_steer.server.vectors import _require_shared
+
+    class _Res:
+        def __init__(self, registry):
+            self.registry = registry
+
+    _require_shared(ServerContext(None, _Res(Registry()), api_processes=1))
+    _require_shared(ServerContext(None, _Res(Registry.from_yaml(reg_file)), api_processes=2))
+    with pytest.raises(SteerHTTPError) as e:
+        _require_shared(ServerContext(None, _Res(Registry()), api_processes=2))
+    assert e.value.status == 409 and "registry" in e.value.message

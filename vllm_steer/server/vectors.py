@@ -7,6 +7,11 @@ unpickled), or a JSON body ``{"name", "path" | "data" (base64), "scale", "layers
 finite. It is usable by the next request and persisted in the registry's overlay.
 Requests already admitted are unaffected by later changes: they carry the vector's
 content, not its name.
+
+With several API-server processes (``--api-server-count``, data parallel) the registry's
+overlay file is their shared state (``vllm_steer.steering.registry``): a change made
+through any process is seen by every process's next request once the call returned.
+Every response of these routes names the process that answered (``x-vllm-steer-pid``).
 """
 
 from __future__ import annotations
@@ -32,8 +37,29 @@ from vllm_steer.vector_errors import VectorFileError
 from vllm_steer.vector_io import detect_format
 
 router = APIRouter()
+#: Response header naming the API-server process that answered (several may share a port).
+PID_HEADER = "x-vllm-steer-pid"
 _JSON_KEYS = {"name", "path", "data", "scale", "layers", "replace"}
 _QUERY_KEYS = {"name", "scale", "layers", "replace"}
+
+
+def attach(ctx: ServerContext) -> None:
+    """Per-process set-up: drop a vector from the resolver's cache once no entry uses its
+    file, whichever process made the change (bounded memory with many replacements)."""
+    ctx.registry.add_listener(lambda paths: [ctx.resolver.forget_file(p) for p in paths])
+
+
+def _require_shared(ctx: ServerContext) -> None:
+    """Several API processes share registrations only through a registry file's overlay."""
+    if ctx.api_processes > 1 and not ctx.registry.persistent:
+        raise SteerHTTPError(
+            409, f"this server runs {ctx.api_processes} API processes and no registry file: "
+            "a vector registered here would be unknown to the others. Start it with a "
+            "registry (VLLMSTEER_REGISTRY or `vllm-steer serve --registry FILE`)", "name")
+
+
+def _json(body: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers={PID_HEADER: str(os.getpid())})
 
 
 # -- parameters ------------------------------------------------------------------------
@@ -159,7 +185,6 @@ def _register(ctx: ServerContext, name: str, scale: float, layers: tuple[int, ..
         assert data is not None
         target = _store_upload(ctx, data, name, layers, data_field)
         uploaded = True
-    old = reg.entries.get(name)
     try:
         entry = reg.register(name, target, scale=scale, layers=layers, replace=replace)
     except KeyError:
@@ -175,20 +200,14 @@ def _register(ctx: ServerContext, name: str, scale: float, layers: tuple[int, ..
         if uploaded:
             target.unlink(missing_ok=True)
         raise SteerHTTPError(500, f"cannot persist the registry ({e.strerror})") from e
-    if old is not None and all(e.path != old.path for e in reg.entries.values()):
-        _forget_file(ctx, old.path)
     return {**vector_info(ctx, entry), "persisted": reg.persistent}
 
 
-def _forget_file(ctx: ServerContext, path: Path) -> None:
-    """Drop a removed file's parsed vector from the resolver's cache (bounded memory)."""
-    ctx.resolver.forget_file(path)
-
-
 def _unregister(ctx: ServerContext, name: str) -> None:
-    entry = ctx.registry.unregister(name)
-    if all(e.path != entry.path for e in ctx.registry.entries.values()):
-        _forget_file(ctx, entry.path)
+    try:
+        ctx.registry.unregister(name)
+    except OSError as e:  # the overlay could not be written: nothing was removed
+        raise SteerHTTPError(500, f"cannot persist the registry ({e.strerror})") from e
 
 
 # -- routes ----------------------------------------------------------------------------
@@ -197,9 +216,9 @@ async def list_vectors(request: Request) -> JSONResponse:
     ctx = context(request)
     entries = list(ctx.registry.entries.values())
     data = await asyncio.to_thread(lambda: [vector_info(ctx, e) for e in entries])
-    return JSONResponse({"object": "list", "data": data,
-                         "model": {"num_layers": ctx.num_layers, "hidden_size": ctx.hidden_size},
-                         "persistent": ctx.registry.persistent})
+    return _json({"object": "list", "data": data,
+                  "model": {"num_layers": ctx.num_layers, "hidden_size": ctx.hidden_size},
+                  "persistent": ctx.registry.persistent})
 
 
 @router.get("/v1/steering/vectors/{name}")
@@ -208,12 +227,13 @@ async def get_vector(name: str, request: Request) -> JSONResponse:
     entry = ctx.registry.entries.get(name)
     if entry is None:
         raise SteerHTTPError(404, f"unknown vector {name!r}", "name")
-    return JSONResponse(await asyncio.to_thread(vector_info, ctx, entry))
+    return _json(await asyncio.to_thread(vector_info, ctx, entry))
 
 
 @router.post("/v1/steering/vectors")
 async def register_vector(request: Request) -> JSONResponse:
     ctx = context(request)
+    _require_shared(ctx)
     limit = ctx.registry.max_upload_bytes
     is_json = request.headers.get("content-type", "").split(";")[0].strip().lower() \
         == "application/json"
@@ -265,14 +285,15 @@ async def register_vector(request: Request) -> JSONResponse:
     replace = _bool(params.get("replace"), "replace")
     info = await asyncio.to_thread(_register, ctx, name, scale, layers, replace, data, path,
                                    "data" if is_json else "body")
-    return JSONResponse(info, status_code=201)
+    return _json(info, 201)
 
 
 @router.delete("/v1/steering/vectors/{name}")
 async def delete_vector(name: str, request: Request) -> JSONResponse:
     ctx = context(request)
+    _require_shared(ctx)
     try:
         await asyncio.to_thread(_unregister, ctx, name)
     except KeyError:
         raise SteerHTTPError(404, f"unknown vector {name!r}", "name") from None
-    return JSONResponse({"id": name, "object": "steering.vector", "deleted": True})
+    return _json({"id": name, "object": "steering.vector", "deleted": True})
