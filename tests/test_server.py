@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+import yaml
 
 from tests.server_helpers import Server
 from vllm_steer import SteeringVector
@@ -323,10 +324,13 @@ def test_upload_register_use_and_delete(server, http, tmp_path):
     r = http.post("/v1/completions", json={"model": model(server), "prompt": "x", "max_tokens": 2,
                                            "steering": {"vectors": [{"name": "gg"}]}})
     assert r.status_code == 400 and "unknown vector" in r.json()["error"]["message"]
-    # the uploads dir holds only the overlay now (replaced and deleted files are removed)
+    # the uploads dir holds only the overlay and the replaced and deleted uploads, which
+    # are retired (deleted after a grace period: another API process may be reading one)
     up = server.registry.parent / "uploads"
+    overlay = yaml.safe_load((up / "registry.overlay.yaml").read_text())
+    assert overlay["vectors"] == {} and len(overlay["retired"]) == 3   # gg twice, b64
     assert sorted(p.name for p in up.iterdir() if not p.name.startswith(".")) == \
-        ["registry.overlay.yaml"]
+        sorted(["registry.overlay.yaml", *overlay["retired"]])
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
