@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on the CPU backend
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Writable state (uploads, the vector store) of this test session, never the user's home.
+os.environ.setdefault("VLLMSTEER_HOME", __import__("tempfile").mkdtemp(prefix="vllmsteer-home-"))
 
 import pytest  # noqa: E402
 

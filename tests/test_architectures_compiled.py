@@ -10,7 +10,7 @@ import pytest
 
 from tests.arch_check import check_against_hf, run_cases, serve_arch
 from tests.steer_helpers import THINK_END, THINK_START
-from tests.test_architectures import matrix_cases
+from tests.test_architectures import check_arch_ops, matrix_cases
 from vllm_steer.testing.tiny_models import HIDDEN, LAYERS
 from vllm_steer.vllm_adapter.engine import vllm_config
 
@@ -38,3 +38,9 @@ def test_compiled_steering_matches_hf_hooks(arch):
     print(f"{name} (compiled): max log-prob error {rep.max_lp_err:.2e}, near ties "
           f"{rep.near_ties}, steering moved log-probs by up to {rep.steered_effect:.2f} nats")
     assert rep.steered_effect > 0.5
+
+
+def test_compiled_ops_match_hf_hooks(arch):
+    name, llm, hf, tok, reg = arch
+    moved = check_arch_ops(llm, hf, tok, reg)
+    assert all(m > 0.05 for m in moved), (name, moved)

@@ -5,17 +5,20 @@ tensors in place: the per-layer slot tables (``SlotTable``) and the per-token ro
 Here a stack of layers with the real adapters (``steering.layers.attach``) is captured in
 a CUDA graph, then replayed after new vectors were uploaded into the tables and new rows
 copied host -> device (non-blocking, from pinned memory, as the runner does); every replay
-must equal an eager forward with the same tables and rows. Skips without CUDA; the CPU
+must equal an eager forward with the same tables and rows. Slots exercise addition,
+ablation (the projection tables) and the norm restore. Skips without CUDA; the CPU
 variant checks the same in-place protocol without a graph (so the test itself runs here).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from vllm_steer.steering.layers import AdapterKind, attach
+from vllm_steer.steering.recipe import Composed
 from vllm_steer.steering.slots import SlotTable
 
 HIDDEN, LAYERS, MAX_TOKENS = 64, 3, 16
@@ -48,18 +51,26 @@ class _Stack(nn.Module):
 def _setup(device: torch.device):
     torch.manual_seed(0)
     model = _Stack().to(device)
-    slots = SlotTable(LAYERS, 5, HIDDEN, torch.float32, device)
+    slots = SlotTable(LAYERS, 5, HIDDEN, torch.float32, device, max_projections=1)
     rows = torch.zeros(MAX_TOKENS, dtype=torch.long, device=device)
     for i, layer in enumerate(model.layers):
-        attach(layer, AdapterKind.RESIDUAL_PAIR, slots.tables[i], rows)
+        attach(layer, AdapterKind.RESIDUAL_PAIR, slots.layer(i), rows)
     host_rows = torch.zeros(MAX_TOKENS, dtype=torch.long,
                             pin_memory=device.type == "cuda")
     return model, slots, rows, host_rows
 
 
 def _upload(slots: SlotTable, digest: str, seed: int) -> int:
+    """A recipe-like slot: an additive delta on every layer, plus (odd seeds) an ablation of
+    half the component along a unit direction and the norm restored."""
     g = torch.Generator().manual_seed(seed)
-    slots.acquire(digest, tuple(range(LAYERS)), torch.randn(LAYERS, HIDDEN, generator=g))
+    unit = torch.nn.functional.normalize(torch.randn(LAYERS, 1, HIDDEN, generator=g), dim=-1)
+    project = seed % 2 == 1
+    composed = Composed(tuple(range(LAYERS)), torch.randn(LAYERS, HIDDEN, generator=g).numpy(),
+                        (unit if project else torch.zeros_like(unit)).numpy(),
+                        np.full((LAYERS, 1), 0.5 if project else 0.0, dtype=np.float32),
+                        np.zeros((LAYERS, 1), dtype=np.float32), project)
+    slots.acquire(digest, composed)
     return slots.slot_for(digest, {digest})
 
 
@@ -70,12 +81,19 @@ def _set_rows(rows: torch.Tensor, host: torch.Tensor, values: list[int]) -> None
 
 
 def _reference(model: _Stack, x: torch.Tensor, slots: SlotTable, values: list[int]):
-    """Eager forward without the wrappers: the delta added by hand, per token."""
+    """Eager forward without the wrappers: the slot's ops applied by hand, per token."""
     hidden, residual = x, None
     idx = torch.tensor(values + [0] * (x.shape[0] - len(values)), device=x.device)
     for i, layer in enumerate(model.layers):
         hidden, residual = layer._vllm_steer_forward(hidden, residual)
-        residual = residual + slots.tables[i][idx]
+        h0 = hidden + residual
+        r = slots.proj_dir[i][idx, 0]
+        a, b = slots.proj_a[i][idx, 0], slots.proj_b[i][idx, 0]
+        h = h0 + (b - a * (h0 * r).sum(-1))[:, None] * r + slots.tables[i][idx]
+        flag = slots.norm[idx][:, None]
+        h = torch.where(flag > 0, h * h0.norm(dim=-1, keepdim=True) / h.norm(dim=-1, keepdim=True),
+                        h)
+        hidden, residual = torch.zeros_like(h), h
     return hidden + residual
 
 

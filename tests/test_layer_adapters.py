@@ -27,6 +27,7 @@ from vllm_steer.steering.layers import (
     decoder_layers,
     plan_layers,
 )
+from vllm_steer.steering.slots import LayerTables
 
 LLAMA = "vllm.model_executor.models.llama"
 
@@ -112,7 +113,7 @@ def test_pipeline_placeholders_are_skipped():
 def _attach(layer: nn.Module, kind: str, n_tokens: int = 4, hidden: int = 8):
     table = torch.arange(3 * hidden, dtype=torch.float32).reshape(3, hidden)
     rows = torch.tensor([1, 0, 2, 1] + [0] * 8)
-    attach(layer, AdapterKind(kind), table, rows)
+    attach(layer, AdapterKind(kind), LayerTables(table, None, None, None, None), rows)
     return table[rows[:n_tokens]]
 
 

@@ -206,10 +206,10 @@ def test_a_spec_may_name_a_vector_as_the_shipped_registry_does(home):
     from vllm_steer.steering.spec import parse_spec
 
     res = Resolver(Registry.from_yaml(locations.shipped_registry()), num_layers=30,
-                   hidden_size=576)
-    by_name = res.compose(parse_spec({"vectors": [{"name": "happy", "scale": 2.0}]}))
+                   hidden_size=576, store_root=home / "store")
+    by_name = res.recipe(parse_spec({"vectors": [{"name": "happy", "scale": 2.0}]}))
     for path in ("vectors/happy.safetensors", "happy.safetensors"):
-        c = res.compose(parse_spec({"vectors": [{"path": path, "scale": 2.0}]}))
+        c = res.recipe(parse_spec({"vectors": [{"path": path, "scale": 2.0}]}))
         assert c.digest == by_name.digest, path
 
 

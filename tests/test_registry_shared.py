@@ -203,3 +203,26 @@ def test_registration_without_a_registry_file_is_refused_with_several_processes(
     with pytest.raises(SteerHTTPError) as e:
         _require_shared(ServerContext(None, _Res(Registry()), api_processes=2))
     assert e.value.status == 409 and "registry" in e.value.message
+
+
+def test_a_registered_op_is_persisted_and_checked(reg_file):
+    """``op``/``strength``/``value`` of a registration survive the overlay (another process,
+    a restart); parameters the op does not use are refused, as in the registry file."""
+    one = Registry.from_yaml(reg_file)
+    up = _upload(one, "u")
+    one.register("abl", up, op="ablate", strength=0.25)
+    one.register("clp", up, op="clamp", value=-2.0, layers=(0,))
+    one.register("add", up, scale=0.5)
+    two = Registry.from_yaml(reg_file)
+    e = two.entries
+    assert (e["abl"].op, e["abl"].strength) == ("ablate", 0.25)
+    assert (e["clp"].op, e["clp"].value, e["clp"].layers) == ("clamp", -2.0, (0,))
+    assert (e["add"].op, e["add"].scale) == ("add", 0.5)
+    for kwargs, field in (({"op": "ablate", "scale": 2.0}, "scale"),
+                          ({"op": "add", "value": 1.0}, "value"),
+                          ({"op": "clamp", "strength": 0.5}, "strength"),
+                          ({"op": "ablate", "strength": 2.0}, "strength"),
+                          ({"op": "rotate"}, "op")):
+        with pytest.raises(RegistryError, match=field):
+            one.register("bad", up, **kwargs)
+    assert "bad" not in two.entries

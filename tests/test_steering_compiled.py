@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ops_reference import OPS_CASES, run_ops_cases
 from tests.steer_helpers import (
     THINK_END,
     THINK_START,
@@ -117,3 +118,12 @@ def test_compiled_matches_hf_reference(setup, hf, mode):
     ref, _ = hf_greedy(model, ids, composed_dense(reg, [("v1", 1.5), ("v3", -1.0)]), mode,
                        N_TOKENS, markers=markers)
     assert got == ref, (tok.decode(got), tok.decode(ref))
+
+
+def test_compiled_ops_match_hf_reference(setup, hf):
+    """ablate, clamp and normalize traced into the compiled graph (mixed with add and
+    unsteered requests in one batch)."""
+    llm, reg, *_ = setup
+    model, tok = hf
+    _, _, moved = run_ops_cases(llm, model, reg, tok)
+    assert len(moved) == len(OPS_CASES) and all(m > 0.05 for m in moved[:-1]), moved

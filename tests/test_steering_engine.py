@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.ops_reference import OPS_CASES, OPS_TOKENS, run_ops_cases
 from tests.steer_helpers import (
     THINK_END,
     THINK_START,
@@ -273,3 +274,58 @@ def test_bad_input_is_refused_and_engine_keeps_serving(setup, hf, extra, field, 
     assert ei.value.parameter == field
     after, _ = gen(llm, [p], sp({"vectors": [{"name": "v1"}]}, n=8))
     assert after == before
+
+
+# -- interventions beyond addition: ablate, clamp, normalize (reference: tests/ops_reference) ---
+def test_ops_match_hf_reference_in_a_mixed_batch(setup, hf):
+    llm, reg = setup
+    model, tok = hf
+    prompts, outs, moved = run_ops_cases(llm, model, reg, tok)
+    assert len(moved) == len(OPS_CASES)
+    print("ops moved log-probs by", [round(m, 3) for m in moved])
+    assert all(m > 0.05 for m in moved[:-1]), moved   # every op changes the model
+    # each request equals itself run alone (no cross-talk through the projection tables)
+    for p, (spec, _), out in zip(prompts, OPS_CASES, outs, strict=True):
+        alone, _ = gen(llm, [p], sp(spec, n=OPS_TOKENS))
+        assert alone[0] == list(out.outputs[0].token_ids)
+
+
+def test_op_changes_are_distinct_cache_salts_and_bad_ops_are_refused(setup, hf):
+    from vllm.exceptions import VLLMValidationError
+
+    llm, _ = setup
+    _, tok = hf
+    p = encode(tok, "Here is a long story about a lighthouse keeper and the sea. " * 10)
+    llm.reset_prefix_cache()
+    gen(llm, [p], sp({"vectors": [{"name": "v1", "op": "ablate"}]}, n=4))
+    for spec in ({"vectors": [{"name": "v1", "op": "ablate", "strength": 0.9}]},
+                 {"vectors": [{"name": "v1", "op": "clamp"}]},
+                 {"vectors": [{"name": "v1"}]},
+                 {"vectors": [{"name": "v1", "op": "ablate"}], "normalize": True}):
+        _, outs = gen(llm, [p], sp(spec, n=4))
+        assert _cached(outs[0]) == 0, spec          # never shares the ablated KV blocks
+    _, outs = gen(llm, [p], sp({"vectors": [{"name": "v1", "op": "ablate"}]}, n=4))
+    assert _cached(outs[0]) >= 64                    # the identical recipe does
+    bad = [({"vectors": [{"name": "v1", "op": "ablate", "scale": 2.0}]},
+            "steering.vectors[0].scale"),
+           ({"vectors": [{"name": "v1", "op": "ablate", "strength": 1.5}]},
+            "steering.vectors[0].strength"),
+           ({"vectors": [{"name": "v1", "op": "clamp", "value": "nan"}]},
+            "steering.vectors[0].value"),
+           ({"vectors": [{"name": "v1", "op": "twist"}]}, "steering.vectors[0].op"),
+           ({"vectors": [{"name": "v1"}], "normalize": "maybe"}, "steering.normalize"),
+           # this engine runs with max_projections 1: two ablations on one layer do not fit
+           ({"vectors": [{"name": "v1", "op": "ablate"}, {"name": "v3", "op": "ablate"}]},
+            "steering.vectors")]
+    for spec, field in bad:
+        with pytest.raises(VLLMValidationError) as ei:
+            gen(llm, [p], sp(spec, n=2))
+        assert ei.value.parameter == field, (spec, str(ei.value))
+    with pytest.raises(VLLMValidationError) as ei:
+        gen(llm, [p], sp(n=2, extra_args={"steer": "v1", "steer_op": "ablate",
+                                          "steer_scale": 2.0}))
+    assert ei.value.parameter == "steer_scale"
+    # the flat shorthand carries ops too
+    flat, _ = gen(llm, [p], sp(n=4, extra_args={"steer": "v1", "steer_op": "ablate"}))
+    full, _ = gen(llm, [p], sp({"vectors": [{"name": "v1", "op": "ablate"}]}, n=4))
+    assert flat == full

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from vllm_steer import SteeringVector
+from vllm_steer.steering.intake import Intake
+from vllm_steer.steering.recipe import Composed
 from vllm_steer.steering.registry import Registry
-from vllm_steer.steering.resolve import NO_END, ResolvedSteering, Resolver
+from vllm_steer.steering.resolve import NO_END, Resolver
 from vllm_steer.steering.slots import SlotTable
 from vllm_steer.steering.spec import (
     MAX_VECTORS,
@@ -57,8 +59,15 @@ class Tok:
 
 
 @pytest.fixture()
-def resolver(registry):
-    return Resolver(registry, num_layers=L, hidden_size=H, tokenizer=Tok())
+def resolver(registry, tmp_path):
+    return Resolver(registry, num_layers=L, hidden_size=H, tokenizer=Tok(),
+                    store_root=tmp_path / "store")
+
+
+def composed_of(r, max_projections: int = 1):
+    """The tables a worker builds from ``r``'s wire (vectors read from the store)."""
+    return Intake(L, H, max_projections).composed(
+        WireSteering.from_extra_arg(r.to_wire().to_extra_arg()))
 
 
 # -- parsing ------------------------------------------------------------------------
@@ -142,20 +151,20 @@ def test_composition_sums_scaled_vectors_per_layer(resolver, registry):
     b = SteeringVector.load(registry.entries["b"].path)
     spec = parse_spec({"vectors": [{"name": "a", "scale": 0.5, "layers": [1, 2]},
                                    {"name": "b"}]})
-    r = resolver.resolve(spec, prompt_len=10)
-    assert r.layers == (1, 2)
+    c = composed_of(resolver.resolve(spec, prompt_len=10))
+    assert c.layers == (1, 2) and c.num_projections == 0
     # b's registry default scale is 2.0
-    torch.testing.assert_close(r.delta[0], 0.5 * a.directions[1] + 2.0 * b.directions[1])
-    torch.testing.assert_close(r.delta[1], 0.5 * a.directions[2])
+    torch.testing.assert_close(torch.from_numpy(c.add[0]),
+                               0.5 * a.directions[1] + 2.0 * b.directions[1])
+    torch.testing.assert_close(torch.from_numpy(c.add[1]), 0.5 * a.directions[2])
 
 
 def test_wire_round_trip(resolver):
     r = resolver.resolve(parse_spec({"vectors": [{"name": "a"}], "apply_to": "thinking"}), 3)
-    back = ResolvedSteering.from_wire(WireSteering.from_extra_arg(r.to_wire().to_extra_arg()))
-    assert back.layers == r.layers and torch.equal(back.delta, r.delta)
+    back = WireSteering.from_extra_arg(r.to_wire().to_extra_arg())
+    assert back.recipe() == r.recipe and back.digest == r.digest
     assert (back.mode, back.start, back.end) == ("thinking", 0, NO_END)
     assert back.think_start_ids == (7,) and back.think_end_ids == (9,)
-    assert back.vector_digest == r.vector_digest
 
 
 def test_generated_and_prompt_become_absolute_positions(resolver):
@@ -267,23 +276,30 @@ def test_think_tracker_is_causal_and_chunk_invariant(start, end):
 
 
 # -- slot table ----------------------------------------------------------------------
+def _composed(layers, add):
+    add = np.asarray(add, dtype=np.float32)
+    empty = np.zeros((len(layers), 0, add.shape[1]), dtype=np.float32)
+    return Composed(tuple(layers), add, empty, empty[:, :, 0], empty[:, :, 0], False)
+
+
 def test_slots_refcount_free_and_evict():
     t = SlotTable(num_layers=3, num_slots=3, hidden=2, dtype=torch.float32,
                   device=torch.device("cpu"))
-    d1 = torch.tensor([[1.0, 2.0]])
-    d2 = torch.tensor([[3.0, 4.0], [5.0, 6.0]])
-    t.acquire("x", (1,), d1)
-    t.acquire("x", (1,), d1)
-    t.acquire("y", (0, 2), d2)
+    d1 = _composed((1,), [[1.0, 2.0]])
+    d2 = _composed((0, 2), [[3.0, 4.0], [5.0, 6.0]])
+    t.acquire("x", d1)
+    t.acquire("x", d1)
+    t.acquire("y", d2)
     sx, sy = t.slot_for("x", {"x", "y"}), t.slot_for("y", {"x", "y"})
     assert sx != sy and 0 not in (sx, sy)
-    assert torch.equal(t.tables[1][sx], d1[0]) and torch.equal(t.tables[0][sx], torch.zeros(2))
-    assert torch.equal(t.tables[2][sy], d2[1])
+    assert torch.equal(t.tables[1][sx], torch.tensor([1.0, 2.0]))
+    assert torch.equal(t.tables[0][sx], torch.zeros(2))
+    assert torch.equal(t.tables[2][sy], torch.tensor([5.0, 6.0]))
     assert all(torch.equal(tb[0], torch.zeros(2)) for tb in t.tables)  # zero row stays zero
-    t.acquire("z", (0,), d1)
+    t.acquire("z", _composed((0,), [[1.0, 2.0]]))
     # no free row: z evicts the row of a digest not in the current batch, never a pinned one
     sz = t.slot_for("z", {"z", "x"})
-    assert sz == sy and torch.equal(t.tables[0][sz], d1[0])
+    assert sz == sy and torch.equal(t.tables[0][sz], torch.tensor([1.0, 2.0]))
     with pytest.raises(RuntimeError, match="more distinct"):
         t.slot_for("y", {"x", "z", "y"})
     assert t.slot_for("y", {"y"}) in (sx, sz)          # reloaded from host memory
@@ -297,11 +313,15 @@ def test_slots_refcount_free_and_evict():
 def test_composition_cache_follows_file_changes(resolver, registry):
     spec = parse_spec({"vectors": [{"name": "a", "scale": 2.0}]})
     first = resolver.resolve(spec, 3)
-    assert resolver.resolve(spec, 3).delta is first.delta  # cached composition
+    assert resolver.resolve(spec, 3).digest == first.digest
     path = registry.entries["a"].path
+    orig = SteeringVector.load(path)
     SteeringVector({i: torch.full((H,), float(i)) for i in range(L)}).save(path)
     changed = resolver.resolve(spec, 3)
-    torch.testing.assert_close(changed.delta[1], torch.full((H,), 2.0))
-    assert changed.vector_digest != first.vector_digest
+    np.testing.assert_allclose(composed_of(changed).add[1], np.full(H, 2.0))
+    assert changed.digest != first.digest
+    # the old content stays in the store for requests already admitted
+    np.testing.assert_allclose(composed_of(first).add[1], 2.0 * orig.directions[1].numpy(),
+                               rtol=1e-6)
     resolver.forget_file(path)
-    assert resolver.resolve(spec, 3).vector_digest == changed.vector_digest
+    assert resolver.resolve(spec, 3).digest == changed.digest

@@ -295,11 +295,13 @@ def test_steering_is_refused_when_the_v2_runner_is_active():
 # -- the worker's intake of the wire -----------------------------------------------------------
 def bare_steering(num_layers=4, hidden=8):
     """A ``RunnerSteering`` without a runner (its request bookkeeping only)."""
+    from vllm_steer.steering.intake import Intake
     from vllm_steer.steering.slots import SlotTable
 
     st = runner.RunnerSteering.__new__(runner.RunnerSteering)
     st.num_layers, st.hidden, st.reqs = num_layers, hidden, {}
-    st.slots = SlotTable(num_layers, 3, hidden, torch.float32, torch.device("cpu"))
+    st.slots = SlotTable(num_layers, 3, hidden, torch.float32, torch.device("cpu"), 1)
+    st.intake = Intake(num_layers, hidden, 1)
     return st
 
 
@@ -309,29 +311,29 @@ def params_with(wire: dict) -> types.SimpleNamespace:
     return types.SimpleNamespace(extra_args={WIRE_KEY: wire})
 
 
-def test_worker_takes_a_valid_wire_and_refuses_a_malformed_one():
+def test_worker_takes_a_valid_wire_and_refuses_a_malformed_one(tmp_path):
     from tests.test_wire import make
     from vllm_steer.steering.wire import WireError
 
     st = bare_steering()
-    w = make(layers=(1, 3), mode="thinking")
+    w = make(tmp_path, mode="thinking")
     st.add_request("r1", params_with(w.to_extra_arg()))
     st.add_request("r2", params_with(w.to_extra_arg()))       # same digest: shared slot
     assert st.slots.stats()["live_digests"] == 1 and set(st.reqs) == {"r1", "r2"}
     assert st.reqs["r1"].tracker is not None and st.reqs["r1"].start == w.start
+    other = make(tmp_path, ops=(("ablate", 0.5),)).to_extra_arg()
     for bad, field in (({"mode": "sideways"}, "mode"),
-                       ({"delta": b"\0" * 4}, "delta"),
-                       ({"digest": "0" * 64}, "digest"),   # content does not match its key
-                       ({"hidden": 16, "delta": b"\0" * (2 * 16 * 4)}, "hidden")):
+                       ({"digest": "0" * 64}, "digest"),   # the recipe does not match its key
+                       ({"hidden": 16}, "hidden")):
         with pytest.raises(WireError) as ei:
-            st.add_request("bad", params_with({**make(layers=(0, 2)).to_extra_arg(), **bad}))
+            st.add_request("bad", params_with({**other, **bad}))
         assert ei.value.field == field
     with pytest.raises(WireError, match="out of range"):
         bare_steering(num_layers=3).add_request("r", params_with(w.to_extra_arg()))
     assert "bad" not in st.reqs and st.slots.stats()["live_digests"] == 1
 
 
-def test_steered_request_on_an_unhooked_runner_stops_the_engine():
+def test_steered_request_on_an_unhooked_runner_stops_the_engine(tmp_path):
     """A runner class whose load_model was not wrapped has no steering state: a steered
     request must not run unsteered."""
     from tests.test_wire import make
@@ -340,7 +342,8 @@ def test_steered_request_on_an_unhooked_runner_stops_the_engine():
         pass
 
     update = runner._wrap_update_states(lambda self, so: "ran")
-    new = [types.SimpleNamespace(req_id="r", sampling_params=params_with(make().to_extra_arg()))]
+    wire = make(tmp_path).to_extra_arg()
+    new = [types.SimpleNamespace(req_id="r", sampling_params=params_with(wire))]
     so = types.SimpleNamespace(finished_req_ids=set(), scheduled_new_reqs=new)
     with pytest.raises(VLLMDriftError, match="was not hooked") as ei:
         update(Runner(), so)

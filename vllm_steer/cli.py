@@ -185,12 +185,14 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         if args.plot:
             from vllm_steer.extract.plot import plot_separation
 
+            what = "prompts" if cfg.positive_prompts is not None else "pairs"
             plot_separation(scores, args.plot,
-                            title=f"{cfg.name}: {cfg.method}, {res.num_pairs} pairs")
+                            title=f"{cfg.name}: {cfg.method}, {res.num_pairs} {what}")
         print(json.dumps({
             "outputs": [str(t) for t in targets] + ([args.plot] if args.plot else []),
             "model": res.vector.metadata.model_name, "method": cfg.method,
-            "pairs": res.num_pairs, "layers": res.layers,
+            ("prompts" if cfg.positive_prompts is not None else "pairs"): res.num_pairs,
+            "layers": res.layers,
             "mean_separation": round(sum(scores.values()) / len(scores), 4),
             "seconds": {"total": round(res.seconds_total, 2),
                         "model_load": round(res.seconds_model_load, 2),

@@ -3,7 +3,9 @@
 Upload: ``POST /v1/steering/vectors?name=NAME[&scale=S&layers=1,2&replace=true]`` with the
 raw safetensors or GGUF file as the body (format detected from its bytes, never
 unpickled), or a JSON body ``{"name", "path" | "data" (base64), "scale", "layers",
-"replace"}``. A vector must match the served model (hidden size, layer range) and be
+"replace"}``. ``op`` (``add``, ``ablate``, ``clamp``) with ``strength`` (ablate) or
+``value`` (clamp) set the entry's default intervention, as in the registry file; ``scale``
+applies to ``add`` only. A vector must match the served model (hidden size, layer range) and be
 finite. It is usable by the next request and persisted in the registry's overlay.
 Requests already admitted are unaffected by later changes: they carry the vector's
 content, not its name.
@@ -30,7 +32,15 @@ from fastapi.responses import JSONResponse
 
 from vllm_steer.server.common import ServerContext, SteerHTTPError, context, read_body
 from vllm_steer.steering.registry import NAME_RE, RegistryEntry
-from vllm_steer.steering.values import SpecError, parse_layers, parse_scale
+from vllm_steer.steering.values import (
+    SpecError,
+    check_op_fields,
+    parse_clamp_value,
+    parse_layers,
+    parse_op,
+    parse_scale,
+    parse_strength,
+)
 from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector import load as load_vector
 from vllm_steer.vector_errors import VectorFileError
@@ -39,8 +49,9 @@ from vllm_steer.vector_io import detect_format
 router = APIRouter()
 #: Response header naming the API-server process that answered (several may share a port).
 PID_HEADER = "x-vllm-steer-pid"
-_JSON_KEYS = {"name", "path", "data", "scale", "layers", "replace"}
-_QUERY_KEYS = {"name", "scale", "layers", "replace"}
+_OP_KEYS = {"op", "strength", "value"}
+_JSON_KEYS = {"name", "path", "data", "scale", "layers", "replace", *_OP_KEYS}
+_QUERY_KEYS = {"name", "scale", "layers", "replace", *_OP_KEYS}
 
 
 def attach(ctx: ServerContext) -> None:
@@ -77,6 +88,24 @@ def _scale(x: Any) -> float:
         return parse_scale(x, "scale")
     except SpecError as e:
         raise SteerHTTPError(400, e.message, "scale") from None
+
+
+def _op_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """``op``/``strength``/``value`` (and whether a ``scale`` was given) of a registration,
+    checked as the registry file's entries are: a parameter the op does not use is refused."""
+    op = params.get("op", "add")
+    try:
+        op = parse_op(op, "op")
+        check_op_fields(op, scale=params.get("scale"), strength=params.get("strength"),
+                        value=params.get("value"), where="")
+        out: dict[str, Any] = {"op": op}
+        if params.get("strength") is not None:
+            out["strength"] = parse_strength(params["strength"], "strength")
+        if params.get("value") is not None:
+            out["value"] = parse_clamp_value(params["value"], "value")
+    except SpecError as e:
+        raise SteerHTTPError(400, e.message, e.field.lstrip(".")) from None
+    return out
 
 
 def _layers(x: Any, num_layers: int) -> tuple[int, ...] | None:
@@ -116,7 +145,11 @@ def vector_info(ctx: ServerContext, entry: RegistryEntry) -> dict[str, Any]:
     out: dict[str, Any] = {"id": entry.name, "object": "steering.vector", "name": entry.name,
                            "default_scale": entry.scale,
                            "default_layers": list(entry.layers) if entry.layers else None,
-                           "origin": entry.origin}
+                           "default_op": entry.op, "origin": entry.origin}
+    if entry.op == "ablate":
+        out["default_strength"] = entry.strength
+    elif entry.op == "clamp":
+        out["default_value"] = entry.value
     try:
         v = ctx.resolver.load_vector_file(entry.path, "name")
         out.update(format=detect_format(entry.path), layers=v.layers,
@@ -154,9 +187,9 @@ def _store_upload(ctx: ServerContext, data: bytes, name: str,
         tmp.unlink(missing_ok=True)
 
 
-def _register(ctx: ServerContext, name: str, scale: float, layers: tuple[int, ...] | None,
-              replace: bool, data: bytes | None, path: str | None, data_field: str
-              ) -> dict[str, Any]:
+def _register(ctx: ServerContext, name: str, scale: float | None,
+              layers: tuple[int, ...] | None, ops: dict[str, Any], replace: bool,
+              data: bytes | None, path: str | None, data_field: str) -> dict[str, Any]:
     """Blocking part of ``POST`` (run in a thread)."""
     reg = ctx.registry
     if not replace and name in reg.entries:
@@ -186,7 +219,7 @@ def _register(ctx: ServerContext, name: str, scale: float, layers: tuple[int, ..
         target = _store_upload(ctx, data, name, layers, data_field)
         uploaded = True
     try:
-        entry = reg.register(name, target, scale=scale, layers=layers, replace=replace)
+        entry = reg.register(name, target, scale=scale, layers=layers, replace=replace, **ops)
     except KeyError:
         if uploaded:
             target.unlink(missing_ok=True)
@@ -280,11 +313,12 @@ async def register_vector(request: Request) -> JSONResponse:
         if not data:
             raise SteerHTTPError(400, "empty body: send the safetensors or GGUF file", "body")
     name = _name(params.get("name"))
-    scale = _scale(params.get("scale"))
+    ops = _op_fields(params)
+    scale = _scale(params["scale"]) if params.get("scale") is not None else None
     layers = _layers(params.get("layers"), ctx.num_layers)
     replace = _bool(params.get("replace"), "replace")
-    info = await asyncio.to_thread(_register, ctx, name, scale, layers, replace, data, path,
-                                   "data" if is_json else "body")
+    info = await asyncio.to_thread(_register, ctx, name, scale, layers, ops, replace, data,
+                                   path, "data" if is_json else "body")
     return _json(info, 201)
 
 

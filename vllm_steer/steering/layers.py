@@ -230,12 +230,38 @@ def plan_layers(model: nn.Module, num_layers: int, force_kind: str | None = None
 
 
 # -- the traced forwards (one per kind) -------------------------------------------------------
-# ``self._vllm_steer_table``: [num_slots, hidden]; ``self._vllm_steer_rows``: [max_tokens]
-# long, one slot per scheduled token (0 = the zero row). Both are preallocated and only
-# updated in place; the checks below are on shapes and types, never on tensor data.
+# Attributes set by ``attach`` (preallocated tensors, only ever updated in place):
+# ``_vllm_steer_rows`` [max_tokens] long, one slot per scheduled token (0 = identity row);
+# ``_vllm_steer_add`` [num_slots, hidden]; with ``_vllm_steer_k`` = K > 0 (a Python int fixed
+# at attach, so a constant to torch.compile) also ``_vllm_steer_proj_dir`` [num_slots, K, H],
+# ``_vllm_steer_proj_a`` / ``_vllm_steer_proj_b`` [num_slots, K] and ``_vllm_steer_norm``
+# [num_slots]. The checks below are on shapes and types, never on tensor data.
 
 def _delta(self: nn.Module, n: int) -> torch.Tensor:
-    return self._vllm_steer_table[self._vllm_steer_rows[:n]]
+    return self._vllm_steer_add[self._vllm_steer_rows[:n]]
+
+
+def _steered(self: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The stream ``h [T, H]`` after the slot's ops (``steering.recipe``): projections
+    ``x + (b - a (x . r)) r`` in order, then the additive delta, then (norm flag) the norm of
+    ``h`` restored. The identity row leaves ``h`` bit for bit unchanged."""
+    rows = self._vllm_steer_rows[: h.shape[0]]
+    x = h
+    k = self._vllm_steer_k
+    if k:
+        dirs = self._vllm_steer_proj_dir[rows]
+        a, b = self._vllm_steer_proj_a[rows], self._vllm_steer_proj_b[rows]
+        for j in range(k):
+            r = dirs[:, j]
+            dot = (x * r).sum(-1, dtype=torch.float32).to(x.dtype)
+            x = x + (b[:, j] - a[:, j] * dot).unsqueeze(-1) * r
+    x = x + self._vllm_steer_add[rows]
+    if k:
+        flag = self._vllm_steer_norm[rows]
+        ratio = (torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32)
+                 / torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(1e-30))
+        x = x * (1 + flag * (ratio.to(x.dtype) - 1)).unsqueeze(-1)
+    return x
 
 
 def _bad(self: nn.Module, what: str, out: Any) -> LayerOutputError:
@@ -254,14 +280,17 @@ def _residual_pair(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             and out[1].dim() == 2):
         raise _bad(self, "(hidden [T, H], residual [T, H])", out)
     hidden, residual = out
-    return hidden, residual + _delta(self, residual.shape[0])
+    if not self._vllm_steer_k:  # addition only: the delta joins the deferred add
+        return hidden, residual + _delta(self, residual.shape[0])
+    h = hidden + residual
+    return hidden, residual + (_steered(self, h) - h)
 
 
 def _stream(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     out = self._vllm_steer_forward(*args, **kwargs)
     if not (isinstance(out, torch.Tensor) and out.dim() == 2):
         raise _bad(self, "the stream [T, H]", out)
-    return out + _delta(self, out.shape[0])
+    return _steered(self, out)
 
 
 def _stream_first(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -269,7 +298,7 @@ def _stream_first(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not (isinstance(out, tuple) and len(out) >= 1 and isinstance(out[0], torch.Tensor)
             and out[0].dim() == 2):
         raise _bad(self, "(stream [T, H], ...)", out)
-    return (out[0] + _delta(self, out[0].shape[0]), *out[1:])
+    return (_steered(self, out[0]), *out[1:])
 
 
 def _hf_batched(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -277,7 +306,7 @@ def _hf_batched(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     hidden = out[0] if isinstance(out, tuple) else out
     if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[0] == 1):
         raise _bad(self, "the stream [1, T, H] (or a tuple starting with it)", out)
-    steered = hidden + _delta(self, hidden.shape[1]).unsqueeze(0)
+    steered = _steered(self, hidden[0]).unsqueeze(0)
     return (steered, *out[1:]) if isinstance(out, tuple) else steered
 
 
@@ -289,13 +318,20 @@ _FORWARDS = {
 }
 
 
-def attach(layer: nn.Module, kind: AdapterKind, table: torch.Tensor, rows: torch.Tensor) -> None:
-    """Wrap ``layer.forward`` (idempotent) so it adds ``table[rows[:T]]`` to its stream."""
+def attach(layer: nn.Module, kind: AdapterKind, tables: Any, rows: torch.Tensor) -> None:
+    """Wrap ``layer.forward`` (idempotent) so it steers its stream with ``tables``
+    (``steering.slots.LayerTables``: ``add``, and the projection tables when K > 0)
+    gathered by ``rows[:T]``."""
     if hasattr(layer, "_vllm_steer_forward"):
         return
     # Plain attributes (not buffers) so weight loading, state dicts and inductor freezing
     # leave them alone; dynamo lifts them as graph inputs.
-    layer._vllm_steer_table = table
+    layer._vllm_steer_add = tables.add
+    layer._vllm_steer_k = int(tables.num_projections)
+    layer._vllm_steer_proj_dir = tables.proj_dir
+    layer._vllm_steer_proj_a = tables.proj_a
+    layer._vllm_steer_proj_b = tables.proj_b
+    layer._vllm_steer_norm = tables.norm
     layer._vllm_steer_rows = rows
     layer._vllm_steer_kind = kind.value
     layer._vllm_steer_forward = layer.forward

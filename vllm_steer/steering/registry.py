@@ -52,7 +52,15 @@ from typing import Any
 import yaml
 
 from vllm_steer import envvars, locations
-from vllm_steer.steering.values import SpecError, parse_layers, parse_scale
+from vllm_steer.steering.values import (
+    SpecError,
+    check_op_fields,
+    parse_clamp_value,
+    parse_layers,
+    parse_op,
+    parse_scale,
+    parse_strength,
+)
 
 REGISTRY_ENV = envvars.REGISTRY
 #: Override the registry's ``upload_dir`` / ``max_upload_bytes``.
@@ -79,6 +87,10 @@ class RegistryEntry:
     layers: tuple[int, ...] | None = None
     #: ``config`` (the base YAML) or ``registered`` (added at run time, in the overlay).
     origin: str = "config"
+    #: Default op (``add``, ``ablate``, ``clamp``) and its parameters for requests naming it.
+    op: str = "add"
+    strength: float = 1.0
+    value: float = 0.0
 
 
 class Registry:
@@ -263,9 +275,10 @@ class Registry:
             self.upload_dir.mkdir(parents=True, exist_ok=True)
             return self.upload_dir
 
-    def register(self, name: str, path: str | os.PathLike[str], *, scale: float = 1.0,
-                 layers: tuple[int, ...] | None = None, replace: bool = False
-                 ) -> RegistryEntry:
+    def register(self, name: str, path: str | os.PathLike[str], *, scale: float | None = None,
+                 layers: tuple[int, ...] | None = None, op: str = "add",
+                 strength: float | None = None, value: float | None = None,
+                 replace: bool = False) -> RegistryEntry:
         """Add (or with ``replace`` overwrite) ``name``. When this returns, the next lookup
         in any process serving this registry sees it.
 
@@ -277,11 +290,12 @@ class Registry:
             raise ValueError(f"invalid vector name {name!r}: use letters, digits, '_', '.', "
                              "'-' (at most 128, starting with a letter or digit)")
         try:
-            scale = parse_scale(scale, "scale")
+            ops = _op_defaults({"op": op, "scale": scale, "strength": strength, "value": value})
+            scale = parse_scale(1.0 if scale is None else scale, "scale")
             layers = parse_layers(list(layers), "layers") if layers else None
         except SpecError as e:
             raise RegistryError(f"vector {name!r}: {e}") from e
-        entry = RegistryEntry(name, Path(path).resolve(), scale, layers, "registered")
+        entry = RegistryEntry(name, Path(path).resolve(), scale, layers, "registered", **ops)
         with self._mutating():
             if name in self._entries and not replace:
                 raise KeyError(name)
@@ -404,11 +418,25 @@ def _parse_entries(raw: Any, rel: Any, where: str, origin: str) -> dict[str, Reg
                 scale=parse_scale(spec.get("scale", 1.0), "scale"),
                 layers=parse_layers(layers, "layers") if layers is not None else None,
                 origin=origin,
+                **_op_defaults(spec),
             )
         except (TypeError, ValueError) as e:
             raise RegistryError(f"{where}.{name}.{e}" if isinstance(e, SpecError)
                                 else f"{where}.{name}: {e}") from e
     return entries
+
+
+def _op_defaults(spec: dict[str, Any]) -> dict[str, Any]:
+    """``op``/``strength``/``value`` of a registry entry (validated like a spec's)."""
+    op = parse_op(spec.get("op", "add"), "op")
+    check_op_fields(op, scale=spec.get("scale"), strength=spec.get("strength"),
+                    value=spec.get("value"), where="entry")
+    out: dict[str, Any] = {"op": op}
+    if spec.get("strength") is not None:
+        out["strength"] = parse_strength(spec["strength"], "strength")
+    if spec.get("value") is not None:
+        out["value"] = parse_clamp_value(spec["value"], "value")
+    return out
 
 
 def _parse_overlay(text: str) -> Any:
@@ -422,9 +450,17 @@ def _parse_overlay(text: str) -> Any:
 
 def _entry_yaml(e: RegistryEntry, path: str) -> dict[str, Any]:
     """One registered entry as the overlay writes it (``_parse_entries`` reads it back)."""
-    d: dict[str, Any] = {"path": path, "scale": e.scale}
+    d: dict[str, Any] = {"path": path}
+    if e.op == "add":  # ablate/clamp entries take no scale (``_op_defaults`` refuses one)
+        d["scale"] = e.scale
     if e.layers:
         d["layers"] = list(e.layers)
+    if e.op != "add":
+        d["op"] = e.op
+        if e.op == "ablate":
+            d["strength"] = e.strength
+        else:
+            d["value"] = e.value
     return d
 
 

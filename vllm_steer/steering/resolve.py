@@ -1,10 +1,11 @@
 """Resolution of a parsed spec against the registry and the served model (frontend side).
 
-The result is what the workers need and nothing else: one composed delta per layer
-(``sum_k scale_k * v_k``), a token-selection rule in canonical absolute-position form,
-and content digests. ``prompt``/``generated`` become ``all`` with an end/start position
-equal to the prompt length, so that a later request replaying the same tokens with an
-explicit ``start_position`` produces the same cache salt and shares the prefix cache.
+The result is what the workers need and nothing else: the recipe (``steering.recipe``:
+vectors by content id in the store, with ops and layers), a token-selection rule in
+canonical absolute-position form, and the recipe's digest. ``prompt``/``generated``
+become ``all`` with an end/start position equal to the prompt length, so that a later
+request replaying the same tokens with an explicit ``start_position`` produces the same
+cache salt and shares the prefix cache.
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from vllm_steer.steering.options import DEFAULT_MAX_PROJECTIONS
+from vllm_steer.steering.recipe import Part, Recipe, compose
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.spec import SpecError, SteeringSpec
-from vllm_steer.steering.wire import NO_END, WIRE_VERSION, WireSteering, content_digest
+from vllm_steer.steering.store import VectorStore, content_id, default_store_root, encode
+from vllm_steer.steering.values import check_op_fields
+from vllm_steer.steering.wire import NO_END, WIRE_VERSION, WirePart, WireSteering, WireVector
 from vllm_steer.thinking import markers_for
 from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector import load as load_vector
@@ -33,30 +37,33 @@ _COMPOSED_CACHE = 4096
 class ResolvedSteering:
     """A request's steering in canonical form.
 
-    ``layers``: sorted layer indices with a non-zero contribution; ``delta``: float32
-    ``[len(layers), hidden]``; ``mode``: ``all | thinking | answer``; positions
+    ``recipe``: the vectors by content id with ops and layers (``steering.recipe``);
+    ``hidden``: the model's hidden size; ``mode``: ``all | thinking | answer``; positions
     ``start <= pos < end`` (``end == -1``: unbounded); ``think_start_ids`` /
-    ``think_end_ids``: marker token ids (only used by thinking/answer).
+    ``think_end_ids``: marker token ids (only used by thinking/answer); ``store``: root of
+    the vector store; ``inline``: vector contents to send with the request (inline
+    transport), ``{content id: (layers, float32 bytes)}``.
     """
 
-    layers: tuple[int, ...]
-    delta: torch.Tensor
+    recipe: Recipe
+    hidden: int
     mode: str
     start: int
     end: int
     think_start_ids: tuple[int, ...] = ()
     think_end_ids: tuple[int, ...] = ()
-    digest: str = ""
+    store: str = ""
+    inline: dict[str, tuple[tuple[int, ...], bytes]] = field(default_factory=dict)
 
     @property
-    def vector_digest(self) -> str:
-        """Content hash of the composed vectors: the worker's slot key."""
-        return self.digest or content_digest(self.layers, self.delta.numpy())
+    def digest(self) -> str:
+        """The recipe's content hash: the worker's slot key."""
+        return self.recipe.digest
 
     @property
     def cache_salt(self) -> str:
         """Hash of everything that changes which KV values a token gets."""
-        h = hashlib.sha256(self.vector_digest.encode())
+        h = hashlib.sha256(self.digest.encode())
         h.update(repr((self.mode, self.start, self.end, self.think_start_ids,
                        self.think_end_ids if self.mode != "all" else ())).encode())
         return "vllm-steer:" + h.hexdigest()[:32]
@@ -65,52 +72,72 @@ class ResolvedSteering:
         """The typed struct that travels (as builtins) in ``extra_args[WIRE_KEY]``."""
         return WireSteering(
             version=WIRE_VERSION,
-            digest=self.vector_digest,
-            layers=tuple(self.layers),
-            hidden=int(self.delta.shape[1]),
-            delta=self.delta.numpy().astype("<f4", copy=False).tobytes(),
+            digest=self.digest,
+            hidden=self.hidden,
+            parts=tuple(WirePart(content=p.content, op=p.op, param=p.param, layers=p.layers)
+                        for p in self.recipe.parts),
+            normalize=self.recipe.normalize,
             mode=self.mode,
             start=self.start,
             end=self.end,
             think_start_ids=tuple(self.think_start_ids),
             think_end_ids=tuple(self.think_end_ids),
+            store=self.store,
+            inline=tuple(WireVector(content=cid, layers=layers, data=data)
+                         for cid, (layers, data) in self.inline.items()),
         )
-
-    @classmethod
-    def from_wire(cls, w: WireSteering) -> ResolvedSteering:
-        return cls(w.layers, torch.from_numpy(w.delta_array()), w.mode, w.start, w.end,
-                   w.think_start_ids, w.think_end_ids, w.digest)
 
 
 @dataclass(frozen=True)
-class _Composed:
-    layers: tuple[int, ...]
-    delta: torch.Tensor   # float32 [len(layers), hidden]
-    digest: str
+class _File:
+    """A loaded vector file: its identity, the parsed vector, numpy directions, content id."""
+
+    key: tuple[str, int, int]
+    vector: SteeringVector
+    dirs: dict[int, np.ndarray]
+    content: str
+
+
+@dataclass(frozen=True)
+class _Defaults:
+    op: str = "add"
+    scale: float = 1.0
+    strength: float = 1.0
+    value: float = 0.0
+    layers: tuple[int, ...] | None = None
 
 
 class Resolver:
-    """Turns ``SteeringSpec`` into ``ResolvedSteering`` for one served model. Thread-safe."""
+    """Turns ``SteeringSpec`` into ``ResolvedSteering`` for one served model. Thread-safe.
+
+    ``max_projections``: the engine's ablate/clamp capacity per layer (0: add only);
+    ``transport``: ``store`` (vectors written once to the content-addressed store the
+    workers read) or ``inline`` (sent with every request); ``store_root``: the store's
+    directory (default under the data home).
+    """
 
     def __init__(self, registry: Registry, *, num_layers: int, hidden_size: int,
-                 tokenizer: Any = None, thinking_supported: bool = True) -> None:
+                 tokenizer: Any = None, thinking_supported: bool = True,
+                 max_projections: int = DEFAULT_MAX_PROJECTIONS, transport: str = "store",
+                 store_root: str | Path | None = None) -> None:
         self.registry = registry
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self.tokenizer = tokenizer
         self.thinking_supported = thinking_supported
+        self.max_projections = max_projections
+        self.transport = transport
+        self.store = VectorStore(Path(store_root) if store_root else default_store_root())
         self._lock = threading.Lock()
-        # (path, mtime_ns, size) -> (vector, {layer: float32 ndarray [hidden]})
-        self._files: dict[tuple[str, int, int],
-                          tuple[SteeringVector, dict[int, np.ndarray]]] = {}
-        # Composition is cached by what it depends on: file identities, scales, layers.
-        self._composed: OrderedDict[tuple, _Composed] = OrderedDict()
+        self._files: dict[tuple[str, int, int], _File] = {}   # (path, mtime_ns, size) -> file
+        self._by_content: dict[str, dict[int, np.ndarray]] = {}
+        # Recipes whose composition was checked (by digest): repeated specs skip composing.
+        self._checked: OrderedDict[str, None] = OrderedDict()
         self._markers: dict[str, tuple[int, ...]] = {}
         self._model_markers = markers_for(tokenizer)
 
     # -- vectors ---------------------------------------------------------------------
-    def _load_file(self, path: Path, where: str
-                   ) -> tuple[tuple[str, int, int], SteeringVector, dict[int, np.ndarray]]:
+    def _load_file(self, path: Path, where: str) -> _File:
         try:
             st = path.stat()
         except OSError as e:
@@ -123,96 +150,96 @@ class Resolver:
                 v = load_vector(path)
             except SteeringVectorError as e:
                 raise SpecError(where, str(e)) from e
-            hit = (v, {k: t.numpy() for k, t in v.directions.items()})
+            dirs = {k: t.numpy().astype(np.float32, copy=False) for k, t in v.directions.items()}
+            # Written before any request naming it is admitted; immutable afterwards.
+            cid = (self.store.put(dirs) if self.transport == "store"
+                   else content_id(dirs))
+            hit = _File(key, v, dirs, cid)
             with self._lock:
                 self._files[key] = hit
-        return (key, *hit)
+                self._by_content[cid] = dirs
+        return hit
 
     def load_vector_file(self, path: Path, where: str) -> SteeringVector:
         """The parsed vector at ``path`` (cached by path, mtime and size)."""
-        return self._load_file(path, where)[1]
+        return self._load_file(path, where).vector
 
     def forget_file(self, path: Path) -> None:
-        """Drop ``path``'s cached vector and the compositions that used it."""
+        """Drop ``path``'s cached vector (a replaced file is read again; its old content
+        stays in the store for requests already admitted)."""
         p = str(path)
         with self._lock:
             for key in [k for k in self._files if k[0] == p]:
                 del self._files[key]
-            for key in [k for k in self._composed if any(part[0][0] == p for part in k)]:
-                del self._composed[key]
 
     def vector_for(self, ref_name: str | None, ref_path: str | None, where: str
-                   ) -> tuple[tuple[tuple[str, int, int], SteeringVector, dict[int, np.ndarray]],
-                              float, tuple[int, ...] | None]:
-        """((file key, vector, numpy directions), default scale, default layers)."""
+                   ) -> tuple[_File, _Defaults]:
+        """The vector a spec entry names and the registry's defaults for it."""
         if ref_name is not None:
             entry = self.registry.entries.get(ref_name)
             if entry is None:
                 known = ", ".join(sorted(self.registry.entries)) or "none registered"
                 raise SpecError(f"{where}.name", f"unknown vector {ref_name!r} (known: {known})")
-            return self._load_file(entry.path, f"{where}.name"), entry.scale, entry.layers
+            defaults = _Defaults(op=entry.op, scale=entry.scale, strength=entry.strength,
+                                 value=entry.value, layers=entry.layers)
+            return self._load_file(entry.path, f"{where}.name"), defaults
         assert ref_path is not None
         real = self.registry.is_allowed(ref_path)
         if real is None:
             raise SpecError(f"{where}.path",
                             f"{ref_path!r} is not inside an allowed vector directory")
-        return self._load_file(real, f"{where}.path"), 1.0, None
+        return self._load_file(real, f"{where}.path"), _Defaults()
 
-    def compose(self, spec: SteeringSpec, prefix: str = "steering.") -> _Composed:
-        """Sum ``scale * vector`` per layer: layers and float32 ``[len(layers), hidden]``.
-
-        Cached by (file identity, scale, layers) of every vector, so a repeated spec costs a
-        few ``stat`` calls; composing is numpy on the calling thread (torch's small-op
-        overhead and thread pool cost milliseconds per request here).
-        """
+    def recipe(self, spec: SteeringSpec, prefix: str = "steering.") -> Recipe:
+        """The spec as a recipe, validated against the vectors, the model and the engine's
+        capacity (composed once per distinct recipe; a repeated spec costs a few ``stat``
+        calls and a hash)."""
         parts = []
         for i, ref in enumerate(spec.vectors):
             where = f"{prefix}vectors[{i}]"
-            (key, vec, dirs), default_scale, default_layers = self.vector_for(
-                ref.name, ref.path, where)
-            if vec.hidden_size != self.hidden_size:
-                raise SpecError(where, f"vector hidden size {vec.hidden_size} does not match "
-                                       f"the served model's hidden size {self.hidden_size}")
-            layers = ref.layers if ref.layers is not None else default_layers
+            f, d = self.vector_for(ref.name, ref.path, where)
+            if f.vector.hidden_size != self.hidden_size:
+                raise SpecError(where, f"vector hidden size {f.vector.hidden_size} does not "
+                                       f"match the served model's hidden size {self.hidden_size}")
+            op = ref.op or d.op
+            check_op_fields(op, scale=ref.scale, strength=ref.strength, value=ref.value,
+                            where=where)
+            layers = ref.layers if ref.layers is not None else d.layers
             if layers is None:
-                layers = tuple(vec.layers)
+                layers = tuple(f.vector.layers)
             bad = [x for x in layers if x >= self.num_layers]
             if bad:
                 raise SpecError(f"{where}.layers", f"layer {bad[0]} out of range: the model has "
                                 f"{self.num_layers} layers (0..{self.num_layers - 1})")
-            missing = [x for x in layers if x not in dirs]
+            missing = [x for x in layers if x not in f.dirs]
             if missing:
-                raise SpecError(f"{where}.layers",
-                                f"vector has no direction for layers {missing} (has {vec.layers})")
-            scale = ref.scale if ref.scale is not None else default_scale
-            parts.append((key, float(scale), tuple(layers), dirs))
-        cache_key = tuple((k, sc, ls) for k, sc, ls, _ in parts)
+                raise SpecError(f"{where}.layers", f"vector has no direction for layers "
+                                                   f"{missing} (has {f.vector.layers})")
+            param = {"add": ref.scale if ref.scale is not None else d.scale,
+                     "ablate": ref.strength if ref.strength is not None else d.strength,
+                     "clamp": ref.value if ref.value is not None else d.value}[op]
+            parts.append(Part(f.content, op, float(param), tuple(sorted(layers))))
+        recipe = Recipe(tuple(parts), spec.normalize)
+        digest = recipe.digest
         with self._lock:
-            hit = self._composed.get(cache_key)
-            if hit is not None:
-                self._composed.move_to_end(cache_key)
-                return hit
-        used = sorted({layer for _, _, ls, _ in parts for layer in ls})
-        row = {layer: i for i, layer in enumerate(used)}
-        delta = np.zeros((len(used), self.hidden_size), dtype=np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):
-            for _, scale, layers, dirs in parts:
-                for layer in layers:
-                    delta[row[layer]] += np.float32(scale) * dirs[layer]
-        if not np.isfinite(delta).all():
-            raise SpecError(f"{prefix}vectors", "composed steering overflows (non-finite values)")
-        idx = tuple(used)
-        out = _Composed(idx, torch.from_numpy(delta), content_digest(idx, delta))
+            if digest in self._checked:
+                self._checked.move_to_end(digest)
+                return recipe
+        compose(recipe, self._directions, self.hidden_size, self.max_projections,
+                where=f"{prefix}vectors")
         with self._lock:
-            self._composed[cache_key] = out
-            while len(self._composed) > _COMPOSED_CACHE:
-                self._composed.popitem(last=False)
-        return out
+            self._checked[digest] = None
+            while len(self._checked) > _COMPOSED_CACHE:
+                self._checked.popitem(last=False)
+        return recipe
+
+    def _directions(self, cid: str) -> dict[int, np.ndarray]:
+        with self._lock:
+            return self._by_content[cid]
 
     # -- whole spec ------------------------------------------------------------------
     def resolve(self, spec: SteeringSpec, prompt_len: int) -> ResolvedSteering:
-        composed = self.compose(spec)
-
+        recipe = self.recipe(spec)
         canon = spec.at_absolute_positions(prompt_len)
         mode, start = canon.apply_to, canon.start_position
         end = NO_END if canon.end_position is None else canon.end_position
@@ -225,8 +252,13 @@ class Resolver:
             m_start, m_end = self.think_markers
             ts = self._marker_ids(spec.think_start or m_start, "steering.think_start")
             te = self._marker_ids(spec.think_end or m_end, "steering.think_end")
-        return ResolvedSteering(composed.layers, composed.delta, mode, start, end, ts, te,
-                                composed.digest)
+        inline: dict[str, tuple[tuple[int, ...], bytes]] = {}
+        if self.transport == "inline":
+            for p in recipe.parts:
+                if p.content not in inline:
+                    inline[p.content] = encode(self._directions(p.content))
+        return ResolvedSteering(recipe, self.hidden_size, mode, start, end, ts, te,
+                                str(self.store.root), inline)
 
     @property
     def think_markers(self) -> tuple[str, str]:

@@ -4,9 +4,13 @@ Accepted in ``SamplingParams.extra_args`` (and so in the OpenAI body's ``vllm_xa
 
 - ``{"steering": {...}}`` where ``{...}`` is a dict or the same dict as a JSON string;
 - the flat shorthand ``steer="happy"`` (or ``"happy,formal"``), ``steer_scale=1.5``,
-  ``steer_layers=[8, 9]``, ``steer_apply_to="generated"``.
+  ``steer_layers=[8, 9]``, ``steer_apply_to="generated"``, ``steer_op="ablate"``,
+  ``steer_strength=0.5``, ``steer_value=2.0``, ``steer_normalize=true``.
 
-Spec fields: ``vectors`` (list of ``{"name" | "path", "scale", "layers"}``),
+Spec fields: ``vectors`` (list of ``{"name" | "path", "op", "scale" | "strength" |
+"value", "layers"}``; ``op`` is ``add`` (default: ``scale * v``), ``ablate`` (remove
+``strength`` in [0, 1] of the component along the unit direction) or ``clamp`` (set that
+component to ``value``)), ``normalize`` (restore each steered token's pre-steering norm),
 ``apply_to`` (``all | prompt | generated | thinking | answer``), ``start_position`` /
 ``end_position`` (absolute token positions: steer ``start <= pos < end``), and
 ``think_start`` / ``think_end`` (marker strings overriding the registry's).
@@ -19,7 +23,16 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vllm_steer.steering.values import SpecError, parse_layers, parse_scale
+from vllm_steer.steering.values import (
+    SpecError,
+    check_op_fields,
+    parse_clamp_value,
+    parse_flag,
+    parse_layers,
+    parse_op,
+    parse_scale,
+    parse_strength,
+)
 
 APPLY_TO_MODES = ("all", "prompt", "generated", "thinking", "answer")
 MAX_VECTORS = 16
@@ -27,25 +40,35 @@ MAX_SPEC_CHARS = 65536
 #: Positions travel to the workers as msgpack int64; anything this large means "no bound".
 MAX_POSITION = (1 << 62) - 1
 EXTRA_ARGS_KEY = "steering"
-FLAT_KEYS = ("steer", "steer_scale", "steer_layers", "steer_apply_to")
+FLAT_KEYS = ("steer", "steer_scale", "steer_layers", "steer_apply_to", "steer_op",
+             "steer_strength", "steer_value", "steer_normalize")
+#: Flat key -> the spec field it fills (per vector, or for the whole spec).
+_FLAT_VECTOR = {"steer_scale": "scale", "steer_layers": "layers", "steer_op": "op",
+                "steer_strength": "strength", "steer_value": "value"}
 #: Key under which the frontend hands the resolved, wire-format steering to the workers.
 WIRE_KEY = "_vllm_steer"
 
-_SPEC_KEYS = {"vectors", "apply_to", "start_position", "end_position", "think_start", "think_end"}
-_VECTOR_KEYS = {"name", "path", "scale", "layers"}
+_SPEC_KEYS = {"vectors", "apply_to", "start_position", "end_position", "think_start", "think_end",
+              "normalize"}
+_VECTOR_KEYS = {"name", "path", "op", "scale", "strength", "value", "layers"}
 
 
 @dataclass(frozen=True)
 class VectorRef:
-    """One vector in a spec: by registered ``name`` or by file ``path``; ``scale`` multiplies it.
+    """One vector in a spec: by registered ``name`` or by file ``path``, with its ``op``.
 
-    ``scale``/``layers`` of ``None`` mean "the registry's default" (1.0 / all its layers).
+    ``None`` means "the registry's default" (``op`` add, ``scale`` 1.0, ``strength`` 1.0,
+    ``value`` 0.0, all its layers). ``scale`` is for ``add``, ``strength`` for ``ablate``,
+    ``value`` for ``clamp``.
     """
 
     name: str | None = None
     path: str | None = None
     scale: float | None = None
     layers: tuple[int, ...] | None = None
+    op: str | None = None
+    strength: float | None = None
+    value: float | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,8 @@ class SteeringSpec:
     end_position: int | None = None
     think_start: str | None = None
     think_end: str | None = None
+    #: Rescale each steered token's residual stream to its norm before steering.
+    normalize: bool = False
     #: True when parsed from the flat ``steer*`` shorthand (errors then name those keys).
     flat: bool = field(default=False, compare=False)
 
@@ -65,9 +90,11 @@ class SteeringSpec:
         """``field_name`` (a dotted spec path) as the user wrote it."""
         if not self.flat:
             return field_name
-        for suffix, key in ((".scale", "steer_scale"), (".layers", "steer_layers")):
-            if field_name.endswith(suffix):
+        for key, name in _FLAT_VECTOR.items():
+            if field_name.endswith("." + name):
                 return key
+        if field_name.endswith("normalize"):
+            return "steer_normalize"
         return "steer_apply_to" if field_name.endswith("apply_to") else "steer"
 
     def at_absolute_positions(self, prompt_len: int) -> SteeringSpec:
@@ -90,12 +117,15 @@ class SteeringSpec:
         vecs = []
         for v in self.vectors:
             d: dict[str, Any] = {"name": v.name} if v.name is not None else {"path": v.path}
-            if v.scale is not None:
-                d["scale"] = v.scale
+            for key in ("op", "scale", "strength", "value"):
+                if getattr(v, key) is not None:
+                    d[key] = getattr(v, key)
             if v.layers is not None:
                 d["layers"] = list(v.layers)
             vecs.append(d)
         out: dict[str, Any] = {"vectors": vecs, "apply_to": self.apply_to}
+        if self.normalize:
+            out["normalize"] = True
         if self.start_position:
             out["start_position"] = self.start_position
         if self.end_position is not None:
@@ -114,6 +144,7 @@ def make_spec(
     end_position: int | None = None,
     think_start: str | None = None,
     think_end: str | None = None,
+    normalize: bool = False,
 ) -> dict[str, Any]:
     """Build a spec dict for ``SamplingParams(extra_args={"steering": make_spec(...)})``.
 
@@ -139,6 +170,8 @@ def make_spec(
         d["think_start"] = think_start
     if think_end is not None:
         d["think_end"] = think_end
+    if normalize:
+        d["normalize"] = True
     parse_spec(d)
     return d
 
@@ -167,14 +200,12 @@ def parse_extra_args(extra_args: dict[str, Any] | None) -> SteeringSpec | None:
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not isinstance(names, list) or not names:
         raise SpecError("steer", "must be a vector name, comma-separated names, or a list")
-    entry: dict[str, Any] = {}
-    if "steer_scale" in flat:
-        entry["scale"] = flat["steer_scale"]
-    if "steer_layers" in flat:
-        entry["layers"] = flat["steer_layers"]
-    spec = {"vectors": [{"name": n, **entry} for n in names]}
+    entry = {name: flat[key] for key, name in _FLAT_VECTOR.items() if key in flat}
+    spec: dict[str, Any] = {"vectors": [{"name": n, **entry} for n in names]}
     if "steer_apply_to" in flat:
         spec["apply_to"] = flat["steer_apply_to"]
+    if "steer_normalize" in flat:
+        spec["normalize"] = flat["steer_normalize"]
     return _parse_dict(spec, prefix="", flat=True)
 
 
@@ -195,7 +226,8 @@ def parse_spec(raw: Any) -> SteeringSpec:
 def _parse_dict(raw: dict[str, Any], prefix: str, flat: bool = False) -> SteeringSpec:
     def f(name: str) -> str:
         if flat:
-            return {"vectors": "steer", "apply_to": "steer_apply_to"}.get(name, name)
+            return {"vectors": "steer", "apply_to": "steer_apply_to",
+                    "normalize": "steer_normalize"}.get(name, name)
         return prefix + name
 
     unknown = sorted(str(k) for k in raw if k not in _SPEC_KEYS)
@@ -224,8 +256,10 @@ def _parse_dict(raw: dict[str, Any], prefix: str, flat: bool = False) -> Steerin
         if m is not None and not _is_utf8(m):
             raise SpecError(f(key), "must be valid Unicode text (no lone surrogates)")
         markers[key] = m
+    normalize = raw.get("normalize", False)
+    normalize = parse_flag(normalize, f("normalize"))
     return SteeringSpec(refs, apply_to, start, end, markers["think_start"], markers["think_end"],
-                        flat=flat)
+                        normalize=normalize, flat=flat)
 
 
 def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
@@ -233,7 +267,8 @@ def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
         raise SpecError(where, f"must be an object with 'name' or 'path', got {type(v).__name__}")
     unknown = sorted(str(k) for k in v if k not in _VECTOR_KEYS)
     if unknown:
-        raise SpecError(f"{where}.{unknown[0]}", "unknown field (known: layers, name, path, scale)")
+        raise SpecError(f"{where}.{unknown[0]}",
+                        f"unknown field (known: {', '.join(sorted(_VECTOR_KEYS))})")
     name, path = v.get("name"), v.get("path")
     if (name is None) == (path is None):
         raise SpecError(where, "give exactly one of 'name' or 'path'")
@@ -241,13 +276,32 @@ def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
         raise SpecError("steer" if flat else f"{where}.name", "must be a non-empty string")
     if path is not None and (not isinstance(path, str) or not path):
         raise SpecError(f"{where}.path", "must be a non-empty string")
+    def fld(name: str) -> str:
+        flat_key = next((k for k, n in _FLAT_VECTOR.items() if n == name), None)
+        return flat_key if flat and flat_key else f"{where}.{name}"
+
+    op = v.get("op")
+    if op is not None:
+        op = parse_op(op, fld("op"))
     scale = v.get("scale")
     if scale is not None:
-        scale = parse_scale(scale, "steer_scale" if flat else f"{where}.scale")
+        scale = parse_scale(scale, fld("scale"))
+    strength = v.get("strength")
+    if strength is not None:
+        strength = parse_strength(strength, fld("strength"))
+    value = v.get("value")
+    if value is not None:
+        value = parse_clamp_value(value, fld("value"))
+    if op is not None:
+        try:
+            check_op_fields(op, scale=scale, strength=strength, value=value, where=where)
+        except SpecError as e:
+            raise SpecError(fld(e.field.rsplit(".", 1)[1]), e.message) from None
     layers = v.get("layers")
     if layers is not None:
-        layers = parse_layers(layers, "steer_layers" if flat else f"{where}.layers")
-    return VectorRef(name=name, path=path, scale=scale, layers=layers)
+        layers = parse_layers(layers, fld("layers"))
+    return VectorRef(name=name, path=path, scale=scale, layers=layers, op=op,
+                     strength=strength, value=value)
 
 
 def _opt_int(x: Any, where: str) -> int | None:

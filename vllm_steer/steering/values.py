@@ -56,3 +56,55 @@ def parse_layers(x: Any, field: str, num_layers: int | None = None) -> tuple[int
     if len(set(x)) != len(x):
         raise SpecError(field, "layers repeat")
     return tuple(sorted(x))
+
+
+#: Per-vector interventions (``steering.recipe`` has the formulas).
+OPS = ("add", "ablate", "clamp")
+#: Bound on a clamp value (the component along the unit direction, in stream units).
+MAX_ABS_CLAMP = 1e6
+
+
+def parse_op(x: Any, field: str) -> str:
+    if not isinstance(x, str) or x not in OPS:
+        raise SpecError(field, f"{x!r} is not one of {', '.join(OPS)}")
+    return x
+
+
+def parse_strength(x: Any, field: str) -> float:
+    """An ablation strength in [0, 1] (1: remove the whole component)."""
+    s = parse_scale(x, field)
+    if not 0.0 <= s <= 1.0:
+        raise SpecError(field, f"must be in [0, 1], got {s:g}")
+    return s
+
+
+def parse_clamp_value(x: Any, field: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, int | float | str):
+        raise SpecError(field, f"must be a number, got {type(x).__name__}")
+    try:
+        v = float(x)
+    except (ValueError, OverflowError) as e:
+        raise SpecError(field, f"must be a number, got {x!r}") from e
+    if not math.isfinite(v) or abs(v) > MAX_ABS_CLAMP:
+        raise SpecError(field, f"must be finite with |value| <= {MAX_ABS_CLAMP:g}, got {v:g}")
+    return v
+
+
+def parse_flag(x: Any, field: str) -> bool:
+    """A boolean (also "true"/"false"/"1"/"0" strings, as flat ``vllm_xargs`` carry them)."""
+    if isinstance(x, bool):
+        return x
+    if isinstance(x, str) and x.lower() in ("true", "false", "1", "0"):
+        return x.lower() in ("true", "1")
+    raise SpecError(field, f"must be true or false, got {x!r}")
+
+
+def check_op_fields(op: str, *, scale: Any, strength: Any, value: Any, where: str) -> None:
+    """Refuse parameters that the op does not use (nothing is silently ignored)."""
+    if op != "add" and scale is not None:
+        raise SpecError(f"{where}.scale", f"applies to op 'add', not {op!r} (ablate/clamp use "
+                                          "the unit direction)")
+    if op != "ablate" and strength is not None:
+        raise SpecError(f"{where}.strength", f"applies to op 'ablate', not {op!r}")
+    if op != "clamp" and value is not None:
+        raise SpecError(f"{where}.value", f"applies to op 'clamp', not {op!r}")

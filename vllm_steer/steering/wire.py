@@ -8,24 +8,28 @@ which type-checks every field (msgspec) and validates shapes and values; both tr
 give the worker the same typed, checked value. A malformed wire is refused with
 ``WireError`` naming the field, never steered as best it can.
 
-Extending it: add fields with defaults and bump ``WIRE_VERSION`` when the meaning of the
-existing ones changes; a worker refuses fields and versions it does not know. ``delta`` is
-already optional in the type (a later version may send only the digest of a vector the
-worker holds); version 1 always carries it. vLLM-free.
+Version 2 carries the request's *recipe* (``steering.recipe``): its vectors by content
+id with op, parameter and layers, a few hundred bytes whatever the model size. Workers
+read the vectors from the content-addressed store (``steering.store``; its root travels
+in ``store``) the first time they see an id, or from ``inline`` when the transport is
+inline (engines on several machines without shared storage). Extending it: add fields
+with defaults and bump ``WIRE_VERSION`` when the meaning of existing ones changes; a
+worker refuses fields and versions it does not know. vLLM-free.
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
 import re
-import struct
 from typing import Any
 
 import msgspec
-import numpy as np
+
+from vllm_steer.steering.recipe import Part, Recipe
+from vllm_steer.steering.values import OPS
 
 #: Version of the struct's meaning; a worker refuses any other.
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 #: Token-selection modes after resolution (``prompt``/``generated`` become ``all`` + positions).
 WIRE_MODES = ("all", "thinking", "answer")
 #: ``end`` value meaning "no end position".
@@ -42,35 +46,47 @@ class WireError(ValueError):
         self.field = field
 
 
-def content_digest(layers: tuple[int, ...], delta: np.ndarray) -> str:
-    """sha256 of the layer list and the float32 little-endian delta bytes."""
-    h = hashlib.sha256()
-    h.update(struct.pack(f"<{len(layers)}q", *layers))
-    h.update(np.ascontiguousarray(delta, dtype="<f4").tobytes())
-    return h.hexdigest()
+class WirePart(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One vector of the recipe: store ``content`` id, ``op``, ``param`` (scale, strength
+    or value) and strictly increasing ``layers``."""
+
+    content: str
+    op: str
+    param: float
+    layers: tuple[int, ...]
+
+
+class WireVector(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A vector's content sent inline: float32 little-endian ``[len(layers), hidden]``."""
+
+    content: str
+    layers: tuple[int, ...]
+    data: bytes
 
 
 class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One request's resolved steering, as the workers need it.
 
-    ``digest``: sha256 hex of ``layers`` + ``delta`` (the worker's slot key);
-    ``layers``: strictly increasing decoder-layer indices; ``hidden``: the model's hidden
-    size; ``delta``: float32 little-endian ``[len(layers), hidden]`` (``sum scale * v``);
-    ``mode``: one of ``WIRE_MODES``; positions ``start <= pos < end`` (``end == NO_END``:
-    unbounded); ``think_start_ids`` / ``think_end_ids``: marker token ids (non-empty for
-    ``thinking``/``answer``).
+    ``digest``: sha256 of the recipe (the worker's slot key); ``hidden``: the model's hidden
+    size; ``parts`` + ``normalize``: the recipe; ``mode``: one of ``WIRE_MODES``; positions
+    ``start <= pos < end`` (``end == NO_END``: unbounded); ``think_start_ids`` /
+    ``think_end_ids``: marker token ids (non-empty for ``thinking``/``answer``); ``store``:
+    root of the vector store; ``inline``: vector contents sent with the request (inline
+    transport only).
     """
 
     version: int
     digest: str
-    layers: tuple[int, ...]
     hidden: int
-    delta: bytes | None
+    parts: tuple[WirePart, ...]
+    normalize: bool
     mode: str
     start: int
     end: int
     think_start_ids: tuple[int, ...] = ()
     think_end_ids: tuple[int, ...] = ()
+    store: str = ""
+    inline: tuple[WireVector, ...] = ()
 
     def __post_init__(self) -> None:
         # Checks that need no model; run on construction (frontend) and on conversion
@@ -80,18 +96,27 @@ class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                                        f"{WIRE_VERSION} (frontend and worker differ?)")
         if not _DIGEST_RE.fullmatch(self.digest):
             raise WireError("digest", "not a sha256 hex digest")
-        if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
-            raise WireError("layers", f"not strictly increasing: {list(self.layers)}")
-        if self.layers and self.layers[0] < 0:
-            raise WireError("layers", f"negative layer {self.layers[0]}")
         if self.hidden <= 0:
             raise WireError("hidden", f"{self.hidden} is not a hidden size")
-        if self.delta is None:
-            raise WireError("delta", f"missing (version {WIRE_VERSION} always carries it)")
-        want = len(self.layers) * self.hidden * 4
-        if len(self.delta) != want:
-            raise WireError("delta", f"{len(self.delta)} bytes, expected {want} "
-                                     f"(float32 [{len(self.layers)}, {self.hidden}])")
+        if not self.parts:
+            raise WireError("parts", "empty")
+        for k, p in enumerate(self.parts):
+            if not _DIGEST_RE.fullmatch(p.content):
+                raise WireError(f"parts[{k}].content", "not a sha256 hex digest")
+            if p.op not in OPS:
+                raise WireError(f"parts[{k}].op", f"{p.op!r} is not one of {', '.join(OPS)}")
+            if not math.isfinite(p.param):
+                raise WireError(f"parts[{k}].param", "not finite")
+            _check_layers(p.layers, f"parts[{k}].layers")
+        for k, v in enumerate(self.inline):
+            if not _DIGEST_RE.fullmatch(v.content):
+                raise WireError(f"inline[{k}].content", "not a sha256 hex digest")
+            _check_layers(v.layers, f"inline[{k}].layers")
+            if len(v.data) != len(v.layers) * self.hidden * 4:
+                raise WireError(f"inline[{k}].data", f"{len(v.data)} bytes, expected "
+                                f"float32 [{len(v.layers)}, {self.hidden}]")
+        if not self.inline and not self.store:
+            raise WireError("store", "empty, and no vectors are sent inline")
         if self.mode not in WIRE_MODES:
             raise WireError("mode", f"{self.mode!r} is not one of {', '.join(WIRE_MODES)}")
         if self.start < 0:
@@ -107,7 +132,7 @@ class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     # -- transport -------------------------------------------------------------------
     def to_extra_arg(self) -> dict[str, Any]:
-        """Builtins (dict of field name -> int/str/bytes/tuple) for ``extra_args``."""
+        """Builtins (dicts, lists, int/float/str/bytes) for ``extra_args``."""
         return msgspec.to_builtins(self, builtin_types=(bytes,))
 
     @classmethod
@@ -127,24 +152,27 @@ class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if self.hidden != hidden:
             raise WireError("hidden", f"{self.hidden}, but the served model's hidden size "
                                       f"is {hidden}")
-        if self.layers and self.layers[-1] >= num_layers:
-            raise WireError("layers", f"layer {self.layers[-1]} out of range: the model has "
-                                      f"{num_layers} layers")
+        top = max(p.layers[-1] for p in self.parts if p.layers)
+        if top >= num_layers:
+            raise WireError("parts", f"layer {top} out of range: the model has {num_layers} "
+                                     "layers")
 
-    def delta_array(self) -> np.ndarray:
-        """``delta`` as float32 ``[len(layers), hidden]`` (a copy, writable)."""
-        assert self.delta is not None
-        return np.frombuffer(self.delta, dtype="<f4").reshape(
-            len(self.layers), self.hidden).astype(np.float32, copy=True)
+    def recipe(self) -> Recipe:
+        """The recipe, after checking that it matches ``digest`` (the slot key)."""
+        r = Recipe(tuple(Part(p.content, p.op, p.param, p.layers) for p in self.parts),
+                   self.normalize)
+        if r.digest != self.digest:
+            raise WireError("digest", "does not match the recipe")
+        return r
 
-    def verify_content(self) -> np.ndarray:
-        """The delta, after checking it is finite and matches ``digest`` (the slot key)."""
-        delta = self.delta_array()
-        if not np.isfinite(delta).all():
-            raise WireError("delta", "non-finite values")
-        if content_digest(self.layers, delta) != self.digest:
-            raise WireError("digest", "does not match layers + delta")
-        return delta
+
+def _check_layers(layers: tuple[int, ...], field: str) -> None:
+    if not layers:
+        raise WireError(field, "empty")
+    if layers[0] < 0:
+        raise WireError(field, f"negative layer {layers[0]}")
+    if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
+        raise WireError(field, f"not strictly increasing: {list(layers)}")
 
 
 def _path_field(message: str) -> str:

@@ -18,6 +18,7 @@ import threading
 import weakref
 from typing import Any
 
+from vllm_steer.steering.options import EngineOptions
 from vllm_steer.steering.registry import load_registry
 from vllm_steer.steering.resolve import Resolver
 from vllm_steer.steering.spec import WIRE_KEY, SpecError, parse_extra_args
@@ -34,15 +35,6 @@ def active_processor() -> Any | None:
     return _active() if _active is not None else None
 
 
-def registry_path_from_config(vllm_config: Any) -> str | None:
-    extra = getattr(vllm_config, "additional_config", None)
-    if isinstance(extra, dict):
-        opts = extra.get("vllm_steer") or {}
-        if isinstance(opts, dict) and opts.get("registry"):
-            return str(opts["registry"])
-    return None
-
-
 def get_resolver(processor: Any) -> Resolver:
     """The resolver for this processor's model, built once."""
     res = getattr(processor, "_vllm_steer_resolver", None)
@@ -57,13 +49,17 @@ def get_resolver(processor: Any) -> Resolver:
                 tokenizer = processor.tokenizer
             except Exception:
                 tokenizer = None
+            options = EngineOptions.from_vllm_config(cfg)
             res = Resolver(
-                load_registry(registry_path_from_config(cfg)),
+                load_registry(options.registry),
                 num_layers=int(hf.num_hidden_layers),
                 hidden_size=int(hf.hidden_size),
                 tokenizer=tokenizer,
                 thinking_supported=not bool(getattr(cfg.scheduler_config,
                                                     "async_scheduling", False)),
+                max_projections=options.max_projections,
+                transport=options.resolved_transport(
+                    cfg.parallel_config.distributed_executor_backend),
             )
             processor._vllm_steer_resolver = res
     return res

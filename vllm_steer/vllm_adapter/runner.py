@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from vllm_steer.steering.intake import Intake
 from vllm_steer.steering.layers import attach, plan_layers
+from vllm_steer.steering.options import EngineOptions
 from vllm_steer.steering.slots import SlotTable
 from vllm_steer.steering.spec import WIRE_KEY
 from vllm_steer.steering.think_tracker import ANSWER, THINK, ThinkTracker
@@ -65,8 +67,11 @@ class RunnerSteering:
         self.device = runner.device
         self.runner = runner
         num_slots = int(runner.max_num_reqs) + 1
+        self.options = EngineOptions.from_vllm_config(runner.vllm_config)
+        self.max_projections = self.options.max_projections
         self.slots = SlotTable(self.num_layers, num_slots, self.hidden,
-                               runner.model_config.dtype, self.device)
+                               runner.model_config.dtype, self.device, self.max_projections)
+        self.intake = Intake(self.num_layers, self.hidden, self.max_projections)
         n_rows = int(runner.max_num_tokens) + int(runner.max_num_reqs) + 256
         self.rows = torch.zeros(n_rows, dtype=torch.long, device=self.device)
         self._rows_host = (self.rows if self.device.type == "cpu"
@@ -75,18 +80,19 @@ class RunnerSteering:
         self._filled = 0            # rows[:_filled] may be non-zero
         self.reqs: dict[str, _ReqSteer] = {}
 
-        plan = plan_layers(model, self.num_layers, layer_adapter_option(runner.vllm_config))
+        plan = plan_layers(model, self.num_layers, self.options.layer_adapter)
         for i, layer in enumerate(plan.layers):
             if layer is not None:
-                attach(layer, plan.kind, self.slots.tables[i], self.rows)
+                attach(layer, plan.kind, self.slots.layer(i), self.rows)
         self.adapter = plan.kind
         if plan.forced:
             logger.warning("vllm-steer: layers of %s matched no adapter; steering them as %r "
                            "because additional_config forces it", type(model).__name__,
                            plan.kind.value)
-        logger.info("vllm-steer: steering %d layers of %s (%s adapter), %d slots "
-                    "(%.1f MiB of tables)", self.num_layers, type(model).__name__,
-                    plan.kind.value, num_slots, self.slots.stats()["table_bytes"] / 2**20)
+        logger.info("vllm-steer: steering %d layers of %s (%s adapter), %d slots, %d "
+                    "ablate/clamp per layer (%.1f MiB of tables)", self.num_layers,
+                    type(model).__name__, plan.kind.value, num_slots, self.max_projections,
+                    self.slots.stats()["table_bytes"] / 2**20)
 
     # -- request lifetime ----------------------------------------------------------
     def add_request(self, req_id: str, sampling_params: Any) -> None:
@@ -103,10 +109,10 @@ class RunnerSteering:
         w.check_model(self.num_layers, self.hidden)
         if req_id in self.reqs:      # resubmitted id: the old one was finished first
             self.remove_request(req_id)
-        # A new digest's content is verified (finite, matches the digest it is keyed by);
-        # a live one is already in the table.
-        delta = None if self.slots.is_live(w.digest) else torch.from_numpy(w.verify_content())
-        self.slots.acquire(w.digest, w.layers, delta)
+        # A live digest is already in the tables; a new one is composed from its recipe
+        # (vectors inline, in memory or in the store, each checked against its id).
+        composed = None if self.slots.is_live(w.digest) else self.intake.composed(w)
+        self.slots.acquire(w.digest, composed)
         tracker = (ThinkTracker(w.think_start_ids, w.think_end_ids)
                    if w.mode in _MODE_STATE else None)
         self.reqs[req_id] = _ReqSteer(w.digest, w.mode, w.start,
@@ -202,20 +208,11 @@ def check_runner(runner: Any) -> None:
                                  "this runner class): steering would be silently absent")
 
 
-def layer_adapter_option(vllm_config: Any) -> str | None:
-    """``additional_config={"vllm_steer": {"layer_adapter": KIND}}``: the opt-in that steers
-    layers no adapter matches as ``KIND`` (see ``steering.layers``)."""
-    extra = getattr(vllm_config, "additional_config", None)
-    opts = extra.get("vllm_steer") if isinstance(extra, dict) else None
-    value = opts.get("layer_adapter") if isinstance(opts, dict) else None
-    return str(value) if value else None
-
-
 def _worker_stats(worker: Any) -> dict[str, Any] | None:
     steer: RunnerSteering | None = getattr(worker.model_runner, "_vllm_steer", None)
     if steer is None:
         return None
-    return {**steer.slots.stats(), "live_requests": len(steer.reqs),
+    return {**steer.slots.stats(), **steer.intake.stats, "live_requests": len(steer.reqs),
             "adapter": steer.adapter.value}
 
 

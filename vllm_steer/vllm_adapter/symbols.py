@@ -113,7 +113,8 @@ SYMBOLS: tuple[Symbol, ...] = (
            "steering state vllm_steer_stats reports", (Assigned(),)),
     # -- configuration ----------------------------------------------------------------------
     Symbol("vllm.config.vllm:VllmConfig.additional_config", READ, "plugin options (registry, "
-           "layer_adapter); the compile-cache key is added here", (Field(),)),
+           "layer_adapter, max_projections, transport); the compile-cache key is added here",
+           (Field(),)),
     Symbol("vllm.config.vllm:VllmConfig.use_v2_model_runner", READ, "the V2 runner is not "
            "hooked: steered requests are refused when it is active", (Property(),)),
     Symbol("vllm.config.compilation:CompilationConfig.traced_files", READ, "the hook's traced "
@@ -122,6 +123,9 @@ SYMBOLS: tuple[Symbol, ...] = (
            "hidden_size of the served model", (Field(),)),
     Symbol("vllm.config.model:ModelConfig.dtype", READ, "dtype of the steering tables",
            (Field(),)),
+    Symbol("vllm.config.parallel:ParallelConfig.distributed_executor_backend", READ,
+           "transport auto: vectors travel inline under Ray (other machines may not see "
+           "the store)", (Field(),)),
     Symbol("vllm.config.scheduler:SchedulerConfig.async_scheduling", READ, "thinking/answer "
            "need the host token ids: refused under async scheduling", (Field(),)),
     Symbol("vllm.envs:VLLM_USE_V2_MODEL_RUNNER", PATCHED, "set to 0 at plugin load (unless "

@@ -1,0 +1,83 @@
+"""Worker side of the wire: recipe -> composed tables, with the vectors fetched once.
+
+A worker sees a recipe's vectors by content id. ``Intake.composed`` finds each vector in
+this order: sent inline with the request (hash-checked), the worker's memory, the
+content-addressed store (``steering.store``; hash-checked on first read). Composed recipes
+are kept by digest while live (``SlotTable``) and in a bounded LRU after, so a recipe is
+composed once per worker, not once per request. vLLM-free.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from vllm_steer.steering.recipe import Composed, compose
+from vllm_steer.steering.store import Directions, StoreError, VectorStore, content_id, decode
+from vllm_steer.steering.values import SpecError
+from vllm_steer.steering.wire import WireError, WireSteering
+
+
+class Intake:
+    """Per-worker caches of vectors (by content id) and composed recipes (by digest)."""
+
+    def __init__(self, num_layers: int, hidden: int, max_projections: int,
+                 cache_bytes: int = 256 << 20) -> None:
+        self.num_layers, self.hidden = num_layers, hidden
+        self.max_projections = max_projections
+        self.cache_bytes = cache_bytes
+        self._stores: dict[str, VectorStore] = {}
+        self._composed: OrderedDict[str, Composed] = OrderedDict()
+        self._composed_bytes = 0
+        self.stats = {"composed": 0, "store_reads": 0, "inline_vectors": 0}
+
+    def composed(self, w: WireSteering) -> Composed:
+        """The composed tables of ``w``'s recipe (checked against its digest)."""
+        hit = self._composed.get(w.digest)
+        if hit is not None:
+            self._composed.move_to_end(w.digest)
+            return hit
+        recipe = w.recipe()
+        inline: dict[str, Directions] = {}
+        for k, v in enumerate(w.inline):
+            dirs = decode(v.layers, v.data, w.hidden)
+            if content_id(dirs) != v.content:
+                raise WireError(f"inline[{k}].content", "does not match the data")
+            inline[v.content] = dirs
+            self.stats["inline_vectors"] += 1
+
+        def directions(cid: str) -> Directions:
+            if cid in inline:
+                return inline[cid]
+            store = self._stores.get(w.store)
+            if store is None:
+                store = self._stores[w.store] = VectorStore(w.store, self.cache_bytes)
+            try:
+                found = store.get(cid)
+            except StoreError as e:
+                raise WireError("parts", str(e)) from e
+            self.stats["store_reads"] += 1
+            return found
+
+        try:
+            out = compose(recipe, directions, self.hidden, self.max_projections, where="parts")
+        except SpecError as e:  # the frontend ran the same checks: version skew
+            raise WireError(e.field, e.message) from None
+        except KeyError as e:
+            raise WireError("parts", f"vector has no direction for layer {e}") from None
+        if not (np.isfinite(out.proj_dir).all() and np.isfinite(out.proj_a).all()
+                and np.isfinite(out.proj_b).all()):
+            raise WireError("parts", "non-finite projection tables")
+        self.stats["composed"] += 1
+        self._remember(w.digest, out)
+        return out
+
+    def _remember(self, digest: str, c: Composed) -> None:
+        if c.nbytes > self.cache_bytes:
+            return
+        self._composed[digest] = c
+        self._composed_bytes += c.nbytes
+        while self._composed_bytes > self.cache_bytes:
+            _, old = self._composed.popitem(last=False)
+            self._composed_bytes -= old.nbytes
