@@ -31,12 +31,14 @@ class Server:
     """
 
     def __init__(self, model_dir: str, registry: Path, log_path: Path, api_key: str,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.model_dir = model_dir
         self.registry = registry
         self.log_path = log_path
         self.api_key = api_key
         self.extra_env = extra_env or {}
+        self.extra_args = tuple(extra_args)  # more ``vllm serve`` options
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -56,7 +58,7 @@ class Server:
         self.port = free_port()
         cmd = [sys.executable, "-m", "vllm_steer.server.vllm_cli", "serve", self.model_dir,
                "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
-               *SERVE_ARGS]
+               *SERVE_ARGS, *self.extra_args]
         log = open(self.log_path, "ab")  # the child keeps its own copy of the fd
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,

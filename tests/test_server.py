@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+import yaml
 
 from tests.server_helpers import Server
 from vllm_steer import SteeringVector
@@ -323,10 +324,40 @@ def test_upload_register_use_and_delete(server, http, tmp_path):
     r = http.post("/v1/completions", json={"model": model(server), "prompt": "x", "max_tokens": 2,
                                            "steering": {"vectors": [{"name": "gg"}]}})
     assert r.status_code == 400 and "unknown vector" in r.json()["error"]["message"]
-    # the uploads dir holds only the overlay now (replaced and deleted files are removed)
+    # the uploads dir holds only the overlay and the replaced and deleted uploads, which
+    # are retired (deleted after a grace period: another API process may be reading one)
     up = server.registry.parent / "uploads"
+    overlay = yaml.safe_load((up / "registry.overlay.yaml").read_text())
+    assert overlay["vectors"] == {} and len(overlay["retired"]) == 3   # gg twice, b64
     assert sorted(p.name for p in up.iterdir() if not p.name.startswith(".")) == \
-        ["registry.overlay.yaml"]
+        sorted(["registry.overlay.yaml", *overlay["retired"]])
+
+
+def test_upload_with_an_op_makes_it_the_default(server, http):
+    """An upload's op/strength/value are its entry's defaults, as in the registry file."""
+    vdir = vec_dir(server)
+
+    async def text(spec):
+        client = openai_client(server)
+        out = await complete(client, server, "cmpl", PROMPTS[0][1], {"steering": spec}, False)
+        await client.close()
+        return out
+
+    explicit = {"path": "v1.safetensors", "op": "ablate", "strength": 0.5}
+    expected = run(text({"vectors": [explicit]}))
+    assert expected != run(text({"vectors": [{"path": "v1.safetensors", "scale": 0.0}]}))
+    r = upload(http, "abl", (vdir / "v1.safetensors").read_bytes(), op="ablate", strength=0.5)
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["default_op"] == "ablate" and info["default_strength"] == 0.5
+    assert run(text({"vectors": [{"name": "abl"}]})) == expected
+    r = http.post("/v1/steering/vectors", json={"name": "clp", "path": "v1.safetensors",
+                                                 "op": "clamp", "value": 3.0})
+    assert r.status_code == 201 and r.json()["default_value"] == 3.0, r.text
+    assert run(text({"vectors": [{"name": "clp"}]})) == \
+        run(text({"vectors": [{"path": "v1.safetensors", "op": "clamp", "value": 3.0}]}))
+    for name in ("abl", "clp"):
+        assert http.delete(f"/v1/steering/vectors/{name}").status_code == 200
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -351,6 +382,10 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     ("badscale", 400, "scale", "finite"),
     ("badquery", 400, "colour", "unknown query parameter"),
     ("badname_param", 400, "name", "letters"),
+    ("badop", 400, "op", "not one of"),
+    ("scale_with_ablate", 400, "scale", "applies to op 'add'"),
+    ("value_with_add", 400, "value", "applies to op 'clamp'"),
+    ("badstrength", 400, "strength", "[0, 1]"),
 ])
 def test_bad_uploads_are_refused(server, http, tmp_path, case, status, param, fragment):
     vdir = vec_dir(server)
@@ -390,6 +425,14 @@ def test_bad_uploads_are_refused(server, http, tmp_path, case, status, param, fr
         params["colour"] = "red"
     elif case == "badname_param":
         name = "a,b"
+    elif case == "badop":
+        params["op"] = "multiply"
+    elif case == "scale_with_ablate":
+        params.update(op="ablate", scale="2")
+    elif case == "value_with_add":
+        params["value"] = "1.5"
+    elif case == "badstrength":
+        params.update(op="ablate", strength="1.5")
     r = upload(http, name, data, **params)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -934,6 +977,8 @@ def test_restart_keeps_registered_vectors(server, http):
     vdir = vec_dir(server)
     assert upload(http, "kept", (vdir / "v2.safetensors").read_bytes(), scale=0.7,
                   layers="5,6,7,8,9,10").status_code == 201
+    assert upload(http, "kept_clamp", (vdir / "v2.safetensors").read_bytes(), op="clamp",
+                  value=-1.5).status_code == 201
     assert http.delete("/v1/steering/vectors/v3").status_code == 200  # a config entry
     spec = {"model": model(server), "prompt": PROMPTS[0][1], "max_tokens": MAX_TOKENS,
             "temperature": 0, "steering": {"vectors": [{"name": "kept"}]}}
@@ -946,6 +991,8 @@ def test_restart_keeps_registered_vectors(server, http):
                       headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         after_listing = {v["name"]: v for v in c.get("/v1/steering/vectors").json()["data"]}
         assert "v3" not in after_listing and "kept" in after_listing
+        assert after_listing["kept_clamp"]["default_op"] == "clamp"
+        assert after_listing["kept_clamp"]["default_value"] == -1.5
         assert after_listing == listing
         assert c.post("/v1/completions", json=spec).json()["choices"][0]["text"] == before
         r = c.post("/v1/completions", json={**spec, "steering": {"vectors": [{"name": "v3"}]}})

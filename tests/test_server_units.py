@@ -49,6 +49,7 @@ def test_registrations_persist_across_reloads(reg_file):
 
 def test_replace_and_delete_remove_only_unused_uploads(reg_file):
     reg = Registry.from_yaml(reg_file)
+    reg.retire_after_s = 0  # no grace period (tests/test_registry_shared.py tests it)
     first, second = _upload(reg, "one"), _upload(reg, "two")
     reg.register("x", first)
     reg.register("y", first)

@@ -44,14 +44,16 @@ def tiny(default_model_dir, tmp_path_factory):
     return str(root / "model"), tok
 
 
-def _run(model_dir, tok, tp):
+def _run(model_dir, tok, tp, backend="mp"):
+    """(steered tokens, their log-probs, unsteered tokens) with ``backend`` as vLLM's
+    ``distributed_executor_backend`` (also used by tests/test_steering_ray.py)."""
     from vllm import SamplingParams
 
     prompts = ["The capital of France is", "Once upon a time", "def fib(n):"]
     specs = [{"vectors": [{"name": "t"}]}, None,
              {"vectors": [{"name": "t", "scale": -1.5}], "apply_to": "generated"}]
     llm = make_test_llm(model_dir, tensor_parallel_size=tp, max_model_len=512,
-                   distributed_executor_backend="mp")
+                        distributed_executor_backend=backend)
     try:
         params = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0,
                                  extra_args={"steering": s} if s else None) for s in specs]

@@ -27,6 +27,10 @@ class ServerContext:
 
     engine_client: Any
     resolver: Resolver
+    #: API-server processes that may serve these routes (``--api-server-count``, one per
+    #: data-parallel rank with an external load balancer); they share registrations
+    #: only through the registry file's overlay.
+    api_processes: int = 1
 
     @property
     def registry(self) -> Registry:

@@ -44,6 +44,14 @@ def _resolver_for(engine_client: Any) -> Any:
     return get_resolver(input_processor(engine_client))
 
 
+def api_processes(args: Namespace | None) -> int:
+    """How many API-server processes may serve these routes (at least): vLLM's
+    ``--api-server-count`` (defaulted to the data-parallel size), or one per
+    data-parallel rank with an external load balancer."""
+    count = getattr(args, "api_server_count", None) or 1
+    return max(int(count), int(getattr(args, "data_parallel_size", None) or 1))
+
+
 class SteeringEndpoints:
     """``EndpointPlugin`` (see ``vllm/plugins/endpoint_plugins/interface.py``)."""
 
@@ -58,7 +66,10 @@ class SteeringEndpoints:
         if engine_client is None:
             logger.warning("vllm-steer: no engine client; /v1/steering routes answer 503")
             return
-        setattr(state, STATE_KEY, ServerContext(engine_client, _resolver_for(engine_client)))
+        ctx = ServerContext(engine_client, _resolver_for(engine_client),
+                            api_processes=api_processes(args))
+        vectors.attach(ctx)
+        setattr(state, STATE_KEY, ctx)
         logger.info("vllm-steer: /v1/steering routes ready")
 
 

@@ -3,10 +3,17 @@
 Upload: ``POST /v1/steering/vectors?name=NAME[&scale=S&layers=1,2&replace=true]`` with the
 raw safetensors or GGUF file as the body (format detected from its bytes, never
 unpickled), or a JSON body ``{"name", "path" | "data" (base64), "scale", "layers",
-"replace"}``. A vector must match the served model (hidden size, layer range) and be
+"replace"}``. ``op`` (``add``, ``ablate``, ``clamp``) with ``strength`` (ablate) or
+``value`` (clamp) set the entry's default intervention, as in the registry file; ``scale``
+applies to ``add`` only. A vector must match the served model (hidden size, layer range) and be
 finite. It is usable by the next request and persisted in the registry's overlay.
 Requests already admitted are unaffected by later changes: they carry the vector's
 content, not its name.
+
+With several API-server processes (``--api-server-count``, data parallel) the registry's
+overlay file is their shared state (``vllm_steer.steering.registry``): a change made
+through any process is seen by every process's next request once the call returned.
+Every response of these routes names the process that answered (``x-vllm-steer-pid``).
 """
 
 from __future__ import annotations
@@ -25,15 +32,45 @@ from fastapi.responses import JSONResponse
 
 from vllm_steer.server.common import ServerContext, SteerHTTPError, context, read_body
 from vllm_steer.steering.registry import NAME_RE, RegistryEntry
-from vllm_steer.steering.values import SpecError, parse_layers, parse_scale
+from vllm_steer.steering.values import (
+    SpecError,
+    check_op_fields,
+    parse_clamp_value,
+    parse_layers,
+    parse_op,
+    parse_scale,
+    parse_strength,
+)
 from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector import load as load_vector
 from vllm_steer.vector_errors import VectorFileError
 from vllm_steer.vector_io import detect_format
 
 router = APIRouter()
-_JSON_KEYS = {"name", "path", "data", "scale", "layers", "replace"}
-_QUERY_KEYS = {"name", "scale", "layers", "replace"}
+#: Response header naming the API-server process that answered (several may share a port).
+PID_HEADER = "x-vllm-steer-pid"
+_OP_KEYS = {"op", "strength", "value"}
+_JSON_KEYS = {"name", "path", "data", "scale", "layers", "replace", *_OP_KEYS}
+_QUERY_KEYS = {"name", "scale", "layers", "replace", *_OP_KEYS}
+
+
+def attach(ctx: ServerContext) -> None:
+    """Per-process set-up: drop a vector from the resolver's cache once no entry uses its
+    file, whichever process made the change (bounded memory with many replacements)."""
+    ctx.registry.add_listener(lambda paths: [ctx.resolver.forget_file(p) for p in paths])
+
+
+def _require_shared(ctx: ServerContext) -> None:
+    """Several API processes share registrations only through a registry file's overlay."""
+    if ctx.api_processes > 1 and not ctx.registry.persistent:
+        raise SteerHTTPError(
+            409, f"this server runs {ctx.api_processes} API processes and no registry file: "
+            "a vector registered here would be unknown to the others. Start it with a "
+            "registry (VLLMSTEER_REGISTRY or `vllm-steer serve --registry FILE`)", "name")
+
+
+def _json(body: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers={PID_HEADER: str(os.getpid())})
 
 
 # -- parameters ------------------------------------------------------------------------
@@ -51,6 +88,24 @@ def _scale(x: Any) -> float:
         return parse_scale(x, "scale")
     except SpecError as e:
         raise SteerHTTPError(400, e.message, "scale") from None
+
+
+def _op_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """``op``/``strength``/``value`` (and whether a ``scale`` was given) of a registration,
+    checked as the registry file's entries are: a parameter the op does not use is refused."""
+    op = params.get("op", "add")
+    try:
+        op = parse_op(op, "op")
+        check_op_fields(op, scale=params.get("scale"), strength=params.get("strength"),
+                        value=params.get("value"), where="")
+        out: dict[str, Any] = {"op": op}
+        if params.get("strength") is not None:
+            out["strength"] = parse_strength(params["strength"], "strength")
+        if params.get("value") is not None:
+            out["value"] = parse_clamp_value(params["value"], "value")
+    except SpecError as e:
+        raise SteerHTTPError(400, e.message, e.field.lstrip(".")) from None
+    return out
 
 
 def _layers(x: Any, num_layers: int) -> tuple[int, ...] | None:
@@ -90,7 +145,11 @@ def vector_info(ctx: ServerContext, entry: RegistryEntry) -> dict[str, Any]:
     out: dict[str, Any] = {"id": entry.name, "object": "steering.vector", "name": entry.name,
                            "default_scale": entry.scale,
                            "default_layers": list(entry.layers) if entry.layers else None,
-                           "origin": entry.origin}
+                           "default_op": entry.op, "origin": entry.origin}
+    if entry.op == "ablate":
+        out["default_strength"] = entry.strength
+    elif entry.op == "clamp":
+        out["default_value"] = entry.value
     try:
         v = ctx.resolver.load_vector_file(entry.path, "name")
         out.update(format=detect_format(entry.path), layers=v.layers,
@@ -128,9 +187,9 @@ def _store_upload(ctx: ServerContext, data: bytes, name: str,
         tmp.unlink(missing_ok=True)
 
 
-def _register(ctx: ServerContext, name: str, scale: float, layers: tuple[int, ...] | None,
-              replace: bool, data: bytes | None, path: str | None, data_field: str
-              ) -> dict[str, Any]:
+def _register(ctx: ServerContext, name: str, scale: float | None,
+              layers: tuple[int, ...] | None, ops: dict[str, Any], replace: bool,
+              data: bytes | None, path: str | None, data_field: str) -> dict[str, Any]:
     """Blocking part of ``POST`` (run in a thread)."""
     reg = ctx.registry
     if not replace and name in reg.entries:
@@ -159,9 +218,8 @@ def _register(ctx: ServerContext, name: str, scale: float, layers: tuple[int, ..
         assert data is not None
         target = _store_upload(ctx, data, name, layers, data_field)
         uploaded = True
-    old = reg.entries.get(name)
     try:
-        entry = reg.register(name, target, scale=scale, layers=layers, replace=replace)
+        entry = reg.register(name, target, scale=scale, layers=layers, replace=replace, **ops)
     except KeyError:
         if uploaded:
             target.unlink(missing_ok=True)
@@ -175,20 +233,14 @@ def _register(ctx: ServerContext, name: str, scale: float, layers: tuple[int, ..
         if uploaded:
             target.unlink(missing_ok=True)
         raise SteerHTTPError(500, f"cannot persist the registry ({e.strerror})") from e
-    if old is not None and all(e.path != old.path for e in reg.entries.values()):
-        _forget_file(ctx, old.path)
     return {**vector_info(ctx, entry), "persisted": reg.persistent}
 
 
-def _forget_file(ctx: ServerContext, path: Path) -> None:
-    """Drop a removed file's parsed vector from the resolver's cache (bounded memory)."""
-    ctx.resolver.forget_file(path)
-
-
 def _unregister(ctx: ServerContext, name: str) -> None:
-    entry = ctx.registry.unregister(name)
-    if all(e.path != entry.path for e in ctx.registry.entries.values()):
-        _forget_file(ctx, entry.path)
+    try:
+        ctx.registry.unregister(name)
+    except OSError as e:  # the overlay could not be written: nothing was removed
+        raise SteerHTTPError(500, f"cannot persist the registry ({e.strerror})") from e
 
 
 # -- routes ----------------------------------------------------------------------------
@@ -197,9 +249,9 @@ async def list_vectors(request: Request) -> JSONResponse:
     ctx = context(request)
     entries = list(ctx.registry.entries.values())
     data = await asyncio.to_thread(lambda: [vector_info(ctx, e) for e in entries])
-    return JSONResponse({"object": "list", "data": data,
-                         "model": {"num_layers": ctx.num_layers, "hidden_size": ctx.hidden_size},
-                         "persistent": ctx.registry.persistent})
+    return _json({"object": "list", "data": data,
+                  "model": {"num_layers": ctx.num_layers, "hidden_size": ctx.hidden_size},
+                  "persistent": ctx.registry.persistent})
 
 
 @router.get("/v1/steering/vectors/{name}")
@@ -208,12 +260,13 @@ async def get_vector(name: str, request: Request) -> JSONResponse:
     entry = ctx.registry.entries.get(name)
     if entry is None:
         raise SteerHTTPError(404, f"unknown vector {name!r}", "name")
-    return JSONResponse(await asyncio.to_thread(vector_info, ctx, entry))
+    return _json(await asyncio.to_thread(vector_info, ctx, entry))
 
 
 @router.post("/v1/steering/vectors")
 async def register_vector(request: Request) -> JSONResponse:
     ctx = context(request)
+    _require_shared(ctx)
     limit = ctx.registry.max_upload_bytes
     is_json = request.headers.get("content-type", "").split(";")[0].strip().lower() \
         == "application/json"
@@ -260,19 +313,21 @@ async def register_vector(request: Request) -> JSONResponse:
         if not data:
             raise SteerHTTPError(400, "empty body: send the safetensors or GGUF file", "body")
     name = _name(params.get("name"))
-    scale = _scale(params.get("scale"))
+    ops = _op_fields(params)
+    scale = _scale(params["scale"]) if params.get("scale") is not None else None
     layers = _layers(params.get("layers"), ctx.num_layers)
     replace = _bool(params.get("replace"), "replace")
-    info = await asyncio.to_thread(_register, ctx, name, scale, layers, replace, data, path,
-                                   "data" if is_json else "body")
-    return JSONResponse(info, status_code=201)
+    info = await asyncio.to_thread(_register, ctx, name, scale, layers, ops, replace, data,
+                                   path, "data" if is_json else "body")
+    return _json(info, 201)
 
 
 @router.delete("/v1/steering/vectors/{name}")
 async def delete_vector(name: str, request: Request) -> JSONResponse:
     ctx = context(request)
+    _require_shared(ctx)
     try:
         await asyncio.to_thread(_unregister, ctx, name)
     except KeyError:
         raise SteerHTTPError(404, f"unknown vector {name!r}", "name") from None
-    return JSONResponse({"id": name, "object": "steering.vector", "deleted": True})
+    return _json({"id": name, "object": "steering.vector", "deleted": True})
