@@ -74,6 +74,24 @@ def test_overhead_quick(results_dir: Path, default_model_dir: str) -> None:
     assert (results_dir / "overhead_quick.png").stat().st_size > 0
 
 
+def test_wire_quick(results_dir: Path) -> None:
+    """Bytes per steered request through vLLM's IPC encoder: the earlier commit carried the
+    vector's content in every request, the store transport carries an id, inline (Ray)
+    the content again."""
+    r = subprocess.run([sys.executable, "-m", "vllm_steer.cli", "bench", "wire", "--quick"],
+                       env=_env(results_dir), cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads((results_dir / "wire_quick.json").read_text())
+    vector_bytes = d["workload"]["vector_bytes"]
+    (before,) = [k for k in d["summary"] if k.startswith("before")]
+    s = {k: v["repeated_bytes"]["median"] for k, v in d["summary"].items()}
+    assert s["after (store)"] < vector_bytes <= s[before]
+    assert s["after (inline)"] >= vector_bytes
+    pkgs = {k: {x["package"] for x in v} for k, v in d["raw"].items()}
+    assert pkgs["after (store)"] == {str(REPO / "vllm_steer")} != pkgs[before]
+
+
 def test_hf_worker_protocol(results_dir: Path, default_model_dir: str) -> None:
     """The vs-hf HF side answers a command over the worker line protocol."""
     from vllm_steer.bench.common import Worker, module_argv

@@ -21,7 +21,7 @@ from vllm_steer.probe import (
 from vllm_steer.probe.reading import make_reading
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.resolve import Resolver
-from vllm_steer.steering.spec import parse_spec
+from vllm_steer.steering.spec import SpecError, parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +297,23 @@ def test_fork_spec_steers_the_suffix_only_when_asked():
     assert fork_spec(spec, 10, 0, False) is None   # nothing generated yet: nothing to steer
     think = fork_spec({**spec, "apply_to": "thinking"}, 10, 5, False)
     assert think["apply_to"] == "thinking" and think["end_position"] == 15
+
+
+def test_fork_spec_keeps_each_vectors_op():
+    """Probe forks replay the trajectory's interventions, not only additions."""
+    spec = {"vectors": [{"name": "a", "op": "ablate", "strength": 0.5},
+                        {"name": "b", "op": "clamp", "value": -1.5, "layers": [2, 3]},
+                        {"name": "c", "scale": 3}],
+            "apply_to": "generated", "normalize": True}
+    for steer_suffix in (True, False):
+        d = fork_spec(spec, 10, 5, steer_suffix)
+        assert d["vectors"] == [{"name": "a", "op": "ablate", "strength": 0.5},
+                                {"name": "b", "op": "clamp", "value": -1.5, "layers": [2, 3]},
+                                {"name": "c", "scale": 3.0}]  # op from the registry
+        assert d["normalize"] is True
+    with pytest.raises(SpecError) as ei:
+        fork_spec({"vectors": [{"name": "a", "op": "ablate", "scale": 2}]}, 10, 5, True)
+    assert ei.value.field == "steering.vectors[0].scale"
 
 
 @pytest.mark.parametrize("d, field", [

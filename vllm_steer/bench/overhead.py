@@ -244,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             c: summarize(ratios(tps, "vanilla", c)) for c in groups["modes"] if c != "vanilla"}
         res["groups"]["modes"]["cpu_ratios_vs_vanilla"] = {
             c: summarize(ratios(tpc, "vanilla", c)) for c in groups["modes"] if c != "vanilla"}
+    if "shared@k0" in tps:  # add-only requests: default engine vs the add-only layer code
+        res["groups"]["ops"]["addonly"] = {
+            f"{c} / {c}@k0": {"tok_s": summarize(ratios(tps, f"{c}@k0", c)),
+                              "tok_per_cpu_s": summarize(ratios(tpc, f"{c}@k0", c))}
+            for c in ("shared", "unsteered")}
     write_result(name, res)
     return res
 
