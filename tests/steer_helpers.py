@@ -81,3 +81,10 @@ def hf_greedy(model, prompt_ids: list[int], dense: torch.Tensor | None, mode: st
 
 def env_registry(path: Path) -> None:
     os.environ["VLLMSTEER_REGISTRY"] = str(path)
+
+
+def upload_tiny(reg, name: str) -> Path:
+    """A hidden-4 vector file in ``reg``'s upload dir (what an upload route would write)."""
+    target = reg.ensure_upload_dir() / f"{name}.safetensors"
+    SteeringVector({0: torch.zeros(4)}).save(str(target))
+    return target

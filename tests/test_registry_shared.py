@@ -11,35 +11,16 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from vllm_steer import SteeringVector
+from tests.steer_helpers import upload_tiny
 from vllm_steer.steering import registry as registry_mod
 from vllm_steer.steering.registry import OVERLAY_NAME, Registry, RegistryError
-
-
-@pytest.fixture()
-def reg_file(tmp_path: Path) -> Path:
-    vdir = tmp_path / "vectors"
-    vdir.mkdir()
-    for name in ("a", "b"):
-        SteeringVector({1: torch.ones(4)}).save(str(vdir / f"{name}.safetensors"))
-    path = tmp_path / "reg.yaml"
-    path.write_text("allowed_dirs: [vectors]\nvectors:\n  a: vectors/a.safetensors\n"
-                    "  b: {path: vectors/b.safetensors, scale: 2.0}\n")
-    return path
-
-
-def _upload(reg: Registry, name: str) -> Path:
-    target = reg.ensure_upload_dir() / f"{name}.safetensors"
-    SteeringVector({0: torch.zeros(4)}).save(str(target))
-    return target
 
 
 def test_a_change_in_one_process_is_seen_by_the_next_lookup_in_another(reg_file):
     one, two = Registry.from_yaml(reg_file), Registry.from_yaml(reg_file)
     assert set(two.entries) == {"a", "b"}
-    up1, up2 = _upload(one, "u1"), _upload(one, "u2")
+    up1, up2 = upload_tiny(one, "u1"), upload_tiny(one, "u2")
     one.register("u", up1, scale=0.5)
     assert two.entries["u"].path == up1 and two.entries["u"].scale == 0.5
     one.register("u", up2, scale=3.0, replace=True)          # new file and scale
@@ -126,7 +107,7 @@ def test_concurrent_registration_from_processes_loses_nothing(reg_file):
 def test_replaced_uploads_are_kept_for_a_grace_period(reg_file, monkeypatch):
     """A request in another process may have looked up the old entry just before."""
     one, two = Registry.from_yaml(reg_file), Registry.from_yaml(reg_file)
-    first, second, third = (_upload(one, n) for n in ("one", "two", "three"))
+    first, second, third = (upload_tiny(one, n) for n in ("one", "two", "three"))
     one.register("x", first)
     assert two.entries["x"].path == first
     one.register("x", second, replace=True)
@@ -155,7 +136,7 @@ def test_listeners_hear_of_files_that_left_the_mapping_in_any_process(reg_file):
     one, two = Registry.from_yaml(reg_file), Registry.from_yaml(reg_file)
     heard: list[set[Path]] = []
     two.add_listener(heard.append)
-    first, second = _upload(one, "one"), _upload(one, "two")
+    first, second = upload_tiny(one, "one"), upload_tiny(one, "two")
     one.register("x", first)
     one.register("y", first)
     _ = two.entries
@@ -209,7 +190,7 @@ def test_a_registered_op_is_persisted_and_checked(reg_file):
     """``op``/``strength``/``value`` of a registration survive the overlay (another process,
     a restart); parameters the op does not use are refused, as in the registry file."""
     one = Registry.from_yaml(reg_file)
-    up = _upload(one, "u")
+    up = upload_tiny(one, "u")
     one.register("abl", up, op="ablate", strength=0.25)
     one.register("clp", up, op="clamp", value=-2.0, layers=(0,))
     one.register("add", up, scale=0.5)

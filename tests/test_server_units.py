@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
-import torch
 
-from vllm_steer import SteeringVector
+from tests.steer_helpers import upload_tiny
 from vllm_steer.steering.registry import OVERLAY_NAME, Registry, RegistryError
 from vllm_steer.steering.spec import SpecError
-
-
-@pytest.fixture()
-def reg_file(tmp_path: Path) -> Path:
-    vdir = tmp_path / "vectors"
-    vdir.mkdir()
-    for name in ("a", "b"):
-        SteeringVector({1: torch.ones(4)}).save(str(vdir / f"{name}.safetensors"))
-    path = tmp_path / "reg.yaml"
-    path.write_text("allowed_dirs: [vectors]\nvectors:\n  a: vectors/a.safetensors\n"
-                    "  b: {path: vectors/b.safetensors, scale: 2.0}\n")
-    return path
-
-
-def _upload(reg: Registry, name: str) -> Path:
-    target = reg.ensure_upload_dir() / f"{name}.safetensors"
-    SteeringVector({0: torch.zeros(4)}).save(str(target))
-    return target
 
 
 def test_registrations_persist_across_reloads(reg_file):
     reg = Registry.from_yaml(reg_file)
     assert reg.persistent and reg.upload_dir == reg_file.parent / "uploads"
-    up = _upload(reg, "u")
+    up = upload_tiny(reg, "u")
     reg.register("u", up, scale=0.5, layers=(0,))
     reg.register("p", reg_file.parent / "vectors" / "a.safetensors")
     reg.unregister("b")  # a base-file entry: remembered as removed
@@ -50,7 +30,7 @@ def test_registrations_persist_across_reloads(reg_file):
 def test_replace_and_delete_remove_only_unused_uploads(reg_file):
     reg = Registry.from_yaml(reg_file)
     reg.retire_after_s = 0  # no grace period (tests/test_registry_shared.py tests it)
-    first, second = _upload(reg, "one"), _upload(reg, "two")
+    first, second = upload_tiny(reg, "one"), upload_tiny(reg, "two")
     reg.register("x", first)
     reg.register("y", first)
     with pytest.raises(KeyError):

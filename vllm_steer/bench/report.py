@@ -36,6 +36,14 @@ def _s(x: dict[str, Any] | None, pct: bool = False, digits: int = 3) -> str:
     return f"{f(x['median'])} [{f(x['min'])}, {f(x['max'])}] (n={x['n']})"
 
 
+def _verdict(r: dict[str, Any], target: float) -> str:
+    """Whether a ratio's median meets ``target``."""
+    if r["median"] is None:
+        return "n/a"
+    return "met" if r["median"] >= target else \
+        f"missed by {100 * (target - r['median']):.1f} points"
+
+
 def _meta(d: dict[str, Any]) -> list[str]:
     m, v, ld = d["machine"], d["versions"], d.get("load") or {}
     lines = [f"- command: `{d['command']}`  (started {d['started']})",
@@ -71,9 +79,7 @@ def overhead_section(d: dict[str, Any]) -> list[str]:
         for c, r in modes["ratios"].items():
             if c == "vanilla":
                 continue
-            ok = "n/a" if r["median"] is None else (
-                "met" if r["median"] >= TARGET else
-                f"missed by {100 * (TARGET - r['median']):.1f} points")
+            ok = _verdict(r, TARGET)
             out.append(f"| {c} | {_s(r, pct=True)} | {ok} | {_s(vv.get(c), pct=True)} | "
                        f"{_s(cr.get(c), pct=True)} | {_s(cv.get(c), pct=True)} |")
         if "unsteered" in vv:
@@ -90,10 +96,7 @@ def overhead_section(d: dict[str, Any]) -> list[str]:
         for c, r in ops["ratios"].items():
             if c.endswith("@k0"):
                 continue
-            ok = "n/a" if r["median"] is None else (
-                "met" if r["median"] >= OPS_TARGET else
-                f"missed by {100 * (OPS_TARGET - r['median']):.1f} points")
-            out.append(f"| {c} | {_s(r, pct=True)} | {ok} | "
+            out.append(f"| {c} | {_s(r, pct=True)} | {_verdict(r, OPS_TARGET)} | "
                        f"{_s(ops.get('cpu_ratios', {}).get(c), pct=True)} |")
         out.append("")
         if ops.get("addonly"):

@@ -32,15 +32,7 @@ from fastapi.responses import JSONResponse
 
 from vllm_steer.server.common import ServerContext, SteerHTTPError, context, read_body
 from vllm_steer.steering.registry import NAME_RE, RegistryEntry
-from vllm_steer.steering.values import (
-    SpecError,
-    check_op_fields,
-    parse_clamp_value,
-    parse_layers,
-    parse_op,
-    parse_scale,
-    parse_strength,
-)
+from vllm_steer.steering.values import SpecError, parse_layers, parse_op_fields, parse_scale
 from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector import load as load_vector
 from vllm_steer.vector_errors import VectorFileError
@@ -91,21 +83,12 @@ def _scale(x: Any) -> float:
 
 
 def _op_fields(params: dict[str, Any]) -> dict[str, Any]:
-    """``op``/``strength``/``value`` (and whether a ``scale`` was given) of a registration,
-    checked as the registry file's entries are: a parameter the op does not use is refused."""
-    op = params.get("op", "add")
+    """``op``/``strength``/``value`` of a registration, checked as the registry file's
+    entries are: a parameter the op does not use is refused."""
     try:
-        op = parse_op(op, "op")
-        check_op_fields(op, scale=params.get("scale"), strength=params.get("strength"),
-                        value=params.get("value"), where="")
-        out: dict[str, Any] = {"op": op}
-        if params.get("strength") is not None:
-            out["strength"] = parse_strength(params["strength"], "strength")
-        if params.get("value") is not None:
-            out["value"] = parse_clamp_value(params["value"], "value")
+        return parse_op_fields(params)
     except SpecError as e:
-        raise SteerHTTPError(400, e.message, e.field.lstrip(".")) from None
-    return out
+        raise SteerHTTPError(400, e.message, e.field) from None
 
 
 def _layers(x: Any, num_layers: int) -> tuple[int, ...] | None:

@@ -52,15 +52,7 @@ from typing import Any
 import yaml
 
 from vllm_steer import envvars, locations
-from vllm_steer.steering.values import (
-    SpecError,
-    check_op_fields,
-    parse_clamp_value,
-    parse_layers,
-    parse_op,
-    parse_scale,
-    parse_strength,
-)
+from vllm_steer.steering.values import SpecError, parse_layers, parse_op_fields, parse_scale
 
 REGISTRY_ENV = envvars.REGISTRY
 #: Override the registry's ``upload_dir`` / ``max_upload_bytes``.
@@ -290,7 +282,7 @@ class Registry:
             raise ValueError(f"invalid vector name {name!r}: use letters, digits, '_', '.', "
                              "'-' (at most 128, starting with a letter or digit)")
         try:
-            ops = _op_defaults({"op": op, "scale": scale, "strength": strength, "value": value})
+            ops = parse_op_fields({"op": op, "scale": scale, "strength": strength, "value": value})
             scale = parse_scale(1.0 if scale is None else scale, "scale")
             layers = parse_layers(list(layers), "layers") if layers else None
         except SpecError as e:
@@ -418,25 +410,12 @@ def _parse_entries(raw: Any, rel: Any, where: str, origin: str) -> dict[str, Reg
                 scale=parse_scale(spec.get("scale", 1.0), "scale"),
                 layers=parse_layers(layers, "layers") if layers is not None else None,
                 origin=origin,
-                **_op_defaults(spec),
+                **parse_op_fields(spec),
             )
         except (TypeError, ValueError) as e:
             raise RegistryError(f"{where}.{name}.{e}" if isinstance(e, SpecError)
                                 else f"{where}.{name}: {e}") from e
     return entries
-
-
-def _op_defaults(spec: dict[str, Any]) -> dict[str, Any]:
-    """``op``/``strength``/``value`` of a registry entry (validated like a spec's)."""
-    op = parse_op(spec.get("op", "add"), "op")
-    check_op_fields(op, scale=spec.get("scale"), strength=spec.get("strength"),
-                    value=spec.get("value"), where="entry")
-    out: dict[str, Any] = {"op": op}
-    if spec.get("strength") is not None:
-        out["strength"] = parse_strength(spec["strength"], "strength")
-    if spec.get("value") is not None:
-        out["value"] = parse_clamp_value(spec["value"], "value")
-    return out
 
 
 def _parse_overlay(text: str) -> Any:

@@ -100,11 +100,30 @@ def parse_flag(x: Any, field: str) -> bool:
 
 
 def check_op_fields(op: str, *, scale: Any, strength: Any, value: Any, where: str) -> None:
-    """Refuse parameters that the op does not use (nothing is silently ignored)."""
+    """Refuse parameters that the op does not use (nothing is silently ignored). Fields
+    are named ``where.key`` (``key`` for an empty ``where``)."""
+    def field(key: str) -> str:
+        return f"{where}.{key}" if where else key
+
     if op != "add" and scale is not None:
-        raise SpecError(f"{where}.scale", f"applies to op 'add', not {op!r} (ablate/clamp use "
-                                          "the unit direction)")
+        raise SpecError(field("scale"), f"applies to op 'add', not {op!r} (ablate/clamp use "
+                                        "the unit direction)")
     if op != "ablate" and strength is not None:
-        raise SpecError(f"{where}.strength", f"applies to op 'ablate', not {op!r}")
+        raise SpecError(field("strength"), f"applies to op 'ablate', not {op!r}")
     if op != "clamp" and value is not None:
-        raise SpecError(f"{where}.value", f"applies to op 'clamp', not {op!r}")
+        raise SpecError(field("value"), f"applies to op 'clamp', not {op!r}")
+
+
+def parse_op_fields(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``op`` (default ``add``) with its ``strength``/``value`` from a mapping (a registry
+    entry, a vector upload), checked as a spec's are: a parameter the op does not use is
+    refused. Returns ``{"op", ["strength"], ["value"]}``; fields named ``prefix + key``."""
+    op = parse_op(d.get("op", "add"), prefix + "op")
+    check_op_fields(op, scale=d.get("scale"), strength=d.get("strength"),
+                    value=d.get("value"), where=prefix.rstrip("."))
+    out: dict[str, Any] = {"op": op}
+    if d.get("strength") is not None:
+        out["strength"] = parse_strength(d["strength"], prefix + "strength")
+    if d.get("value") is not None:
+        out["value"] = parse_clamp_value(d["value"], prefix + "value")
+    return out
