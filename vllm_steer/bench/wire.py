@@ -2,11 +2,13 @@
 
 For a synthetic large-model vector (default 80 layers x 8192 hidden, fp32: 2.6 MB), each
 request is passed through the front end's admission hook (``steer_request``: parse,
-validate, resolve, encode) and its ``SamplingParams`` are serialized with vLLM's own IPC
-encoder (``MsgpackEncoder``, what crosses to the engine core with every request). Reported
-per request: bytes serialized beyond the same request unsteered, and front-end time
-(the hook, plus the encoding). The first request of a vector is reported apart from the
-repeated ones.
+validate, resolve, encode), its ``SamplingParams`` are serialized with vLLM's own IPC
+encoder (``MsgpackEncoder``, what crosses to the engine core with every request), sent
+over a ZMQ ``ipc://`` socket to a second process that decodes them with vLLM's
+``MsgpackDecoder`` and answers (as the engine core receives requests). Reported per
+request: bytes serialized beyond the same request unsteered; the hook's time; and the
+time from admission to decoded-on-the-other-side (hook + encode + IPC + decode). The
+first request of a vector is reported apart from the repeated ones.
 
 "Before" is an earlier commit of this package (``--before``, default the last commit
 before the vector store: composed deltas travelled with every request), extracted from
@@ -58,8 +60,30 @@ def _encoded_bytes(encoder: Any, sp: Any) -> int:
     return sum(len(memoryview(b)) for b in encoder.encode(sp))
 
 
+def _engine_side(addr: str) -> None:
+    """The receiving end: decode each request's ``SamplingParams`` as the engine core
+    would, and answer; ``b"stop"`` ends it."""
+    import zmq
+    from vllm import SamplingParams
+    from vllm.v1.serial_utils import MsgpackDecoder
+
+    dec = MsgpackDecoder(SamplingParams)
+    sock = zmq.Context.instance().socket(zmq.REP)
+    sock.bind(addr)
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) == 1 and frames[0].bytes == b"stop":
+            sock.send(b"")
+            return
+        sp = dec.decode(frames)
+        sock.send(b"ok" if sp.extra_args is not None else b"none")
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import multiprocessing as mp
+
     import torch
+    import zmq
     from vllm import SamplingParams
     from vllm.v1.serial_utils import MsgpackEncoder
 
@@ -80,6 +104,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     base = _encoded_bytes(enc, SamplingParams(max_tokens=16))
     prompt = list(range(32))
 
+    addr = f"ipc://{work}/engine.sock"
+    engine = mp.get_context("spawn").Process(target=_engine_side, args=(addr,), daemon=True)
+    engine.start()
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.connect(addr)
+
     def one(scale: float) -> tuple[float, float, int]:
         sp = SamplingParams(max_tokens=16,
                             extra_args={"steering": {"vectors": [{"name": "big",
@@ -88,9 +118,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         steer_request(proc, req)
         t1 = time.perf_counter()
-        n = _encoded_bytes(enc, sp)
+        n = send(sp)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t0, n - base
+
+    def send(sp: Any) -> int:
+        frames = enc.encode(sp)
+        sock.send_multipart(frames, copy=False)
+        if sock.recv() != (b"none" if sp.extra_args is None else b"ok"):
+            raise RuntimeError("the engine side decoded something else")
+        return sum(len(memoryview(b)) for b in frames)
+
+    for _ in range(3):  # connect and warm the other side, unsteered
+        send(SamplingParams(max_tokens=16))
 
     first = one(2.0)
     # repeated use of the vector; the scale varies, as it does between users (the
@@ -99,6 +139,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     hook = sorted(r[0] for r in reps)
     total = sorted(r[1] for r in reps)
     nbytes = sorted(r[2] for r in reps)
+    sock.send(b"stop")
+    sock.recv()
+    engine.join(30)
     return {"package": str(Path(vllm_steer.__file__).parent), "unsteered_bytes": base,
             "first": {"hook_ms": first[0] * 1e3, "total_ms": first[1] * 1e3,
                       "bytes": first[2]},
@@ -173,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "bytes": summarize(x["repeated"]["bytes"] / max(y["repeated"]["bytes"], 1)
                            for x, y in zip(raw[b], raw["after (store)"], strict=True)),
         "total_ms": summarize(x["repeated"]["total_ms"] / y["repeated"]["total_ms"]
-                              for x, y in zip(raw[b], raw["after (store)"], strict=True))}
+                              for x, y in zip(raw[b], raw["after (store)"], strict=True)),
+        "hook_ms": summarize(x["repeated"]["hook_ms"] / y["repeated"]["hook_ms"]
+                             for x, y in zip(raw[b], raw["after (store)"], strict=True))}
     write_result(args.out + ("_quick" if args.quick else ""), res)
     return res
 
