@@ -278,15 +278,19 @@ def wire_section(d: dict[str, Any]) -> list[str]:
            "request unsteered; hook: the admission hook alone; to engine: admission "
            "hook + encode + ZMQ ipc send + `MsgpackDecoder` in a second process (medians "
            "per round; the table shows their median [min, max] over rounds)", "",
-           "| variant | bytes / request | hook ms | to engine ms | first request: bytes | "
-           "first request: to engine ms |", "|---|---|---|---|---|---|"]
+           "| variant | bytes / request | hook ms | to engine ms | unsteered to engine ms "
+           "| added by steering ms | first request: bytes | first request: to engine ms |",
+           "|---|---|---|---|---|---|---|---|"]
     for v, r in sm.items():
         out.append(f"| {v} | {_s(r['repeated_bytes'], digits=0)} | "
                    f"{_s(r['repeated_hook_ms'])} | {_s(r['repeated_total_ms'])} | "
+                   f"{_s(r.get('unsteered_total_ms'))} | {_s(r.get('added_ms'))} | "
                    f"{_s(r['first_bytes'], digits=0)} | {_s(r['first_total_ms'])} |")
     bo = d["before_over_after_store"]
     out += ["", f"Before / after (store), per round: bytes {_s(bo['bytes'], digits=1)}, "
-            f"admission to engine {_s(bo['total_ms'], digits=1)}, hook alone "
+            f"admission to engine {_s(bo['total_ms'], digits=1)}, time added by steering "
+            f"(to engine, minus the unsteered request's) {_s(bo.get('added_ms'), digits=1)}, "
+            "hook alone "
             f"{_s(bo.get('hook_ms'), digits=1)}.", ""]
     return out
 

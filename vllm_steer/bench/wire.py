@@ -132,6 +132,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(3):  # connect and warm the other side, unsteered
         send(SamplingParams(max_tokens=16))
 
+    plain = []
+    for _ in range(args.requests):  # the same path for unsteered requests (the floor)
+        sp = SamplingParams(max_tokens=16)
+        req = SimpleNamespace(sampling_params=sp, prompt_token_ids=prompt, cache_salt=None)
+        t0 = time.perf_counter()
+        steer_request(proc, req)
+        send(sp)
+        plain.append(time.perf_counter() - t0)
+    plain.sort()
     first = one(2.0)
     # repeated use of the vector; the scale varies, as it does between users (the
     # front end may cache per scale, which a constant scale would flatter)
@@ -143,6 +152,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     sock.recv()
     engine.join(30)
     return {"package": str(Path(vllm_steer.__file__).parent), "unsteered_bytes": base,
+            "unsteered_total_ms": plain[len(plain) // 2] * 1e3,
             "first": {"hook_ms": first[0] * 1e3, "total_ms": first[1] * 1e3,
                       "bytes": first[2]},
             "repeated": {"hook_ms": hook[len(hook) // 2] * 1e3,
@@ -209,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           "repeated_total_ms": summarize(x["repeated"]["total_ms"] for x in rs),
                           "repeated_hook_ms": summarize(x["repeated"]["hook_ms"] for x in rs),
                           "first_bytes": summarize(x["first"]["bytes"] for x in rs),
-                          "first_total_ms": summarize(x["first"]["total_ms"] for x in rs)}
+                          "first_total_ms": summarize(x["first"]["total_ms"] for x in rs),
+                          "unsteered_total_ms": summarize(x["unsteered_total_ms"] for x in rs),
+                          "added_ms": summarize(x["repeated"]["total_ms"]
+                                                - x["unsteered_total_ms"] for x in rs)}
                       for v, rs in raw.items()}
     b = next(iter(raw))
     res["before_over_after_store"] = {
@@ -217,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            for x, y in zip(raw[b], raw["after (store)"], strict=True)),
         "total_ms": summarize(x["repeated"]["total_ms"] / y["repeated"]["total_ms"]
                               for x, y in zip(raw[b], raw["after (store)"], strict=True)),
+        "added_ms": summarize(
+            (x["repeated"]["total_ms"] - x["unsteered_total_ms"])
+            / max(y["repeated"]["total_ms"] - y["unsteered_total_ms"], 1e-6)
+            for x, y in zip(raw[b], raw["after (store)"], strict=True)),
         "hook_ms": summarize(x["repeated"]["hook_ms"] / y["repeated"]["hook_ms"]
                              for x, y in zip(raw[b], raw["after (store)"], strict=True))}
     write_result(args.out + ("_quick" if args.quick else ""), res)
