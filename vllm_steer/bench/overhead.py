@@ -155,6 +155,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--sweep-tokens", type=int, default=128)
     p.add_argument("--vanilla", action="store_true",
                    help="also time a plugin-free engine (VLLMSTEER_DISABLE=1) in the loop")
+    p.add_argument("--second-k", type=int, default=0,
+                   help="max_projections of the --addonly engine (1 = an A/A control: "
+                        "how much two identical engines differ); its cases stay '@k0'")
     p.add_argument("--addonly", action="store_true",
                    help="also time an engine with max_projections 0 (group ops)")
     p.add_argument("--out", default=None, help="result name (default: overhead_eager|compiled)")
@@ -193,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.addonly:
         k0 = make_llm(enforce_eager=not args.compiled, dtype="float32",
                       max_num_seqs=res["engine"]["max_num_seqs"], max_model_len=2048,
-                      additional_config={"vllm_steer": {"max_projections": 0}})
+                      additional_config={"vllm_steer": {"max_projections": args.second_k}})
     vanilla = None
     if args.vanilla:
         os.environ["VLLMSTEER_DISABLE"] = "1"  # inherited by the new engine's processes

@@ -99,7 +99,18 @@ def overhead_section(d: dict[str, Any]) -> list[str]:
             out.append(f"| {c} | {_s(r, pct=True)} | {_verdict(r, OPS_TARGET)} | "
                        f"{_s(ops.get('cpu_ratios', {}).get(c), pct=True)} |")
         out.append("")
-        if ops.get("addonly"):
+        argv = d.get("argv", [])
+        second_k = int(argv[argv.index("--second-k") + 1]) if "--second-k" in argv else 0
+        if ops.get("addonly") and second_k:
+            out += [f"A/A control: the same requests on two identical engines (both "
+                    f"`max_projections` {second_k}; the second's cases are labelled `@k0`), "
+                    "interleaved: how much two engine processes differ by themselves:", "",
+                    "| ratio | tok/s | tok/CPU-s |", "|---|---|---|"]
+            for k, r in ops["addonly"].items():
+                out.append(f"| {k} | {_s(r['tok_s'], pct=True)} | "
+                           f"{_s(r['tok_per_cpu_s'], pct=True)} |")
+            out.append("")
+        elif ops.get("addonly"):
             out += ["Add-only cost of the projection tables: the same requests on this engine "
                     "vs a second engine with `max_projections` 0 (the add-only layer code, "
                     "as before interventions), interleaved:", "",
@@ -353,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     names = ("overhead_compiled_resolver_fix", "overhead_compiled", "overhead_eager", "vs_hf",
              "probe_forks", "probe_forks_choices", "memory", "serving",
-             "overhead_compiled_ops", "wire")
+             "overhead_compiled_ops", "overhead_compiled_ops_aa", "wire")
     results = {n: d for n in names if (d := _load(n, args.quick)) is not None}
     out_md = RESULTS_DIR / "RESULTS_quick.md" if args.quick else REPORT_DIR / "RESULTS.md"
     png = (RESULTS_DIR / "overhead_quick.png") if args.quick else REPORT_DIR / "overhead.png"
@@ -380,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "overhead_compiled_ops": lambda d: [
                     line.replace("### Overhead, compiled", "### Overhead of interventions, "
                                  "compiled", 1) for line in overhead_section(d)],
+                "overhead_compiled_ops_aa": lambda d: [
+                    line.replace("### Overhead, compiled", "### Overhead of interventions, "
+                                 "compiled, A/A control", 1) for line in overhead_section(d)],
                 "wire": wire_section}
     for n, d in results.items():
         try:
