@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
 from vllm_steer.probe.config import ProbeConfig
-from vllm_steer.probe.questions import QuestionSet, load_questions
+from vllm_steer.probe.questions import QuestionSet, load_questions, read_mapping
 
 _PROBE_KEYS = {"questions", "limit", "open_thinking", "system", "probe", "runs", "engine",
                "model"}
@@ -23,12 +21,7 @@ def load_experiment(path: str | Path, known: set[str]) -> tuple[dict[str, Any], 
     from vllm_steer.locations import find_config
 
     path = find_config(path)  # configs/... also names the shipped experiments
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ProbeError("config", f"{path}: cannot read ({e})") from e
-    if not isinstance(cfg, dict):
-        raise ProbeError("config", f"{path}: top level must be a mapping")
+    cfg = read_mapping(path, "config")
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ProbeError(unknown[0], f"{path}: unknown field (known: {', '.join(sorted(known))})")

@@ -65,14 +65,20 @@ def _listing(choices: tuple[str, ...]) -> str:
     return choices[0] if len(choices) == 1 else ", ".join(choices[:-1]) + " or " + choices[-1]
 
 
-def load_questions(path: str | Path) -> QuestionSet:
-    path = Path(path)
+def read_mapping(path: Path, field: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; ``ProbeError(field)`` otherwise."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise ProbeError("questions", f"{path}: cannot read ({e})") from e
+        raise ProbeError(field, f"{path}: cannot read ({e})") from e
     if not isinstance(raw, dict):
-        raise ProbeError("questions", f"{path}: top level must be a mapping")
+        raise ProbeError(field, f"{path}: top level must be a mapping")
+    return raw
+
+
+def load_questions(path: str | Path) -> QuestionSet:
+    path = Path(path)
+    raw = read_mapping(path, "questions")
     items = raw.get("questions") or []
     if not isinstance(items, list) or not items:
         raise ProbeError("questions", f"{path}: no questions")
