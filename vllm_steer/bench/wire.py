@@ -56,8 +56,10 @@ def _processor(num_layers: int, hidden: int, registry: str, transport: str | Non
     return SimpleNamespace(vllm_config=cfg, tokenizer=None)
 
 
-def _encoded_bytes(encoder: Any, sp: Any) -> int:
-    return sum(len(memoryview(b)) for b in encoder.encode(sp))
+def _nbytes(frames: Any) -> int:
+    """Bytes of what vLLM's ``MsgpackEncoder.encode`` returned (the main buffer and any
+    out-of-band tensor buffers)."""
+    return sum(len(memoryview(b)) for b in frames)
 
 
 def _engine_side(addr: str) -> None:
@@ -101,7 +103,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     transport = None if args.transport == "default" else args.transport
     proc = _processor(args.layers, args.hidden, str(reg), transport)
     enc = MsgpackEncoder()
-    base = _encoded_bytes(enc, SamplingParams(max_tokens=16))
+    base = _nbytes(enc.encode(SamplingParams(max_tokens=16)))
     prompt = list(range(32))
 
     addr = f"ipc://{work}/engine.sock"
@@ -127,7 +129,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         sock.send_multipart(frames, copy=False)
         if sock.recv() != (b"none" if sp.extra_args is None else b"ok"):
             raise RuntimeError("the engine side decoded something else")
-        return sum(len(memoryview(b)) for b in frames)
+        return _nbytes(frames)
 
     for _ in range(3):  # connect and warm the other side, unsteered
         send(SamplingParams(max_tokens=16))

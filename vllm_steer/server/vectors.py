@@ -73,9 +73,10 @@ def _name(x: Any) -> str:
     return x
 
 
-def _scale(x: Any) -> float:
+def _scale(x: Any) -> float | None:
+    """None when absent (the registry's default applies)."""
     if x is None:
-        return 1.0
+        return None
     try:
         return parse_scale(x, "scale")
     except SpecError as e:
@@ -297,7 +298,7 @@ async def register_vector(request: Request) -> JSONResponse:
             raise SteerHTTPError(400, "empty body: send the safetensors or GGUF file", "body")
     name = _name(params.get("name"))
     ops = _op_fields(params)
-    scale = _scale(params["scale"]) if params.get("scale") is not None else None
+    scale = _scale(params.get("scale"))
     layers = _layers(params.get("layers"), ctx.num_layers)
     replace = _bool(params.get("replace"), "replace")
     info = await asyncio.to_thread(_register, ctx, name, scale, layers, ops, replace, data,

@@ -262,6 +262,12 @@ def _parse_dict(raw: dict[str, Any], prefix: str, flat: bool = False) -> Steerin
                         normalize=normalize, flat=flat)
 
 
+#: A vector's op fields in the order they are checked; absent ones stay None (the
+#: registry entry's defaults apply).
+_OP_FIELD_PARSERS = (("op", parse_op), ("scale", parse_scale), ("strength", parse_strength),
+                     ("value", parse_clamp_value))
+
+
 def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
     if not isinstance(v, dict):
         raise SpecError(where, f"must be an object with 'name' or 'path', got {type(v).__name__}")
@@ -280,18 +286,8 @@ def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
         flat_key = next((k for k, n in _FLAT_VECTOR.items() if n == name), None)
         return flat_key if flat and flat_key else f"{where}.{name}"
 
-    op = v.get("op")
-    if op is not None:
-        op = parse_op(op, fld("op"))
-    scale = v.get("scale")
-    if scale is not None:
-        scale = parse_scale(scale, fld("scale"))
-    strength = v.get("strength")
-    if strength is not None:
-        strength = parse_strength(strength, fld("strength"))
-    value = v.get("value")
-    if value is not None:
-        value = parse_clamp_value(value, fld("value"))
+    op, scale, strength, value = (None if v.get(k) is None else parse(v[k], fld(k))
+                                  for k, parse in _OP_FIELD_PARSERS)
     if op is not None:
         try:
             check_op_fields(op, scale=scale, strength=strength, value=value, where=where)

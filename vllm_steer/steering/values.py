@@ -20,14 +20,19 @@ class SpecError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
-def parse_scale(x: Any, field: str) -> float:
-    """A finite number with ``|x| <= MAX_ABS_SCALE`` (numeric strings accepted)."""
+def _number(x: Any, field: str) -> float:
+    """``x`` as a float: an int, a float or a numeric string (not a bool)."""
     if isinstance(x, bool) or not isinstance(x, int | float | str):
         raise SpecError(field, f"must be a number, got {type(x).__name__}")
     try:
-        scale = float(x)
+        return float(x)
     except (ValueError, OverflowError) as e:
         raise SpecError(field, f"must be a number, got {x!r}") from e
+
+
+def parse_scale(x: Any, field: str) -> float:
+    """A finite number with ``|x| <= MAX_ABS_SCALE`` (numeric strings accepted)."""
+    scale = _number(x, field)
     if not math.isfinite(scale):
         raise SpecError(field, f"must be finite, got {scale}")
     if abs(scale) > MAX_ABS_SCALE:
@@ -79,12 +84,7 @@ def parse_strength(x: Any, field: str) -> float:
 
 
 def parse_clamp_value(x: Any, field: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, int | float | str):
-        raise SpecError(field, f"must be a number, got {type(x).__name__}")
-    try:
-        v = float(x)
-    except (ValueError, OverflowError) as e:
-        raise SpecError(field, f"must be a number, got {x!r}") from e
+    v = _number(x, field)
     if not math.isfinite(v) or abs(v) > MAX_ABS_CLAMP:
         raise SpecError(field, f"must be finite with |value| <= {MAX_ABS_CLAMP:g}, got {v:g}")
     return v
