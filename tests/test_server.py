@@ -33,6 +33,7 @@ from vllm_steer.testing.vectors import write_test_vectors
 pytestmark = pytest.mark.engine
 
 API_KEY = "sk-vllm-steer-test"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 UPLOAD_LIMIT = 2 << 20
 MAX_TOKENS = 16
 REQUEST_TIMEOUT = 180.0
@@ -970,6 +971,67 @@ def test_probe_route_multi_token_choices_match_hf_reference(server, http):
             ref = hf_choice_logprobs(hf, ctx, variants, dense, start=len(p), end=end)
             for c in choices:
                 assert abs(x["logprobs"][c] - ref[c]) < 1e-3, (c, x["logprobs"][c], ref[c])
+
+
+def _mixed_batches(http: httpx.Client) -> int:
+    return int(slot_stats(http)["mixed_logprob_batches"])
+
+
+def test_probe_route_and_logprob_completions_do_not_touch_each_other(server, http):
+    """Completions with ``logprobs: 5`` (official client) run while ``/v1/steering/probe``
+    calls (plain HTTP) fork next to them: both equal their runs alone. vLLM's V1 sampler
+    used to give every top-k row of such a batch only its sampled token + ``{0: -inf}``."""
+    prompts = [f"List three facts about the number {n}." for n in (3, 12, 40, 77)]
+    probe_body = {"prompt": "Is 91 a prime number? Think step by step, then answer Yes or No.",
+                  "every": 2, "max_tokens": 40, "ignore_eos": True,
+                  "steering": {"vectors": [{"name": "v1", "scale": 0.5}],
+                               "apply_to": "generated"}}
+
+    async def completion(client, prompt):
+        r = await client.completions.create(model=model(server), prompt=prompt, max_tokens=24,
+                                            temperature=0.0, logprobs=5)
+        lp = r.choices[0].logprobs
+        return lp.tokens, lp.top_logprobs
+
+    async def probe(ac):
+        r = await ac.post("/v1/steering/probe", json=probe_body, timeout=REQUEST_TIMEOUT)
+        assert r.status_code == 200, r.text
+        return [(x["token_index"], x["logprobs"]) for x in r.json()["trajectory"]["readings"]]
+
+    async def alone():
+        client = openai_client(server)
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH) as ac:
+            refs = [await completion(client, p) for p in prompts]
+            readings = await probe(ac)
+        await client.close()
+        return refs, readings
+
+    async def together():
+        client = openai_client(server)
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH) as ac:
+            probes = [asyncio.create_task(probe(ac)) for _ in range(2)]
+            waves = []
+            while not all(t.done() for t in probes):   # keep neighbours in every batch
+                waves.append(await asyncio.gather(*(completion(client, p) for p in prompts)))
+            readings = [await t for t in probes]
+        await client.close()
+        return waves, readings
+
+    refs, ref_readings = run(alone())
+    before = _mixed_batches(http)
+    waves, readings = run(together(), timeout=600)
+    assert _mixed_batches(http) > before, "no batch mixed probe forks with top-k requests"
+    assert len(waves) >= 2
+    for wave in waves:
+        for (tokens, top), (ref_tokens, ref_top) in zip(wave, refs, strict=True):
+            assert tokens == ref_tokens
+            for got, want in zip(top, ref_top, strict=True):
+                assert set(got) == set(want), (got, want)
+                assert all(abs(got[k] - want[k]) < 1e-4 for k in want)
+    for rs in readings:
+        assert [i for i, _ in rs] == [i for i, _ in ref_readings]
+        for (_, got), (_, want) in zip(rs, ref_readings, strict=True):
+            assert all(abs(got[c] - want[c]) < 1e-4 for c in want)
 
 
 # -- restart (keep last: it restarts the module's server) -----------------------------

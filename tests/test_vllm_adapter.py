@@ -56,6 +56,7 @@ def test_the_table_covers_every_patch_the_adapter_installs():
     assert "vllm.v1.engine.input_processor:InputProcessor.process_inputs" in targets
     assert "vllm.v1.engine.input_processor:InputProcessor.__init__" in targets
     assert "vllm.v1.worker.worker_base:WorkerBase" in targets
+    assert "vllm.v1.sample.sampler:Sampler.forward" in targets
     from vllm_steer.vllm_adapter.server import TARGETS
 
     for module, classes in TARGETS.items():
@@ -145,13 +146,18 @@ def live_runner(**batch):
     fields = dict(req_ids=["a"], num_reqs=1, num_computed_tokens_cpu=np.zeros(4, np.int32),
                   token_ids_cpu=np.zeros((4, 8), np.int32))
     fields.update(batch)
+    from vllm.v1.sample.sampler import Sampler
+
+    from vllm_steer.vllm_adapter import sampler as sampler_patch
+
+    sampler_patch.install()
     cfg = types.SimpleNamespace(
         hf_text_config=types.SimpleNamespace(num_hidden_layers=2, hidden_size=8),
         dtype=torch.float32)
     return types.SimpleNamespace(
         input_batch=types.SimpleNamespace(**{k: v for k, v in fields.items() if v is not None}),
         max_num_reqs=4, max_num_tokens=64, device=torch.device("cpu"), model_config=cfg,
-        vllm_config=types.SimpleNamespace(
+        sampler=Sampler(), vllm_config=types.SimpleNamespace(
             additional_config={},
             compilation_config=types.SimpleNamespace(traced_files=set())))
 
@@ -181,6 +187,97 @@ def test_runner_class_that_bypasses_the_patch_is_refused():
     with pytest.raises(VLLMDriftError) as ei:
         runner.check_runner(obj)
     assert ei.value.symbol.endswith("OtherRunner._update_states")
+
+
+def test_runner_whose_sampler_is_not_patched_is_refused():
+    class OwnSampler:
+        def forward(self, logits, sampling_metadata):
+            return None
+
+    obj = live_runner()
+    obj.sampler = OwnSampler()
+    with pytest.raises(VLLMDriftError, match="OwnSampler whose forward is not the patched"):
+        runner.check_runner(obj)
+
+
+# -- the sampler's per-row merge (vllm_adapter/sampler.py) -------------------------------------
+def _tensors(ids, lps):
+    from vllm.v1.outputs import LogprobsTensors
+
+    return LogprobsTensors(torch.tensor(ids, dtype=torch.int32),
+                           torch.tensor(lps, dtype=torch.float32), torch.tensor([1, 2, 3]))
+
+
+def test_merge_rows_lays_out_each_row_as_its_request_asked():
+    from vllm_steer.vllm_adapter.sampler import merge_rows
+
+    inf = float("-inf")
+    topk = _tensors([[5, 5, 6], [7, 8, 7], [9, 9, 1]],
+                    [[-.1, -.1, -2.], [-.3, -.2, -.3], [-.4, -.4, -3.]])
+    # row 1 asked for ids [11, 12, 13]; vLLM's exact gather pads the other rows with -inf
+    exact = _tensors([[5, 0, 0, 0], [7, 11, 12, 13], [9, 0, 0, 0]],
+                     [[-.1, inf, inf, inf], [-.3, -5., -6., -7.], [-.4, inf, inf, inf]])
+    out = merge_rows(topk, exact, {1: [11, 12, 13]})
+    assert out.logprob_token_ids.tolist() == [[5, 5, 6, 0], [7, 11, 12, 13], [9, 9, 1, 0]]
+    lp = out.logprobs.tolist()
+    assert lp[1] == pytest.approx([-.3, -5., -6., -7.])
+    assert lp[0][:3] == pytest.approx([-.1, -.1, -2.]) and lp[0][3] == inf
+    assert out.selected_token_ranks.tolist() == [1, 2, 3]
+    # a wider top-k than exact ids: exact rows padded past their ids
+    wide = _tensors([[5, 1, 2, 3, 4, 6], [7, 1, 2, 3, 4, 5], [9, 1, 2, 3, 4, 5]],
+                    [[-1.] * 6] * 3)
+    out = merge_rows(wide, exact, {1: [11, 12, 13]})
+    assert out.logprob_token_ids[1].tolist() == [7, 11, 12, 13, 0, 0]
+    assert out.logprobs[1, 4:].tolist() == [inf, inf]
+
+
+def test_merge_rows_refuses_exact_rows_it_cannot_recognise():
+    from vllm_steer.vllm_adapter.sampler import merge_rows
+
+    topk = _tensors([[5, 5], [7, 8], [9, 9]], [[-.1, -.1], [-.3, -.2], [-.4, -.4]])
+    exact = _tensors([[5, 0], [7, 12], [9, 0]], [[-.1, -1.], [-.3, -5.], [-.4, -1.]])
+    with pytest.raises(VLLMDriftError, match="exact-ID rows"):
+        merge_rows(topk, exact, {1: [11]})
+    with pytest.raises(VLLMDriftError, match="cannot merge"):
+        merge_rows(topk, _tensors([[5, 0]], [[-.1, -1.]]), {0: [0]})
+
+
+def test_sampler_that_stops_running_the_topk_gather_is_refused(monkeypatch):
+    """The wrapper captures the top-k gather forward runs; a forward that no longer calls
+    it must fail loudly, not return exact-ID rows for top-k requests."""
+    from vllm.v1.outputs import SamplerOutput
+    from vllm.v1.sample.sampler import Sampler
+
+    from vllm_steer.vllm_adapter import sampler as sampler_patch
+
+    def forward(self, logits, sampling_metadata):   # a drifted forward: no top-k gather
+        return SamplerOutput(torch.zeros(3, 1, dtype=torch.int32),
+                             _tensors([[5, 0], [7, 11], [9, 0]], [[0., 0.]] * 3))
+
+    monkeypatch.setattr(Sampler, "forward", sampler_patch._wrap_forward(forward))
+    meta = types.SimpleNamespace(logprob_token_ids={1: [11]}, max_num_logprobs=2)
+    sampler = Sampler()
+    with pytest.raises(VLLMDriftError, match="ran the top-k gather 0 times"):
+        sampler(torch.zeros(3, 4), meta)
+    assert "gather_logprobs" not in vars(sampler)   # the shadow is gone after the call
+
+
+def test_exact_logprobs_are_refused_under_speculative_decoding():
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_steer.vllm_adapter.frontend import check_exact_logprobs
+
+    def processor(spec):
+        return types.SimpleNamespace(vllm_config=types.SimpleNamespace(speculative_config=spec))
+
+    req = types.SimpleNamespace(sampling_params=SamplingParams(logprob_token_ids=[1, 2]))
+    check_exact_logprobs(processor(None), req)
+    with pytest.raises(VLLMValidationError, match="speculative decoding") as ei:
+        check_exact_logprobs(processor(object()), req)
+    assert ei.value.parameter == "logprob_token_ids"
+    plain = types.SimpleNamespace(sampling_params=SamplingParams(logprobs=5))
+    check_exact_logprobs(processor(object()), plain)
 
 
 # -- compile-cache key -------------------------------------------------------------------------
@@ -261,11 +358,12 @@ def test_register_forces_v1_runner_and_installs_every_patch():
         "from vllm.v1.worker.worker_base import WorkerBase as W\n"
         "from vllm.v1.engine.input_processor import InputProcessor as P\n"
         "from vllm.entrypoints.openai.completion.protocol import CompletionRequest as R\n"
+        "from vllm.v1.sample.sampler import Sampler as S\n"
         "ours = lambda f: getattr(f, '_vllm_steer', False)\n"
         "print('V2', os.environ['VLLM_USE_V2_MODEL_RUNNER'])\n"
         "print('PATCHED', all(map(ours, [G.load_model, C.load_model, G._update_states,\n"
         "    G._prepare_inputs, P.__init__, P.process_inputs, R.to_sampling_params,\n"
-        "    R.to_beam_search_params])), hasattr(W, 'vllm_steer_stats'))\n")
+        "    R.to_beam_search_params, S.forward])), hasattr(W, 'vllm_steer_stats'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert "V2 0" in out.stdout and "PATCHED True True" in out.stdout, out.stderr[-3000:]

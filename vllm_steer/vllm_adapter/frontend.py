@@ -65,6 +65,21 @@ def get_resolver(processor: Any) -> Resolver:
     return res
 
 
+def check_exact_logprobs(processor: Any, request: Any) -> None:
+    """Refuse ``logprob_token_ids`` under speculative decoding: vLLM's rejection sampler
+    ignores it, so the request would get top-k rows in place of the ids it asked for."""
+    from vllm.exceptions import VLLMValidationError
+
+    sp = request.sampling_params
+    if sp is None or sp.logprob_token_ids is None:
+        return
+    if processor.vllm_config.speculative_config is not None:
+        raise VLLMValidationError(
+            "logprob_token_ids is not supported with speculative decoding (vLLM's rejection "
+            "sampler returns top-k rows instead); answer probes need an engine without it",
+            parameter="logprob_token_ids")
+
+
 def steer_request(processor: Any, request: Any) -> None:
     """Validate and resolve ``request``'s steering in place (raises VLLMValidationError)."""
     from vllm.exceptions import VLLMValidationError
@@ -135,6 +150,7 @@ def install() -> None:
     @functools.wraps(orig)
     def process_inputs(self, *args: Any, **kwargs: Any):
         request = orig(self, *args, **kwargs)
+        check_exact_logprobs(self, request)
         steer_request(self, request)
         return request
 

@@ -40,6 +40,7 @@ from vllm_steer.steering.slots import SlotTable
 from vllm_steer.steering.spec import WIRE_KEY
 from vllm_steer.steering.think_tracker import ANSWER, THINK, ThinkTracker
 from vllm_steer.steering.wire import NO_END, WireSteering
+from vllm_steer.vllm_adapter import sampler as sampler_patch
 from vllm_steer.vllm_adapter.check import VLLMDriftError, check_instance
 
 logger = logging.getLogger("vllm_steer")
@@ -198,9 +199,15 @@ def install() -> None:
 
 
 def check_runner(runner: Any) -> None:
-    """Engine-start checks on the live runner: the table's instance attributes, and that
-    the runner's class still reaches the patched ``_update_states``/``_prepare_inputs``."""
+    """Engine-start checks on the live runner: the table's instance attributes, that the
+    runner's class still reaches the patched ``_update_states``/``_prepare_inputs``, and
+    that its sampler runs the per-row log-prob merge (``sampler.py``)."""
     check_instance("runner", runner)
+    if not sampler_patch.is_installed(runner.sampler):
+        raise VLLMDriftError(f"{type(runner).__module__}:{type(runner).__qualname__}.sampler",
+                             f"is a {type(runner.sampler).__qualname__} whose forward is not "
+                             "the patched Sampler.forward: a probe fork would overwrite other "
+                             "requests' top-k log-probs in a mixed batch")
     for name in ("_update_states", "_prepare_inputs"):
         if not _is_ours(getattr(type(runner), name, None)):
             raise VLLMDriftError(f"{type(runner).__module__}:{type(runner).__qualname__}.{name}",
@@ -213,7 +220,8 @@ def _worker_stats(worker: Any) -> dict[str, Any] | None:
     if steer is None:
         return None
     return {**steer.slots.stats(), **steer.intake.stats, "live_requests": len(steer.reqs),
-            "adapter": steer.adapter.value}
+            "adapter": steer.adapter.value,
+            "mixed_logprob_batches": sampler_patch.mixed_batches(worker.model_runner.sampler)}
 
 
 # -- the compile-cache key ---------------------------------------------------------------------

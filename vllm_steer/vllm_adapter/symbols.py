@@ -34,6 +34,7 @@ _CPU_RUNNER = "vllm.v1.worker.cpu_model_runner:CPUModelRunner"
 _BATCH = "vllm.v1.worker.gpu_input_batch:InputBatch"
 _SCHED = "vllm.v1.core.sched.output"
 _PROC = "vllm.v1.engine.input_processor:InputProcessor"
+_SAMPLER = "vllm.v1.sample.sampler:Sampler"
 _OPENAI = "vllm.entrypoints.openai"
 _INT = (int, np.integer)
 
@@ -107,6 +108,28 @@ SYMBOLS: tuple[Symbol, ...] = (
            "wire steering", (Field(),)),
     Symbol("vllm.sampling_params:SamplingParams.extra_args", READ, "the transport of the "
            "spec (frontend) and the wire steering (workers)", (Field(),)),
+    # -- worker: the V1 sampler (vllm_adapter/sampler.py) ------------------------------------
+    Symbol(f"{_SAMPLER}.forward", PATCHED, "a batch mixing logprobs and logprob_token_ids "
+           "(probe forks) returns each row as its request asked, not the exact-ID rows for "
+           "all; exact rows checked to be [sampled, ids...] per mixed batch",
+           (Signature(("self", "logits", "sampling_metadata")),)),
+    Symbol(f"{_SAMPLER}.gather_logprobs", CALLED, "the top-k gather forward runs, captured "
+           "(shadowed on the instance for one call) for the per-row merge",
+           (Signature(("logprobs", "num_logprobs", "token_ids")),)),
+    Symbol(f"{_RUNNER}.sampler", READ, "its class must run the patched forward",
+           (Assigned(), Instance("runner", "sampler"))),
+    Symbol("vllm.v1.sample.metadata:SamplingMetadata.logprob_token_ids", READ, "batch rows "
+           "that asked for exact ids", (Field(),)),
+    Symbol("vllm.v1.sample.metadata:SamplingMetadata.max_num_logprobs", READ, "whether any "
+           "row asked for top-k", (Field(),)),
+    Symbol("vllm.v1.outputs:SamplerOutput.logprobs_tensors", READ, "replaced by the merged "
+           "rows", (Field(),)),
+    *(Symbol(f"vllm.v1.outputs:LogprobsTensors.{f}", READ, "merged per row", (Field(),))
+      for f in ("logprob_token_ids", "logprobs", "selected_token_ranks")),
+    Symbol("vllm.sampling_params:SamplingParams.logprob_token_ids", READ, "refused under "
+           "speculative decoding (the rejection sampler ignores it)", (Field(),)),
+    Symbol("vllm.config.vllm:VllmConfig.speculative_config", READ, "speculative decoding on?",
+           (Field(),)),
     Symbol("vllm.v1.worker.worker_base:WorkerBase", PATCHED, "gains vllm_steer_stats, "
            "reachable with collective_rpc", (Exists(),)),
     Symbol("vllm.v1.worker.worker_base:WorkerBase.model_runner", READ, "the runner whose "
