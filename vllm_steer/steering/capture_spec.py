@@ -78,7 +78,8 @@ class CaptureSpec:
             raise SpecError(EXTRA_ARGS_KEY, f"must be an object, got {type(raw).__name__}")
         unknown = sorted(str(k) for k in raw if k not in _KEYS)
         if unknown:
-            raise SpecError(_field(unknown[0]), f"unknown field (known: {', '.join(sorted(_KEYS))})")
+            raise SpecError(_field(unknown[0]),
+                            f"unknown field (known: {', '.join(sorted(_KEYS))})")
         cid = raw.get("id")
         if not isinstance(cid, str) or not cid:
             raise SpecError(_field("id"), "required: a non-empty string naming this capture "
