@@ -98,3 +98,20 @@ def test_ops_match_hf_hooks(arch):
     moved = check_arch_ops(llm, hf, tok, reg)
     print(f"{name}: ops moved log-probs by {[round(m, 2) for m in moved]}")
     assert all(m > 0.05 for m in moved), moved
+
+
+def check_arch_capture(arch) -> float:
+    """Hidden-state capture (every mode, steered and not, with neighbours that capture
+    nothing) equals HF block outputs on this architecture's adapter."""
+    from tests.capture_check import check_capture_cases, matrix_capture_cases
+    from tests.steer_helpers import composed_dense
+
+    name, llm, hf, tok, reg = arch
+    return check_capture_cases(llm, hf, matrix_capture_cases(tok, LAYERS),
+                               lambda steer: composed_dense(reg, steer, LAYERS, HIDDEN),
+                               tag=f"arch-{name}")
+
+
+def test_capture_matches_hf_block_outputs(arch):
+    err = check_arch_capture(arch)
+    print(f"{arch[0]}: capture max relative error {err:.2e}")

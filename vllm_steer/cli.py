@@ -255,6 +255,12 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     add_sweep(sub)
 
 
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.experiments.cli import add_ablate
+
+    add_ablate(sub)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from vllm_steer.demo import add_demo
 
@@ -272,6 +278,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo]
 SUBCOMMANDS.append(_add_bench)
 SUBCOMMANDS.append(_add_doctor)
+SUBCOMMANDS.append(_add_ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

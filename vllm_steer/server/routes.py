@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from vllm_steer.server import ENDPOINT_PLUGIN, probe, stats, vectors
+from vllm_steer.server import ENDPOINT_PLUGIN, probe, stats, train, vectors
 from vllm_steer.server.common import (
     STATE_KEY,
     ServerContext,
@@ -26,7 +26,7 @@ from vllm_steer.server.common import (
 logger = logging.getLogger("vllm_steer")
 
 #: Feature routers mounted by the plugin, in order.
-ROUTERS: list[APIRouter] = [vectors.router, stats.router, probe.router]
+ROUTERS: list[APIRouter] = [train.router, vectors.router, stats.router, probe.router]
 
 
 def build_router() -> APIRouter:

@@ -81,6 +81,15 @@ def refusal(vllm_config: Any, options: EngineOptions) -> str | None:
     return None
 
 
+def capture_refusal(engine_client: Any) -> str | None:
+    """Why the engine behind ``engine_client`` cannot capture, or None (server routes)."""
+    from vllm_steer.vllm_adapter.engine import input_processor
+    from vllm_steer.vllm_adapter.frontend import engine_options
+
+    processor = input_processor(engine_client)
+    return refusal(processor.vllm_config, engine_options(processor))
+
+
 def capture_request(processor: Any, request: Any, options: EngineOptions) -> None:
     """Validate ``request``'s capture option and attach its wire form (in place)."""
     from vllm.exceptions import VLLMValidationError

@@ -202,8 +202,15 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.engine.protocol:EngineClient.collective_rpc", CALLED, "GET /v1/steering/stats; "
            "collecting captures (training route)",
            (Signature(("self", "method")),)),
-    Symbol("vllm.engine.protocol:EngineClient.generate", CALLED, "the probe route's requests",
-           (Signature(("self", "prompt", "sampling_params", "request_id")),)),
+    Symbol("vllm.engine.protocol:EngineClient.generate", CALLED, "the probe and training "
+           "routes' requests (training: pinned to data-parallel rank 0)",
+           (Signature(("self", "prompt", "sampling_params", "request_id"),
+                      ("data_parallel_rank",)),)),
+    Symbol("vllm.engine.protocol:EngineClient.vllm_config", READ, "data-parallel size "
+           "(training route)", (Field(),)),
+    Symbol("vllm.config.parallel:ParallelConfig.data_parallel_size", READ, "under data "
+           "parallelism capture requests go to one engine (collective_rpc answers with the "
+           "first engine's result only)", (Field(),)),
     Symbol("vllm.envs:VLLM_API_KEY", READ, "the /v1/steering routes honour --api-key",
            (EnvVar(),)),
     Symbol("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.attach_router", CALLED,
