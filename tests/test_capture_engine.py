@@ -140,11 +140,12 @@ def test_engine_extraction_equals_hf_extraction(setup, hf, name):
         a = fit_vector(ds, h_hf, layers, info, method=method, normalize="unit")
         b = fit_vector(ds, h_en, layers, info, method=method, normalize="unit")
         worst[method] = min(_cosines(a, b).values())
-    # the whole API path (config -> engine -> vector) gives the config's method's vector
-    res = extract_from_config(cfg, model=llm, tokenizer=tok, engine="vllm", progress=False)
-    ref = fit_vector(ds, h_hf, layers, info, method=cfg.method, normalize=cfg.normalize)
-    worst["extract_from_config"] = min(_cosines(res.vector, ref).values())
-    assert res.vector.metadata.extra["dtype"] == "float32"
+    if name == "cautious_thinking":   # the smaller set: the whole API path once
+        # config -> engine -> vector gives the config's method's vector
+        res = extract_from_config(cfg, model=llm, tokenizer=tok, engine="vllm", progress=False)
+        ref = fit_vector(ds, h_hf, layers, info, method=cfg.method, normalize=cfg.normalize)
+        worst["extract_from_config"] = min(_cosines(res.vector, ref).values())
+        assert res.vector.metadata.extra["dtype"] == "float32"
     print(name, worst)
     assert all(c >= 0.9999 for c in worst.values()), worst
 
@@ -168,7 +169,7 @@ def test_ablation_command_writes_its_table_plot_and_json(setup, tmp_path):
     result = json.loads((out / "ablation.json").read_text())
     assert (out / "ablation.png").stat().st_size > 10_000
     table = (out / "ablation.md").read_text()
-    assert table.count("\n| ") == 9   # header + 8 combinations
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 9  # header + 8 rows
     rows = result["rows"]
     assert sorted(r["combination"] for r in rows) == [f"{i:03b}" for i in range(8)]
     for r in rows:

@@ -127,3 +127,26 @@ def test_compiled_ops_match_hf_reference(setup, hf):
     model, tok = hf
     _, _, moved = run_ops_cases(llm, model, reg, tok)
     assert len(moved) == len(OPS_CASES) and all(m > 0.05 for m in moved[:-1]), moved
+
+
+def test_compiled_capture_matches_hf_with_chunks_and_a_cached_prefix(setup, hf):
+    """Hidden-state capture through the compiled graph (the capture op inside it): every
+    mode in a mixed batch, a prompt prefilled in chunks, and a cached prefix."""
+    from tests.capture_check import CaptureCase, check_capture_cases, check_chunked_and_cached
+    from vllm_steer.testing.engines import TEST_ENGINE_OPTIONS
+
+    llm, reg, *_ = setup
+    model, tok = hf
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    p0, p1 = enc("The capital of France is Paris, and"), enc("Write a short poem about the sea.\n")
+    cases = [CaptureCase(p0, {"layers": "all", "at": "tokens"}),
+             CaptureCase(p1, None, [("v1", 1.5)]),
+             CaptureCase(p1, {"layers": [3, 29], "at": "mean"}, [("v1", 1.5)]),
+             CaptureCase(p0, {"layers": [10], "at": "positions", "positions": [0, -1]}),
+             CaptureCase(p0, None)]
+    err = check_capture_cases(llm, model, cases,
+                              lambda steer: composed_dense(reg, steer), "compiled")
+    seen = check_chunked_and_cached(llm, model, tok, "compiled",
+                                    budget=TEST_ENGINE_OPTIONS["max_num_batched_tokens"],
+                                    block=TEST_ENGINE_OPTIONS["block_size"], num_layers=30)
+    print(f"compiled capture: max relative error {err:.2e}, cache {seen}")
