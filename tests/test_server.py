@@ -1138,6 +1138,8 @@ def test_train_route_trains_registers_and_steers_while_serving(server, http):
       "direction_from_layer": 3}, 400, "direction_from_layer", "not one of"),
     ({"name": "bad name!", "personas": [["a", "b"]]}, 400, "name", "letters"),
     ({"name": "t", "personas": [["a", "b"]], "replace": "maybe"}, 400, "replace", "boolean"),
+    ({"name": "t", "personas": [["a", "b"]], "max_concurrent": 0}, 400, "max_concurrent",
+     "integer in [1, 1024]"),
     ({"name": "t", "personas": [["a", "b"]], "suffixes": "chat"}, 413, "personas",
      f"at most {TRAIN_PROMPT_LIMIT}"),
 ])

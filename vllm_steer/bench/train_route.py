@@ -2,9 +2,10 @@
 
 A ``vllm-steer serve`` (eager) serves ``--clients`` streaming completion clients, each
 sending requests of ``--output-len`` tokens back to back. Each repetition has a quiet
-window (traffic only, ``--window`` seconds) and a training window (a training job on the
-shipped ``happy`` recipe, trimmed to ``--max-suffixes`` openers, runs while the traffic
-continues), in shuffled order. Inter-token latency (ITL) = time between consecutive
+window (traffic only, ``--window`` seconds) and, per ``--max-concurrent`` value, a
+training window (a training job on the shipped ``happy`` recipe, trimmed to
+``--max-suffixes`` openers, with that many capture requests in flight, runs while the
+traffic continues), in shuffled order. Inter-token latency (ITL) = time between consecutive
 streamed chunks of one request; per window its median, p90 and p99, and per repetition
 the ratio training / quiet.
 """
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -98,11 +100,15 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-suffixes", type=int, default=64)
     p.add_argument("--window", type=float, default=30.0, help="quiet window, seconds")
+    p.add_argument("--max-concurrent", default="8,1024",
+                   help="comma-separated max_concurrent values of the route, one training "
+                        "window each per repetition (1024: every capture request at once)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=None)
     a = p.parse_args(list(argv))
     if a.quick:
         a.clients, a.output_len, a.max_suffixes, a.window, a.reps = 2, 16, 4, 5.0, 1
+    a.max_concurrent = [int(x) for x in str(a.max_concurrent).split(",")]
     return a
 
 
@@ -117,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tag = "_quick" if args.quick else ""
     root = WORK_DIR / f"train_route{tag}"
     root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root / "uploads", ignore_errors=True)   # registrations of an earlier run
     reg = root / "registry.yaml"
     reg.write_text("allowed_dirs: []\nvectors: {}\n")
     port = _free_port()
@@ -132,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res["server_command"] = " ".join(serve)
     res["workload"] = {"clients": args.clients, "output_len": args.output_len,
                        "recipe": "configs/vectors/happy.yaml", "max_suffixes": args.max_suffixes,
-                       "quiet_window_s": args.window}
+                       "quiet_window_s": args.window,
+                       "max_concurrent": args.max_concurrent}
     log = open(root / "server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env)
     traffic = None
@@ -144,20 +152,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         traffic = Traffic(url, args.clients, args.output_len)
         traffic.start()
         time.sleep(min(args.window, 10.0))   # warm-up: traffic reaches steady state
-        order = [w for _ in range(args.reps) for w in random.Random(3).sample(
-            ["quiet", "training"], 2)]
-        windows: dict[str, list[tuple[float, float]]] = {"quiet": [], "training": []}
-        trains = []
+        kinds = ["quiet", *(f"training@{m}" for m in args.max_concurrent)]
+        rng = random.Random(3)
+        order = [w for _ in range(args.reps) for w in rng.sample(kinds, len(kinds))]
+        windows: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+        trains: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds[1:]}
         with httpx.Client(base_url=url, timeout=3600) as c:
             for k, w in enumerate(order):
                 a = time.perf_counter()
                 if w == "quiet":
                     time.sleep(args.window)
                 else:
-                    r = c.post("/v1/steering/vectors/train",
-                               json={"name": f"bench_{k}", "recipe": recipe})
+                    body: dict[str, Any] = {"name": f"bench_{k}", "recipe": recipe,
+                                            "replace": True,
+                                            "max_concurrent": int(w.split("@")[1])}
+                    r = c.post("/v1/steering/vectors/train", json=body)
                     r.raise_for_status()
-                    trains.append(r.json()["training"])
+                    trains[w].append(r.json()["training"])
                 windows[w].append((a, time.perf_counter()))
         res["load"] = load.finish()
     finally:
@@ -169,23 +180,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-    per_rep = []
-    for (qa, qb), (ta, tb) in zip(windows["quiet"], windows["training"], strict=True):
-        q, t = traffic.itl_between(qa, qb), traffic.itl_between(ta, tb)
-        per_rep.append({"quiet": _stats(q), "training": _stats(t),
-                        "training_s": round(tb - ta, 1)})
-    res["raw"] = per_rep
-    res["training_reports"] = [{k: tr[k] for k in ("num_prompts", "mean_separation",
-                                                     "seconds")} for tr in trains]
-    for key in ("median_ms", "p90_ms", "p99_ms"):
-        res[f"itl_ratio_training_over_quiet_{key[:-3]}"] = summarize(
-            r["training"][key] / r["quiet"][key] for r in per_rep
-            if r["quiet"].get(key) and r["training"].get(key))
+    res["training_reports"] = {w: [{k: tr[k] for k in ("num_prompts", "mean_separation",
+                                                        "seconds")} for tr in trs]
+                               for w, trs in trains.items()}
     res["itl_quiet"] = _stats([x for a, b in windows["quiet"] for x in traffic.itl_between(a, b)])
-    res["itl_training"] = _stats([x for a, b in windows["training"]
-                                  for x in traffic.itl_between(a, b)])
+    res["variants"] = {}
+    for w in kinds[1:]:
+        per_rep = []
+        for (qa, qb), (ta, tb) in zip(windows["quiet"], windows[w], strict=True):
+            q, t = traffic.itl_between(qa, qb), traffic.itl_between(ta, tb)
+            per_rep.append({"quiet": _stats(q), "training": _stats(t),
+                            "training_s": round(tb - ta, 1)})
+        v: dict[str, Any] = {"raw": per_rep, "itl": _stats(
+            [x for a, b in windows[w] for x in traffic.itl_between(a, b)]),
+            "training_s": summarize(r["training_s"] for r in per_rep)}
+        for key in ("median_ms", "p90_ms", "p99_ms"):
+            v[f"itl_ratio_over_quiet_{key[:-3]}"] = summarize(
+                r["training"][key] / r["quiet"][key] for r in per_rep
+                if r["quiet"].get(key) and r["training"].get(key))
+        res["variants"][w] = v
     write_result(args.out or f"train_route{tag}", res)
-    print(json.dumps({k: res[k] for k in res if k.startswith("itl")}, indent=1))
+    print(json.dumps({"itl_quiet": res["itl_quiet"],
+                      **{w: {k: v[k] for k in v if k != "raw"}
+                         for w, v in res["variants"].items()}}, indent=1))
     return res
 
 

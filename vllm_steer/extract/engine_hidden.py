@@ -26,7 +26,7 @@ from vllm_steer.extract.hidden import HiddenStateError, _carriers, tokenize_prom
 from vllm_steer.vllm_adapter.capture import take_captures, take_captures_async
 
 #: Requests submitted (and captures collected) per round: bounds what the workers hold.
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -75,17 +75,23 @@ def run_captures(llm: Any, requests: Sequence[CaptureRequest], *, chunk: int = D
 
 
 async def run_captures_async(engine: Any, requests: Sequence[CaptureRequest], *,
-                             chunk: int = DEFAULT_CHUNK,
+                             chunk: int = DEFAULT_CHUNK, max_concurrent: int | None = None,
                              on_progress: Callable[[int], None] | None = None,
                              data_parallel_rank: int | None = None) -> list[dict[str, Any]]:
-    """``run_captures`` on an ``EngineClient``: each chunk's requests are submitted
-    together and scheduled with whatever else the engine serves. Under data parallelism
-    pass ``data_parallel_rank`` (vLLM returns only the first engine's RPC result)."""
+    """``run_captures`` on an ``EngineClient``, scheduled with whatever else the engine
+    serves. ``max_concurrent`` bounds the capture requests in flight (each adds its
+    prompt's prefill to the engine's steps, so fewer in flight means shorter steps for the
+    other traffic, at the cost of a slower job); captures are collected per ``chunk``.
+    Under data parallelism pass ``data_parallel_rank`` (vLLM returns only the first
+    engine's RPC result)."""
+    gate = asyncio.Semaphore(max_concurrent or len(requests) or 1)
+    kwargs = {} if data_parallel_rank is None else {"data_parallel_rank": data_parallel_rank}
+
     async def one(r: CaptureRequest, cid: str) -> None:
-        kwargs = {} if data_parallel_rank is None else {"data_parallel_rank": data_parallel_rank}
-        async for _ in engine.generate({"prompt_token_ids": r.prompt}, r.params(cid), cid,
-                                       **kwargs):
-            pass
+        async with gate:
+            async for _ in engine.generate({"prompt_token_ids": r.prompt}, r.params(cid), cid,
+                                           **kwargs):
+                pass
 
     out: list[dict[str, Any]] = []
     for lo in range(0, len(requests), chunk):
@@ -223,14 +229,19 @@ async def read_last_token_engine_async(
     num_layers: int,
     *,
     add_special_tokens: bool = True,
+    max_concurrent: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     data_parallel_rank: int | None = None,
 ) -> dict[int, torch.Tensor]:
-    """``read_last_token_engine`` on an ``EngineClient`` (the server's training route)."""
+    """``read_last_token_engine`` on an ``EngineClient`` (the server's training route);
+    ``max_concurrent``: see ``run_captures_async``. Tokenizing and assembling run in a
+    thread (the server's event loop keeps streaming)."""
     if not prompts:
         raise ValueError("no prompts to run")
-    rows = tokenize_prompts(tokenizer, prompts, add_special_tokens=add_special_tokens)
+    rows = await asyncio.to_thread(tokenize_prompts, tokenizer, prompts,
+                                   add_special_tokens=add_special_tokens)
     plan = plan_last_token(rows, _checked(layers, num_layers))
-    records = await run_captures_async(engine, plan.requests, on_progress=on_progress,
+    records = await run_captures_async(engine, plan.requests, max_concurrent=max_concurrent,
+                                       on_progress=on_progress,
                                        data_parallel_rank=data_parallel_rank)
-    return plan.assemble(records, prompts)
+    return await asyncio.to_thread(plan.assemble, records, prompts)

@@ -7,7 +7,8 @@ Body (JSON)::
                                           #   configs/vectors/*.yaml, as JSON
      # -- or, instead of "recipe", inline: "personas": [[pos, neg], ...], "suffixes":
      #    a shipped set name ("chat", "reasoning") or a list, and any other recipe key
-     "replace": false, "scale": 1.0, "layers": [..], "op": "add", ...}   # as uploads
+     "replace": false, "scale": 1.0, "layers": [..], "op": "add", ...,  # as uploads
+     "max_concurrent": 8}                 # capture requests in flight (1..1024)
 
 The dataset is built with the served model's tokenizer and chat template, its prompts'
 last-token block outputs are read through the engine's hidden-state capture
@@ -47,7 +48,12 @@ MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_PROMPTS = 8192
 #: Recipe keys that do not apply to training on the served engine: reported, not used.
 NOT_APPLIED = ("model", "dtype", "batch_size", "output", "description")
-_REGISTRATION = {"name", "replace", "scale", "layers", "op", "strength", "value"}
+_REGISTRATION = {"name", "replace", "scale", "layers", "op", "strength", "value",
+                 "max_concurrent"}
+#: Capture requests in flight by default: each adds its prompt's prefill to the engine's
+#: steps, so few keep the other traffic's inter-token latency low (bench train-route).
+DEFAULT_MAX_CONCURRENT = 8
+MAX_CONCURRENT_LIMIT = 1024
 _lock: asyncio.Lock | None = None
 
 
@@ -124,6 +130,11 @@ async def train_vector(request: Request) -> JSONResponse:
     scale = vectors._scale(reg_fields.get("scale"))
     layers_default = vectors._layers(reg_fields.get("layers"), ctx.num_layers)
     replace = vectors._bool(reg_fields.get("replace"), "replace")
+    concurrent = reg_fields.get("max_concurrent", DEFAULT_MAX_CONCURRENT)
+    if isinstance(concurrent, bool) or not isinstance(concurrent, int) \
+            or not 1 <= concurrent <= MAX_CONCURRENT_LIMIT:
+        raise SteerHTTPError(400, f"must be an integer in [1, {MAX_CONCURRENT_LIMIT}]",
+                             "max_concurrent")
     cfg = _config(recipe, prefix, name)
     try:
         picked = resolve_layers(cfg.layers, ctx.num_layers)
@@ -163,20 +174,23 @@ async def train_vector(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         hidden = await read_last_token_engine_async(
             engine, ctx.resolver.tokenizer, prompts, picked, ctx.num_layers,
-            add_special_tokens=ds.add_special_tokens,
+            add_special_tokens=ds.add_special_tokens, max_concurrent=concurrent,
             # vLLM returns only the first engine's RPC result under data parallelism
             data_parallel_rank=0 if data_parallel_size(engine) > 1 else None)
         seconds_capture = time.perf_counter() - t0
+    t1 = time.perf_counter()
     cfg_model = engine.model_config
     info = ModelInfo(ctx.num_layers, Path(str(cfg_model.model)).name,
                      str(getattr(cfg_model.hf_text_config, "model_type", "") or ""),
                      str(cfg_model.dtype).replace("torch.", ""))
-    vector = await asyncio.to_thread(fit_vector, ds, hidden, picked, info, method=cfg.method,
-                                     normalize=cfg.normalize,
+    vector = await asyncio.to_thread(_fit_one_thread, fit_vector, ds, hidden, picked, info,
+                                     method=cfg.method, normalize=cfg.normalize,
                                      direction_from_layer=cfg.direction_from_layer)
     data = await asyncio.to_thread(_vector_bytes, vector)
+    t2 = time.perf_counter()
     entry = await asyncio.to_thread(vectors._register, ctx, name, scale, layers_default, ops,
                                     replace, data, None, "recipe")
+    t3 = time.perf_counter()
     sep = json.loads(vector.metadata.extra["separation"])
     not_applied = sorted(k for k in NOT_APPLIED if recipe.get(k) is not None)
     return vectors._json({
@@ -187,11 +201,27 @@ async def train_vector(request: Request) -> JSONResponse:
             "normalize": cfg.normalize,
             "separation": {str(k): v for k, v in sep.items()},
             "mean_separation": round(sum(sep.values()) / len(sep), 6),
-            "seconds": {"capture": round(seconds_capture, 3),
+            "max_concurrent": concurrent,
+            "seconds": {"capture": round(seconds_capture, 3), "fit": round(t2 - t1, 3),
+                        "register": round(t3 - t2, 3),
                         "total": round(time.perf_counter() - t0, 3)},
             "recipe_fields_not_applied": not_applied,
         },
     }, 201)
+
+
+def _fit_one_thread(fit: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fit(...)`` with one torch thread: the API-server process shares the cores with the
+    engine's busy workers, where torch's multi-threaded ops (the SVDs) spent tens of
+    seconds waiting on each other (measured: 40 s for 22 SVDs of [300, 576])."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fit(*args, **kwargs)
+    finally:
+        torch.set_num_threads(n)
 
 
 def _vector_bytes(vector: Any) -> bytes:
