@@ -1034,6 +1034,273 @@ def test_probe_route_and_logprob_completions_do_not_touch_each_other(server, htt
             assert all(abs(got[c] - want[c]) < 1e-4 for c in want)
 
 
+# -- live probes: the 'probe' field of the completion endpoints -----------------------------
+LIVE_Q = ("Is 91 a prime number? Think step by step inside <think> </think>, then answer "
+          "Yes or No.")
+LIVE_STEER = {"vectors": [{"name": "v1", "scale": 0.5}], "apply_to": "generated"}
+
+
+def _extra(obj) -> dict[str, Any]:
+    return dict(getattr(obj, "model_extra", None) or {})
+
+
+def live_chat(server, probe, *, stream, n=1, max_tokens=40, steering=LIVE_STEER, **kw):
+    """A probed chat completion through the official client: (per choice index: token ids,
+    readings, the finish choice's extras), prompt token ids."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
+                    timeout=REQUEST_TIMEOUT)
+    body = {"probe": probe, "ignore_eos": True, "return_token_ids": True}
+    if steering is not None:
+        body["steering"] = steering
+    r = client.chat.completions.create(
+        model=model(server), messages=[{"role": "user", "content": LIVE_Q}], n=n,
+        max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), stream=stream,
+        extra_body=body, **kw)
+    toks: dict[int, list[int]] = {}
+    readings: dict[int, list[dict[str, Any]]] = {}
+    finish: dict[int, dict[str, Any]] = {}
+    if not stream:
+        for c in r.choices:
+            ex = _extra(c)
+            toks[c.index] = list(ex["token_ids"])
+            readings[c.index] = ex.get("probe_readings", [])
+            finish[c.index] = {"finish_reason": c.finish_reason, **ex}
+        return toks, readings, finish, list(_extra(r)["prompt_token_ids"])
+    prompt_ids = None
+    for chunk in r:
+        ex = _extra(chunk)
+        if ex.get("prompt_token_ids"):
+            prompt_ids = list(ex["prompt_token_ids"])
+        for c in chunk.choices:
+            cx = _extra(c)
+            toks.setdefault(c.index, []).extend(cx.get("token_ids") or [])
+            for rd in cx.get("probe_readings") or []:
+                assert rd["index"] == c.index
+                readings.setdefault(c.index, []).append(rd)
+            if c.finish_reason is not None:
+                finish[c.index] = {"finish_reason": c.finish_reason, **cx}
+    return toks, readings, finish, prompt_ids
+
+
+def offline_reading(http, prompt_ids, gen, t, steering=LIVE_STEER, choices=("Yes", "No")):
+    """The offline probe's reading of ``prompt + gen[:t]`` (the probe route, one-shot),
+    with the trajectory's steering in absolute positions, as a fork replays it."""
+    body = {"prompt_token_ids": list(prompt_ids) + list(gen[:t]), "trajectory": False,
+            "choices": list(choices)}
+    if steering is not None:
+        body["steering"] = {**steering, "apply_to": "all", "start_position": len(prompt_ids)}
+    r = http.post("/v1/steering/probe", json=body, timeout=REQUEST_TIMEOUT)
+    assert r.status_code == 200, r.text
+    (reading,) = r.json()["trajectory"]["readings"]
+    return reading
+
+
+def test_live_probe_streams_readings_equal_to_the_offline_probe(server, http):
+    probe = {"choices": ["Yes", "No"], "every": 8}
+    toks, readings, finish, prompt_ids = live_chat(server, probe, stream=True)
+    gen, rs = toks[0], readings[0]
+    assert len(gen) == 40 and finish[0]["finish_reason"] == "length"
+    assert [r["token_index"] for r in rs] == [0, 8, 16, 24, 32, 40]   # token order, the end
+    for r in rs:
+        ref = offline_reading(http, prompt_ids, gen, r["token_index"])
+        assert r["in_thinking"] == ref["in_thinking"]
+        for c in ("Yes", "No"):
+            assert abs(r["logprobs"][c] - ref["logprobs"][c]) < 1e-3, (r["token_index"], c)
+        assert abs(r["mass"] - ref["mass"]) < 1e-3
+    # the same request, not streamed: the same tokens and readings
+    toks2, readings2, finish2, _ = live_chat(server, probe, stream=False)
+    assert toks2[0] == gen and "probe_stop" not in finish2[0]
+    assert [r["token_index"] for r in readings2[0]] == [r["token_index"] for r in rs]
+    for a, b in zip(readings2[0], rs, strict=True):
+        assert abs(a["logprobs"]["Yes"] - b["logprobs"]["Yes"]) < 1e-4
+
+
+def test_live_probe_reads_each_choice_of_n(server, http):
+    probe = {"choices": ["Yes", "No"], "every": 12}
+    toks, readings, _, prompt_ids = live_chat(server, probe, stream=True, n=2,
+                                              temperature=1.0, seed=7, max_tokens=24)
+    assert sorted(readings) == [0, 1] and toks[0] != toks[1]
+    for i in (0, 1):
+        assert [r["token_index"] for r in readings[i]] == [0, 12, 24]
+        last = readings[i][-1]
+        ref = offline_reading(http, prompt_ids, toks[i], 24)
+        assert abs(last["logprobs"]["Yes"] - ref["logprobs"]["Yes"]) < 1e-3
+
+
+def _settle_point(readings, threshold, consecutive, min_mass):
+    """Where the documented rule stops: the first reading that ends a run of
+    ``consecutive`` readings whose leading choice has prob >= threshold, same choice,
+    each with mass >= min_mass."""
+    streak, leader = 0, None
+    for r in readings:
+        top = max(r["probs"], key=r["probs"].get)
+        ok = r["mass"] >= min_mass and r["probs"][top] >= threshold
+        streak = (streak + 1 if top == leader else 1) if ok else 0
+        leader = top if ok else None
+        if streak >= consecutive:
+            return r["token_index"], top
+    return None
+
+
+def test_early_exit_stops_where_the_readings_settle(server, http):
+    probe = {"choices": ["Yes", "No"], "every": 4}
+    _, full, _, _ = live_chat(server, probe, stream=True, max_tokens=64)
+    # a threshold the full-length readings cross, halfway between two of their values
+    # (far from both: reading noise cannot move the stop): the stop must come at the
+    # point the documented rule gives on the full readings
+    from tests.probe_reference import threshold_between
+
+    threshold = threshold_between(max(r["probs"].values()) for r in full[0]
+                                  if r["mass"] >= 0.05)
+    want = _settle_point(full[0], threshold, 2, 0.05)
+    assert want is not None
+    stop = {"threshold": threshold, "consecutive": 2, "complete": True}
+    toks, readings, finish, _ = live_chat(server, {**probe, "stop_when": stop}, stream=True,
+                                          max_tokens=64)
+    f = finish[0]
+    assert f["finish_reason"] == "stop" and f["stop_reason"] == "vllm_steer:probe_settled"
+    ps = f["probe_stop"]
+    assert (ps["token_index"], ps["choice"]) == want
+    assert readings[0][-1]["token_index"] == want[0]   # no reading after the settling one
+    assert len(toks[0]) - len(ps["appended_token_ids"]) < 64   # stopped before max_tokens
+    assert toks[0][-len(ps["appended_token_ids"]):] == ps["appended_token_ids"]
+    assert ps["appended_text"].endswith(ps["choice"])
+    # non-streamed: the same decision
+    _, _, finish2, _ = live_chat(server, {**probe, "stop_when": stop}, stream=False,
+                                 max_tokens=64)
+    assert finish2[0]["probe_stop"]["token_index"] == want[0]
+
+
+def test_early_exit_never_fires_on_low_mass_readings(server):
+    # choices the model will not say: every reading has low mass, whatever its probs
+    probe = {"choices": ["Banana", "Cherry"], "every": 4,
+             "stop_when": {"threshold": 0.5, "consecutive": 1, "min_mass": 0.5}}
+    toks, readings, finish, _ = live_chat(server, probe, stream=True, max_tokens=24)
+    assert all(r["mass"] < 0.5 for r in readings[0]) and len(readings[0]) == 7
+    assert finish[0]["finish_reason"] == "length" and "probe_stop" not in finish[0]
+    assert len(toks[0]) == 24
+
+
+@pytest.mark.parametrize("probe,param", [
+    ({"every": 0}, "probe.every"),
+    ({"choices": "Yes"}, "probe.choices"),
+    ({"choices": ["20", "200"]}, "probe.choices"),
+    ({"max_tokens": 5}, "probe.max_tokens"),
+    ({"colour": "red"}, "probe.colour"),
+    ({"suffix": None}, "probe.suffix"),
+    ({"stop_when": {"threshold": 2}}, "probe.stop_when.threshold"),
+    ({"stop_when": {"choice": "Maybe"}}, "probe.stop_when.choice"),
+    ({"stop_when": {"wait": 1}}, "probe.stop_when.wait"),
+    ("{not json", "probe"),
+    (5, "probe"),
+])
+def test_bad_probe_fields_are_400_naming_the_field(http, server, probe, param):
+    for path, extra in (("/v1/completions", {"prompt": "Hello"}),
+                        ("/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "Hello"}]})):
+        for form in ("body", "xargs"):
+            value = probe if form == "body" else (
+                probe if isinstance(probe, str) else json.dumps(probe))
+            body = {"model": model(server), "max_tokens": 4, **extra,
+                    **({"probe": value} if form == "body" else
+                       {"vllm_xargs": {"probe": value}})}
+            r = http.post(path, json={**body, "stream": True})
+            assert r.status_code == 400, (path, form, r.text)
+            assert r.json()["error"]["param"] == param, (path, form, r.text)
+
+
+def test_probe_field_conflicts_are_400(http, server):
+    base = {"model": model(server), "prompt": "Hello", "max_tokens": 4}
+    cases = [({"probe": {}, "vllm_xargs": {"probe": "{}"}}, "probe"),
+             ({"probe": {"stop_when": {}}, "n": 2}, "probe.stop_when"),
+             ({"probe": {"stop_when": {"complete": True}}, "logprobs": 1},
+              "probe.stop_when.complete"),
+             ({"probe": {}, "prompt": ["a", "b"]}, "prompt"),
+             ({"probe": {}, "max_tokens": 2040}, "max_tokens")]
+    for extra, param in cases:
+        r = http.post("/v1/completions", json={**base, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    r = http.post("/v1/responses", json={"model": model(server), "input": "Hi", "probe": {}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "probe", r.text
+
+
+def _metric(server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    vals = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name) and not line.startswith("#")]
+    return sum(vals)
+
+
+def test_client_disconnect_mid_stream_cancels_the_forks(server, http):
+    body = {"model": model(server), "prompt": LIVE_Q, "max_tokens": 400, "ignore_eos": True,
+            "stream": True, "probe": {"choices": ["20", "30", "40", "50"], "every": 1}}
+    before = http.get("/v1/steering/stats").json()["live_probes"]
+    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as c, \
+            c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        readings = 0
+        for line in r.iter_lines():
+            if '"probe_readings"' in line:
+                readings += 1
+            if readings >= 3:
+                break   # leave with forks and the request still running
+        mid = http.get("/v1/steering/stats").json()["live_probes"]
+        assert mid["forks_in_flight"] > 0, mid
+    t0 = time.monotonic()
+    while True:
+        st = http.get("/v1/steering/stats").json()["live_probes"]
+        running = _metric(server, "vllm:num_requests_running") + _metric(
+            server, "vllm:num_requests_waiting")
+        if st["forks_in_flight"] == 0 and running == 0:
+            break
+        assert time.monotonic() - t0 < 60, (st, running)
+        time.sleep(0.5)
+    assert st["forks_submitted"] > before["forks_submitted"]
+
+
+def test_probed_and_unprobed_requests_in_one_batch_equal_separate_runs(server, http):
+    prompts = [f"Name two facts about the number {n}." for n in (5, 18, 33)]
+
+    async def plain(client, p):
+        r = await client.completions.create(model=model(server), prompt=p, max_tokens=24,
+                                            temperature=0.0, logprobs=3)
+        return r.choices[0].text, r.choices[0].logprobs.top_logprobs
+
+    async def probed(client):
+        r = await client.chat.completions.create(
+            model=model(server), messages=[{"role": "user", "content": LIVE_Q}],
+            max_tokens=32, temperature=0.0, extra_body={
+                "probe": {"choices": ["Yes", "No"], "every": 4}, "ignore_eos": True,
+                "steering": LIVE_STEER, "return_token_ids": True})
+        c = r.choices[0]
+        return list(_extra(c)["token_ids"]), _extra(c)["probe_readings"]
+
+    async def alone():
+        client = openai_client(server)
+        out = [await plain(client, p) for p in prompts], await probed(client)
+        await client.close()
+        return out
+
+    async def together():
+        client = openai_client(server)
+        res = await asyncio.gather(probed(client), *(plain(client, p) for p in prompts))
+        await client.close()
+        return list(res[1:]), res[0]
+
+    ref_plain, ref_probed = run(alone())
+    got_plain, got_probed = run(together())
+    for (t, top), (rt, rtop) in zip(got_plain, ref_plain, strict=True):
+        assert t == rt
+        for a, b in zip(top, rtop, strict=True):
+            assert set(a) == set(b) and all(abs(a[k] - b[k]) < 1e-4 for k in b)
+    assert got_probed[0] == ref_probed[0]
+    for a, b in zip(got_probed[1], ref_probed[1], strict=True):
+        assert a["token_index"] == b["token_index"]
+        assert abs(a["logprobs"]["Yes"] - b["logprobs"]["Yes"]) < 1e-4
+
+
 # -- restart (keep last: it restarts the module's server) -----------------------------
 def test_restart_keeps_registered_vectors(server, http):
     vdir = vec_dir(server)

@@ -167,7 +167,11 @@ def vs_hf_section(d: dict[str, Any]) -> list[str]:
 
 
 _OFF_LABELS = {"salted": "unique cache_salt per fork (same engine)",
-               "engine_off": "second engine, enable_prefix_caching=False"}
+               "engine_off": "second engine, enable_prefix_caching=False",
+               "topk_neighbours": "cached forks + neighbours asking logprobs=5 (per-row "
+                                  "merge), one call",
+               "plain_neighbours": "cached forks + the same neighbours without logprobs, "
+                                   "one call"}
 
 
 def probe_section(d: dict[str, Any]) -> list[str]:
@@ -218,6 +222,17 @@ def probe_section(d: dict[str, Any]) -> list[str]:
                     f"{_s(c['seconds']['cached'], digits=2)} | {_OFF_LABELS.get(v, v)} | "
                     f"{_s(r, digits=1)}x | {min(off)}-{max(off)} | "
                     f"{c['max_abs_logprob_diff_vs_cached'][v]:.1e} |")
+    out.append("")
+    for bs, b in d["block_sizes"].items():
+        for key, c in b["choice_sets"].items():
+            if "ratio_topk_over_plain_neighbours" in c:
+                out.append(f"- block_size={bs}, {key}: forks with top-k neighbours / with plain "
+                           f"neighbours {_s(c['ratio_topk_over_plain_neighbours'], digits=3)}x")
+        if "merge" in b:
+            m = b["merge"]
+            out.append(f"- block_size={bs}: {m['mixed_batches']} batches mixed exact-ID and "
+                       f"top-k rows; one per-row merge took {1e6 * m['seconds_per_merge']:.0f} "
+                       "us (median, measured alone)")
     out.append("")
     return out
 
@@ -364,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     names = ("overhead_compiled_resolver_fix", "overhead_compiled", "overhead_eager", "vs_hf",
              "probe_forks", "probe_forks_choices", "memory", "serving",
-             "overhead_compiled_ops", "overhead_compiled_ops_aa", "wire")
+             "overhead_compiled_ops", "overhead_compiled_ops_aa", "wire",
+             "probe_forks_isolation")
     results = {n: d for n in names if (d := _load(n, args.quick)) is not None}
     out_md = RESULTS_DIR / "RESULTS_quick.md" if args.quick else REPORT_DIR / "RESULTS.md"
     png = (RESULTS_DIR / "overhead_quick.png") if args.quick else REPORT_DIR / "overhead.png"
@@ -386,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                  "front-end fix", 1) for line in overhead_section(d)],
                 "overhead_compiled": overhead_section, "overhead_eager": overhead_section,
                 "vs_hf": vs_hf_section, "probe_forks": probe_section,
-                "probe_forks_choices": probe_section,
+                "probe_forks_choices": probe_section, "probe_forks_isolation": probe_section,
                 "memory": memory_section, "serving": serving_section,
                 "overhead_compiled_ops": lambda d: [
                     line.replace("### Overhead, compiled", "### Overhead of interventions, "

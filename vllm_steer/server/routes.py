@@ -59,6 +59,9 @@ class SteeringEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from vllm_steer.vllm_adapter import live_server
+
+        live_server.install()   # the 'probe' field of the completion endpoints
         app.include_router(build_router())
         app.add_exception_handler(SteerHTTPError, handle_steer_error)
 

@@ -25,6 +25,9 @@ async def steering_stats(request: Request) -> JSONResponse:
                                          RPC_TIMEOUT_S)
     except TimeoutError:
         raise SteerHTTPError(503, "the engine did not answer the stats call in time") from None
+    from vllm_steer.vllm_adapter.live_server import LIVE
+
     return JSONResponse({"object": "steering.stats", "workers": list(workers),
+                         "live_probes": dict(LIVE),
                          "vectors": len(ctx.registry.entries),
                          "persistent": ctx.registry.persistent})

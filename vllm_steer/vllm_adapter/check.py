@@ -243,13 +243,17 @@ Check = (Exists | Signature | Property | Field | Assigned | Inherited | EnvVar |
 @dataclass(frozen=True)
 class Symbol:
     """One row of the table: a vLLM symbol, what the plugin does with it, why, and how it
-    is checked. ``platform``: required only on that vLLM platform (``device_type``)."""
+    is checked. ``platform``: required only on that vLLM platform (``device_type``).
+    ``scope``: ``plugin`` rows are checked at plugin load in every vLLM process; ``api``
+    rows (the OpenAI serving layer, whose modules take seconds to import) when the
+    endpoint plugin installs its patches in the API-server process."""
 
     target: str
     kind: str
     why: str
     checks: tuple[Check, ...]
     platform: str | None = None
+    scope: str = "plugin"
 
     @property
     def module(self) -> str:
@@ -330,9 +334,9 @@ def applies(sym: Symbol, platform: str | None) -> bool:
     return sym.platform is None or sym.platform == platform
 
 
-def check_all(symbols: Iterable[Symbol] | None = None) -> list[Symbol]:
-    """Check every symbol (plugin-load checks) that applies to this platform; raise
-    ``VLLMDriftError`` listing every failure. Returns the symbols checked."""
+def check_all(symbols: Iterable[Symbol] | None = None, scope: str = "plugin") -> list[Symbol]:
+    """Check every symbol of ``scope`` (plugin-load checks) that applies to this platform;
+    raise ``VLLMDriftError`` listing every failure. Returns the symbols checked."""
     if symbols is None:
         from vllm_steer.vllm_adapter.symbols import SYMBOLS
 
@@ -340,7 +344,7 @@ def check_all(symbols: Iterable[Symbol] | None = None) -> list[Symbol]:
     platform = _platform()
     checked, failures = [], []
     for sym in symbols:
-        if not applies(sym, platform):
+        if not applies(sym, platform) or sym.scope != scope:
             continue
         checked.append(sym)
         problem = symbol_problem(sym)

@@ -30,6 +30,11 @@ def max_model_len(engine: Any) -> int:
     return int(cfg.max_model_len)
 
 
+def llm_engine(llm: Any) -> Any:
+    """The ``LLMEngine`` of a ``vllm.LLM`` (live probes step it themselves)."""
+    return _attr(llm, "llm_engine", "vllm.entrypoints.llm:LLM.llm_engine")
+
+
 def vllm_config(llm: Any) -> Any:
     """The ``VllmConfig`` a ``vllm.LLM`` runs with (benchmark records, tests)."""
     engine = _attr(llm, "llm_engine", "vllm.entrypoints.llm:LLM.llm_engine")

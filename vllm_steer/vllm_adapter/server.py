@@ -47,6 +47,7 @@ def _wrap_sampling(orig: Callable[..., Any]) -> Callable[..., Any]:
         from vllm_steer.vllm_adapter.frontend import prevalidate
 
         params = orig(self, *args, **kwargs)
+        _refuse_unserved_probe(self)
         try:
             extra = merged_extra_args(self, params.extra_args)
         except SpecError as e:
@@ -58,6 +59,24 @@ def _wrap_sampling(orig: Callable[..., Any]) -> Callable[..., Any]:
 
     to_sampling_params._vllm_steer = True  # type: ignore[attr-defined]
     return to_sampling_params
+
+
+def _refuse_unserved_probe(request: Any) -> None:
+    """A ``probe`` field where live probes are not installed (the endpoint plugin is not
+    enabled, or the responses API) is an error, not a field dropped in silence."""
+    from vllm_steer.vllm_adapter import live_server
+
+    body = getattr(request, "model_extra", None) or {}
+    xargs = getattr(request, "vllm_xargs", None) or {}
+    if body.get("probe") is None and xargs.get("probe") is None:
+        return
+    if not live_server.installed():
+        raise validation_error("probe: live probes are served by the vllm_steer_routes "
+                               "endpoint plugin (VLLM_PLUGINS=vllm_steer,vllm_steer_routes)",
+                               "probe")
+    if type(request).__name__ not in ("ChatCompletionRequest", "CompletionRequest"):
+        raise validation_error("probe: only /v1/chat/completions and /v1/completions take a "
+                               "live probe", "probe")
 
 
 def _wrap_beam(orig: Callable[..., Any]) -> Callable[..., Any]:

