@@ -1045,8 +1045,9 @@ def _extra(obj) -> dict[str, Any]:
 
 
 def live_chat(server, probe, *, stream, n=1, max_tokens=40, steering=LIVE_STEER, **kw):
-    """A probed chat completion through the official client: (per choice index: token ids,
-    readings, the finish choice's extras), prompt token ids."""
+    """A probed chat completion through the official client: per choice index its token
+    ids, readings and finish-chunk extras; the prompt's token ids; and (streamed) the
+    order things arrived in: ``("tokens", count so far)`` / ``("reading", token_index)``."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
@@ -1061,13 +1062,14 @@ def live_chat(server, probe, *, stream, n=1, max_tokens=40, steering=LIVE_STEER,
     toks: dict[int, list[int]] = {}
     readings: dict[int, list[dict[str, Any]]] = {}
     finish: dict[int, dict[str, Any]] = {}
+    order: list[tuple[str, int]] = []
     if not stream:
         for c in r.choices:
             ex = _extra(c)
             toks[c.index] = list(ex["token_ids"])
             readings[c.index] = ex.get("probe_readings", [])
             finish[c.index] = {"finish_reason": c.finish_reason, **ex}
-        return toks, readings, finish, list(_extra(r)["prompt_token_ids"])
+        return toks, readings, finish, list(_extra(r)["prompt_token_ids"]), order
     prompt_ids = None
     for chunk in r:
         ex = _extra(chunk)
@@ -1076,12 +1078,15 @@ def live_chat(server, probe, *, stream, n=1, max_tokens=40, steering=LIVE_STEER,
         for c in chunk.choices:
             cx = _extra(c)
             toks.setdefault(c.index, []).extend(cx.get("token_ids") or [])
+            if cx.get("token_ids"):
+                order.append(("tokens", len(toks[c.index])))
             for rd in cx.get("probe_readings") or []:
                 assert rd["index"] == c.index
                 readings.setdefault(c.index, []).append(rd)
+                order.append(("reading", rd["token_index"]))
             if c.finish_reason is not None:
                 finish[c.index] = {"finish_reason": c.finish_reason, **cx}
-    return toks, readings, finish, prompt_ids
+    return toks, readings, finish, prompt_ids, order
 
 
 def offline_reading(http, prompt_ids, gen, t, steering=LIVE_STEER, choices=("Yes", "No")):
@@ -1099,10 +1104,15 @@ def offline_reading(http, prompt_ids, gen, t, steering=LIVE_STEER, choices=("Yes
 
 def test_live_probe_streams_readings_equal_to_the_offline_probe(server, http):
     probe = {"choices": ["Yes", "No"], "every": 8}
-    toks, readings, finish, prompt_ids = live_chat(server, probe, stream=True)
+    toks, readings, finish, prompt_ids, order = live_chat(server, probe, stream=True)
     gen, rs = toks[0], readings[0]
     assert len(gen) == 40 and finish[0]["finish_reason"] == "length"
     assert [r["token_index"] for r in rs] == [0, 8, 16, 24, 32, 40]   # token order, the end
+    # readings arrive while the text streams, not after it: the first ones come before
+    # the last tokens, and the last reading before the finish chunk (the last event)
+    first = order.index(("reading", 0))
+    assert any(kind == "tokens" for kind, _ in order[first:]), order
+    assert max((n for kind, n in order[:first] if kind == "tokens"), default=0) < 40, order
     for r in rs:
         ref = offline_reading(http, prompt_ids, gen, r["token_index"])
         assert r["in_thinking"] == ref["in_thinking"]
@@ -1110,7 +1120,7 @@ def test_live_probe_streams_readings_equal_to_the_offline_probe(server, http):
             assert abs(r["logprobs"][c] - ref["logprobs"][c]) < 1e-3, (r["token_index"], c)
         assert abs(r["mass"] - ref["mass"]) < 1e-3
     # the same request, not streamed: the same tokens and readings
-    toks2, readings2, finish2, _ = live_chat(server, probe, stream=False)
+    toks2, readings2, finish2, _, _ = live_chat(server, probe, stream=False)
     assert toks2[0] == gen and "probe_stop" not in finish2[0]
     assert [r["token_index"] for r in readings2[0]] == [r["token_index"] for r in rs]
     for a, b in zip(readings2[0], rs, strict=True):
@@ -1119,7 +1129,7 @@ def test_live_probe_streams_readings_equal_to_the_offline_probe(server, http):
 
 def test_live_probe_reads_each_choice_of_n(server, http):
     probe = {"choices": ["Yes", "No"], "every": 12}
-    toks, readings, _, prompt_ids = live_chat(server, probe, stream=True, n=2,
+    toks, readings, _, prompt_ids, _ = live_chat(server, probe, stream=True, n=2,
                                               temperature=1.0, seed=7, max_tokens=24)
     assert sorted(readings) == [0, 1] and toks[0] != toks[1]
     for i in (0, 1):
@@ -1146,7 +1156,7 @@ def _settle_point(readings, threshold, consecutive, min_mass):
 
 def test_early_exit_stops_where_the_readings_settle(server, http):
     probe = {"choices": ["Yes", "No"], "every": 4}
-    _, full, _, _ = live_chat(server, probe, stream=True, max_tokens=64)
+    _, full, _, _, _ = live_chat(server, probe, stream=True, max_tokens=64)
     # a threshold the full-length readings cross, halfway between two of their values
     # (far from both: reading noise cannot move the stop): the stop must come at the
     # point the documented rule gives on the full readings
@@ -1157,8 +1167,8 @@ def test_early_exit_stops_where_the_readings_settle(server, http):
     want = _settle_point(full[0], threshold, 2, 0.05)
     assert want is not None
     stop = {"threshold": threshold, "consecutive": 2, "complete": True}
-    toks, readings, finish, _ = live_chat(server, {**probe, "stop_when": stop}, stream=True,
-                                          max_tokens=64)
+    toks, readings, finish, _, _ = live_chat(server, {**probe, "stop_when": stop},
+                                             stream=True, max_tokens=64)
     f = finish[0]
     assert f["finish_reason"] == "stop" and f["stop_reason"] == "vllm_steer:probe_settled"
     ps = f["probe_stop"]
@@ -1168,8 +1178,8 @@ def test_early_exit_stops_where_the_readings_settle(server, http):
     assert toks[0][-len(ps["appended_token_ids"]):] == ps["appended_token_ids"]
     assert ps["appended_text"].endswith(ps["choice"])
     # non-streamed: the same decision
-    _, _, finish2, _ = live_chat(server, {**probe, "stop_when": stop}, stream=False,
-                                 max_tokens=64)
+    _, _, finish2, _, _ = live_chat(server, {**probe, "stop_when": stop}, stream=False,
+                                    max_tokens=64)
     assert finish2[0]["probe_stop"]["token_index"] == want[0]
 
 
@@ -1177,7 +1187,7 @@ def test_early_exit_never_fires_on_low_mass_readings(server):
     # choices the model will not say: every reading has low mass, whatever its probs
     probe = {"choices": ["Banana", "Cherry"], "every": 4,
              "stop_when": {"threshold": 0.5, "consecutive": 1, "min_mass": 0.5}}
-    toks, readings, finish, _ = live_chat(server, probe, stream=True, max_tokens=24)
+    toks, readings, finish, _, _ = live_chat(server, probe, stream=True, max_tokens=24)
     assert all(r["mass"] < 0.5 for r in readings[0]) and len(readings[0]) == 7
     assert finish[0]["finish_reason"] == "length" and "probe_stop" not in finish[0]
     assert len(toks[0]) == 24
@@ -1299,6 +1309,25 @@ def test_probed_and_unprobed_requests_in_one_batch_equal_separate_runs(server, h
     for a, b in zip(got_probed[1], ref_probed[1], strict=True):
         assert a["token_index"] == b["token_index"]
         assert abs(a["logprobs"]["Yes"] - b["logprobs"]["Yes"]) < 1e-4
+
+
+def test_monitor_command_shows_readings_and_writes_the_trajectory(server, tmp_path, capsys):
+    from vllm_steer.cli import main
+
+    out = tmp_path / "monitor"
+    rc = main(["monitor", LIVE_Q, "--url", server.url, "--api-key", API_KEY, "--every", "6",
+               "--max-tokens", "30", "--open-thinking", "<think>\n", "--steering",
+               json.dumps(LIVE_STEER), "--out", str(out)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("t=")]   # stderr is not a tty here
+    assert len(lines) == 6 and "thinking" in lines[0] and "P(Yes)=" in lines[0]
+    data = json.loads((out / "monitor.json").read_text())
+    assert [r["token_index"] for r in data["readings"]] == [0, 6, 12, 18, 24, 30]
+    assert all(r["in_thinking"] for r in data["readings"][:1])
+    assert data["finish_reason"] == "length" and data["text"]
+    png = out / "monitor.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
 # -- restart (keep last: it restarts the module's server) -----------------------------

@@ -251,6 +251,12 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     add_sweep(sub)
 
 
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.probe.monitor import add_monitor
+
+    add_monitor(sub)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from vllm_steer.demo import add_demo
 
@@ -265,7 +271,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_model, _add_vector, _add_serve, _add_vllm, _add_extract, _add_probe, _add_sweep,
-    _add_demo]
+    _add_monitor, _add_demo]
 SUBCOMMANDS.append(_add_bench)
 SUBCOMMANDS.append(_add_doctor)
 

@@ -175,6 +175,7 @@ class LiveSequence:
     points: dict[int, ProbePoint] = field(default_factory=dict)
     delivered: int = 0   # readings handed out, in token order
     _order: list[int] = field(default_factory=list)
+    _next: int = 0   # the next multiple of ``every`` to decide
     _tracker: ThinkTracker | None = None
     _states: list[int] = field(default_factory=list)
 
@@ -208,9 +209,14 @@ class LiveSequence:
         n = len(self.tokens)
         every = self.probe.cfg.probe.every
         last = n if self.finished else n - self.probe.lookahead
-        cands = set(range(0, max(last, -1) + 1, every))
-        if self.finished:
-            cands.add(n)
+        cands = []
+        while self._next <= last:   # each candidate is looked at once
+            cands.append(self._next)
+            self._next += every
+        if self.finished and n not in cands:
+            cands.append(n)
+        if not cands:
+            return []
         seq = self.prompt_ids + self.tokens
         markers = (self.probe.ts, self.probe.te)
         runs = []
