@@ -90,32 +90,22 @@ class LiveState:
             runs += [(c.index, r) for r in tr.seq.extend(new, c.finish_reason is not None)]
         return runs
 
-    def finish(self, index: int) -> list[tuple[int, PointRun]]:
-        """Mark ``index`` ended (its last tokens seen): the runs of its end point."""
-        tr = self.tracks.get(index)
-        if tr is None or tr.seq.finished:
-            return []
-        return [(index, r) for r in tr.seq.extend([], True)]
-
     def point_done(self, index: int, pt: ProbePoint) -> None:
+        """A point's reading is complete: deliver what is now ready in token order, each
+        reading judged by the stop rule before the next; nothing after a settling one."""
+        if index in self.stops:
+            return
         tr = self.tracks[index]
-        ready = tr.seq.add(pt)
-        if not ready:
-            return
-        self.on_readings(index, ready)
-        if tr.rule is None or index in self.stops:
-            return
-        for p in ready:
-            choice = tr.rule.settled(tr.seq, p.reading)
+        out = []
+        for p in tr.seq.add(pt):
+            out.append(p)
+            choice = tr.rule.settled(tr.seq, p.reading) if tr.rule is not None else None
             if choice is not None:
-                when = self.probe.cfg.stop_when
-                ans = tr.seq.answer_tokens(p, choice) if when.complete else []
+                ans = tr.seq.answer_tokens(p, choice) if tr.rule.when.complete else []
                 self.stops[index] = StopRecord(index, choice, p, ans)
                 break
-
-    def complete(self) -> bool:
-        """Every choice either stopped early or finished with all its readings."""
-        return all(i in self.stops or tr.seq.complete for i, tr in self.tracks.items())
+        if out:
+            self.on_readings(index, out)
 
 
 class LiveRun:
@@ -134,7 +124,6 @@ class LiveRun:
         self.state = LiveState(probe, self._on_readings, steering)
         self.settled = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.forks_submitted = 0
         self.error: BaseException | None = None
         self._ids = itertools.count()
 
@@ -147,9 +136,6 @@ class LiveRun:
     # -- forks ---------------------------------------------------------------------
     def observe(self, out: Any, cumulative: bool) -> None:
         self._spawn(self.state.observe(out, cumulative))
-
-    def finish(self, index: int) -> None:
-        self._spawn(self.state.finish(index))
 
     def _spawn(self, runs: list[tuple[int, PointRun]]) -> None:
         for index, run in runs:
@@ -166,7 +152,6 @@ class LiveRun:
     async def _one(self, prompt: dict[str, Any], sp: Any) -> Any:
         final = None
         rid = f"{self.request_id}-probe-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        self.forks_submitted += 1
         async for o in self._generate(prompt, sp, rid):
             final = o
         return final
