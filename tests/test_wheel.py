@@ -120,6 +120,9 @@ def test_the_venv_imports_the_wheel_not_the_checkout(venv: Venv) -> None:
     shipped = sorted(str(p.relative_to(REPO / "vllm_steer")) for p in
                      (REPO / "vllm_steer" / "configs").rglob("*") if p.is_file())
     assert set(shipped) <= set(venv.package_files())
+    # and the playground page's files (served at /steer)
+    from vllm_steer.server.playground import FILES
+    assert {f"server/static/{name}" for name in FILES} <= set(venv.package_files())
 
 
 def test_vector_info_and_extract(venv: Venv) -> None:
@@ -177,6 +180,12 @@ def test_serve_one_steered_request_and_an_upload(venv: Venv) -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(1.0)
+        # the playground page, from the installed package's files
+        from vllm_steer.server.playground import FILES
+        for name in ("", *(f"/{n}" for n in FILES)):
+            r = httpx.get(f"{url}/steer{name}", timeout=30)
+            assert r.status_code == 200 and r.content, (name, r.status_code)
+        assert "vllm-steer" in httpx.get(f"{url}/steer", timeout=30).text
         listed = httpx.get(f"{url}/v1/steering/vectors", timeout=30).json()
         assert {"happy", "cautious_thinking"} <= {v["id"] for v in listed["data"]}
         client = OpenAI(base_url=f"{url}/v1", api_key="EMPTY")

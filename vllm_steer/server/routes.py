@@ -3,7 +3,9 @@
 Enabled by naming ``vllm_steer_routes`` in ``VLLM_PLUGINS`` (vLLM loads endpoint plugins
 only when named). Each feature module contributes one ``APIRouter``; adding a route
 family (e.g. the answer probes) means adding its router to ``ROUTERS``. Every route
-requires vLLM's ``--api-key`` when one is set, and errors use OpenAI's error shape.
+requires vLLM's ``--api-key`` when one is set, and errors use OpenAI's error shape. The
+playground page (``playground``, ``GET /steer``) is mounted beside them without the key:
+it is static and makes every call with the key typed into it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from vllm_steer.server import ENDPOINT_PLUGIN, probe, stats, vectors
+from vllm_steer.server import ENDPOINT_PLUGIN, playground, probe, stats, vectors
 from vllm_steer.server.common import (
     STATE_KEY,
     ServerContext,
@@ -63,6 +65,7 @@ class SteeringEndpoints:
 
         live_server.install()   # the 'probe' field of the completion endpoints
         app.include_router(build_router())
+        app.include_router(playground.router)
         app.add_exception_handler(SteerHTTPError, handle_steer_error)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
