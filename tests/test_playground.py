@@ -238,21 +238,41 @@ def test_sweep_draws_one_point_per_value(site, page):
     page.console_clean()
 
 
-def test_live_probe_is_feature_detected(site, page):
+def _api_live_readings(site: Site, steering: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The readings the official client streams for the page's live-probe settings."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{site.url}/v1", api_key=API_KEY, max_retries=0, timeout=180)
+    body: dict[str, Any] = {"probe": {"choices": ["Yes", "No"], "every": 8}}
+    if steering:
+        body["steering"] = steering
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me about your day."}],
+        max_tokens=int(MAX_TOKENS), temperature=0, seed=0, stream=True, extra_body=body)
+    return [r for chunk in stream for c in chunk.choices
+            for r in (c.model_extra or {}).get("probe_readings") or []]
+
+
+def test_live_probe_chart_fills_in_from_the_stream(site, page):
     page.click("#live-on")
     status = page.generate()
     live = page.text("#live-status")
+    assert status == "done" and "unavailable" not in live, live
     assert page.text("#out-steered") and page.text("#out-plain")
-    if "unavailable" in live:
-        # this server does not stream probe readings (yet): said, nothing drawn, no error
-        assert status == "done" and not page.el("#live-figure").is_displayed()
-    else:
-        n = len(page.els("#live-chart circle.live-steered"))
-        assert n > 0 and f"{n} probe readings" in page.text("#meta-steered"), live
+    assert page.el("#live-figure").is_displayed()
+    want = {"steered": _api_live_readings(site, {"vectors": [{"name": "happy", "op": "add",
+                                                               "scale": 4}]}),
+            "plain": _api_live_readings(site, None)}
+    for which, label in (("steered", "steered"), ("plain", "unsteered")):
+        readings = want[which]
+        pts = page.els(f"#live-chart circle.live-{label}")   # the log-odds panel's markers
+        assert len(readings) >= 3 and len(pts) == len(readings), (which, live)
+        xs = sorted(float(p.get_attribute("data-x")) for p in pts)
+        assert xs == [r["token_index"] for r in readings]
+        assert f"{len(readings)} probe readings" in page.text(f"#meta-{which}")
     page.shot("03-live-probe")
-    if page.el("#live-on").is_enabled() and page.el("#live-on").is_selected():
-        page.click("#live-on")
-    page.console_clean(allowed=(refused("/v1/chat/completions", 400),))
+    page.click("#live-on")
+    page.console_clean()
 
 
 def test_server_errors_appear_next_to_their_control(site, page):
