@@ -118,15 +118,19 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    seen = set()
     for g in res["grid"]:
-        ax.scatter(100 * g["saved_fraction"], 100 * g["agreement_overall"],
-                   s=20 + 10 * g["consecutive"], color=f"C{g['consecutive']}")
+        k = g["consecutive"]
+        ax.scatter(100 * g["saved_fraction"], 100 * g["agreement_overall"], s=20 + 10 * k,
+                   color=f"C{k}", label=None if k in seen else f"{k} consecutive")
+        seen.add(k)
         ax.annotate(f"{g['threshold']:g}/{g['consecutive']}",
                     (100 * g["saved_fraction"], 100 * g["agreement_overall"]), fontsize=7,
                     textcoords="offset points", xytext=(4, 3))
     ax.set_xlabel("tokens saved (% of full-length tokens)")
     ax.set_ylabel("early answer = answer at full length (% of questions)")
     ax.set_title("early exit: stop_when threshold/consecutive")
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
