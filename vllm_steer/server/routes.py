@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from vllm_steer.server import ENDPOINT_PLUGIN, probe, stats, vectors
+from vllm_steer.server import ENDPOINT_PLUGIN, fallback, probe, stats, vectors
 from vllm_steer.server.common import (
     STATE_KEY,
     ServerContext,
@@ -25,8 +25,9 @@ from vllm_steer.server.common import (
 
 logger = logging.getLogger("vllm_steer")
 
-#: Feature routers mounted by the plugin, in order.
-ROUTERS: list[APIRouter] = [vectors.router, stats.router, probe.router]
+#: Feature routers mounted by the plugin, in order; ``fallback`` (every other path and
+#: method under ``/v1/steering``: 404/405 in OpenAI's error shape) stays last.
+ROUTERS: list[APIRouter] = [vectors.router, stats.router, probe.router, fallback.router]
 
 
 def build_router() -> APIRouter:
@@ -59,8 +60,11 @@ class SteeringEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from vllm_steer.vllm_adapter.server import install_auth_errors
+
         app.include_router(build_router())
         app.add_exception_handler(SteerHTTPError, handle_steer_error)
+        install_auth_errors(fallback.PREFIX)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
