@@ -168,7 +168,8 @@ def _registry(tmp_path: Path) -> Path:
 
 
 def _churn(reg_file: str, store_root: str, tag: str, names: list[str], shared: list[str],
-           cycles: int, seed: int, sample_every: int = 0) -> dict:
+           cycles: int, seed: int, sample_every: int = 0, keep_collecting: bool = False
+           ) -> dict:
     """One API process: per cycle, upload a new vector for one of ``names`` (replace)
     and admit a request naming ``names + shared``; a reader thread plays the worker and
     reads every admitted request's vectors by id after a random delay of up to
@@ -227,7 +228,10 @@ def _churn(reg_file: str, store_root: str, tag: str, names: list[str], shared: l
             samples.append((len(_files(Path(store_root))), recent + len(reg.entries)))
     inbox.put(None)
     reader.join(60)
-    return {"reads": reads[0], "sent": sent, "failures": failures, "late": late_misses,
+    if not keep_collecting:
+        collector.stop()
+    return {"collector": collector if keep_collecting else None, "reads": reads[0],
+            "sent": sent, "failures": failures, "late": late_misses,
             "samples": samples,
             "created": len(last_used), "collections": collector.runs,
             "registered": sorted(res.registered_contents())}
@@ -240,7 +244,7 @@ def test_1000_upload_replace_cycles_keep_the_store_bounded_and_every_request_cor
     root = tmp_path / "store"
     t0 = time.monotonic()
     out = _churn(str(_registry(tmp_path)), str(root), "p", ["x", "y", "z"], [], 1000, 1,
-                 sample_every=20)
+                 sample_every=20, keep_collecting=True)
     wall = time.monotonic() - t0
     print(json.dumps({"wall_s": round(wall, 1), "created": out["created"],
                       "late_misses": out["late"][:5],
@@ -255,9 +259,12 @@ def test_1000_upload_replace_cycles_keep_the_store_bounded_and_every_request_cor
     # after the churn the background collector alone brings the store down to the
     # registered vectors (it schedules itself while young unreferenced content is left)
     deadline = time.monotonic() + GRACE + 10
-    while _files(root) != set(out["registered"]):
-        assert time.monotonic() < deadline, (len(_files(root)), out["registered"])
-        time.sleep(0.1)
+    try:
+        while _files(root) != set(out["registered"]):
+            assert time.monotonic() < deadline, (len(_files(root)), out["registered"])
+            time.sleep(0.1)
+    finally:
+        out["collector"].stop()  # before the directory goes
 
 
 def _churn_process(args: tuple, results) -> None:
