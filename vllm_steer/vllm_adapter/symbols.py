@@ -185,6 +185,13 @@ SYMBOLS: tuple[Symbol, ...] = (
            (Signature(("self", "prompt", "sampling_params", "request_id")),)),
     Symbol("vllm.envs:VLLM_API_KEY", READ, "the /v1/steering routes honour --api-key",
            (EnvVar(),)),
+    Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware.__call__",
+           PATCHED, "answers a request under /v1/steering without a valid API key in "
+           "OpenAI's error shape (vLLM's own answer there is {\"error\": \"Unauthorized\"})",
+           (Signature(("self", "scope", "receive", "send")),)),
+    Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware."
+           "verify_token", CALLED, "the same key check as vLLM's, by vLLM's own code",
+           (Signature(("self", "headers")),)),
     Symbol("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.attach_router", CALLED,
            "mounts the /v1/steering routes", (Signature(("self", "app")),)),
     Symbol("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.init_state", CALLED,
