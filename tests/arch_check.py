@@ -33,12 +33,12 @@ def serve_arch(name: str, tokenizer_dir: str, root: Path, **engine_options):
 
     from tests.steer_helpers import env_registry
     from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
-    from vllm_steer.testing.tiny_models import ARCHS, HIDDEN, LAYERS, build_tiny_model
+    from vllm_steer.testing.tiny_models import HIDDEN, LAYERS, build_tiny_model, tiny_arch
 
     model_dir = build_tiny_model(name, tokenizer_dir)
     reg = write_vectors(root, HIDDEN, LAYERS)
     env_registry(reg)
-    with inproc_engine(ARCHS[name].adapter != "hf_batched"):
+    with inproc_engine(tiny_arch(name).adapter != "hf_batched"):
         llm = make_test_llm(str(model_dir), max_model_len=512, **engine_options)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     try:
@@ -145,6 +145,43 @@ def check_against_hf(model, reg: Path, cases: list[Case], outs, num_layers: int,
                                          - float(plain[p - 1, case.prompt[p]])))
         rep.effects.append(effect)
     return rep
+
+
+@dataclass
+class Gap:
+    """Unsteered vLLM vs HF (nats): the worst sampled-token and prompt-token log-prob
+    differences, and greedy steps where vLLM's token is not HF's (nor within NEAR_TIE)."""
+
+    max_lp_err: float = 0.0
+    max_prompt_lp_err: float = 0.0
+    greedy_mismatches: int = 0
+
+    @property
+    def worst(self) -> float:
+        return max(self.max_lp_err, self.max_prompt_lp_err)
+
+
+def unsteered_gap(llm, model, prompts: list[list[int]], n_tokens: int = 12) -> Gap:
+    """Measure (assert nothing) how far vLLM's unsteered log-probs are from HF's on the same
+    weights: greedy continuations of ``prompts`` with every prompt log-prob, teacher-forced
+    through HF. Steering is only judged against HF where this is ~0."""
+    outs = run_cases(llm, [Case(p, [], prompt_logprobs=True) for p in prompts], n_tokens)
+    gap = Gap()
+    for prompt, out in zip(prompts, outs, strict=True):
+        comp = out.outputs[0]
+        gen = list(comp.token_ids)
+        n = len(prompt)
+        logp = _hf_logp(model, prompt + gen, None, None)
+        for t, tok in enumerate(gen):
+            row = logp[n - 1 + t]
+            if float(row.max() - row[tok]) >= NEAR_TIE:
+                gap.greedy_mismatches += 1
+            err = abs(comp.logprobs[t][tok].logprob - float(row[tok]))
+            gap.max_lp_err = max(gap.max_lp_err, err)
+        for p in range(1, n):
+            gap.max_prompt_lp_err = max(gap.max_prompt_lp_err, abs(
+                out.prompt_logprobs[p][prompt[p]].logprob - float(logp[p - 1, prompt[p]])))
+    return gap
 
 
 def think_ids(tok, start: str, end: str, closed: bool) -> list[int]:

@@ -84,3 +84,12 @@ def hf_choice_logprobs(model, ctx: list[int], variants: dict[str, list[tuple[int
         lp = sum(float(logp[b, j, t]) for j, t in enumerate(v))
         per.setdefault(c, []).append(lp)
     return {c: _lse(xs) for c, xs in per.items()}
+
+
+def threshold_between(values) -> float:
+    """A threshold halfway across the widest gap between two of ``values`` in their middle
+    half: far from every value, so reading noise cannot move what crosses it."""
+    v = sorted(set(values))
+    lo = max(range(len(v) // 4, max(3 * len(v) // 4, len(v) // 4 + 1)),
+             key=lambda i: v[i + 1] - v[i] if i + 1 < len(v) else -1.0)
+    return (v[lo] + v[lo + 1]) / 2

@@ -10,7 +10,7 @@ import pytest
 
 from tests.arch_check import check_against_hf, run_cases, serve_arch
 from tests.steer_helpers import THINK_END, THINK_START
-from tests.test_architectures import check_arch_ops, matrix_cases
+from tests.test_architectures import check_arch_ops, check_unsteered, matrix_cases
 from vllm_steer.testing.tiny_models import HIDDEN, LAYERS
 from vllm_steer.vllm_adapter.engine import vllm_config
 
@@ -24,6 +24,11 @@ def arch(request, default_model_dir, tmp_path_factory):
     yield from serve_arch(request.param, default_model_dir,
                           tmp_path_factory.mktemp(f"compiled-{request.param}"),
                           enforce_eager=False)
+
+
+def test_compiled_unsteered_matches_hf(arch, request):
+    name, llm, hf, tok, _ = arch
+    check_unsteered(name, llm, hf, tok, request)
 
 
 def test_compiled_steering_matches_hf_hooks(arch):

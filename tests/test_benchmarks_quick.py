@@ -110,7 +110,7 @@ def test_hf_worker_protocol(results_dir: Path, default_model_dir: str) -> None:
 
 
 def test_parsers_and_cli() -> None:
-    from vllm_steer.bench import memory, probe_forks, serving, vs_hf
+    from vllm_steer.bench import live_probe, memory, probe_forks, serving, vs_hf
 
     assert probe_forks.parse(["--quick"]).block_sizes == [32]
     assert probe_forks.parse([]).choices == [["Yes", "No"], ["20", "30", "40", "50"]]
@@ -119,6 +119,8 @@ def test_parsers_and_cli() -> None:
     assert vs_hf.parse(["--quick"]).hf_batch_sizes == [4, 8]
     assert memory.parse(["--quick"]).variants == ["unsteered", "steered"]
     assert serving.parse(["--quick"]).num_prompts == 4
+    assert (live_probe.parse([]).every, live_probe.parse([]).concurrent) == (16, 64)
+    assert probe_forks.parse([]).neighbours == 8
     import importlib
 
     from vllm_steer.bench import MODULES

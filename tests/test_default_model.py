@@ -190,11 +190,12 @@ def test_check_vllm_version_supported(version):
     assert compat.check_vllm_version(version) == version
 
 
-@pytest.mark.parametrize("version", ["0.31.0", "0.31.9", "0.33.0", "0.33.0rc1", "1.0.0"])
-def test_check_vllm_version_unsupported(version):
-    with pytest.raises(compat.UnsupportedVLLMError, match=r"supports vLLM .*0\.32\.0") as ei:
+@pytest.mark.parametrize("version", ["0.31.0", "0.31.9", "0.9.2", "0.31.0+cpu"])
+def test_check_vllm_version_older_is_refused(version):
+    with pytest.raises(compat.UnsupportedVLLMError, match=r"accepts vLLM .*0\.32\.0") as ei:
         compat.check_vllm_version(version)
-    assert str(compat.SUPPORTED_VLLM) in str(ei.value) and version in str(ei.value)
+    assert compat.TESTED_RANGE in str(ei.value) and version in str(ei.value)
+    assert "older than 0.32.0" in str(ei.value)
 
 
 def test_check_vllm_version_unparsable():

@@ -115,6 +115,38 @@ def test_shipped_registry_in_an_installed_layout_never_writes_into_the_package(
     assert "mine" in again.entries and "happy" not in again.entries
 
 
+def test_a_registry_inside_any_package_copy_uploads_to_the_data_home_however_spelled(
+        tmp_path, monkeypatch, home):
+    """The code that reads a registry may not be the package the registry lies in (another
+    version's API process read the installed registry): every ``vllm_steer`` package
+    directory counts, and every spelling of the path (symlinks, ``..``, relative)."""
+    other = tmp_path / "site-packages" / "vllm_steer"           # not the running package
+    (other / "configs").mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    reg = other / "configs" / "registry.yaml"
+    reg.write_text("vectors: {}\n")
+    (tmp_path / "link.yaml").symlink_to(reg)
+    (tmp_path / "cfgdir").symlink_to(other / "configs")
+    (tmp_path / "work" / "deeper").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work" / "deeper")
+    spellings = [reg, tmp_path / "link.yaml", tmp_path / "cfgdir" / "registry.yaml",
+                 other / "configs" / ".." / "configs" / "registry.yaml",
+                 Path("../../site-packages/vllm_steer/configs/registry.yaml"),
+                 Path("../../cfgdir/./registry.yaml"), Path("../../link.yaml")]
+    for spelled in spellings:
+        assert Registry.from_yaml(spelled).upload_dir == home / "uploads", spelled
+        assert locations.in_a_package(spelled), spelled
+    # the running package's own registry through a symlink, too
+    (tmp_path / "shipped.yaml").symlink_to(locations.shipped_registry())
+    assert Registry.from_yaml(tmp_path / "shipped.yaml").upload_dir == home / "uploads"
+    # a directory called vllm_steer that is not a package is just a directory
+    plain = tmp_path / "data" / "vllm_steer"
+    plain.mkdir(parents=True)
+    (plain / "reg.yaml").write_text("vectors: {}\n")
+    assert Registry.from_yaml(plain / "reg.yaml").upload_dir == plain / "uploads"
+    assert not locations.in_a_package(plain / "reg.yaml")
+
+
 def test_other_registries_keep_uploads_next_to_them_unless_overridden(tmp_path, monkeypatch,
                                                                       home):
     path = tmp_path / "reg.yaml"

@@ -297,3 +297,70 @@ def test_happy_sweep_moves_log_ratio_monotonically(setup):
     assert res.pearson_r_signed is not None and res.pearson_r_signed >= 0.99
     print("mean mass", res.mean_mass, "low-mass readings", res.low_mass_count)
     assert all(0 < m <= 1 for m in res.mean_mass)
+
+
+# -- live probes through the Python API (probe/live_run.live_generate) -----------------------
+@pytest.mark.parametrize("choices", [["Yes", "No"], ["20", "30", "40", "50"]],
+                         ids=["yes-no", "20-50"])
+def test_live_readings_equal_the_offline_probe_of_the_same_trajectory(setup, choices):
+    """Forks submitted while the requests generate (two prompts, n=2 sampled) read what
+    the offline probe reads on the finished trajectories, at a suffix cost."""
+    from vllm import SamplingParams
+
+    from vllm_steer.probe.live_run import live_generate
+
+    llm, _ = setup
+    tok = llm.get_tokenizer()
+    p = build_prompt(tok, QUESTION, open_thinking="<think>\n")
+    sp = SamplingParams(max_tokens=40, temperature=0.8, seed=3, n=2, ignore_eos=True)
+    res = live_generate(llm, [p, p[:-1]], sp, {"choices": choices, "every": 8},
+                        steering=STEERED)
+    te = len(tok.encode("</think>", add_special_tokens=False))
+    sfx = len(tok.encode("\nThe final answer is", add_special_tokens=False))
+    for r, prompt in zip(res, [p, p[:-1]], strict=True):
+        assert sorted(r.readings) == [0, 1] and not r.stops
+        for c in r.output.outputs:
+            gen = list(c.token_ids)
+            live = r.readings[c.index]
+            assert [x["token_index"] for x in live] == [0, 8, 16, 24, 32, 40]
+            job = ProbeJob(tok, [prompt], [STEERED], ProbeConfig(choices=choices, every=8,
+                                                                 max_tokens=40))
+            job.take("trajectories", [SimpleNamespace(outputs=[SimpleNamespace(
+                token_ids=gen)])])
+            (traj,) = run_job(llm, job, use_tqdm=False, stages=STAGES[1:])
+            for a, b in zip(live, traj.readings, strict=True):
+                assert a["token_index"] == b.token_index and a["in_thinking"] == b.in_thinking
+                for ch in choices:
+                    assert abs(a["logprobs"][ch] - b.logprobs[ch]) < 1e-3, (a, ch)
+                longest = job.choices.max_len
+                assert a["computed_tokens"] <= a["requests"] * (BLOCK - 1 + te + sfx + longest)
+            assert max(x["cached_tokens"] for x in live) >= BLOCK   # the live prefix, cached
+
+
+def test_live_early_exit_appends_the_settled_answer(setup):
+    from vllm import SamplingParams
+
+    from vllm_steer.probe.live_run import live_generate
+
+    llm, _ = setup
+    tok = llm.get_tokenizer()
+    p = build_prompt(tok, QUESTION, open_thinking="<think>\n")
+    sp = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
+    (full,) = live_generate(llm, [p], sp, {"every": 4})
+    from tests.probe_reference import threshold_between
+
+    threshold = threshold_between(max(x["probs"].values()) for x in full.readings[0]
+                                  if x["mass"] >= 0.05)
+    stop = {"threshold": threshold, "consecutive": 1, "complete": True}
+    (early,) = live_generate(llm, [p], sp, {"every": 4, "stop_when": stop})
+    rec = early.stops[0]
+    first = next(x for x in full.readings[0] if max(x["probs"].values()) >= threshold
+                 and x["mass"] >= 0.05)
+    assert rec.point.token_index == first["token_index"]
+    out = early.output.outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == "vllm_steer:probe_settled"
+    assert list(out.token_ids)[-len(rec.answer_ids):] == rec.answer_ids
+    assert len(out.token_ids) - len(rec.answer_ids) < 96
+    assert tok.decode(rec.answer_ids).endswith(rec.choice)
+    assert list(out.token_ids)[:first["token_index"]] == \
+        list(full.output.outputs[0].token_ids)[:first["token_index"]]

@@ -26,8 +26,9 @@ import pytest
 import torch
 import yaml
 
-from tests.server_helpers import Server
-from vllm_steer import SteeringVector
+from tests.server_helpers import Server, make_decoy
+from vllm_steer import SteeringVector, envvars
+from vllm_steer.steering.store import content_id
 from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
@@ -38,6 +39,11 @@ UPLOAD_LIMIT = 2 << 20
 MAX_TOKENS = 16
 REQUEST_TIMEOUT = 180.0
 FIGURES: dict[str, Any] = {}
+DECOY: dict[str, Path] = {}
+#: The module server's store grace period (s): short, so that a test sees content collected
+#: while requests that use it are in flight; every request here is first scheduled well
+#: within it (a lease lasts 0.9 of it after admission).
+STORE_GRACE_S = 5
 
 PROMPTS = [("cmpl", "The capital of France is"),
            ("cmpl", "Write a short poem about the sea.\n"),
@@ -85,7 +91,11 @@ def server(default_model_dir, tmp_path_factory):
     reg = write_test_vectors(root)
     with reg.open("a") as f:
         f.write(f"max_upload_bytes: {UPLOAD_LIMIT}\n")
-    srv = Server(default_model_dir, reg, root / "server.log", API_KEY)
+    # started in a directory holding a decoy vllm_steer (which fails loudly when imported):
+    # the server runs the code PYTHONPATH / the install selects, never the cwd's
+    DECOY["marker"] = make_decoy(root / "cwd")
+    srv = Server(default_model_dir, reg, root / "server.log", API_KEY, cwd=root / "cwd",
+                 extra_env={envvars.STORE_GRACE_S: str(STORE_GRACE_S)})
     FIGURES["startup_s"] = round(srv.start(), 1)
     yield srv
     srv.stop()
@@ -205,6 +215,7 @@ def test_routes_obey_api_key(server, http):
         for headers in ({}, wrong, {"Authorization": API_KEY}):
             r = bare.request(method, path, headers=headers, content=b"x")
             assert r.status_code == 401, (method, path, headers, r.text)
+            assert r.json()["error"]["param"] == "authorization", r.text
     assert bare.get("/health").status_code == 200
     assert http.get("/v1/steering/vectors/v1").status_code == 200  # still there
     bare.close()
@@ -468,6 +479,124 @@ def test_vector_paths_stay_inside_allowed_dirs(server, http, tmp_path):
         link.unlink()
 
 
+# -- nothing lenient; every answer of the plugin's routes in OpenAI's error shape ------------
+def openai_error(r: httpx.Response, status: int, param: str | None) -> str:
+    """Checks ``{"error": {"message", "type", "param", "code"}}`` with ``status`` and
+    ``param``; returns the message."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers.get("content-type", "").startswith("application/json"), r.headers
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"], dict), body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["code"] == status and err["param"] == param, err
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    return err["message"]
+
+
+def test_the_server_runs_the_selected_code_not_the_working_directorys(server, http):
+    assert http.get("/v1/steering/vectors").status_code == 200  # the plugin is there
+    assert not DECOY["marker"].exists(), "a process imported the decoy vllm_steer"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("replace", "yes"), ("replace", "true"), ("replace", 1), ("replace", [True]),
+    ("layers", "10"), ("layers", "5,6"), ("layers", "[5, 6]"), ("scale", "2"),
+    ("strength", "0.5"), ("value", "1.5")])
+def test_json_uploads_take_json_types_only(server, http, field, value):
+    body: dict[str, Any] = {"name": "typed", "data": base64.b64encode(
+        (vec_dir(server) / "v2.safetensors").read_bytes()).decode()}
+    body[field] = value
+    if field == "strength":
+        body["op"] = "ablate"
+    elif field == "value":
+        body["op"] = "clamp"
+    msg = openai_error(http.post("/v1/steering/vectors", json=body), 400, field)
+    assert "got" in msg
+    assert "typed" not in {v["name"] for v in http.get("/v1/steering/vectors").json()["data"]}
+
+
+def test_query_uploads_take_the_documented_text_spellings(server, http):
+    data = (vec_dir(server) / "v2.safetensors").read_bytes()
+    for bad in ("yes", "no", "on", "2", ""):
+        openai_error(upload(http, "spelled", data, replace=bad), 400, "replace")
+    openai_error(upload(http, "spelled", data, layers="[5, 6]"), 400, "layers")
+    r = http.post("/v1/steering/vectors?name=spelled&replace=false&replace=true", content=data,
+                  headers={"Content-Type": "application/octet-stream"})
+    assert "given more than once" in openai_error(r, 400, "replace")
+    r = upload(http, "spelled", data, layers="10", scale="0.5", replace="FALSE")
+    assert r.status_code == 201, r.text
+    assert r.json()["default_layers"] == [10] and r.json()["default_scale"] == 0.5
+    assert upload(http, "spelled", data, replace="1").status_code == 201
+    assert http.delete("/v1/steering/vectors/spelled").status_code == 200
+
+
+@pytest.mark.parametrize("steering, param", [
+    ({"vectors": [{"name": "v1"}], "normalize": "true"}, "steering.normalize"),
+    ({"vectors": [{"name": "v1"}], "normalize": 1}, "steering.normalize"),
+    ({"vectors": [{"name": "v1", "layers": "10"}]}, "steering.vectors[0].layers"),
+    ({"vectors": [{"name": "v1", "scale": "1.5"}]}, "steering.vectors[0].scale"),
+])
+def test_the_steering_object_takes_json_types_only(server, http, steering, param):
+    base = {"model": model(server), "prompt": "Hi", "max_tokens": 2}
+    for extra in ({"steering": steering}, {"vllm_xargs": {"steering": json.dumps(steering)}}):
+        r = http.post("/v1/completions", json={**base, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_the_flat_shorthand_takes_text_spellings(server, http):
+    """``vllm_xargs`` values are text or numbers (vLLM turns a JSON true into 1)."""
+    base = {"model": model(server), "prompt": PROMPTS[0][1], "max_tokens": 8,
+            "temperature": 0}
+    typed = http.post("/v1/completions", json={**base, "steering": {
+        "vectors": [{"name": "v2", "layers": [10, 11], "scale": 1.5}], "normalize": True}})
+    assert typed.status_code == 200, typed.text
+    for flat in ({"steer": "v2", "steer_layers": "10,11", "steer_scale": "1.5",
+                  "steer_normalize": "true"},
+                 {"steer": "v2", "steer_layers": [10, 11], "steer_scale": 1.5,
+                  "steer_normalize": True}):
+        r = http.post("/v1/completions", json={**base, "vllm_xargs": flat})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == typed.json()["choices"][0]["text"]
+    r = http.post("/v1/completions", json={**base, "vllm_xargs": {
+        "steer": "v2", "steer_normalize": "yes"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "steer_normalize"
+
+
+def test_errors_before_the_routes_run_are_in_openai_shape(server, http):
+    """Answers that Starlette's router (unknown path, wrong method) and vLLM's API-key
+    middleware give before any route of the plugin runs, and bodies the routes cannot
+    parse: all in OpenAI's error shape, naming what was wrong."""
+    bare = httpx.Client(base_url=server.url, timeout=30)
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            for path in ("/v1/steering/vectors", "/v1/steering/nope", "/v1/steering"):
+                openai_error(bare.get(path, headers=headers), 401, "authorization")
+    finally:
+        bare.close()
+    for path in ("/v1/steering/nope", "/v1/steering", "/v1/steering/", "/v1/steering/vectors/",
+                 "/v1/steering/vectors/a/b", "/v1/steering/stats/x"):
+        assert path in openai_error(http.get(path), 404, "path")
+    for method, path, allowed in (("PUT", "/v1/steering/vectors", "GET, POST"),
+                                  ("PATCH", "/v1/steering/vectors/v1", "DELETE, GET"),
+                                  ("POST", "/v1/steering/stats", "GET"),
+                                  ("GET", "/v1/steering/probe", "POST"),
+                                  ("DELETE", "/v1/steering/vectors", "GET, POST")):
+        r = http.request(method, path)
+        assert allowed in openai_error(r, 405, "method")
+        assert r.headers["allow"] == allowed
+    bodies = {"unparseable": b'{"name": "x", ', "deep": b"[" * 100_000,
+              "deep_object": b'{"a": ' * 5000 + b"1" + b"}" * 5000,
+              "invalid_utf8": b'{"name": "\xff\xfe"}', "not_an_object": b"[1, 2]",
+              "empty": b""}
+    for what, raw in bodies.items():
+        for path in ("/v1/steering/vectors", "/v1/steering/probe"):
+            r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (what, path, r.text)
+            openai_error(r, 400, "body")
+    assert http.get("/health").status_code == 200
+
+
 def test_no_unpickling_in_the_package():
     root = Path(__file__).resolve().parent.parent / "vllm_steer"
     pattern = re.compile(r"\b(pickle\.loads?|torch\.load|joblib\.load|dill\.|"
@@ -693,6 +822,14 @@ def _upload_fuzz_cases(vdir: Path, tmp: Path, rng: random.Random
     return cases
 
 
+def _is_openai_error(r: httpx.Response) -> bool:
+    try:
+        err = r.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(err, dict) and set(err) == {"message", "type", "param", "code"}
+
+
 def test_fuzz_never_crashes_or_hangs(server, http, tmp_path):
     rng = random.Random(1234)
     specs = _spec_fuzz_bodies(rng, model(server))
@@ -737,7 +874,7 @@ def test_fuzz_never_crashes_or_hangs(server, http, tmp_path):
     results = run(go(), timeout=400)
     wall = time.monotonic() - t0
     expect = [bad for _, bad in specs] + [bad for _, _, bad in uploads]
-    crashes, wrong, accepted = [], [], 0
+    crashes, wrong, unshaped, accepted = [], [], [], 0
     cases = [("spec", s[0]) for s in specs] + [("upload", u[:2]) for u in uploads]
     for case, must_refuse, r in zip(cases, expect, results, strict=True):
         if isinstance(r, BaseException) or r.status_code >= 500:
@@ -747,10 +884,12 @@ def test_fuzz_never_crashes_or_hangs(server, http, tmp_path):
             wrong.append((repr(case)[:200], r.status_code, r.text[:200]))
         elif r.status_code < 300:
             accepted += 1
-        if (not isinstance(r, BaseException) and r.status_code in (400, 413, 404, 409)
-                and r.headers.get("content-type", "").startswith("application/json")):
-            body = r.json()
-            assert "error" in body or "detail" in body, body
+        if not isinstance(r, BaseException) and r.status_code >= 400:
+            shaped = _is_openai_error(r)
+            if case[0] == "upload":  # the plugin's own route: always OpenAI's shape
+                assert shaped, (repr(case)[:200], r.status_code, r.text[:300])
+            elif not shaped:         # vLLM's route: counted
+                unshaped.append((repr(case)[:120], r.status_code, r.text[:200]))
     # vectors that byte flips left valid were registered: remove them
     for v in http.get("/v1/steering/vectors").json()["data"]:
         if re.fullmatch(r"fz\d+", v["name"]):
@@ -758,6 +897,7 @@ def test_fuzz_never_crashes_or_hangs(server, http, tmp_path):
     FIGURES["fuzz"] = {"cases": len(cases), "spec_cases": len(specs),
                        "upload_cases": len(uploads), "accepted_valid_mutants": accepted,
                        "crashes_5xx_or_no_answer": len(crashes), "wrong_status": len(wrong),
+                       "vllm_route_errors_not_in_openai_shape": unshaped[:5],
                        "wall_s": round(wall, 1)}
     assert not crashes, crashes[:5]
     assert not wrong, wrong[:5]
@@ -1039,6 +1179,400 @@ def test_probe_route_and_logprob_completions_do_not_touch_each_other(server, htt
         assert [i for i, _ in rs] == [i for i, _ in ref_readings]
         for (_, got), (_, want) in zip(rs, ref_readings, strict=True):
             assert all(abs(got[c] - want[c]) < 1e-4 for c in want)
+
+
+# -- live probes: the 'probe' field of the completion endpoints -----------------------------
+LIVE_Q = ("Is 91 a prime number? Think step by step inside <think> </think>, then answer "
+          "Yes or No.")
+LIVE_STEER = {"vectors": [{"name": "v1", "scale": 0.5}], "apply_to": "generated"}
+
+
+def _extra(obj) -> dict[str, Any]:
+    return dict(getattr(obj, "model_extra", None) or {})
+
+
+def live_chat(server, probe, *, stream, n=1, max_tokens=40, steering=LIVE_STEER, **kw):
+    """A probed chat completion through the official client: per choice index its token
+    ids, readings and finish-chunk extras; the prompt's token ids; and (streamed) the
+    order things arrived in: ``("tokens", count so far)`` / ``("reading", token_index)``."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
+                    timeout=REQUEST_TIMEOUT)
+    body = {"probe": probe, "ignore_eos": True, "return_token_ids": True}
+    if steering is not None:
+        body["steering"] = steering
+    r = client.chat.completions.create(
+        model=model(server), messages=[{"role": "user", "content": LIVE_Q}], n=n,
+        max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), stream=stream,
+        extra_body=body, **kw)
+    toks: dict[int, list[int]] = {}
+    readings: dict[int, list[dict[str, Any]]] = {}
+    finish: dict[int, dict[str, Any]] = {}
+    order: list[tuple[str, int]] = []
+    if not stream:
+        for c in r.choices:
+            ex = _extra(c)
+            toks[c.index] = list(ex["token_ids"])
+            readings[c.index] = ex.get("probe_readings", [])
+            finish[c.index] = {"finish_reason": c.finish_reason, **ex}
+        return toks, readings, finish, list(_extra(r)["prompt_token_ids"]), order
+    prompt_ids = None
+    for chunk in r:
+        ex = _extra(chunk)
+        if ex.get("prompt_token_ids"):
+            prompt_ids = list(ex["prompt_token_ids"])
+        for c in chunk.choices:
+            cx = _extra(c)
+            toks.setdefault(c.index, []).extend(cx.get("token_ids") or [])
+            if cx.get("token_ids"):
+                order.append(("tokens", len(toks[c.index])))
+            for rd in cx.get("probe_readings") or []:
+                assert rd["index"] == c.index
+                readings.setdefault(c.index, []).append(rd)
+                order.append(("reading", rd["token_index"]))
+            if c.finish_reason is not None:
+                finish[c.index] = {"finish_reason": c.finish_reason, **cx}
+    return toks, readings, finish, prompt_ids, order
+
+
+def offline_reading(http, prompt_ids, gen, t, steering=LIVE_STEER, choices=("Yes", "No")):
+    """The offline probe's reading of ``prompt + gen[:t]`` (the probe route, one-shot),
+    with the trajectory's steering in absolute positions, as a fork replays it."""
+    body = {"prompt_token_ids": list(prompt_ids) + list(gen[:t]), "trajectory": False,
+            "choices": list(choices)}
+    if steering is not None:
+        body["steering"] = {**steering, "apply_to": "all", "start_position": len(prompt_ids)}
+    r = http.post("/v1/steering/probe", json=body, timeout=REQUEST_TIMEOUT)
+    assert r.status_code == 200, r.text
+    (reading,) = r.json()["trajectory"]["readings"]
+    return reading
+
+
+def test_live_probe_streams_readings_equal_to_the_offline_probe(server, http):
+    probe = {"choices": ["Yes", "No"], "every": 8}
+    toks, readings, finish, prompt_ids, order = live_chat(server, probe, stream=True)
+    gen, rs = toks[0], readings[0]
+    assert len(gen) == 40 and finish[0]["finish_reason"] == "length"
+    assert [r["token_index"] for r in rs] == [0, 8, 16, 24, 32, 40]   # token order, the end
+    # readings arrive while the text streams, not after it: the first ones come before
+    # the last tokens, and the last reading before the finish chunk (the last event)
+    first = order.index(("reading", 0))
+    assert any(kind == "tokens" for kind, _ in order[first:]), order
+    assert max((n for kind, n in order[:first] if kind == "tokens"), default=0) < 40, order
+    for r in rs:
+        ref = offline_reading(http, prompt_ids, gen, r["token_index"])
+        assert r["in_thinking"] == ref["in_thinking"]
+        for c in ("Yes", "No"):
+            assert abs(r["logprobs"][c] - ref["logprobs"][c]) < 1e-3, (r["token_index"], c)
+        assert abs(r["mass"] - ref["mass"]) < 1e-3
+    # the same request, not streamed: the same tokens and readings
+    toks2, readings2, finish2, _, _ = live_chat(server, probe, stream=False)
+    assert toks2[0] == gen and "probe_stop" not in finish2[0]
+    assert [r["token_index"] for r in readings2[0]] == [r["token_index"] for r in rs]
+    for a, b in zip(readings2[0], rs, strict=True):
+        assert abs(a["logprobs"]["Yes"] - b["logprobs"]["Yes"]) < 1e-4
+
+
+def test_live_probe_reads_each_choice_of_n(server, http):
+    probe = {"choices": ["Yes", "No"], "every": 12}
+    toks, readings, _, prompt_ids, _ = live_chat(server, probe, stream=True, n=2,
+                                              temperature=1.0, seed=7, max_tokens=24)
+    assert sorted(readings) == [0, 1] and toks[0] != toks[1]
+    for i in (0, 1):
+        assert [r["token_index"] for r in readings[i]] == [0, 12, 24]
+        last = readings[i][-1]
+        ref = offline_reading(http, prompt_ids, toks[i], 24)
+        assert abs(last["logprobs"]["Yes"] - ref["logprobs"]["Yes"]) < 1e-3
+
+
+def _settle_point(readings, threshold, consecutive, min_mass):
+    """Where the documented rule stops: the first reading that ends a run of
+    ``consecutive`` readings whose leading choice has prob >= threshold, same choice,
+    each with mass >= min_mass."""
+    streak, leader = 0, None
+    for r in readings:
+        top = max(r["probs"], key=r["probs"].get)
+        ok = r["mass"] >= min_mass and r["probs"][top] >= threshold
+        streak = (streak + 1 if top == leader else 1) if ok else 0
+        leader = top if ok else None
+        if streak >= consecutive:
+            return r["token_index"], top
+    return None
+
+
+def test_early_exit_stops_where_the_readings_settle(server, http):
+    probe = {"choices": ["Yes", "No"], "every": 4}
+    _, full, _, _, _ = live_chat(server, probe, stream=True, max_tokens=64)
+    # a threshold the full-length readings cross, halfway between two of their values
+    # (far from both: reading noise cannot move the stop): the stop must come at the
+    # point the documented rule gives on the full readings
+    from tests.probe_reference import threshold_between
+
+    threshold = threshold_between(max(r["probs"].values()) for r in full[0]
+                                  if r["mass"] >= 0.05)
+    want = _settle_point(full[0], threshold, 2, 0.05)
+    assert want is not None
+    stop = {"threshold": threshold, "consecutive": 2, "complete": True}
+    toks, readings, finish, _, _ = live_chat(server, {**probe, "stop_when": stop},
+                                             stream=True, max_tokens=64)
+    f = finish[0]
+    assert f["finish_reason"] == "stop" and f["stop_reason"] == "vllm_steer:probe_settled"
+    ps = f["probe_stop"]
+    assert (ps["token_index"], ps["choice"]) == want
+    assert readings[0][-1]["token_index"] == want[0]   # no reading after the settling one
+    assert len(toks[0]) - len(ps["appended_token_ids"]) < 64   # stopped before max_tokens
+    assert toks[0][-len(ps["appended_token_ids"]):] == ps["appended_token_ids"]
+    assert ps["appended_text"].endswith(ps["choice"])
+    # non-streamed: the same decision
+    _, _, finish2, _, _ = live_chat(server, {**probe, "stop_when": stop}, stream=False,
+                                    max_tokens=64)
+    assert finish2[0]["probe_stop"]["token_index"] == want[0]
+
+
+def test_early_exit_never_fires_on_low_mass_readings(server):
+    # choices the model will not say: every reading has low mass, whatever its probs
+    probe = {"choices": ["Banana", "Cherry"], "every": 4,
+             "stop_when": {"threshold": 0.5, "consecutive": 1, "min_mass": 0.5}}
+    toks, readings, finish, _, _ = live_chat(server, probe, stream=True, max_tokens=24)
+    assert all(r["mass"] < 0.5 for r in readings[0]) and len(readings[0]) == 7
+    assert finish[0]["finish_reason"] == "length" and "probe_stop" not in finish[0]
+    assert len(toks[0]) == 24
+
+
+@pytest.mark.parametrize("probe,param", [
+    ({"every": 0}, "probe.every"),
+    ({"choices": "Yes"}, "probe.choices"),
+    ({"choices": ["20", "200"]}, "probe.choices"),
+    ({"max_tokens": 5}, "probe.max_tokens"),
+    ({"colour": "red"}, "probe.colour"),
+    ({"suffix": None}, "probe.suffix"),
+    ({"stop_when": {"threshold": 2}}, "probe.stop_when.threshold"),
+    ({"stop_when": {"choice": "Maybe"}}, "probe.stop_when.choice"),
+    ({"stop_when": {"wait": 1}}, "probe.stop_when.wait"),
+    ("{not json", "probe"),
+    (5, "probe"),
+])
+def test_bad_probe_fields_are_400_naming_the_field(http, server, probe, param):
+    for path, extra in (("/v1/completions", {"prompt": "Hello"}),
+                        ("/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "Hello"}]})):
+        for form in ("body", "xargs"):
+            value = probe if form == "body" else (
+                probe if isinstance(probe, str) else json.dumps(probe))
+            body = {"model": model(server), "max_tokens": 4, **extra,
+                    **({"probe": value} if form == "body" else
+                       {"vllm_xargs": {"probe": value}})}
+            r = http.post(path, json={**body, "stream": True})
+            assert r.status_code == 400, (path, form, r.text)
+            assert r.json()["error"]["param"] == param, (path, form, r.text)
+
+
+def test_probe_field_conflicts_are_400(http, server):
+    base = {"model": model(server), "prompt": "Hello", "max_tokens": 4}
+    cases = [({"probe": {}, "vllm_xargs": {"probe": "{}"}}, "probe"),
+             ({"probe": {"stop_when": {}}, "n": 2}, "probe.stop_when"),
+             ({"probe": {"stop_when": {"complete": True}}, "logprobs": 1},
+              "probe.stop_when.complete"),
+             ({"probe": {}, "prompt": ["a", "b"]}, "prompt"),
+             ({"probe": {}, "max_tokens": 2040}, "max_tokens")]
+    for extra, param in cases:
+        r = http.post("/v1/completions", json={**base, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    r = http.post("/v1/responses", json={"model": model(server), "input": "Hi", "probe": {}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "probe", r.text
+
+
+def _metric(server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    vals = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name) and not line.startswith("#")]
+    return sum(vals)
+
+
+def test_client_disconnect_mid_stream_cancels_the_forks(server, http):
+    body = {"model": model(server), "prompt": LIVE_Q, "max_tokens": 400, "ignore_eos": True,
+            "stream": True, "probe": {"choices": ["20", "30", "40", "50"], "every": 1}}
+    before = http.get("/v1/steering/stats").json()["live_probes"]
+    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as c, \
+            c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        readings = 0
+        for line in r.iter_lines():
+            if '"probe_readings"' in line:
+                readings += 1
+            if readings >= 3:
+                break   # leave with forks and the request still running
+        mid = http.get("/v1/steering/stats").json()["live_probes"]
+        assert mid["forks_in_flight"] > 0, mid
+    t0 = time.monotonic()
+    while True:
+        st = http.get("/v1/steering/stats").json()["live_probes"]
+        running = _metric(server, "vllm:num_requests_running") + _metric(
+            server, "vllm:num_requests_waiting")
+        if st["forks_in_flight"] == 0 and running == 0:
+            break
+        assert time.monotonic() - t0 < 60, (st, running)
+        time.sleep(0.5)
+    assert st["forks_submitted"] > before["forks_submitted"]
+
+
+def test_probed_and_unprobed_requests_in_one_batch_equal_separate_runs(server, http):
+    prompts = [f"Name two facts about the number {n}." for n in (5, 18, 33)]
+
+    async def plain(client, p):
+        r = await client.completions.create(model=model(server), prompt=p, max_tokens=24,
+                                            temperature=0.0, logprobs=3)
+        return r.choices[0].text, r.choices[0].logprobs.top_logprobs
+
+    async def probed(client):
+        r = await client.chat.completions.create(
+            model=model(server), messages=[{"role": "user", "content": LIVE_Q}],
+            max_tokens=32, temperature=0.0, extra_body={
+                "probe": {"choices": ["Yes", "No"], "every": 4}, "ignore_eos": True,
+                "steering": LIVE_STEER, "return_token_ids": True})
+        c = r.choices[0]
+        return list(_extra(c)["token_ids"]), _extra(c)["probe_readings"]
+
+    async def alone():
+        client = openai_client(server)
+        out = [await plain(client, p) for p in prompts], await probed(client)
+        await client.close()
+        return out
+
+    async def together():
+        client = openai_client(server)
+        res = await asyncio.gather(probed(client), *(plain(client, p) for p in prompts))
+        await client.close()
+        return list(res[1:]), res[0]
+
+    ref_plain, ref_probed = run(alone())
+    got_plain, got_probed = run(together())
+    for (t, top), (rt, rtop) in zip(got_plain, ref_plain, strict=True):
+        assert t == rt
+        for a, b in zip(top, rtop, strict=True):
+            assert set(a) == set(b) and all(abs(a[k] - b[k]) < 1e-4 for k in b)
+    assert got_probed[0] == ref_probed[0]
+    for a, b in zip(got_probed[1], ref_probed[1], strict=True):
+        assert a["token_index"] == b["token_index"]
+        assert abs(a["logprobs"]["Yes"] - b["logprobs"]["Yes"]) < 1e-4
+
+
+def test_monitor_command_shows_readings_and_writes_the_trajectory(server, tmp_path, capsys):
+    from vllm_steer.cli import main
+
+    out = tmp_path / "monitor"
+    rc = main(["monitor", LIVE_Q, "--url", server.url, "--api-key", API_KEY, "--every", "6",
+               "--max-tokens", "30", "--open-thinking", "<think>\n", "--steering",
+               json.dumps(LIVE_STEER), "--out", str(out)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("t=")]   # stderr is not a tty here
+    assert len(lines) == 6 and "thinking" in lines[0] and "P(Yes)=" in lines[0]
+    data = json.loads((out / "monitor.json").read_text())
+    assert [r["token_index"] for r in data["readings"]] == [0, 6, 12, 18, 24, 30]
+    assert all(r["in_thinking"] for r in data["readings"][:1])
+    assert data["finish_reason"] == "length" and data["text"]
+    png = out / "monitor.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# -- vector store collection ---------------------------------------------------------------
+def _random_vector(tmp: Path, seed: int) -> tuple[bytes, str]:
+    """A demo-like vector's file bytes and its store content id."""
+    g = torch.Generator().manual_seed(seed)
+    path = tmp / f"gc{seed}.safetensors"
+    SteeringVector({i: 0.15 * torch.randn(576, generator=g) for i in range(30)}).save(path)
+    v = SteeringVector.load(str(path))
+    return path.read_bytes(), content_id({i: t.numpy() for i, t in v.directions.items()})
+
+
+def test_store_collection_spares_requests_in_flight(server, http, tmp_path):
+    """A vector replaced while requests steered by it stream is collected from the store
+    once its lease expired, while they still run; they finish exactly as run alone, a
+    request naming that content again later is correct, and the churn leaves nothing."""
+    st = http.get("/v1/steering/stats").json()["store"]
+    assert st["grace_s"] == STORE_GRACE_S and st["transport"] == "store"
+    root = Path(st["root"])
+
+    def stored(cid: str) -> bool:
+        return (root / cid[:2] / f"{cid}.f32").is_file()
+
+    a_bytes, a_cid = _random_vector(tmp_path, 1001)
+    spec = {"vectors": [{"name": "gc_live"}]}
+    assert upload(http, "gc_live", a_bytes, replace="true").status_code == 201
+    # The streams must outlive the lease (grace + a collection interval + the churn's
+    # latency): their length is set from this machine's speed, for ~20 s each.
+    body = {"model": model(server), "prompt": PROMPTS[1][1], "max_tokens": 32,
+            "ignore_eos": True, "temperature": 0}
+    t0 = time.monotonic()
+    assert http.post("/v1/completions", json=body, timeout=REQUEST_TIMEOUT).status_code == 200
+    rate = 32 / (time.monotonic() - t0)
+    body["max_tokens"] = int(min(1000, max(64, rate / 2 * 20)))
+    ref = http.post("/v1/completions", json={**body, "steering": spec},
+                    timeout=REQUEST_TIMEOUT).json()["choices"][0]["text"]
+    assert stored(a_cid)
+    churned: list[str] = []
+
+    def churn(ended: list[bool]) -> bool:
+        """Replace gc_live every 0.3 s until A's file is gone; True if that happened
+        while every stream was still running."""
+        t0 = time.monotonic()
+        while stored(a_cid) and time.monotonic() - t0 < 120:
+            data, cid = _random_vector(tmp_path, 2000 + len(churned))
+            assert upload(http, "gc_live", data, replace="true").status_code == 201
+            churned.append(cid)
+            time.sleep(0.3)
+        return not stored(a_cid) and not any(ended)
+
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            first = asyncio.Semaphore(0)
+            ended = [False, False]
+
+            async def stream(k: int) -> str:
+                text = ""
+                async with c.stream("POST", "/v1/completions",
+                                    json={**body, "stream": True, "steering": spec}) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        if not text:
+                            first.release()
+                        text += json.loads(line[6:])["choices"][0]["text"]
+                ended[k] = True
+                return text
+
+            async def trigger() -> bool:
+                for _ in ended:
+                    await first.acquire()
+                return await asyncio.to_thread(churn, ended)
+
+            return await asyncio.gather(stream(0), stream(1), trigger())
+
+    t1, t2, collected_in_flight = run(go(), timeout=300)
+    FIGURES["store_gc"] = {"churn_uploads": len(churned), "stream_tokens": body["max_tokens"],
+                           "collected_in_flight": collected_in_flight}
+    assert collected_in_flight, "A should be collected while the streams still run"
+    assert t1 == t2 == ref
+    # the collected content is written again when a request names it again
+    assert upload(http, "gc_again", a_bytes).status_code == 201
+    r = http.post("/v1/completions", timeout=REQUEST_TIMEOUT,
+                  json={**body, "steering": {"vectors": [{"name": "gc_again"}]}})
+    assert r.json()["choices"][0]["text"] == ref and stored(a_cid)
+    # and the churn leaves only what is registered (the current gc_live) once it is old
+    deadline = time.monotonic() + STORE_GRACE_S * 1.5 + 30
+    while any(stored(c) for c in churned[:-1]):
+        assert time.monotonic() < deadline, [c for c in churned if stored(c)]
+        time.sleep(1.0)
+    assert stored(churned[-1])
+    last = http.get("/v1/steering/stats").json()["store"]["last_collection"]
+    assert last is not None and last["kept"] >= 1
+    for name in ("gc_live", "gc_again"):
+        assert http.delete(f"/v1/steering/vectors/{name}").status_code == 200
+    wait_idle(http)
 
 
 # -- restart (keep last: it restarts the module's server) -----------------------------

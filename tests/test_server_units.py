@@ -159,12 +159,56 @@ def test_serve_env_enables_both_plugins_and_a_registry(tmp_path):
         "/y.yaml"
 
 
+def test_serve_runs_vllm_in_safe_path_mode_keeping_a_deliberate_pythonpath(
+        tmp_path, monkeypatch):
+    """``python -m`` would put the working directory first on ``sys.path``: a directory
+    holding another ``vllm_steer`` would then be what the server runs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.server_helpers import make_decoy
+    from vllm_steer import cli
+
+    argv = cli.vllm_cli_argv()
+    assert argv[:4] == [sys.executable, "-P", "-m", "vllm_steer.server.vllm_cli"]
+    ours = Path(cli.__file__).resolve().parent.parent
+    work = tmp_path / "work"
+    marker = make_decoy(work)
+    env = cli.serve_env(None, {**os.environ, "PYTHONPATH": str(ours)})
+    assert env["PYTHONSAFEPATH"] == "1" and env["PYTHONPATH"] == str(ours)
+    # what the served process and every process vLLM starts (-m, -c, scripts) import
+    for head in (argv[:2], [sys.executable]):
+        for how in (["-c", "import vllm_steer; print(vllm_steer.__file__)"],
+                    ["-m", "vllm_steer.envvars"]):
+            r = subprocess.run([*head, *how], cwd=work, env=env, capture_output=True,
+                               text=True, timeout=120)
+            assert r.returncode == 0 and not marker.exists(), (head, how, r.stderr[-2000:])
+    r = subprocess.run([*argv[:2], "-c", "import vllm_steer; print(vllm_steer.__file__)"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert Path(r.stdout.strip()).resolve() == ours / "vllm_steer" / "__init__.py"
+    # without safe-path mode the decoy would have been imported (the test can fail)
+    r = subprocess.run([sys.executable, "-c", "import vllm_steer"], cwd=work,
+                       env={**env, "PYTHONSAFEPATH": ""}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and marker.exists()
+    # a checkout run as `python -m vllm_steer.cli` (found only through the working
+    # directory) passes its own directory on explicitly
+    monkeypatch.setattr(cli, "_implicit_path_entry", lambda: ours)
+    env = cli.serve_env(None, {"PYTHONPATH": "/elsewhere"})
+    assert env["PYTHONPATH"] == os.pathsep.join([str(ours), "/elsewhere"])
+    monkeypatch.setattr(cli, "_implicit_path_entry", lambda: None)
+    assert "PYTHONPATH" not in cli.serve_env(None, {})
+
+
 def test_serve_passes_unknown_args_to_vllm(capsys, default_model_dir):
     from vllm_steer.cli import main
 
     assert main(["serve", "--print-command", "--port", "8001", "--max-model-len", "2048"]) == 0
     out = capsys.readouterr().out
-    assert "VLLM_PLUGINS=vllm_steer,vllm_steer_routes" in out
+    assert "PYTHONSAFEPATH=1 VLLM_PLUGINS=vllm_steer,vllm_steer_routes" in out
+    assert " -P -m vllm_steer.server.vllm_cli serve " in out
     # the checkpoint's own dtype (vLLM's `auto` would run the fp32 model in bf16) ...
     assert f"vllm_steer.server.vllm_cli serve {default_model_dir} --dtype float32 " \
            "--port 8001 --max-model-len 2048" in out

@@ -6,8 +6,9 @@ in with ``--no-deps``. The system site-packages may hold an editable install of 
 pointing at some checkout, so every command runs without ``PYTHONPATH`` and the test
 checks that the venv's copy is what Python imports. Runs ``vector info``, ``extract`` (a
 tiny recipe on a shipped suffix set), ``demo`` (in full: ~1 min on 2 cores), ``bench
-report``, and ``serve`` with one steered chat request and one vector upload; writable
-state must land in ``$VLLMSTEER_HOME``, never in the installed package.
+report``, and ``serve`` (started next to a decoy ``vllm_steer/``) with one steered chat
+request and one vector upload; writable state must land in ``$VLLMSTEER_HOME``, never in
+the installed package.
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def test_the_venv_imports_the_wheel_not_the_checkout(venv: Venv) -> None:
     shipped = sorted(str(p.relative_to(REPO / "vllm_steer")) for p in
                      (REPO / "vllm_steer" / "configs").rglob("*") if p.is_file())
     assert set(shipped) <= set(venv.package_files())
+    # and the playground page's files (served at /steer)
+    from vllm_steer.server.playground import FILES
+    assert {f"server/static/{name}" for name in FILES} <= set(venv.package_files())
 
 
 def test_vector_info_and_extract(venv: Venv) -> None:
@@ -153,17 +157,26 @@ def test_serve_one_steered_request_and_an_upload(venv: Venv) -> None:
     import httpx
     from openai import OpenAI
 
-    from tests.server_helpers import free_port
+    from tests.server_helpers import free_port, make_decoy
 
     before = venv.package_files()
+    # Started from a directory holding a decoy vllm_steer (importing it writes a marker
+    # and fails), with the shipped registry named through a symlink and `..`: the server
+    # must run the installed code and still know the registry as the package's.
+    cwd = venv.root / "serve-cwd"
+    marker = make_decoy(cwd)
+    shipped = Path(venv.python("import vllm_steer.locations as l; print(l.shipped_registry())"))
+    (cwd / "cfg").symlink_to(shipped.parent)
+    (cwd / "sub").mkdir()
     port = free_port()
     log_path = venv.root / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [str(venv.bin / "vllm-steer"), "serve", "--served-model-name", "smollm2",
              "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-             "--gpu-memory-utilization", "0.5", "--max-model-len", "1024"],
-            cwd=venv.work, env=venv.env, stdout=log, stderr=subprocess.STDOUT,
+             "--gpu-memory-utilization", "0.5", "--max-model-len", "1024",
+             "--registry", "sub/../cfg/./registry.yaml"],
+            cwd=cwd, env=venv.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -177,6 +190,12 @@ def test_serve_one_steered_request_and_an_upload(venv: Venv) -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(1.0)
+        # the playground page, from the installed package's files
+        from vllm_steer.server.playground import FILES
+        for name in ("", *(f"/{n}" for n in FILES)):
+            r = httpx.get(f"{url}/steer{name}", timeout=30)
+            assert r.status_code == 200 and r.content, (name, r.status_code)
+        assert "vllm-steer" in httpx.get(f"{url}/steer", timeout=30).text
         listed = httpx.get(f"{url}/v1/steering/vectors", timeout=30).json()
         assert {"happy", "cautious_thinking"} <= {v["id"] for v in listed["data"]}
         client = OpenAI(base_url=f"{url}/v1", api_key="EMPTY")
@@ -212,3 +231,4 @@ def test_serve_one_steered_request_and_an_upload(venv: Venv) -> None:
     assert (uploads / "registry.overlay.yaml").is_file()
     assert [p.name for p in uploads.glob("mine-*.gguf")]
     assert venv.package_files() == before
+    assert not marker.exists(), "a server process imported the working directory's code"

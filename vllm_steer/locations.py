@@ -5,8 +5,8 @@
   symlink to that directory, so a source checkout, an editable install and an installed
   wheel all read the same files.
 - Writable state (vectors registered through the server and their overlay file, for the
-  shipped registry) goes to the data home, never into the installed package:
-  ``$VLLMSTEER_HOME``, else ``$XDG_DATA_HOME/vllm-steer``, else
+  shipped registry; the self-check's stamps) goes to the data home, never into the
+  installed package: ``$VLLMSTEER_HOME``, else ``$XDG_DATA_HOME/vllm-steer``, else
   ``~/.local/share/vllm-steer``.
 """
 
@@ -44,6 +44,21 @@ def is_shipped_registry(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def in_a_package(path: str | os.PathLike[str]) -> bool:
+    """True when ``path``, resolved (symlinks, ``..``, relative to the working directory),
+    lies inside this running package or any ``vllm_steer`` package directory (one with an
+    ``__init__.py``): an installed copy, another version's, a checkout's. Registries found
+    there write their uploads to the data home (``Registry.from_yaml``), whichever code
+    reads them."""
+    try:
+        p = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+    running = Path(__file__).resolve().parent
+    return any(d == running or (d.name == "vllm_steer" and (d / "__init__.py").is_file())
+               for d in p.parents)
+
+
 def data_home() -> Path:
     """Root of writable state: ``$VLLMSTEER_HOME``, ``$XDG_DATA_HOME/vllm-steer`` or
     ``~/.local/share/vllm-steer`` (not created here)."""
@@ -53,6 +68,12 @@ def data_home() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                          "share")
     return Path(xdg).expanduser().resolve() / "vllm-steer"
+
+
+def selfcheck_dir() -> Path:
+    """Where ``vllm-steer doctor --verify`` records its stamps (one JSON file per vLLM
+    version, torch version, device and vllm-steer version), read by the version policy."""
+    return data_home() / "selfcheck"
 
 
 def shipped_upload_dir() -> Path:

@@ -10,7 +10,15 @@ variants in shuffled order, each on its own copy of the same job:
 - ``salted``: every request gets a unique ``cache_salt`` (emulates caching off on the same
   engine: nothing is shared, every fork recomputes its whole prefix);
 - ``engine_off`` (``--real-off``): a second engine started with
-  ``enable_prefix_caching=False`` runs the same requests.
+  ``enable_prefix_caching=False`` runs the same requests;
+- ``topk_neighbours`` / ``plain_neighbours`` (``--neighbours N``, default 8): the cached
+  forks submitted in one call with N ordinary greedy requests (32 tokens) that ask for
+  ``logprobs=5`` / for no log-probs. With top-k neighbours vLLM's sampler runs the
+  plugin's per-row merge (``vllm_adapter/sampler.py``) on every batch where a fork meets
+  them; the ratio of the two is what such neighbours cost in all (their top-k gather,
+  which vLLM runs anyway, and the merge). The merge itself is also timed alone
+  (``merge_rows`` on tensors of the batch's shape) and counted (the worker's
+  ``mixed_logprob_batches``).
 
 Reported per block size (``--block-sizes``; vLLM's CPU default is 128) and choice set
 (``--choices``, repeatable: ``Yes,No`` and the multi-token ``20,30,40,50`` by default):
@@ -84,8 +92,21 @@ def _job(tok: Any, prompt: list[int], token_ids: list[int], choices: list[str],
     return job
 
 
-def _time(llm: Any, job: Any, salt: str | None) -> tuple[float, dict[str, int]]:
-    """Seconds for the fork and gap stages of ``job`` on ``llm``, and token counts."""
+def _neighbours(tok: Any, n: int, logprobs: int | None) -> list[tuple[dict, Any]]:
+    """``n`` ordinary greedy requests (32 tokens), asking for ``logprobs`` or none."""
+    from vllm import SamplingParams
+
+    from vllm_steer.probe import build_prompt
+
+    return [({"prompt_token_ids": build_prompt(tok, f"Tell me a fact about {q.lower()}")},
+             SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=logprobs))
+            for q in (QUESTIONS * (n // len(QUESTIONS) + 1))[:n]]
+
+
+def _time(llm: Any, job: Any, salt: str | None, neighbours: list[tuple[dict, Any]] = ()
+          ) -> tuple[float, dict[str, int]]:
+    """Seconds for the fork and gap stages of ``job`` on ``llm`` (with ``neighbours``
+    submitted in the same call as the forks), and token counts of the job's requests."""
     info = {"requests": 0, "gap_requests": 0, "cached_tokens": 0, "prompt_tokens": 0}
     t0 = time.perf_counter()
     for stage in ("forks", "gaps"):
@@ -93,14 +114,45 @@ def _time(llm: Any, job: Any, salt: str | None) -> tuple[float, dict[str, int]]:
         if salt is not None:
             reqs = [({**p, "cache_salt": f"{salt}-{stage}-{i}"}, sp)
                     for i, (p, sp) in enumerate(reqs)]
-        outs = llm.generate([r[0] for r in reqs], [r[1] for r in reqs],
-                            use_tqdm=False) if reqs else []
+        extra = list(neighbours) if stage == "forks" else []
+        both = reqs + extra
+        outs = llm.generate([r[0] for r in both], [r[1] for r in both],
+                            use_tqdm=False)[:len(reqs)] if both else []
         job.take(stage, outs)
         info["requests"] += len(reqs)
         info["gap_requests"] += len(reqs) if stage == "gaps" else 0
         info["cached_tokens"] += sum(int(o.num_cached_tokens or 0) for o in outs)
         info["prompt_tokens"] += sum(len(o.prompt_token_ids) for o in outs)
     return time.perf_counter() - t0, info
+
+
+def _mixed_batches(llm: Any) -> int:
+    return int(llm.collective_rpc("vllm_steer_stats")[0]["mixed_logprob_batches"])
+
+
+def _time_merge(batch: int, reps: int = 200) -> float:
+    """Median seconds of one ``merge_rows`` call on a batch of ``batch`` rows: half top-5,
+    half exact ids of a Yes/No head fork (8 ids), as in the mixed runs."""
+    import statistics
+
+    import torch
+    from vllm.v1.outputs import LogprobsTensors
+
+    from vllm_steer.vllm_adapter.sampler import merge_rows
+
+    exact_rows = {i: list(range(100, 108)) for i in range(0, batch, 2)}
+    e_ids = torch.zeros(batch, 9, dtype=torch.int32)
+    for i, ids in exact_rows.items():
+        e_ids[i, 1:] = torch.tensor(ids)
+    topk = LogprobsTensors(torch.zeros(batch, 6, dtype=torch.int32), torch.zeros(batch, 6),
+                           torch.zeros(batch, dtype=torch.long))
+    exact = LogprobsTensors(e_ids, torch.zeros(batch, 9), torch.zeros(batch, dtype=torch.long))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        merge_rows(topk, exact, exact_rows)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
 
 
 def _max_diff(a: Any, b: Any) -> float:
@@ -115,7 +167,11 @@ def run_block_size(bs: int, args: argparse.Namespace) -> dict[str, Any]:
     llm = _engine(bs, True)
     off = _engine(bs, False) if args.real_off else None
     tok = llm.get_tokenizer()
-    variants = ["cached", "salted"] + (["engine_off"] if off is not None else [])
+    variants = ["cached", "salted"] + (["engine_off"] if off is not None else []) \
+        + (["topk_neighbours", "plain_neighbours"] if args.neighbours else [])
+    neighbours = {"topk_neighbours": _neighbours(tok, args.neighbours, 5),
+                  "plain_neighbours": _neighbours(tok, args.neighbours, None)}
+    mixed_before = _mixed_batches(llm)
     # warm-up (not timed)
     warm = _job(tok, *_trajectory(llm, 1000, args.choices[0], args), args.choices[0], args)
     _time(llm, warm, None)
@@ -135,7 +191,7 @@ def run_block_size(bs: int, args: argparse.Namespace) -> dict[str, Any]:
             job = jobs[(rep, v)] = _job(tok, *trajs[rep], choices, args)
             engine = off if v == "engine_off" else llm
             times[v][rep], info[v][rep] = _time(engine, job, f"off-{rep}" if v == "salted"
-                                                else None)
+                                                else None, neighbours.get(v, ()))
         for rep in range(args.reps):
             for v in diffs:
                 diffs[v].append(_max_diff(jobs[(rep, "cached")], jobs[(rep, v)]))
@@ -149,6 +205,12 @@ def run_block_size(bs: int, args: argparse.Namespace) -> dict[str, Any]:
             "ratio_off_over_on": {v: summarize(ratios(times, "cached", v))
                                   for v in variants if v != "cached"},
             "max_abs_logprob_diff_vs_cached": {v: max(d) for v, d in diffs.items()}}
+        if args.neighbours:
+            out["choice_sets"][key]["ratio_topk_over_plain_neighbours"] = summarize(
+                ratios(times, "plain_neighbours", "topk_neighbours"))
+    if args.neighbours:
+        out["merge"] = {"mixed_batches": _mixed_batches(llm) - mixed_before,
+                        "seconds_per_merge": _time_merge(args.neighbours + 8)}
     shutdown(llm)
     if off is not None:
         shutdown(off)
@@ -168,6 +230,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         "20,30,40,50)")
     p.add_argument("--real-off", action="store_true",
                    help="also time a second engine started with enable_prefix_caching=False")
+    p.add_argument("--neighbours", type=int, default=8,
+                   help="ordinary requests submitted with the forks (top-k log-probs vs none); "
+                        "0 leaves these variants out")
     p.add_argument("--out", default=None)
     a = p.parse_args(list(argv))
     if a.quick:

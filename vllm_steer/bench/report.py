@@ -167,7 +167,11 @@ def vs_hf_section(d: dict[str, Any]) -> list[str]:
 
 
 _OFF_LABELS = {"salted": "unique cache_salt per fork (same engine)",
-               "engine_off": "second engine, enable_prefix_caching=False"}
+               "engine_off": "second engine, enable_prefix_caching=False",
+               "topk_neighbours": "cached forks + neighbours asking logprobs=5 (per-row "
+                                  "merge), one call",
+               "plain_neighbours": "cached forks + the same neighbours without logprobs, "
+                                   "one call"}
 
 
 def probe_section(d: dict[str, Any]) -> list[str]:
@@ -218,6 +222,74 @@ def probe_section(d: dict[str, Any]) -> list[str]:
                     f"{_s(c['seconds']['cached'], digits=2)} | {_OFF_LABELS.get(v, v)} | "
                     f"{_s(r, digits=1)}x | {min(off)}-{max(off)} | "
                     f"{c['max_abs_logprob_diff_vs_cached'][v]:.1e} |")
+    out.append("")
+    for bs, b in d["block_sizes"].items():
+        for key, c in b["choice_sets"].items():
+            if "ratio_topk_over_plain_neighbours" in c:
+                out.append(f"- block_size={bs}, {key}: forks with top-k neighbours / with plain "
+                           f"neighbours {_s(c['ratio_topk_over_plain_neighbours'], digits=3)}x")
+        if "merge" in b:
+            m = b["merge"]
+            out.append(f"- block_size={bs}: {m['mixed_batches']} batches mixed exact-ID and "
+                       f"top-k rows; one per-row merge took {1e6 * m['seconds_per_merge']:.0f} "
+                       "us (median, measured alone)")
+    out.append("")
+    return out
+
+
+def live_section(d: dict[str, Any]) -> list[str]:
+    st, nb = d["stream"], d["neighbours"]
+    out = ["### Live probes: cost on the probed stream and on its neighbours", "", *_meta(d),
+           f"- server: `{d['server_command']}`",
+           f"- single stream: {st['tokens']} tokens, greedy, a reading every {st['every']} "
+           f"tokens; load: start {st['load']['start']}, end {st['load']['end']}, 1-min max "
+           f"{st['load']['max_1m']}",
+           f"- neighbours: {nb['concurrent']} concurrent streams x {nb['tokens']} tokens, "
+           f"{nb['probed']} probed (Yes/No, every {nb['every']}); load: start "
+           f"{nb['load']['start']}, end {nb['load']['end']}, 1-min max {nb['load']['max_1m']}",
+           "", "| probed stream | ITL median, probed / unprobed (goal <= 1.15) | tokens/s, "
+           "probed / unprobed | readings per run | prompt tokens computed per fork request | "
+           "tokens served from the cache per reading |", "|---|---|---|---|---|---|"]
+    for v, label in (("yes_no", "Yes/No"), ("multi", "20/30/40/50")):
+        x = st[v]
+        out.append(f"| {label} | {_s(x['itl_ratio'])} | {_s(x['throughput_ratio'])} | "
+                   f"{_s(x['readings_per_run'], digits=0)} | "
+                   f"{_s(x['computed_tokens_per_request'], digits=1)} | "
+                   f"{_s(x['cached_tokens_per_reading'], digits=0)} |")
+    out += ["", f"Unprobed neighbours with {nb['probed']} of {nb['concurrent']} streams probed "
+            f"vs none probed: throughput {_s(nb['throughput_ratio'])} (goal >= 0.95: "
+            f"{_verdict(nb['throughput_ratio'], 0.95)}), ITL median "
+            f"{_s(nb['itl_ratio'])}.", ""]
+    return out
+
+
+def early_exit_section(d: dict[str, Any]) -> list[str]:
+    wl = d["workload"]
+    rows = d["rows"]
+    out = ["### Early exit on the shipped question sets", "", *_meta(d),
+           f"- {len(rows)} questions ({', '.join(wl['questions'])}), greedy, up to "
+           f"{wl['max_tokens']} tokens (natural end), thinking section opened, a reading "
+           f"every {wl['every']} tokens; {sum(r['tokens'] for r in rows)} tokens at full "
+           "length", "",
+           "| threshold | consecutive | stopped early | tokens saved | early answer = answer "
+           "at full length (stopped ones) | (all questions) |", "|---|---|---|---|---|---|"]
+    for g in d["grid"]:
+        agree = "n/a" if g["agreement_when_fired"] is None else \
+            f"{100 * g['agreement_when_fired']:.0f}%"
+        out.append(f"| {g['threshold']:g} | {g['consecutive']} | {g['fired']}/{g['questions']}"
+                   f" | {100 * g['saved_fraction']:.0f}% | {agree} | "
+                   f"{100 * g['agreement_overall']:.0f}% |")
+    if d.get("verify"):
+        v = d["verify"]
+        same = sum(x["simulated"] == x["engine"] for x in v)   # both JSON lists (or null)
+        full = {r["question"]: r["tokens"] for r in rows}
+        gen, tot = sum(x["generated"] for x in v), sum(full[x["question"]] for x in v)
+        out += ["", "Tokens saved above count from the deciding reading's position. Run for "
+                f"real with `stop_when` ({v[0]['threshold']:g}/{v[0]['consecutive']}): the "
+                f"engine stopped where the rule on the full-length readings says for "
+                f"{same}/{len(v)} questions, and generated {gen} of the {tot} full-length "
+                f"tokens ({100 * (1 - gen / tot):.0f}% saved; the difference to the table is "
+                "what it generated while the deciding reading was computed)."]
     out.append("")
     return out
 
@@ -364,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     names = ("overhead_compiled_resolver_fix", "overhead_compiled", "overhead_eager", "vs_hf",
              "probe_forks", "probe_forks_choices", "memory", "serving",
-             "overhead_compiled_ops", "overhead_compiled_ops_aa", "wire")
+             "overhead_compiled_ops", "overhead_compiled_ops_aa", "wire",
+             "probe_forks_isolation", "live_probe", "early_exit")
     results = {n: d for n in names if (d := _load(n, args.quick)) is not None}
     out_md = RESULTS_DIR / "RESULTS_quick.md" if args.quick else REPORT_DIR / "RESULTS.md"
     png = (RESULTS_DIR / "overhead_quick.png") if args.quick else REPORT_DIR / "overhead.png"
@@ -386,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                  "front-end fix", 1) for line in overhead_section(d)],
                 "overhead_compiled": overhead_section, "overhead_eager": overhead_section,
                 "vs_hf": vs_hf_section, "probe_forks": probe_section,
-                "probe_forks_choices": probe_section,
+                "probe_forks_choices": probe_section, "probe_forks_isolation": probe_section,
                 "memory": memory_section, "serving": serving_section,
                 "overhead_compiled_ops": lambda d: [
                     line.replace("### Overhead, compiled", "### Overhead of interventions, "
@@ -394,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "overhead_compiled_ops_aa": lambda d: [
                     line.replace("### Overhead, compiled", "### Overhead of interventions, "
                                  "compiled, A/A control", 1) for line in overhead_section(d)],
-                "wire": wire_section}
+                "wire": wire_section, "live_probe": live_section,
+                "early_exit": early_exit_section}
     for n, d in results.items():
         try:
             lines += sections[n](d)

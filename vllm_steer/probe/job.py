@@ -29,7 +29,8 @@ from typing import Any
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
 from vllm_steer.probe.config import ProbeConfig
 from vllm_steer.probe.forks import fork_points, fork_spec, replay_spec, think_states
-from vllm_steer.probe.reading import Reading, make_reading
+from vllm_steer.probe.point import PointReader, ProbePoint
+from vllm_steer.probe.reading import Reading
 from vllm_steer.steering.spec import SpecError
 from vllm_steer.steering.think_tracker import ANSWER, THINK
 from vllm_steer.thinking import markers_for
@@ -53,24 +54,6 @@ class Trajectory:
         d = {k: v for k, v in asdict(self).items() if k != "readings"}
         d["readings"] = [r.to_json() for r in self.readings]
         return d
-
-
-@dataclass
-class ProbePoint:
-    """One fork point of one trajectory: its base ids, steering, and the conditional
-    log-probs read so far (``table[context][token]``, context = choice tokens after the
-    base)."""
-
-    traj: int
-    token_index: int
-    in_thinking: bool
-    base: list[int]
-    spec: dict[str, Any] | None
-    table: dict[tuple[int, ...], dict[int, float]] = field(default_factory=dict)
-    requests: int = 0
-    computed_tokens: int = 0
-    head_cached: int = 0
-    reading: Reading | None = None
 
 
 class ProbeJob:
@@ -122,7 +105,8 @@ class ProbeJob:
         self.trajs = [Trajectory(lbl, list(p), s) for lbl, p, s in
                       zip(labels, prompts, steering, strict=True)]
         self.points: list[ProbePoint] = []
-        self._pending: list[tuple[ProbePoint, str, Any]] = []
+        self._pending: list[tuple[ProbePoint, int, list[Any]]] = []
+        self.reader = PointReader(tokenizer, self.choices, cfg, fork_single_tokens)
 
     def _check_context(self, prompts: list[list[int]], max_model_len: int) -> None:
         # The longest request is a fork at the end of the longest trajectory: prompt +
@@ -197,131 +181,46 @@ class ProbeJob:
                 self.points.append(ProbePoint(k, p, thinking, base, spec))
         return self.points
 
-    def _forked_variants(self) -> list[tuple[int, ...]]:
-        return [v for vs in self.choices.variants for v in vs
-                if len(v) > 1 or self.fork_single_tokens]
+    def _point_requests(self, rnd: str, points: list[ProbePoint]
+                        ) -> list[tuple[dict[str, Any], Any]]:
+        """Round ``rnd`` of every point in one list (``_pending`` remembers whose is what)."""
+        self._pending, reqs = [], []
+        for pt in points:
+            r, tags = self.reader.requests(rnd, pt)
+            self._pending.append((pt, len(r), tags))
+            reqs += r
+        return reqs
+
+    def _take_points(self, rnd: str, outputs: list[Any]) -> None:
+        if len(outputs) != sum(n for _, n, _ in self._pending):
+            raise ValueError(f"{rnd}: got {len(outputs)} outputs for "
+                             f"{sum(n for _, n, _ in self._pending)} requests")
+        at = 0
+        for pt, n, tags in self._pending:
+            self.reader.take(rnd, pt, tags, outputs[at:at + n])
+            at += n
+        self._pending = []
 
     def _fork_requests(self) -> list[tuple[dict[str, Any], Any]]:
-        from vllm import SamplingParams
-
-        self.plan()
-        self._pending, reqs = [], []
-        head_ids = self.choices.head_ids
-        forked = self._forked_variants()
-        for pt in self.points:
-            extra = {"steering": pt.spec} if pt.spec else None
-            self._pending.append((pt, "head", None))
-            reqs.append(({"prompt_token_ids": pt.base},
-                         SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
-                                        logprob_token_ids=head_ids, extra_args=extra)))
-            for v in forked:
-                self._pending.append((pt, "variant", v))
-                # skip_reading_prefix_cache: vLLM's default for prompt log-probs is True,
-                # which would recompute the whole prefix for every fork.
-                reqs.append(({"prompt_token_ids": pt.base + list(v)},
-                             SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
-                                            prompt_logprobs=0, skip_reading_prefix_cache=False,
-                                            extra_args=extra)))
-        return reqs
-
-    @staticmethod
-    def _count(pt: ProbePoint, out: Any) -> int:
-        cached = int(out.num_cached_tokens or 0)
-        pt.requests += 1
-        pt.computed_tokens += len(out.prompt_token_ids) - cached
-        return cached
+        return self._point_requests("forks", self.plan())
 
     def _take_forks(self, outputs: list[Any]) -> None:
-        pending = list(zip(self._pending, outputs, strict=True))
-        # Variant forks first: their rows are the multi-token path's own reading; the head
-        # fills first tokens no fork computed (and all of single-token choices).
-        for (pt, kind, v), out in pending:
-            if kind != "variant":
-                continue
-            cached = self._count(pt, out)
-            rows = out.prompt_logprobs
-            n = len(pt.base)
-            for j, tid in enumerate(v):
-                # prompt_logprobs[n + j] is read from the hidden state at n + j - 1; positions
-                # below ``cached`` came from the prefix cache and were not computed.
-                if n + j - 1 >= cached:
-                    pt.table.setdefault(tuple(v[:j]), {})[tid] = rows[n + j][tid].logprob
-        for (pt, kind, _), out in pending:
-            if kind != "head":
-                continue
-            pt.head_cached = self._count(pt, out)
-            lp = out.outputs[0].logprobs[0]
-            row = pt.table.setdefault((), {})
-            for tid in self.choices.head_ids:
-                if tid not in lp:
-                    raise RuntimeError(f"engine returned no logprob for token {tid}")
-                row.setdefault(tid, lp[tid].logprob)
-        self._pending = []
+        self._take_points("forks", outputs)
 
     # -- 3. rows no fork computed ------------------------------------------------------
-    def _missing(self, pt: ProbePoint) -> dict[tuple[int, ...], list[int]]:
-        out: dict[tuple[int, ...], set[int]] = {}
-        for vs in self.choices.variants:
-            for v in vs:
-                for j, tid in enumerate(v):
-                    ctx = tuple(v[:j])
-                    if tid not in pt.table.get(ctx, {}):
-                        out.setdefault(ctx, set()).add(tid)
-        return {ctx: sorted(ids) for ctx, ids in out.items()}
-
     def _gap_requests(self) -> list[tuple[dict[str, Any], Any]]:
-        from vllm import SamplingParams
-
-        self._pending, reqs = [], []
-        for pt in self.points:
-            for ctx, ids in self._missing(pt).items():
-                self._pending.append((pt, "gap", (ctx, ids)))
-                reqs.append(({"prompt_token_ids": pt.base + list(ctx)},
-                             SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
-                                            logprob_token_ids=ids,
-                                            extra_args={"steering": pt.spec} if pt.spec
-                                            else None)))
-        return reqs
+        return self._point_requests("gaps", self.points)
 
     def _take_gaps(self, outputs: list[Any]) -> None:
-        for (pt, _, (ctx, ids)), out in zip(self._pending, outputs, strict=True):
-            self._count(pt, out)
-            lp = out.outputs[0].logprobs[0]
-            row = pt.table.setdefault(ctx, {})
-            for tid in ids:
-                row[tid] = lp[tid].logprob
-        self._pending = []
+        self._take_points("gaps", outputs)   # each point's reading is folded here
         for t in self.trajs:
             t.readings = []
         for pt in self.points:
-            if self._missing(pt):
-                raise RuntimeError(f"probe point {pt.token_index}: log-probs still missing")
-            lps = [[sum(pt.table[tuple(v[:j])][tid] for j, tid in enumerate(v)) for v in vs]
-                   for vs in self.choices.variants]
-            pt.reading = make_reading(
-                self.choices.choices, lps, token_index=pt.token_index,
-                in_thinking=pt.in_thinking, min_mass=self.cfg.min_mass,
-                cached_tokens=pt.head_cached, requests=pt.requests,
-                computed_tokens=pt.computed_tokens)
             self.trajs[pt.traj].readings.append(pt.reading)
 
     # -- 4. top tokens of flagged readings ---------------------------------------------
-    def _flagged(self) -> list[ProbePoint]:
-        if self.cfg.top_k_flagged == 0:
-            return []
-        return [pt for pt in self.points if pt.reading is not None and pt.reading.low_mass]
-
     def _top_requests(self) -> list[tuple[dict[str, Any], Any]]:
-        from vllm import SamplingParams
-
-        return [({"prompt_token_ids": pt.base},
-                 SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.cfg.top_k_flagged,
-                                extra_args={"steering": pt.spec} if pt.spec else None))
-                for pt in self._flagged()]
+        return self._point_requests("top", self.points)
 
     def _take_top(self, outputs: list[Any]) -> None:
-        for pt, out in zip(self._flagged(), outputs, strict=True):
-            lp = out.outputs[0].logprobs[0]
-            best = sorted(lp.items(), key=lambda kv: -kv[1].logprob)[: self.cfg.top_k_flagged]
-            pt.reading.top_tokens = [(self.tok.decode([tid]), round(v.logprob, 4))
-                                     for tid, v in best]
+        self._take_points("top", outputs)

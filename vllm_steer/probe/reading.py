@@ -48,6 +48,17 @@ class Reading:
     computed_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Reading:
+        """Back from ``to_json`` (null log-probs are impossible choices; unknown keys, such
+        as a live reading's ``index``, are left out)."""
+        kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for key in ("logprobs", "normalized"):
+            kw[key] = {c: (-math.inf if v is None else v) for c, v in kw[key].items()}
+        if kw.get("top_tokens") is not None:
+            kw["top_tokens"] = [tuple(t) for t in kw["top_tokens"]]
+        return cls(**kw)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         # JSON has no -inf: impossible choices are reported as null.

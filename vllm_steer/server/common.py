@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.resolve import Resolver
+from vllm_steer.steering.store_gc import StoreCollector
 
 STATE_KEY = "vllm_steer"
 
@@ -31,6 +32,8 @@ class ServerContext:
     #: data-parallel rank with an external load balancer); they share registrations
     #: only through the registry file's overlay.
     api_processes: int = 1
+    #: Collects the vector store of this process's resolver (``vectors.attach``).
+    collector: StoreCollector | None = None
 
     @property
     def registry(self) -> Registry:
@@ -48,29 +51,37 @@ class ServerContext:
 class SteerHTTPError(Exception):
     """An error answered in OpenAI's error shape; ``param`` names the offending field."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = int(status)
         self.message = message
         self.param = param
+        self.headers = headers
 
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-          409: "ConflictError", 413: "RequestEntityTooLargeError",
-          503: "ServiceUnavailableError"}
+          405: "MethodNotAllowedError", 409: "ConflictError",
+          413: "RequestEntityTooLargeError", 503: "ServiceUnavailableError"}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     """``{"error": {"message", "type", "param", "code"}}`` with HTTP ``status``."""
     body = {"error": {"message": message,
                       "type": _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "")),
                       "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def handle_steer_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SteerHTTPError)
-    return error_response(exc.status, exc.message, exc.param)
+    return error_response(exc.status, exc.message, exc.param, exc.headers)
+
+
+#: The answer to a request under ``/v1/steering`` without a valid API key (vLLM's own
+#: middleware would answer ``{"error": "Unauthorized"}``; see ``vllm_adapter.server``).
+UNAUTHORIZED = (401, "missing or invalid API key (Authorization: Bearer ...)", "authorization")
 
 
 def context(request: Request) -> ServerContext:
@@ -101,8 +112,7 @@ async def require_api_key(request: Request) -> None:
     for t in tokens:
         ok |= secrets.compare_digest(digest, t)
     if scheme.lower() != "bearer" or not ok:
-        raise SteerHTTPError(401, "missing or invalid API key (Authorization: Bearer ...)",
-                             "authorization")
+        raise SteerHTTPError(*UNAUTHORIZED)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -3,7 +3,9 @@
 Enabled by naming ``vllm_steer_routes`` in ``VLLM_PLUGINS`` (vLLM loads endpoint plugins
 only when named). Each feature module contributes one ``APIRouter``; adding a route
 family (e.g. the answer probes) means adding its router to ``ROUTERS``. Every route
-requires vLLM's ``--api-key`` when one is set, and errors use OpenAI's error shape.
+requires vLLM's ``--api-key`` when one is set, and errors use OpenAI's error shape. The
+playground page (``playground``, ``GET /steer``) is mounted beside them without the key:
+it is static and makes every call with the key typed into it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from vllm_steer.server import ENDPOINT_PLUGIN, probe, stats, vectors
+from vllm_steer.server import ENDPOINT_PLUGIN, fallback, playground, probe, stats, vectors
 from vllm_steer.server.common import (
     STATE_KEY,
     ServerContext,
@@ -25,8 +27,9 @@ from vllm_steer.server.common import (
 
 logger = logging.getLogger("vllm_steer")
 
-#: Feature routers mounted by the plugin, in order.
-ROUTERS: list[APIRouter] = [vectors.router, stats.router, probe.router]
+#: Feature routers mounted by the plugin, in order; ``fallback`` (every other path and
+#: method under ``/v1/steering``: 404/405 in OpenAI's error shape) stays last.
+ROUTERS: list[APIRouter] = [vectors.router, stats.router, probe.router, fallback.router]
 
 
 def build_router() -> APIRouter:
@@ -59,8 +62,14 @@ class SteeringEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from vllm_steer.vllm_adapter import live_server
+        from vllm_steer.vllm_adapter.server import install_auth_errors
+
+        live_server.install()   # the 'probe' field of the completion endpoints
         app.include_router(build_router())
+        app.include_router(playground.router)
         app.add_exception_handler(SteerHTTPError, handle_steer_error)
+        install_auth_errors(fallback.PREFIX)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:

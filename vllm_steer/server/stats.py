@@ -1,4 +1,5 @@
-"""``GET /v1/steering/stats``: the workers' steering-slot usage, through ``collective_rpc``.
+"""``GET /v1/steering/stats``: the workers' steering-slot usage, through ``collective_rpc``,
+and this process's vector-store collection (``store``).
 
 The general plugin installs the worker method ``vllm_steer_stats``; this route only
 exposes it (the pairing vLLM's endpoint-plugin interface prescribes).
@@ -25,6 +26,14 @@ async def steering_stats(request: Request) -> JSONResponse:
                                          RPC_TIMEOUT_S)
     except TimeoutError:
         raise SteerHTTPError(503, "the engine did not answer the stats call in time") from None
+    from vllm_steer.vllm_adapter.live_server import LIVE
+
+    gc = ctx.collector
+    store = {"root": str(ctx.resolver.store.root), "transport": ctx.resolver.transport}
+    if gc is not None:
+        store.update(grace_s=gc.grace_s, collections=gc.runs,
+                     last_collection=gc.last.to_json() if gc.last else None)
     return JSONResponse({"object": "steering.stats", "workers": list(workers),
+                         "live_probes": dict(LIVE),
                          "vectors": len(ctx.registry.entries),
-                         "persistent": ctx.registry.persistent})
+                         "persistent": ctx.registry.persistent, "store": store})

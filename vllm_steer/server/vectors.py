@@ -3,10 +3,13 @@
 Upload: ``POST /v1/steering/vectors?name=NAME[&scale=S&layers=1,2&replace=true]`` with the
 raw safetensors or GGUF file as the body (format detected from its bytes, never
 unpickled), or a JSON body ``{"name", "path" | "data" (base64), "scale", "layers",
-"replace"}``. ``op`` (``add``, ``ablate``, ``clamp``) with ``strength`` (ablate) or
-``value`` (clamp) set the entry's default intervention, as in the registry file; ``scale``
-applies to ``add`` only. A vector must match the served model (hidden size, layer range) and be
-finite. It is usable by the next request and persisted in the registry's overlay.
+"replace"}``. A JSON body takes JSON types only (``"replace": "yes"`` or ``"layers": "10"``
+is a 400 naming the field); query parameters are text: ``layers=8,9,10``,
+``replace=true|false|1|0``, each parameter at most once. ``op`` (``add``, ``ablate``,
+``clamp``) with ``strength`` (ablate) or ``value`` (clamp) set the entry's default
+intervention, as in the registry file; ``scale`` applies to ``add`` only. A vector must
+match the served model (hidden size, layer range) and be finite. It is usable by the next
+request and persisted in the registry's overlay.
 Requests already admitted are unaffected by later changes: they carry the vector's
 content, not its name.
 
@@ -31,8 +34,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from vllm_steer.server.common import ServerContext, SteerHTTPError, context, read_body
+from vllm_steer.steering import store_gc
 from vllm_steer.steering.registry import NAME_RE, RegistryEntry
-from vllm_steer.steering.values import SpecError, parse_layers, parse_op_fields, parse_scale
+from vllm_steer.steering.values import (
+    SpecError,
+    parse_flag,
+    parse_layers,
+    parse_op_fields,
+    parse_scale,
+)
 from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector import load as load_vector
 from vllm_steer.vector_errors import VectorFileError
@@ -48,8 +58,9 @@ _QUERY_KEYS = {"name", "scale", "layers", "replace", *_OP_KEYS}
 
 def attach(ctx: ServerContext) -> None:
     """Per-process set-up: drop a vector from the resolver's cache once no entry uses its
-    file, whichever process made the change (bounded memory with many replacements)."""
-    ctx.registry.add_listener(lambda paths: [ctx.resolver.forget_file(p) for p in paths])
+    file, whichever process made the change (bounded memory with many replacements), and
+    collect the vector store now and after such changes (``steering.store_gc``)."""
+    ctx.collector = store_gc.attach(ctx.resolver)
 
 
 def _require_shared(ctx: ServerContext) -> None:
@@ -73,42 +84,43 @@ def _name(x: Any) -> str:
     return x
 
 
-def _scale(x: Any) -> float | None:
+def _scale(x: Any, text: bool) -> float | None:
     """None when absent (the registry's default applies)."""
     if x is None:
         return None
     try:
-        return parse_scale(x, "scale")
+        return parse_scale(x, "scale", text=text)
     except SpecError as e:
         raise SteerHTTPError(400, e.message, "scale") from None
 
 
-def _op_fields(params: dict[str, Any]) -> dict[str, Any]:
+def _op_fields(params: dict[str, Any], text: bool) -> dict[str, Any]:
     """``op``/``strength``/``value`` of a registration, checked as the registry file's
     entries are: a parameter the op does not use is refused."""
     try:
-        return parse_op_fields(params)
+        return parse_op_fields(params, text=text)
     except SpecError as e:
         raise SteerHTTPError(400, e.message, e.field) from None
 
 
-def _layers(x: Any, num_layers: int) -> tuple[int, ...] | None:
+def _layers(x: Any, num_layers: int, text: bool) -> tuple[int, ...] | None:
     if x is None:
         return None
     try:
-        return parse_layers(x, "layers", num_layers)
+        return parse_layers(x, "layers", num_layers, text=text)
     except SpecError as e:
         raise SteerHTTPError(400, e.message, "layers") from None
 
 
-def _bool(x: Any, field: str) -> bool:
+def _bool(x: Any, field: str, text: bool) -> bool:
+    """False when absent; a JSON boolean in a JSON body, ``true``/``false``/``1``/``0`` in
+    a query string (``values.FLAG_SPELLINGS``)."""
     if x is None:
         return False
-    if isinstance(x, bool):
-        return x
-    if isinstance(x, str) and x.lower() in ("true", "1", "yes", "false", "0", "no"):
-        return x.lower() in ("true", "1", "yes")
-    raise SteerHTTPError(400, "must be a boolean", field)
+    try:
+        return parse_flag(x, field, text=text)
+    except SpecError as e:
+        raise SteerHTTPError(400, e.message, field) from None
 
 
 # -- vectors ---------------------------------------------------------------------------
@@ -288,6 +300,9 @@ async def register_vector(request: Request) -> JSONResponse:
         if unknown:
             raise SteerHTTPError(400, "unknown query parameter (known: "
                                  f"{', '.join(sorted(_QUERY_KEYS))})", unknown[0])
+        repeated = sorted(k for k in q if len(q.getlist(k)) > 1)
+        if repeated:  # which one would count is a guess: refuse
+            raise SteerHTTPError(400, "given more than once", repeated[0])
         params = dict(q)
         if "name" not in params:
             raise SteerHTTPError(400, "required (as a query parameter with a raw file body)",
@@ -296,11 +311,12 @@ async def register_vector(request: Request) -> JSONResponse:
         data, path = await read_body(request, limit), None
         if not data:
             raise SteerHTTPError(400, "empty body: send the safetensors or GGUF file", "body")
+    text = not is_json  # query parameters are text; a JSON body has JSON types
     name = _name(params.get("name"))
-    ops = _op_fields(params)
-    scale = _scale(params.get("scale"))
-    layers = _layers(params.get("layers"), ctx.num_layers)
-    replace = _bool(params.get("replace"), "replace")
+    ops = _op_fields(params, text)
+    scale = _scale(params.get("scale"), text)
+    layers = _layers(params.get("layers"), ctx.num_layers, text)
+    replace = _bool(params.get("replace"), "replace", text)
     info = await asyncio.to_thread(_register, ctx, name, scale, layers, ops, replace, data,
                                    path, "data" if is_json else "body")
     return _json(info, 201)

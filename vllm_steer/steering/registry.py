@@ -15,9 +15,9 @@ Vectors registered at run time (``register``/``unregister``, used by the server'
 ``/v1/steering/vectors`` routes) are persisted in an overlay file
 ``<upload_dir>/registry.overlay.yaml`` (written as JSON, which is YAML) applied on top of
 the base file, so a restart keeps them. ``upload_dir`` defaults to ``uploads`` next to the
-registry file, except for the registry shipped inside the package, whose uploads go to the
-user's data home (``vllm_steer.locations``): nothing is ever written into the installed
-package.
+registry file, except for a registry inside a ``vllm_steer`` package (the shipped one,
+whatever path names it), whose uploads go to the user's data home
+(``vllm_steer.locations``): nothing is ever written into the installed package.
 
 Several processes may serve one registry (vLLM's ``--api-server-count``, data parallel):
 the overlay is their shared state. A mutation takes the overlay's lock file (``flock``),
@@ -161,7 +161,7 @@ class Registry:
         upload = envvars.get(UPLOAD_DIR_ENV) or raw.get("upload_dir")
         if upload:
             upload_dir = rel(upload)
-        elif locations.is_shipped_registry(path):
+        elif locations.in_a_package(path):  # the shipped registry, however spelled
             upload_dir = locations.shipped_upload_dir()
         else:
             upload_dir = rel(DEFAULT_UPLOAD_DIR)

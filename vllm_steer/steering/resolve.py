@@ -178,6 +178,17 @@ class Resolver:
             for key in [k for k in self._files if k[0] == p]:
                 del self._files[key]
 
+    def registered_contents(self) -> set[str]:
+        """Content ids of every registry entry's vector (files loaded, and cached, as a
+        request would); entries whose file cannot be read name nothing."""
+        out = set()
+        for entry in list(self.registry.entries.values()):
+            try:
+                out.add(self._load_file(entry.path, "name").content)
+            except SpecError:
+                continue
+        return out
+
     def vector_for(self, ref_name: str | None, ref_path: str | None, where: str
                    ) -> tuple[_File, _Defaults]:
         """The vector a spec entry names and the registry's defaults for it."""
@@ -232,6 +243,11 @@ class Resolver:
                      "clamp": ref.value if ref.value is not None else d.value}[op]
             parts.append(Part(f.content, op, float(param), tuple(sorted(layers))))
             files[f.content] = f
+        if self.transport == "store":
+            # Renew each vector's lease in the store (or write it again if a collector
+            # took it) before the request is admitted: the workers read it by id.
+            for cid, f in files.items():
+                self.store.ensure(cid, f.dirs)
         recipe = Recipe(tuple(parts), spec.normalize)
         digest = recipe.digest
         with self._lock:

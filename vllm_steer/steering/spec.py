@@ -14,7 +14,10 @@ component to ``value``)), ``normalize`` (restore each steered token's pre-steeri
 ``apply_to`` (``all | prompt | generated | thinking | answer``), ``start_position`` /
 ``end_position`` (absolute token positions: steer ``start <= pos < end``), and
 ``think_start`` / ``think_end`` (marker strings overriding the registry's).
-Unknown keys are errors: nothing is silently ignored.
+Unknown keys are errors: nothing is silently ignored. The spec object takes JSON types
+only (numbers, booleans, lists); the flat shorthand, being text in ``vllm_xargs``, also
+takes their text spellings (``"1.5"``, ``"true"``/``"1"``, ``"8,9,10"``; see
+``steering.values``).
 """
 
 from __future__ import annotations
@@ -256,8 +259,8 @@ def _parse_dict(raw: dict[str, Any], prefix: str, flat: bool = False) -> Steerin
         if m is not None and not _is_utf8(m):
             raise SpecError(f(key), "must be valid Unicode text (no lone surrogates)")
         markers[key] = m
-    normalize = raw.get("normalize", False)
-    normalize = parse_flag(normalize, f("normalize"))
+    # the flat shorthand is text (``vllm_xargs`` values): "true", "8,9", "1.5" are spellings
+    normalize = parse_flag(raw.get("normalize", False), f("normalize"), text=flat)
     return SteeringSpec(refs, apply_to, start, end, markers["think_start"], markers["think_end"],
                         normalize=normalize, flat=flat)
 
@@ -286,7 +289,7 @@ def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
         flat_key = next((k for k, n in _FLAT_VECTOR.items() if n == name), None)
         return flat_key if flat and flat_key else f"{where}.{name}"
 
-    op, scale, strength, value = (None if v.get(k) is None else parse(v[k], fld(k))
+    op, scale, strength, value = (None if v.get(k) is None else parse(v[k], fld(k), text=flat)
                                   for k, parse in _OP_FIELD_PARSERS)
     if op is not None:
         try:
@@ -295,7 +298,7 @@ def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
             raise SpecError(fld(e.field.rsplit(".", 1)[1]), e.message) from None
     layers = v.get("layers")
     if layers is not None:
-        layers = parse_layers(layers, fld("layers"))
+        layers = parse_layers(layers, fld("layers"), text=flat)
     return VectorRef(name=name, path=path, scale=scale, layers=layers, op=op,
                      strength=strength, value=value)
 

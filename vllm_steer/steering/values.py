@@ -1,11 +1,19 @@
 """Validation of the values a spec, a registry entry or a vector upload carries: scales and
 layer lists. One implementation for all three edges; each maps ``SpecError`` to its own
 error type (``VLLMValidationError``, ``RegistryError``, HTTP 400) keeping the field name.
+
+Typed carriers get typed values, nothing lenient: a spec object (a dict, or the JSON
+string in ``vllm_xargs``), a JSON request body and a registry file give numbers as
+numbers, booleans as booleans and layer lists as lists. Only the two text carriers take
+text spellings (``text=True``): the upload route's query parameters and the flat ``steer*``
+shorthand of ``extra_args``/``vllm_xargs``, where a number may be a numeric string, a
+boolean ``true``/``false``/``1``/``0`` (any case; vLLM turns a JSON boolean in
+``vllm_xargs`` into the integer 1 or 0), and a layer list a comma-separated string
+(``"8,9,10"``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -20,19 +28,26 @@ class SpecError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
-def _number(x: Any, field: str) -> float:
-    """``x`` as a float: an int, a float or a numeric string (not a bool)."""
-    if isinstance(x, bool) or not isinstance(x, int | float | str):
-        raise SpecError(field, f"must be a number, got {type(x).__name__}")
+def _number(x: Any, field: str, text: bool = False) -> float:
+    """``x`` as a float: an int or a float (not a bool); with ``text`` also a numeric
+    string."""
+    if isinstance(x, str) and text:
+        try:
+            return float(x)
+        except (ValueError, OverflowError) as e:
+            raise SpecError(field, f"must be a number, got {x!r}") from e
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        got = repr(x) if isinstance(x, str) else type(x).__name__
+        raise SpecError(field, f"must be a number, got {got}")
     try:
         return float(x)
-    except (ValueError, OverflowError) as e:
-        raise SpecError(field, f"must be a number, got {x!r}") from e
+    except OverflowError as e:  # an int beyond float range
+        raise SpecError(field, "must be a number of float range") from e
 
 
-def parse_scale(x: Any, field: str) -> float:
-    """A finite number with ``|x| <= MAX_ABS_SCALE`` (numeric strings accepted)."""
-    scale = _number(x, field)
+def parse_scale(x: Any, field: str, *, text: bool = False) -> float:
+    """A finite number with ``|x| <= MAX_ABS_SCALE`` (numeric strings only with ``text``)."""
+    scale = _number(x, field, text)
     if not math.isfinite(scale):
         raise SpecError(field, f"must be finite, got {scale}")
     if abs(scale) > MAX_ABS_SCALE:
@@ -40,14 +55,19 @@ def parse_scale(x: Any, field: str) -> float:
     return scale
 
 
-def parse_layers(x: Any, field: str, num_layers: int | None = None) -> tuple[int, ...]:
-    """A non-empty list of distinct layer indices, sorted; given as a list, a JSON list string
-    or a comma-separated string (``"8,9,10"``). With ``num_layers`` each must be below it."""
+def parse_layers(x: Any, field: str, num_layers: int | None = None, *, text: bool = False
+                 ) -> tuple[int, ...]:
+    """A non-empty list of distinct layer indices, sorted; with ``text`` also a
+    comma-separated string (``"8,9,10"``). With ``num_layers`` each must be below it."""
     if isinstance(x, str):
+        if not text:
+            raise SpecError(field, f"must be a list of layer indices, got the string {x!r} "
+                                   "(give a list, e.g. [8, 9, 10])")
         try:
-            x = json.loads(x) if x.strip().startswith("[") else [int(v) for v in x.split(",")]
-        except (ValueError, RecursionError) as e:
-            raise SpecError(field, "must be a list of layer indices") from e
+            x = [int(v) for v in x.split(",")]
+        except ValueError as e:
+            raise SpecError(field, "must be comma-separated layer indices (e.g. 8,9,10), "
+                                   f"got {x[:40]!r}") from e
     if not isinstance(x, list | tuple) or not x:
         raise SpecError(field, "must be a non-empty list of layer indices")
     for v in x:
@@ -69,34 +89,43 @@ OPS = ("add", "ablate", "clamp")
 MAX_ABS_CLAMP = 1e6
 
 
-def parse_op(x: Any, field: str) -> str:
+def parse_op(x: Any, field: str, *, text: bool = False) -> str:
+    """One of ``OPS`` (``text`` changes nothing: an op is a string in every carrier)."""
     if not isinstance(x, str) or x not in OPS:
         raise SpecError(field, f"{x!r} is not one of {', '.join(OPS)}")
     return x
 
 
-def parse_strength(x: Any, field: str) -> float:
+def parse_strength(x: Any, field: str, *, text: bool = False) -> float:
     """An ablation strength in [0, 1] (1: remove the whole component)."""
-    s = parse_scale(x, field)
+    s = parse_scale(x, field, text=text)
     if not 0.0 <= s <= 1.0:
         raise SpecError(field, f"must be in [0, 1], got {s:g}")
     return s
 
 
-def parse_clamp_value(x: Any, field: str) -> float:
-    v = _number(x, field)
+def parse_clamp_value(x: Any, field: str, *, text: bool = False) -> float:
+    v = _number(x, field, text)
     if not math.isfinite(v) or abs(v) > MAX_ABS_CLAMP:
         raise SpecError(field, f"must be finite with |value| <= {MAX_ABS_CLAMP:g}, got {v:g}")
     return v
 
 
-def parse_flag(x: Any, field: str) -> bool:
-    """A boolean (also "true"/"false"/"1"/"0" strings, as flat ``vllm_xargs`` carry them)."""
+#: Text spellings of a boolean (any case) in the text carriers.
+FLAG_SPELLINGS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def parse_flag(x: Any, field: str, *, text: bool = False) -> bool:
+    """A boolean; with ``text`` also ``FLAG_SPELLINGS`` and the integers 1 and 0 (what vLLM
+    makes of a JSON boolean in ``vllm_xargs``)."""
     if isinstance(x, bool):
         return x
-    if isinstance(x, str) and x.lower() in ("true", "false", "1", "0"):
-        return x.lower() in ("true", "1")
-    raise SpecError(field, f"must be true or false, got {x!r}")
+    if text and isinstance(x, str) and x.lower() in FLAG_SPELLINGS:
+        return FLAG_SPELLINGS[x.lower()]
+    if text and isinstance(x, int) and x in (0, 1):
+        return bool(x)
+    spelled = " (or 'true', 'false', '1', '0')" if text else " (a JSON boolean)"
+    raise SpecError(field, f"must be true or false{spelled}, got {x!r}")
 
 
 def check_op_fields(op: str, *, scale: Any, strength: Any, value: Any, where: str) -> None:
@@ -114,16 +143,18 @@ def check_op_fields(op: str, *, scale: Any, strength: Any, value: Any, where: st
         raise SpecError(field("value"), f"applies to op 'clamp', not {op!r}")
 
 
-def parse_op_fields(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def parse_op_fields(d: dict[str, Any], prefix: str = "", *, text: bool = False
+                    ) -> dict[str, Any]:
     """``op`` (default ``add``) with its ``strength``/``value`` from a mapping (a registry
     entry, a vector upload), checked as a spec's are: a parameter the op does not use is
-    refused. Returns ``{"op", ["strength"], ["value"]}``; fields named ``prefix + key``."""
+    refused. Returns ``{"op", ["strength"], ["value"]}``; fields named ``prefix + key``;
+    ``text``: the mapping is a query string."""
     op = parse_op(d.get("op", "add"), prefix + "op")
     check_op_fields(op, scale=d.get("scale"), strength=d.get("strength"),
                     value=d.get("value"), where=prefix.rstrip("."))
     out: dict[str, Any] = {"op": op}
     if d.get("strength") is not None:
-        out["strength"] = parse_strength(d["strength"], prefix + "strength")
+        out["strength"] = parse_strength(d["strength"], prefix + "strength", text=text)
     if d.get("value") is not None:
-        out["value"] = parse_clamp_value(d["value"], prefix + "value")
+        out["value"] = parse_clamp_value(d["value"], prefix + "value", text=text)
     return out

@@ -34,6 +34,9 @@ class TinyArch:
     adapter: str = "residual_pair"
     #: ``(parameter-name substring, value)``: parameters filled after the random init.
     fill: tuple[tuple[str, float], ...] = ()
+    #: Why vLLM 0.32 itself, unsteered, computes something else than HF for this config
+    #: (empty: it agrees). Steering cannot be judged against HF on such a config.
+    vllm_differs: str = ""
 
 
 def _llama_like(cls_name: str, **extra: Any) -> Callable[[int, int | None, int | None], Any]:
@@ -60,11 +63,12 @@ def _gpt2(vocab: int, bos: int | None, eos: int | None) -> Any:
 
 
 def _gpt_neox(vocab: int, bos: int | None, eos: int | None) -> Any:
+    """Rotary on a quarter of each head (Pythia's and GPT-NeoX-20B's ``rotary_pct``)."""
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                          num_attention_heads=HIDDEN // HEAD_DIM, intermediate_size=2 * HIDDEN,
-                         max_position_embeddings=1024, initializer_range=0.3, rotary_pct=0.5,
+                         max_position_embeddings=1024, initializer_range=0.3, rotary_pct=0.25,
                          bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False)
 
 
@@ -139,6 +143,48 @@ ARCHS: dict[str, TinyArch] = {a.name: a for a in (
 )}
 
 
+def _cohere_untied(vocab: int, bos: int | None, eos: int | None) -> Any:
+    from transformers import CohereConfig
+
+    return CohereConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+                        num_hidden_layers=LAYERS, num_attention_heads=HIDDEN // HEAD_DIM,
+                        num_key_value_heads=1, max_position_embeddings=1024,
+                        initializer_range=0.3, bos_token_id=bos, eos_token_id=eos,
+                        pad_token_id=eos, tie_word_embeddings=False)
+
+
+#: Configurations on which vLLM 0.32 (CPU build) itself differs from HF transformers,
+#: unsteered; the matrix records that the difference persists (README "Architectures").
+VLLM_DIFFERS: dict[str, TinyArch] = {a.name: a for a in (
+    # vllm/model_executor/models/commandr.py: CohereForCausalLM drops the checkpoint's
+    # lm_head (WeightsMapper {"lm_head": None}) and computes logits with embed_tokens,
+    # whatever tie_word_embeddings says; HF uses the separate lm_head.
+    TinyArch("cohere_untied", _cohere_untied, "stream_first",
+             vllm_differs="vLLM's Cohere always ties the LM head to the input embeddings "
+                          "(commandr.py drops lm_head.weight); HF honours "
+                          "tie_word_embeddings=False"),
+    # The matrix's gemma2 with Gemma 2's attention-logit softcapping (50) on: vLLM passes it
+    # to its CPU attention kernel (cpu_attn.py -> ops.cpu_attention_with_kv_cache, C++).
+    TinyArch("gemma2_softcap",
+             _llama_like("Gemma2Config", **{**_GEMMA, "tie_word_embeddings": True},
+                         attn_logit_softcapping=50.0),
+             fill=(("post_attention_layernorm", 8.0), ("post_feedforward_layernorm", 8.0)),
+             vllm_differs="with attention-logit softcapping, vLLM's CPU attention kernel "
+                          "(ops.cpu_attention_with_kv_cache) computes other attention "
+                          "weights than HF's tanh softcap"),
+)}
+
+
+def tiny_arch(name: str) -> TinyArch:
+    """The matrix entry (``ARCHS``) or the known-difference entry (``VLLM_DIFFERS``) ``name``."""
+    if name in ARCHS:
+        return ARCHS[name]
+    if name in VLLM_DIFFERS:
+        return VLLM_DIFFERS[name]
+    raise KeyError(f"no tiny architecture {name!r} (known: "
+                   f"{', '.join(sorted({**ARCHS, **VLLM_DIFFERS}))})")
+
+
 def cache_root() -> Path:
     from vllm_steer.default_model import cache_dir
 
@@ -165,7 +211,7 @@ def build_tiny_model(arch: str | TinyArch, tokenizer_dir: str | os.PathLike[str]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = ARCHS[arch] if isinstance(arch, str) else arch
+    spec = tiny_arch(arch) if isinstance(arch, str) else arch
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     vocab = max(len(tok), int(getattr(tok, "vocab_size", 0) or 0))
     config = spec.make(vocab, tok.bos_token_id, tok.eos_token_id)

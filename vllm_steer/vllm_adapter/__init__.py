@@ -32,14 +32,16 @@ def install() -> str:
     """Check the vLLM version and every symbol in the table, force the V1 runner, and
     install the patches (frontend, request bodies, runner). Returns the vLLM version.
 
-    Raises ``UnsupportedVLLMError`` (version outside the range) or ``VLLMDriftError``
-    (a symbol missing or changed) before patching anything.
+    Raises ``UnsupportedVLLMError`` (the version policy of ``vllm_steer.compat`` refuses
+    this vLLM: older than supported, or newer than tested without a passing
+    ``vllm-steer doctor --verify`` here) or ``VLLMDriftError`` (a symbol missing or
+    changed) before patching anything.
     """
     from vllm_steer.compat import check_vllm_version
 
     version = check_vllm_version()
     if os.environ.get(V2_RUNNER_ENV) is None:
-        # vllm-steer hooks the V1 runner; on GPUs with Triton vLLM 0.32 would pick V2.
+        # vllm-steer hooks the V1 runner; on GPUs with Triton vLLM 0.32/0.33 would pick V2.
         os.environ[V2_RUNNER_ENV] = "0"
         logger.info("vllm-steer: set %s=0 (steering hooks the V1 runner)", V2_RUNNER_ENV)
     checked = check_all()

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_steer.compat import SUPPORTED_VLLM, UnsupportedVLLMError, installed_vllm_version
+from vllm_steer.compat import POLICY, TESTED_RANGE, UnsupportedVLLMError, installed_vllm_version
 
 PATCHED, READ, CALLED = "patched", "read", "called"
 
@@ -32,7 +32,7 @@ class VLLMDriftError(UnsupportedVLLMError):
     """A vLLM symbol the plugin patches or reads is missing or changed.
 
     ``symbol``: the first failing symbol (``module:Owner.name``); ``failures``: every
-    ``(symbol, problem)``; ``supported`` / ``installed``: the supported range and the
+    ``(symbol, problem)``; ``supported`` / ``installed``: the tested range and the
     installed vLLM version.
     """
 
@@ -40,12 +40,12 @@ class VLLMDriftError(UnsupportedVLLMError):
                  more: Sequence[tuple[str, str]] = ()) -> None:
         self.failures = [(symbol, problem), *more]
         self.symbol = symbol
-        self.supported = str(SUPPORTED_VLLM)
+        self.supported = TESTED_RANGE
         self.installed = installed_vllm_version() or "none"
         lines = "\n".join(f"  - {s}: {p}" for s, p in self.failures)
         super().__init__(
             f"vllm-steer: vLLM symbol {symbol} {problem}.\n"
-            f"vllm-steer supports vLLM {self.supported}; installed: vLLM {self.installed}. "
+            f"vllm-steer accepts {POLICY}; installed: vLLM {self.installed}. "
             "The plugin patches and reads these vLLM internals and refuses to run when one "
             "is missing or changed (steering would be wrong or silently absent); "
             "`vllm-steer doctor` lists them all.\nFailing symbols:\n" + lines)
@@ -178,6 +178,22 @@ class Inherited:
 
 
 @dataclass(frozen=True)
+class Resolves:
+    """A module attribute that exists only when read (a module ``__getattr__``, as vLLM's
+    lazily resolved ``current_platform``): reading it must succeed."""
+
+    def describe(self) -> str:
+        return "resolves"
+
+    def problem(self, owner: Any, name: str) -> str | None:
+        try:
+            getattr(owner, name)
+        except Exception as e:  # noqa: BLE001 - any failure to resolve is drift
+            return f"does not resolve ({type(e).__name__}: {e})"
+        return None
+
+
+@dataclass(frozen=True)
 class EnvVar:
     """A variable vLLM reads from the environment (``vllm.envs.environment_variables``)."""
 
@@ -236,20 +252,24 @@ class Instance:
         return None
 
 
-Check = (Exists | Signature | Property | Field | Assigned | Inherited | EnvVar | ExtraAllowed
-         | Instance)
+Check = (Exists | Signature | Property | Field | Assigned | Inherited | Resolves | EnvVar
+         | ExtraAllowed | Instance)
 
 
 @dataclass(frozen=True)
 class Symbol:
     """One row of the table: a vLLM symbol, what the plugin does with it, why, and how it
-    is checked. ``platform``: required only on that vLLM platform (``device_type``)."""
+    is checked. ``platform``: required only on that vLLM platform (``device_type``).
+    ``scope``: ``plugin`` rows are checked at plugin load in every vLLM process; ``api``
+    rows (the OpenAI serving layer, whose modules take seconds to import) when the
+    endpoint plugin installs its patches in the API-server process."""
 
     target: str
     kind: str
     why: str
     checks: tuple[Check, ...]
     platform: str | None = None
+    scope: str = "plugin"
 
     @property
     def module(self) -> str:
@@ -330,9 +350,9 @@ def applies(sym: Symbol, platform: str | None) -> bool:
     return sym.platform is None or sym.platform == platform
 
 
-def check_all(symbols: Iterable[Symbol] | None = None) -> list[Symbol]:
-    """Check every symbol (plugin-load checks) that applies to this platform; raise
-    ``VLLMDriftError`` listing every failure. Returns the symbols checked."""
+def check_all(symbols: Iterable[Symbol] | None = None, scope: str = "plugin") -> list[Symbol]:
+    """Check every symbol of ``scope`` (plugin-load checks) that applies to this platform;
+    raise ``VLLMDriftError`` listing every failure. Returns the symbols checked."""
     if symbols is None:
         from vllm_steer.vllm_adapter.symbols import SYMBOLS
 
@@ -340,7 +360,7 @@ def check_all(symbols: Iterable[Symbol] | None = None) -> list[Symbol]:
     platform = _platform()
     checked, failures = [], []
     for sym in symbols:
-        if not applies(sym, platform):
+        if not applies(sym, platform) or sym.scope != scope:
             continue
         checked.append(sym)
         problem = symbol_problem(sym)

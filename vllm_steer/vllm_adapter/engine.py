@@ -30,6 +30,11 @@ def max_model_len(engine: Any) -> int:
     return int(cfg.max_model_len)
 
 
+def llm_engine(llm: Any) -> Any:
+    """The ``LLMEngine`` of a ``vllm.LLM`` (live probes step it themselves)."""
+    return _attr(llm, "llm_engine", "vllm.entrypoints.llm:LLM.llm_engine")
+
+
 def vllm_config(llm: Any) -> Any:
     """The ``VllmConfig`` a ``vllm.LLM`` runs with (benchmark records, tests)."""
     engine = _attr(llm, "llm_engine", "vllm.entrypoints.llm:LLM.llm_engine")
@@ -43,3 +48,18 @@ def shutdown(llm: Any) -> None:
     core.shutdown()
     del core, engine
     gc.collect()
+
+
+def run_modes(llm: Any) -> dict[str, Any]:
+    """How a ``vllm.LLM`` really runs: ``compiled`` (vLLM's compilation mode is not
+    NONE), ``cudagraphs`` (its CUDA-graph mode, ``NONE`` when off) and
+    ``async_scheduling``. What ``vllm-steer doctor --verify`` records per engine."""
+    cfg = vllm_config(llm)
+    comp = _attr(cfg, "compilation_config", "vllm.config.vllm:VllmConfig.compilation_config")
+    sched = _attr(cfg, "scheduler_config", "vllm.config.vllm:VllmConfig.scheduler_config")
+    mode = getattr(comp, "mode", None)
+    graphs = getattr(comp, "cudagraph_mode", None)
+    return {"compiled": mode is not None and int(mode) != 0,
+            "compilation_mode": getattr(mode, "name", str(mode)),
+            "cudagraphs": getattr(graphs, "name", str(graphs)),
+            "async_scheduling": bool(getattr(sched, "async_scheduling", False))}

@@ -16,6 +16,11 @@ computed twice: the top-k gather that ``forward`` already runs is captured (by s
 the exact-ID tensors ``forward`` returns. Batches that are not mixed take vLLM's code
 untouched. Prompt log-probs use another path and are not affected by either.
 
+vLLM 0.33.0 (read, not run: docs/vllm-versions.md) keeps this layout: its ``forward``
+adds only an early return (a fused ROCm kernel) for batches that ask for no log-probs and
+no exact ids, which the wrapper passes through untouched; it still accepts
+``logprob_token_ids`` under the V1 runner (it refuses only beam-search allowlists there).
+
 If ``forward`` no longer runs the top-k gather, or its exact-ID rows no longer hold the
 requested ids, the wrapper raises ``VLLMDriftError`` rather than return rows that belong
 to nobody.

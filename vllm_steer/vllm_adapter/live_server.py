@@ -1,0 +1,386 @@
+"""Live probes on the OpenAI server: a ``probe`` field on ``/v1/chat/completions`` and
+``/v1/completions``, readings streamed with the completion.
+
+Three patches (rows in ``symbols.py``):
+
+- ``OpenAIServingChat.create_chat_completion`` / ``OpenAIServingCompletion.
+  create_completion``: a request with ``probe`` (a body object, or a JSON string in
+  ``vllm_xargs``) is validated here (HTTP 400 naming the field) and gets a ``ServerProbe``
+  for the length of the call (a context variable). The streamed response is wrapped
+  (``ServerProbe.stream``): each reading goes out in its own SSE chunk as soon as it and
+  every earlier one are read, as ``choices[i].probe_readings``; a choice that stopped
+  early carries ``probe_stop`` on its finish chunk. A non-streamed response gets the
+  same two fields on its choices.
+- ``AsyncLLM.generate``: called by those methods with the probe set, it returns
+  ``ServerProbe.main``, which passes the request's outputs on while a ``LiveRun`` forks
+  the growing sequence on the same engine (a non-streamed request is generated
+  cumulatively so that its tokens are seen as they come, and only its final output is
+  passed on). Every other call is vLLM's own generator, untouched.
+
+A client that disconnects closes the stream: the wrapper cancels every fork still
+running (their engine requests are aborted) before the generator exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from vllm_steer.probe.choices import ProbeError
+from vllm_steer.probe.live import LiveProbe, LiveProbeConfig
+from vllm_steer.probe.live_run import LiveRun, final_output
+from vllm_steer.steering.spec import SpecError, parse_extra_args
+from vllm_steer.vllm_adapter.check import VLLMDriftError
+
+logger = logging.getLogger("vllm_steer")
+BODY_KEY = "probe"
+_CURRENT: contextvars.ContextVar[ServerProbe | None] = contextvars.ContextVar(
+    "vllm_steer_probe", default=None)
+#: module -> (serving class, method) whose requests may carry a probe.
+TARGETS = {"vllm.entrypoints.openai.chat_completion.serving": ("OpenAIServingChat",
+                                                               "create_chat_completion"),
+           "vllm.entrypoints.openai.completion.serving": ("OpenAIServingCompletion",
+                                                          "create_completion")}
+#: Fork requests in flight over every probed request of this process (the stats route).
+LIVE = {"forks_in_flight": 0, "forks_submitted": 0, "probed_requests": 0}
+
+
+def _bad(message: str, field: str) -> Exception:
+    from vllm.exceptions import VLLMValidationError
+
+    return VLLMValidationError(message, parameter=field)
+
+
+def probe_config(request: Any) -> LiveProbeConfig | None:
+    """The request's ``probe`` (body field, or ``vllm_xargs["probe"]`` as JSON, which is
+    taken out of ``vllm_xargs``), validated; None when absent. Raises
+    ``VLLMValidationError`` naming the field."""
+    body = getattr(request, "model_extra", None) or {}
+    xargs = getattr(request, "vllm_xargs", None) or {}
+    in_body, in_xargs = body.get(BODY_KEY), xargs.get(BODY_KEY)
+    if in_body is not None and in_xargs is not None:
+        raise _bad("probe: given both in the body and in vllm_xargs; use one", BODY_KEY)
+    raw = in_body if in_body is not None else in_xargs
+    if raw is None:
+        return None
+    if in_xargs is not None:
+        request.vllm_xargs = {k: v for k, v in xargs.items() if k != BODY_KEY} or None
+    try:
+        cfg = LiveProbeConfig.parse(raw)
+    except ProbeError as e:
+        raise _bad(str(e), e.field) from None
+    if getattr(request, "use_beam_search", False):
+        raise _bad("probe: not available with beam search", BODY_KEY)
+    n = getattr(request, "n", None) or 1
+    if cfg.stop_when is not None and n != 1:
+        raise _bad("probe.stop_when: early exit needs n == 1", "probe.stop_when")
+    logprobs = getattr(request, "logprobs", None)
+    if cfg.stop_when is not None and cfg.stop_when.complete and logprobs not in (None, False):
+        raise _bad("probe.stop_when.complete: the appended answer has no log-probs; do not "
+                   "combine it with logprobs", "probe.stop_when.complete")
+    prompt = getattr(request, "prompt", None)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) \
+            and len(prompt) > 1:
+        raise _bad("prompt: a probed completion takes one prompt", "prompt")
+    return cfg
+
+
+class ServerProbe:
+    """One probed OpenAI request: its live run, and the rewriting of its response."""
+
+    def __init__(self, cfg: LiveProbeConfig, serving: Any, request: Any) -> None:
+        from vllm_steer.vllm_adapter.engine import input_processor, max_model_len
+        from vllm_steer.vllm_adapter.frontend import get_resolver
+
+        self.cfg, self.request = cfg, request
+        self.tok = get_resolver(input_processor(serving.engine_client)).tokenizer
+        if self.tok is None:
+            raise _bad("probe: the server has no tokenizer", BODY_KEY)
+        self.max_model_len = max_model_len(serving.engine_client)
+        try:
+            self.probe = LiveProbe(self.tok, cfg)
+        except ProbeError as e:
+            field = e.field if e.field.startswith(BODY_KEY) else f"{BODY_KEY}.{e.field}"
+            raise _bad(f"{field}: {str(e).split(': ', 1)[1]}", field) from None
+        self.run: LiveRun | None = None
+
+    @property
+    def bound(self) -> bool:
+        return self.run is not None
+
+    # -- the engine side ------------------------------------------------------------
+    def bind(self, engine: Any, orig: Callable[..., AsyncIterator[Any]], prompt: Any,
+             sp: Any, request_id: str, args: tuple, kwargs: dict[str, Any]
+             ) -> AsyncIterator[Any]:
+        """The main request's generator (``orig`` is vLLM's ``AsyncLLM.generate``)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            spec = parse_extra_args(sp.extra_args)
+        except SpecError:
+            spec = None   # the frontend refuses it with the field named when submitted
+        sp = sp.clone()
+        self._fit(prompt, sp)
+        final_only = sp.output_kind == RequestOutputKind.FINAL_ONLY
+        if final_only:
+            sp.output_kind = RequestOutputKind.CUMULATIVE
+
+        def fork(fprompt: Any, fsp: Any, rid: str) -> AsyncIterator[Any]:
+            return orig(engine, fprompt, fsp, rid)
+
+        self.run = LiveRun(self.probe, _counted(fork), request_id,
+                           spec.to_dict() if spec else None)
+        LIVE["probed_requests"] += 1
+        main = orig(engine, prompt, sp, request_id, *args, **kwargs)
+        return self.main(main, sp.output_kind == RequestOutputKind.CUMULATIVE, final_only)
+
+    def _fit(self, prompt: Any, sp: Any) -> None:
+        """Room in the context for the last fork: prompt + output + the fork's own tokens.
+        A request that set no max_tokens is shortened to fit; one that did is refused."""
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        if ids is None or sp.max_tokens is None:
+            return
+        room = self.max_model_len - len(ids) - self.probe.extra_tokens()
+        if sp.max_tokens <= room:
+            return
+        asked = (getattr(self.request, "max_completion_tokens", None)
+                 or getattr(self.request, "max_tokens", None))
+        if asked is not None or room < 1:
+            raise _bad(f"max_tokens: prompt ({len(ids)}) + max_tokens ({sp.max_tokens}) + "
+                       f"the probe's fork tokens ({self.probe.extra_tokens()}) exceed the "
+                       f"model's context ({self.max_model_len})", "max_tokens")
+        sp.max_tokens = room
+
+    async def main(self, gen: AsyncIterator[Any], cumulative: bool, final_only: bool
+                   ) -> AsyncIterator[Any]:
+        run = self.run
+        latest: dict[int, Any] = {}
+        last = None
+        it = gen.__aiter__()
+        try:
+            while True:
+                nxt = asyncio.ensure_future(it.__anext__())
+                stop = asyncio.ensure_future(run.settled.wait())
+                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:   # settled early, or a fork failed
+                    nxt.cancel()
+                    await asyncio.gather(nxt, return_exceptions=True)
+                    break
+                stop.cancel()
+                try:
+                    out = nxt.result()
+                except StopAsyncIteration:
+                    return
+                run.observe(out, cumulative)
+                last = out
+                for c in out.outputs:
+                    latest[c.index] = c
+                if out.finished:
+                    await run.wait_readings()   # the finish chunk comes after every reading
+                    if final_only:
+                        out = final_output(out, _ordered(latest), {}, self.tok, delta=False)
+                    yield out
+                    return
+                if not final_only:
+                    yield out
+            if run.error is not None:
+                raise run.error
+            # early exit: the main request is aborted when its generator closes (below)
+            await gen.aclose()
+            await run.aclose()
+            yield final_output(last, _ordered(latest) if final_only else
+                               [c for c in _ordered(latest) if c.index in run.state.stops],
+                               run.state.stops, self.tok, delta=not cumulative)
+        finally:
+            await gen.aclose()
+            await run.aclose()
+
+    # -- the response side ------------------------------------------------------------
+    def _stop_json(self, index: int) -> dict[str, Any] | None:
+        rec = self.run.state.stops.get(index) if self.run else None
+        return rec.to_json(self.tok) if rec else None
+
+    def decorate(self, response: Any) -> Any:
+        """A non-streamed response: readings (and early exits) on its choices."""
+        for choice in getattr(response, "choices", None) or []:
+            i = choice.index
+            choice.probe_readings = self.run.readings.get(i, [])
+            stop = self._stop_json(i)
+            if stop is not None:
+                choice.probe_stop = stop
+        return response
+
+    async def stream(self, sse: AsyncIterator[str], chat: bool) -> AsyncIterator[str]:
+        """The SSE stream with reading chunks merged in (token order per choice) and
+        ``probe_stop`` on the finish chunk of a choice that stopped early."""
+        run = self.run
+        head: dict[str, Any] | None = None
+        held: list[tuple[int, list[dict[str, Any]]]] = []
+        it = sse.__aiter__()
+        nxt = asyncio.ensure_future(it.__anext__())
+        ev = asyncio.ensure_future(run.events.get())
+        try:
+            while True:
+                await asyncio.wait({nxt, ev}, return_when=asyncio.FIRST_COMPLETED)
+                if ev.done():
+                    held.append(ev.result())
+                    while not run.events.empty():
+                        held.append(run.events.get_nowait())
+                    ev = asyncio.ensure_future(run.events.get())
+                if held and head is not None:
+                    yield self._readings_chunk(head, held, chat)
+                    held = []
+                if not nxt.done():
+                    continue
+                try:
+                    text = nxt.result()
+                except StopAsyncIteration:
+                    return
+                while not run.events.empty():   # readings queued with this output go first
+                    held.append(run.events.get_nowait())
+                if held and head is not None:
+                    yield self._readings_chunk(head, held, chat)
+                    held = []
+                text, head = self._decorate_chunk(text, head)
+                yield text
+                if held:   # readings that came before the first chunk named the response
+                    yield self._readings_chunk(head, held, chat)
+                    held = []
+                nxt = asyncio.ensure_future(it.__anext__())
+        finally:
+            for f in (nxt, ev):
+                f.cancel()
+            await asyncio.gather(nxt, ev, return_exceptions=True)
+            await sse.aclose()
+            await run.aclose()
+
+    def _decorate_chunk(self, text: str, head: dict[str, Any] | None
+                        ) -> tuple[str, dict[str, Any] | None]:
+        out = []
+        for event in text.split("\n\n"):
+            if not event.startswith("data: ") or event == "data: [DONE]":
+                out.append(event)
+                continue
+            try:
+                obj = json.loads(event[6:])
+            except ValueError:
+                out.append(event)
+                continue
+            if head is None and isinstance(obj, dict) and "id" in obj:
+                head = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+            changed = False
+            for c in (obj.get("choices") or []) if isinstance(obj, dict) else []:
+                if c.get("finish_reason") is not None:
+                    stop = self._stop_json(c.get("index", 0))
+                    if stop is not None:
+                        c["probe_stop"] = stop
+                        changed = True
+            out.append("data: " + json.dumps(obj) if changed else event)
+        return "\n\n".join(out), head
+
+    @staticmethod
+    def _readings_chunk(head: dict[str, Any], held: list[tuple[int, list[dict[str, Any]]]],
+                        chat: bool) -> str:
+        by_index: dict[int, list[dict[str, Any]]] = {}
+        for i, rs in held:
+            by_index.setdefault(i, []).extend(rs)
+        empty = {"delta": {}} if chat else {"text": ""}
+        chunk = {**head, "choices": [{"index": i, **empty, "logprobs": None,
+                                      "finish_reason": None, "probe_readings": rs}
+                                     for i, rs in sorted(by_index.items())]}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+
+def _ordered(latest: dict[int, Any]) -> list[Any]:
+    return [latest[i] for i in sorted(latest)]
+
+
+def _counted(fork: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def gen(*a: Any) -> AsyncIterator[Any]:
+        LIVE["forks_in_flight"] += 1
+        LIVE["forks_submitted"] += 1
+        try:
+            async for o in fork(*a):
+                yield o
+        finally:
+            LIVE["forks_in_flight"] -= 1
+
+    return gen
+
+
+# -- the patches ------------------------------------------------------------------------------
+def _wrap_create(orig: Callable[..., Any], chat: bool) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    async def create(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        cfg = probe_config(request)
+        if cfg is None:
+            return await orig(self, request, *args, **kwargs)
+        session = ServerProbe(cfg, self, request)
+        token = _CURRENT.set(session)
+        try:
+            result = await orig(self, request, *args, **kwargs)
+        finally:
+            _CURRENT.reset(token)
+        if hasattr(result, "__aiter__"):
+            if not session.bound:
+                raise VLLMDriftError("vllm.v1.engine.async_llm:AsyncLLM.generate",
+                                     "was not reached by a probed request: its forks would "
+                                     "never run")
+            return session.stream(result, chat)
+        if session.bound and getattr(result, "choices", None) is not None:
+            return session.decorate(result)
+        if session.bound:
+            await session.run.aclose()
+        return result
+
+    create._vllm_steer = True  # type: ignore[attr-defined]
+    return create
+
+
+def _wrap_generate(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def generate(self: Any, prompt: Any, sampling_params: Any, request_id: str, *args: Any,
+                 **kwargs: Any) -> Any:
+        session = _CURRENT.get()
+        if session is None or session.bound or not hasattr(sampling_params, "output_kind"):
+            return orig(self, prompt, sampling_params, request_id, *args, **kwargs)
+        return session.bind(self, orig, prompt, sampling_params, request_id, args, kwargs)
+
+    generate._vllm_steer = True  # type: ignore[attr-defined]
+    return generate
+
+
+_installed = False
+
+
+def installed() -> bool:
+    """Whether this process serves live probes (the endpoint plugin installed them)."""
+    return _installed
+
+
+def install() -> None:
+    """Check the ``api`` rows of the symbol table, then wrap the serving methods and
+    ``AsyncLLM.generate`` (idempotent). Called by the endpoint plugin in the API-server
+    process: those modules take seconds to import, too much for every vLLM process."""
+    global _installed
+    import importlib
+
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from vllm_steer.vllm_adapter.check import check_all
+
+    check_all(scope="api")
+
+    for module, (cls_name, method) in TARGETS.items():
+        cls = getattr(importlib.import_module(module), cls_name)
+        fn = cls.__dict__[method]
+        if not getattr(fn, "_vllm_steer", False):
+            setattr(cls, method, _wrap_create(fn, chat="chat" in module))
+    if not getattr(AsyncLLM.generate, "_vllm_steer", False):
+        AsyncLLM.generate = _wrap_generate(AsyncLLM.generate)
+    _installed = True
