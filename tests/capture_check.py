@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_steer.hf_steering import decoder_layers, steer_hf
+from tests.hf_reference import add_dense, decoder_blocks
 
 #: Relative error allowed per captured vector: ||vLLM - HF|| / ||HF||.
 REL_TOL = 1e-4
@@ -25,7 +25,7 @@ def hf_blocks(model, ids: list[int], delta: torch.Tensor | None = None,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[num_layers, len(ids), hidden]`` float32: every block's output on ``ids``, with
     ``delta`` (dense ``[num_layers, hidden]``) added where ``mask`` is true."""
-    blocks = decoder_layers(model)
+    blocks = decoder_blocks(model)
     outs: list[torch.Tensor | None] = [None] * len(blocks)
 
     def hook(i):
@@ -43,7 +43,9 @@ def hf_blocks(model, ids: list[int], delta: torch.Tensor | None = None,
             for h in handles:
                 h.remove()
     else:
-        with steer_hf(model, delta, position_mask=mask):
+        if mask is None:
+            mask = torch.ones(1, len(ids), dtype=torch.bool)
+        with add_dense(model, delta, mask):
             handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
             try:
                 model(x)

@@ -305,12 +305,15 @@ def test_upload_register_use_and_delete(server, http, tmp_path):
     spec_by_path = {"vectors": [{"path": "v2.safetensors", "scale": 1.25}]}
 
     async def text(spec):
+        # the poem prompt: v2 at 1.25 leaves "The capital of France is" unchanged
         client = openai_client(server)
-        out = await complete(client, server, "cmpl", PROMPTS[0][1], {"steering": spec}, False)
+        out = await complete(client, server, "cmpl", PROMPTS[1][1],
+                             {"steering": spec} if spec else {}, False)
         await client.close()
         return out
 
     expected = run(text(spec_by_path))
+    assert expected != run(text(None)), "the vector must change the output"
     # raw GGUF body, query parameters
     r = upload(http, "gg", (tmp_path / "v2.gguf").read_bytes(), scale=1.25)
     assert r.status_code == 201, r.text
@@ -355,12 +358,15 @@ def test_upload_with_an_op_makes_it_the_default(server, http):
 
     async def text(spec):
         client = openai_client(server)
-        out = await complete(client, server, "cmpl", PROMPTS[0][1], {"steering": spec}, False)
+        out = await complete(client, server, "cmpl", PROMPTS[0][1],
+                             {"steering": spec} if spec else {}, False)
         await client.close()
         return out
 
+    unsteered = run(text(None))
     explicit = {"path": "v1.safetensors", "op": "ablate", "strength": 0.5}
     expected = run(text({"vectors": [explicit]}))
+    assert expected != unsteered
     assert expected != run(text({"vectors": [{"path": "v1.safetensors", "scale": 0.0}]}))
     r = upload(http, "abl", (vdir / "v1.safetensors").read_bytes(), op="ablate", strength=0.5)
     assert r.status_code == 201, r.text
@@ -370,8 +376,9 @@ def test_upload_with_an_op_makes_it_the_default(server, http):
     r = http.post("/v1/steering/vectors", json={"name": "clp", "path": "v1.safetensors",
                                                  "op": "clamp", "value": 3.0})
     assert r.status_code == 201 and r.json()["default_value"] == 3.0, r.text
-    assert run(text({"vectors": [{"name": "clp"}]})) == \
-        run(text({"vectors": [{"path": "v1.safetensors", "op": "clamp", "value": 3.0}]}))
+    clamped = run(text({"vectors": [{"path": "v1.safetensors", "op": "clamp", "value": 3.0}]}))
+    assert clamped != unsteered and clamped != expected
+    assert run(text({"vectors": [{"name": "clp"}]})) == clamped
     for name in ("abl", "clp"):
         assert http.delete(f"/v1/steering/vectors/{name}").status_code == 200
 
@@ -1694,9 +1701,11 @@ def test_restart_keeps_registered_vectors(server, http):
     assert upload(http, "kept_clamp", (vdir / "v2.safetensors").read_bytes(), op="clamp",
                   value=-1.5).status_code == 201
     assert http.delete("/v1/steering/vectors/v3").status_code == 200  # a config entry
-    spec = {"model": model(server), "prompt": PROMPTS[0][1], "max_tokens": MAX_TOKENS,
+    spec = {"model": model(server), "prompt": PROMPTS[1][1], "max_tokens": MAX_TOKENS,
             "temperature": 0, "steering": {"vectors": [{"name": "kept"}]}}
     before = http.post("/v1/completions", json=spec).json()["choices"][0]["text"]
+    unsteered = {k: v for k, v in spec.items() if k != "steering"}
+    assert before != http.post("/v1/completions", json=unsteered).json()["choices"][0]["text"]
     listing = {v["name"]: v for v in http.get("/v1/steering/vectors").json()["data"]}
 
     server.stop()
