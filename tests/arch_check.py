@@ -3,18 +3,19 @@ hooks on the same weights (teacher-forced: one full forward over prompt + vLLM's
 
 Used by the architecture matrix (eager and compiled) and the thinking-tokenizer tests.
 The reference masks come from ``tests.steer_helpers.position_mask`` (markers matched on
-token ids by a separate implementation), never from the plugin's code.
+token ids by a separate implementation), the hooks and vector files from
+``tests.hf_reference``, never from the plugin's code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from tests.hf_reference import add_dense
 from tests.steer_helpers import composed_dense, position_mask
-from vllm_steer.hf_steering import steer_hf
 from vllm_steer.testing.vectors import write_vectors as write_random_vectors
 
 LOGPROB_ATOL = 2e-3
@@ -54,19 +55,22 @@ def write_vectors(root: Path, hidden: int, num_layers: int, scale: float = 4.0) 
 
 @dataclass
 class Case:
-    """One request of the batch: prompt ids, composed vectors (empty = unsteered), mode."""
+    """One request of the batch: prompt ids, composed vectors (empty = unsteered), mode,
+    and ``start_position`` (0: none)."""
 
     prompt: list[int]
     parts: list[tuple[str, float]]
     mode: str = "all"
     prompt_logprobs: bool = False
+    start: int = 0
 
     @property
     def spec(self) -> dict | None:
         if not self.parts:
             return None
-        return {"vectors": [{"name": n, "scale": s} for n, s in self.parts],
+        spec = {"vectors": [{"name": n, "scale": s} for n, s in self.parts],
                 "apply_to": self.mode}
+        return {**spec, "start_position": self.start} if self.start else spec
 
 
 @dataclass
@@ -75,6 +79,9 @@ class Report:
     max_lp_err: float = 0.0
     max_prompt_lp_err: float = 0.0
     steered_effect: float = 0.0   # max |steered - unsteered| HF log-prob over sampled tokens
+    #: per request: max |steered - unsteered| HF log-prob over its sampled tokens and, with
+    #: prompt log-probs, its prompt tokens (0 for an unsteered request)
+    effects: list[float] = field(default_factory=list)
 
 
 def run_cases(llm, cases: list[Case], n_tokens: int = 12):
@@ -93,7 +100,7 @@ def _hf_logp(model, ids: list[int], delta: torch.Tensor | None, mask) -> torch.T
     if delta is None:
         logits = model(x).logits
     else:
-        with steer_hf(model, delta, position_mask=mask):
+        with add_dense(model, delta, mask):
             logits = model(x).logits
     return torch.log_softmax(logits[0].float(), -1)
 
@@ -108,12 +115,13 @@ def check_against_hf(model, reg: Path, cases: list[Case], outs, num_layers: int,
         ids = case.prompt + gen
         n = len(case.prompt)
         delta = composed_dense(reg, case.parts, num_layers, hidden) if case.parts else None
-        mask = (position_mask(ids, case.mode, n, markers=markers) if delta is not None
-                else None)
+        mask = (position_mask(ids, case.mode, n, case.start, markers=markers)
+                if delta is not None else None)
         if mask is not None:
             assert 0 < int(mask.sum()), f"request {k}: the reference steers nothing"
         logp = _hf_logp(model, ids, delta, mask)
         plain = _hf_logp(model, ids, None, None) if delta is not None else logp
+        effect = 0.0
         for t, tok in enumerate(gen):
             row = logp[n - 1 + t]
             best = int(row.argmax())
@@ -125,14 +133,17 @@ def check_against_hf(model, reg: Path, cases: list[Case], outs, num_layers: int,
             err = abs(comp.logprobs[t][tok].logprob - float(row[tok]))
             assert err < LOGPROB_ATOL, f"request {k} ({case.mode}) step {t}: log-prob off by {err}"
             rep.max_lp_err = max(rep.max_lp_err, err)
-            rep.steered_effect = max(rep.steered_effect,
-                                     abs(float(row[tok]) - float(plain[n - 1 + t, tok])))
+            effect = max(effect, abs(float(row[tok]) - float(plain[n - 1 + t, tok])))
+        rep.steered_effect = max(rep.steered_effect, effect)
         if case.prompt_logprobs:
             for p in range(1, n):
                 got = out.prompt_logprobs[p][case.prompt[p]].logprob
                 err = abs(got - float(logp[p - 1, case.prompt[p]]))
                 assert err < LOGPROB_ATOL, f"request {k}: prompt log-prob {p} off by {err}"
                 rep.max_prompt_lp_err = max(rep.max_prompt_lp_err, err)
+                effect = max(effect, abs(float(logp[p - 1, case.prompt[p]])
+                                         - float(plain[p - 1, case.prompt[p]])))
+        rep.effects.append(effect)
     return rep
 
 

@@ -9,78 +9,68 @@ to compare.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from vllm_steer import SteeringVector
-from vllm_steer.hf_steering import decoder_layers
+from tests.hf_reference import read_directions, rewrite_blocks
 
 LOGPROB_ATOL = 2e-3
 NEAR_TIE = 1e-3
 
 
 def _layer_ops(spec: dict, vectors_dir: Path, defaults: dict[str, dict]) -> dict[int, list]:
-    """``{layer: [("proj", r, a, b) ..., ("add", d)]}`` in the documented order."""
+    """``{layer: [(op, r, param) ..., ("add", d, None)]}`` in the documented order: the
+    projections as the spec lists them, then the sum of the additions."""
     proj: dict[int, list] = {}
     add: dict[int, torch.Tensor] = {}
     for entry in spec["vectors"]:
-        v = SteeringVector.load(vectors_dir / f"{entry['name']}.safetensors")
+        directions = read_directions(vectors_dir / f"{entry['name']}.safetensors")
         dflt = defaults.get(entry["name"], {})
         op = entry.get("op", dflt.get("op", "add"))
-        layers = entry.get("layers") or sorted(v.directions)
+        layers = entry.get("layers") or sorted(directions)
         for layer in layers:
-            d = v.directions[layer].double()
+            d = directions[layer].double()
             if op == "add":
                 scale = entry.get("scale", dflt.get("scale", 1.0))
                 add[layer] = add.get(layer, torch.zeros_like(d)) + scale * d
+            elif op == "ablate":
+                proj.setdefault(layer, []).append(("ablate", d / d.norm(),
+                                                   entry.get("strength", 1.0)))
             else:
-                r = d / d.norm()
-                a, b = ((entry.get("strength", 1.0), 0.0) if op == "ablate"
-                        else (1.0, entry.get("value", 0.0)))
-                proj.setdefault(layer, []).append(("proj", r, a, b))
+                assert op == "clamp", op
+                proj.setdefault(layer, []).append(("clamp", d / d.norm(),
+                                                   entry.get("value", 0.0)))
     out: dict[int, list] = {}
     for layer in sorted(set(proj) | set(add)):
-        out[layer] = proj.get(layer, []) + ([("add", add[layer])] if layer in add else [])
+        out[layer] = proj.get(layer, []) + ([("add", add[layer], None)] if layer in add else [])
     return out
 
 
-@contextlib.contextmanager
+def _apply(ops: list, normalize: bool, h: torch.Tensor) -> torch.Tensor:
+    """README "Interventions", token by token on ``h`` ``[..., hidden]`` (in float64)."""
+    x0 = h.double()
+    x = x0.clone()
+    for op, v, param in ops:
+        if op == "ablate":      # h <- h - strength (h.r) r
+            x = x - param * (x @ v)[..., None] * v
+        elif op == "clamp":     # h <- h + (value - h.r) r
+            x = x + (param - x @ v)[..., None] * v
+        else:                   # h <- h + sum scale v
+            x = x + v
+    if normalize:               # h <- h |h0| / |h|
+        x = x * (x0.norm(dim=-1) / x.norm(dim=-1))[..., None]
+    return x.to(h.dtype)
+
+
 def steer_ops_hf(model, spec: dict, vectors_dir: Path, mask: torch.Tensor,
-                 defaults: dict[str, dict] | None = None) -> Iterator[None]:
+                 defaults: dict[str, dict] | None = None):
     """Apply ``spec``'s ops to the block outputs of ``model`` at tokens where ``mask``
-    (bool ``[1, seq]``) is set."""
+    (bool ``[1, seq]``) is set (a context manager)."""
     ops = _layer_ops(spec, vectors_dir, defaults or {})
     normalize = bool(spec.get("normalize", False))
-    blocks = decoder_layers(model)
-
-    def hook_for(layer: int):
-        def hook(module, args, kwargs, output):
-            h = output[0] if isinstance(output, tuple) else output
-            x0 = h[0].double()          # [seq, hidden]
-            x = x0.clone()
-            for op in ops[layer]:
-                if op[0] == "proj":
-                    _, r, a, b = op
-                    x = x + (b - a * (x @ r))[:, None] * r
-                else:
-                    x = x + op[1]
-            if normalize:
-                x = x * (x0.norm(dim=-1) / x.norm(dim=-1))[:, None]
-            m = mask[0].to(h.device)[:, None]
-            new = torch.where(m, x.to(h.dtype), h[0])[None]
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-        return hook
-
-    handles = [blocks[layer].register_forward_hook(hook_for(layer), with_kwargs=True,
-                                                   prepend=True) for layer in ops]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return rewrite_blocks(model, {i: (lambda h, o=o: _apply(o, normalize, h))
+                                  for i, o in ops.items()}, mask)
 
 
 @torch.no_grad()
@@ -135,18 +125,36 @@ def _mask(mode: str | None, prompt_len: int):
     return mask
 
 
-def run_ops_cases(llm, hf, registry: Path, tok):
-    """One mixed batch of ``OPS_CASES`` (greedy), each checked against the reference;
-    returns the prompts, vLLM's outputs and how far each request moved its log-probs."""
+def _params(spec: dict | None, n_tokens: int):
     from vllm import SamplingParams
 
+    return SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True, logprobs=0,
+                          extra_args={"steering": spec} if spec else None)
+
+
+def run_ops_batch(llm, hf, vectors_dir: Path, prompts: list[list[int]],
+                  cases: list[tuple[dict | None, str | None]], n_tokens: int,
+                  defaults: dict[str, dict] | None = None):
+    """One mixed batch of ``cases`` (spec or None = unsteered, reference mask mode), greedy:
+    each request checked against the reference (an unsteered one against the unsteered
+    model: its steered neighbours did not touch it), then run alone: the same tokens.
+    Returns vLLM's outputs and how far each request moved its log-probs (0 if unsteered)."""
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        [_params(spec, n_tokens) for spec, _ in cases], use_tqdm=False)
+    moved = [check_ops_against_hf(hf, p, out, spec, vectors_dir, _mask(mode, len(p)), defaults)
+             for p, (spec, mode), out in zip(prompts, cases, outs, strict=True)]
+    for p, (spec, _), out in zip(prompts, cases, outs, strict=True):
+        (alone,) = llm.generate([{"prompt_token_ids": p}], _params(spec, n_tokens),
+                                use_tqdm=False)
+        assert list(alone.outputs[0].token_ids) == list(out.outputs[0].token_ids), spec
+    return outs, moved
+
+
+def run_ops_cases(llm, hf, registry: Path, tok):
+    """``OPS_CASES`` on the default model through ``run_ops_batch``; returns the prompts,
+    vLLM's outputs and how far each request moved its log-probs."""
     prompts = [tok.encode(_PROMPTS[i % len(_PROMPTS)], add_special_tokens=False)
                for i in range(len(OPS_CASES))]
-    params = [SamplingParams(max_tokens=OPS_TOKENS, temperature=0.0, ignore_eos=True,
-                             logprobs=0, extra_args={"steering": spec} if spec else None)
-              for spec, _ in OPS_CASES]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    moved = [check_ops_against_hf(hf, p, out, spec, registry.parent / "vectors",
-                                  _mask(mode, len(p)), {"v2": {"scale": 2.0}})
-             for p, (spec, mode), out in zip(prompts, OPS_CASES, outs, strict=True)]
+    outs, moved = run_ops_batch(llm, hf, registry.parent / "vectors", prompts, OPS_CASES,
+                                OPS_TOKENS, {"v2": {"scale": 2.0}})
     return prompts, outs, moved

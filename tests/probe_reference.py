@@ -1,5 +1,5 @@
 """Independent HF reference for answer-probe readings: full forwards over the fork's
-context + each choice variant's tokens, with forward-hook steering (``steer_hf``).
+context + each choice variant's tokens, with forward-hook steering (``tests.hf_reference``).
 Nothing here calls ``vllm_steer.probe``: the variant rule and the fork context are
 rebuilt from their documented definitions."""
 
@@ -10,8 +10,8 @@ import math
 
 import torch
 
+from tests.hf_reference import add_dense
 from tests.steer_helpers import think_states
-from vllm_steer.hf_steering import steer_hf
 
 LEADING = " \t\n\r\"'`“”‘’«»*_(["
 
@@ -68,17 +68,20 @@ def hf_choice_logprobs(model, ctx: list[int], variants: dict[str, list[tuple[int
         seq = list(ctx) + list(v)
         ids[b, :len(seq)] = torch.tensor(seq)
         att[b, :len(seq)] = 1
+    # logits only at positions len(ctx) - 1 .. n - 1 (where the choice tokens are read)
+    keep = n - len(ctx) + 1
     if dense is None:
-        logits = model(input_ids=ids, attention_mask=att).logits
+        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
     else:
         pos = torch.arange(n)
         mask = (pos >= start) & (pos < (end if end is not None else n))
-        with steer_hf(model, dense, position_mask=mask[None].expand(len(rows), n).clone()):
-            logits = model(input_ids=ids, attention_mask=att).logits
-    logp = torch.log_softmax(logits.float(), -1)
+        with add_dense(model, dense, mask[None].expand(len(rows), n)):
+            logits = model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
+    assert logits.shape[1] == keep, logits.shape
+    logp = torch.log_softmax(logits.float(), -1)    # [rows, keep, vocab]: position - (n - keep)
     per: dict[str, list[float]] = {}
     for b, (c, v) in enumerate(rows):
-        lp = sum(float(logp[b, len(ctx) + j - 1, t]) for j, t in enumerate(v))
+        lp = sum(float(logp[b, j, t]) for j, t in enumerate(v))
         per.setdefault(c, []).append(lp)
     return {c: _lse(xs) for c, xs in per.items()}
 

@@ -1,5 +1,6 @@
 """Helpers shared by the engine tests: test vectors, a registry, the engine, and the HF
-reference (full recompute with forward hooks, independent of the plugin's code)."""
+reference (full recompute with forward hooks, independent of the plugin's code: the hooks
+and the file reader are in tests/hf_reference.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from tests import hf_reference
 from vllm_steer import SteeringVector
-from vllm_steer.hf_steering import steer_hf
 from vllm_steer.llm_factory import shutdown  # noqa: F401  (re-exported for the tests)
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -17,13 +18,10 @@ THINK_START, THINK_END = "<think>", "</think>"
 
 def composed_dense(registry_path: Path, vectors: list[tuple[str, float]],
                    num_layers: int = 30, hidden: int = 576) -> torch.Tensor:
-    """``sum scale * v`` as float32 ``[num_layers, hidden]``, read straight from the files."""
-    dense = torch.zeros(num_layers, hidden)
-    for name, scale in vectors:
-        v = SteeringVector.load(registry_path.parent / "vectors" / f"{name}.safetensors")
-        for layer, d in v.directions.items():
-            dense[layer] += scale * d
-    return dense
+    """``sum scale * v`` as float32 ``[num_layers, hidden]``, read straight from the files
+    (with ``safetensors``) in the registry's ``vectors/`` directory."""
+    return hf_reference.composed_dense(registry_path.parent / "vectors", vectors, num_layers,
+                                       hidden)
 
 
 def think_states(ids: list[int], start: list[int], end: list[int]) -> list[int]:
@@ -69,7 +67,7 @@ def hf_greedy(model, prompt_ids: list[int], dense: torch.Tensor | None, mode: st
             logits = model(x).logits
         else:
             mask = position_mask(ids, mode, len(prompt_ids), start, markers)
-            with steer_hf(model, dense, position_mask=mask):
+            with hf_reference.add_dense(model, dense, mask):
                 logits = model(x).logits
         logp = torch.log_softmax(logits[0, -1].float(), -1)
         tok = int(logp.argmax())

@@ -113,25 +113,24 @@ def test_steering_matches_hf_hooks(arch):
     assert stats["adapter"] == ARCHS[name].adapter
 
 
-ARCH_OPS_SPECS = [
-    {"vectors": [{"name": "a", "op": "clamp", "value": 3.0}], "normalize": True},
-    {"vectors": [{"name": "b", "op": "ablate", "strength": 0.7}, {"name": "a", "scale": 0.5}]},
+#: (spec, reference mask mode): two op mixes and an unsteered neighbour.
+ARCH_OPS_CASES = [
+    ({"vectors": [{"name": "a", "op": "clamp", "value": 3.0}], "normalize": True}, "all"),
+    ({"vectors": [{"name": "b", "op": "ablate", "strength": 0.7}, {"name": "a", "scale": 0.5}]},
+     "all"),
+    (None, None),
 ]
 
 
 def check_arch_ops(llm, hf, tok, reg) -> list[float]:
-    """ablate/clamp/normalize through the architecture's adapter vs the ops reference."""
-    from vllm import SamplingParams
-
-    from tests.ops_reference import check_ops_against_hf
+    """ablate/clamp/normalize through the architecture's adapter vs the ops reference, in
+    one batch with an unsteered request, each equal to itself run alone."""
+    from tests.ops_reference import run_ops_batch
 
     p = tok.encode("The capital of France is", add_special_tokens=False)
-    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0,
-                             extra_args={"steering": s}) for s in ARCH_OPS_SPECS]
-    outs = llm.generate([{"prompt_token_ids": p}] * len(params), params, use_tqdm=False)
-    return [check_ops_against_hf(hf, p, out, spec, reg.parent / "vectors",
-                                 lambda n: __import__("torch").ones(1, n, dtype=bool))
-            for spec, out in zip(ARCH_OPS_SPECS, outs, strict=True)]
+    _, moved = run_ops_batch(llm, hf, reg.parent / "vectors", [p] * len(ARCH_OPS_CASES),
+                             ARCH_OPS_CASES, 12)
+    return moved
 
 
 def test_ops_match_hf_hooks(arch):
@@ -139,4 +138,21 @@ def test_ops_match_hf_hooks(arch):
     skip_if_vllm_differs(name)
     moved = check_arch_ops(llm, hf, tok, reg)
     print(f"{name}: ops moved log-probs by {[round(m, 2) for m in moved]}")
-    assert all(m > 0.05 for m in moved), moved
+    assert all(m > 0.05 for m in moved[:-1]), moved
+
+
+def check_arch_capture(arch) -> float:
+    """Hidden-state capture (every mode, steered and not, with neighbours that capture
+    nothing) equals HF block outputs on this architecture's adapter."""
+    from tests.capture_check import check_capture_cases, matrix_capture_cases
+    from tests.steer_helpers import composed_dense
+
+    name, llm, hf, tok, reg = arch
+    return check_capture_cases(llm, hf, matrix_capture_cases(tok, LAYERS),
+                               lambda steer: composed_dense(reg, steer, LAYERS, HIDDEN),
+                               tag=f"arch-{name}")
+
+
+def test_capture_matches_hf_block_outputs(arch):
+    err = check_arch_capture(arch)
+    print(f"{arch[0]}: capture max relative error {err:.2e}")

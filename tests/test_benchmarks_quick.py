@@ -132,3 +132,15 @@ def test_parsers_and_cli() -> None:
         assert f'"vllm_steer.bench.{module}"' in caller.read_text(), caller
     args, extra = build_parser().parse_known_args(["bench", "overhead", "--quick", "--reps", "3"])
     assert args.which == "overhead" and args.quick and extra == ["--reps", "3"]
+
+
+def test_extract_bench_arguments() -> None:
+    """``vllm-steer bench extract``: the engine vs HF extraction benchmark's options."""
+    from vllm_steer.bench.cli import ALL, MODULES
+    from vllm_steer.bench.extract import parse
+
+    assert MODULES["extract"] == "extract" and "extract" in ALL
+    quick = parse(["--quick"])
+    assert (quick.pairs, quick.reps) == (32, 1)
+    full = parse(["--reps", "5"])
+    assert full.pairs is None and full.reps == 5 and full.hf_threads >= 1

@@ -39,7 +39,7 @@ def test_happy_vector_moves_mood_log_odds(default_model):
     print(f"\nextract {res.seconds_extract:.1f}s for {res.num_pairs} pairs; sweep {sweep}")
     signed = sweep["mean_signed_log_odds"]
     # Happier with a positive scale: the persona-consistent answer gains probability ...
-    assert sweep["r_signed"] >= 0.9, sweep
+    assert sweep["r_signed"] >= 0.99, sweep
     assert all(a < b for a, b in zip(signed, signed[1:], strict=False)), sweep
     # ... and the raw mean log P(Yes) - log P(No) moves monotonically too.
     assert abs(sweep["r_raw"]) >= 0.9, sweep

@@ -39,6 +39,8 @@ UPLOAD_LIMIT = 2 << 20
 MAX_TOKENS = 16
 REQUEST_TIMEOUT = 180.0
 FIGURES: dict[str, Any] = {}
+#: The training route's recipe limit on this server (the shipped chat set expands past it).
+TRAIN_PROMPT_LIMIT = 1000
 DECOY: dict[str, Path] = {}
 #: The module server's store grace period (s): short, so that a test sees content collected
 #: while requests that use it are in flight; every request here is first scheduled well
@@ -78,6 +80,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"vllm_xargs": {"steer": "v1", "steer_scale": "lots"}}, "steer_scale", "number"),
     ({"vllm_xargs": {"steering": '{"vectors": [{"name": "v1"}'}}, "steering", "malformed JSON"),
     ({"vllm_xargs": {"_vllm_steer": "x"}}, "_vllm_steer", "reserved"),
+    ({"vllm_xargs": {"capture": '{"id": "a"}'}}, "capture", "not available through the OpenAI"),
     ({"steer": "v1"}, "steer", "unknown top-level field"),
     ({"steering": {"vectors": [{"name": "v1"}]}, "vllm_xargs": {"steer": "v2"}}, "steering",
      "both"),
@@ -95,7 +98,8 @@ def server(default_model_dir, tmp_path_factory):
     # the server runs the code PYTHONPATH / the install selects, never the cwd's
     DECOY["marker"] = make_decoy(root / "cwd")
     srv = Server(default_model_dir, reg, root / "server.log", API_KEY, cwd=root / "cwd",
-                 extra_env={envvars.STORE_GRACE_S: str(STORE_GRACE_S)})
+                 extra_env={envvars.STORE_GRACE_S: str(STORE_GRACE_S),
+                            "VLLMSTEER_MAX_TRAIN_PROMPTS": str(TRAIN_PROMPT_LIMIT)})
     FIGURES["startup_s"] = round(srv.start(), 1)
     yield srv
     srv.stop()
@@ -301,12 +305,15 @@ def test_upload_register_use_and_delete(server, http, tmp_path):
     spec_by_path = {"vectors": [{"path": "v2.safetensors", "scale": 1.25}]}
 
     async def text(spec):
+        # the poem prompt: v2 at 1.25 leaves "The capital of France is" unchanged
         client = openai_client(server)
-        out = await complete(client, server, "cmpl", PROMPTS[0][1], {"steering": spec}, False)
+        out = await complete(client, server, "cmpl", PROMPTS[1][1],
+                             {"steering": spec} if spec else {}, False)
         await client.close()
         return out
 
     expected = run(text(spec_by_path))
+    assert expected != run(text(None)), "the vector must change the output"
     # raw GGUF body, query parameters
     r = upload(http, "gg", (tmp_path / "v2.gguf").read_bytes(), scale=1.25)
     assert r.status_code == 201, r.text
@@ -351,12 +358,15 @@ def test_upload_with_an_op_makes_it_the_default(server, http):
 
     async def text(spec):
         client = openai_client(server)
-        out = await complete(client, server, "cmpl", PROMPTS[0][1], {"steering": spec}, False)
+        out = await complete(client, server, "cmpl", PROMPTS[0][1],
+                             {"steering": spec} if spec else {}, False)
         await client.close()
         return out
 
+    unsteered = run(text(None))
     explicit = {"path": "v1.safetensors", "op": "ablate", "strength": 0.5}
     expected = run(text({"vectors": [explicit]}))
+    assert expected != unsteered
     assert expected != run(text({"vectors": [{"path": "v1.safetensors", "scale": 0.0}]}))
     r = upload(http, "abl", (vdir / "v1.safetensors").read_bytes(), op="ablate", strength=0.5)
     assert r.status_code == 201, r.text
@@ -366,8 +376,9 @@ def test_upload_with_an_op_makes_it_the_default(server, http):
     r = http.post("/v1/steering/vectors", json={"name": "clp", "path": "v1.safetensors",
                                                  "op": "clamp", "value": 3.0})
     assert r.status_code == 201 and r.json()["default_value"] == 3.0, r.text
-    assert run(text({"vectors": [{"name": "clp"}]})) == \
-        run(text({"vectors": [{"path": "v1.safetensors", "op": "clamp", "value": 3.0}]}))
+    clamped = run(text({"vectors": [{"path": "v1.safetensors", "op": "clamp", "value": 3.0}]}))
+    assert clamped != unsteered and clamped != expected
+    assert run(text({"vectors": [{"name": "clp"}]})) == clamped
     for name in ("abl", "clp"):
         assert http.delete(f"/v1/steering/vectors/{name}").status_code == 200
 
@@ -1493,18 +1504,14 @@ def test_store_collection_spares_requests_in_flight(server, http, tmp_path):
 
     a_bytes, a_cid = _random_vector(tmp_path, 1001)
     spec = {"vectors": [{"name": "gc_live"}]}
-    assert upload(http, "gc_live", a_bytes, replace="true").status_code == 201
-    # The streams must outlive the lease (grace + a collection interval + the churn's
-    # latency): their length is set from this machine's speed, for ~20 s each.
+    # The streams must outlive A's lease (grace + a collection interval + the churn's
+    # latency): their length is set from this machine's speed, for ~30 s each, and doubled
+    # (up to the model's length) if they ended first, which shows nothing either way.
     body = {"model": model(server), "prompt": PROMPTS[1][1], "max_tokens": 32,
             "ignore_eos": True, "temperature": 0}
     t0 = time.monotonic()
     assert http.post("/v1/completions", json=body, timeout=REQUEST_TIMEOUT).status_code == 200
-    rate = 32 / (time.monotonic() - t0)
-    body["max_tokens"] = int(min(1000, max(64, rate / 2 * 20)))
-    ref = http.post("/v1/completions", json={**body, "steering": spec},
-                    timeout=REQUEST_TIMEOUT).json()["choices"][0]["text"]
-    assert stored(a_cid)
+    max_tokens = int(min(1800, max(64, 32 / (time.monotonic() - t0) * 30)))
     churned: list[str] = []
 
     def churn(ended: list[bool]) -> bool:
@@ -1545,9 +1552,20 @@ def test_store_collection_spares_requests_in_flight(server, http, tmp_path):
 
             return await asyncio.gather(stream(0), stream(1), trigger())
 
-    t1, t2, collected_in_flight = run(go(), timeout=300)
+    attempts = 0
+    while True:
+        attempts += 1
+        body["max_tokens"] = max_tokens
+        assert upload(http, "gc_live", a_bytes, replace="true").status_code == 201
+        ref = http.post("/v1/completions", json={**body, "steering": spec},
+                        timeout=REQUEST_TIMEOUT).json()["choices"][0]["text"]
+        assert stored(a_cid)
+        t1, t2, collected_in_flight = run(go(), timeout=600)
+        if collected_in_flight or max_tokens >= 1800 or attempts == 3:
+            break
+        max_tokens = min(1800, 2 * max_tokens)
     FIGURES["store_gc"] = {"churn_uploads": len(churned), "stream_tokens": body["max_tokens"],
-                           "collected_in_flight": collected_in_flight}
+                           "attempts": attempts, "collected_in_flight": collected_in_flight}
     assert collected_in_flight, "A should be collected while the streams still run"
     assert t1 == t2 == ref
     # the collected content is written again when a request names it again
@@ -1569,6 +1587,120 @@ def test_store_collection_spares_requests_in_flight(server, http, tmp_path):
 
 
 # -- restart (keep last: it restarts the module's server) -----------------------------
+# -- the training route (POST /v1/steering/vectors/train) ----------------------------------
+TRAIN_SUFFIXES = ["I feel", "Today is", "Well,"]
+TRAIN_BODY = {"name": "trained_mood", "personas": [["happy", "sad"]],
+              "suffixes": TRAIN_SUFFIXES, "layers": "8:14"}
+
+
+def _uploaded(server: Server, name: str) -> SteeringVector:
+    """The newest file the server stored for ``name``."""
+    up = server.registry.parent / "uploads"
+    files = sorted(up.glob(f"{name}-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    return SteeringVector.load(str(files[-1]))
+
+
+def test_train_route_trains_registers_and_steers_while_serving(server, http):
+    """Train on the served engine while completions run; the registered vector equals the
+    HF-trained one on the same recipe; it is listed, steers, and obeys the upload rules."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_steer.extract import build_dataset, train
+    from vllm_steer.extract.dataset import config_from_mapping
+
+    async def together():
+        client = openai_client(server)
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=600) as h:
+            trained, *texts = await asyncio.gather(
+                h.post("/v1/steering/vectors/train", json=TRAIN_BODY),
+                *(complete(client, server, "cmpl", p, {}, False) for _, p in PROMPTS[:2]))
+        await client.close()
+        return trained, texts
+
+    r, texts = run(together(), timeout=900)
+    assert r.status_code == 201, r.text
+    assert all(texts)
+    info = r.json()
+    report = info["training"]
+    assert info["name"] == "trained_mood" and info["layers"] == list(range(8, 14))
+    assert report["layers"] == list(range(8, 14)) and report["num_pairs"] > len(TRAIN_SUFFIXES)
+    assert set(report["separation"]) == {str(i) for i in range(8, 14)}
+    assert 0.5 < report["mean_separation"] <= 1.0
+    assert report["recipe_fields_not_applied"] == []
+    # the same recipe trained with HF hooks on the same weights
+    tok = AutoTokenizer.from_pretrained(server.model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32).eval()
+    cfg = config_from_mapping({k: v for k, v in TRAIN_BODY.items() if k != "name"})
+    ref = train(hf, tok, build_dataset(cfg, tok), layers=cfg.layers, progress=False)
+    got = _uploaded(server, "trained_mood")
+    cos = [float(torch.nn.functional.cosine_similarity(got.directions[i], ref.directions[i],
+                                                       dim=0)) for i in range(8, 14)]
+    assert min(cos) >= 0.9999, cos
+    # listed, and it steers
+    names = {v["name"] for v in http.get("/v1/steering/vectors").json()["data"]}
+    assert "trained_mood" in names
+    body = {"model": model(server), "prompt": PROMPTS[0][1], "max_tokens": MAX_TOKENS,
+            "temperature": 0}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    steered = http.post("/v1/completions", json={**body, "steering": {"vectors": [
+        {"name": "trained_mood", "scale": 6.0}]}}).json()["choices"][0]["text"]
+    assert steered != plain
+    # naming and replace rules as uploads: refused before any work, then replaced
+    r = http.post("/v1/steering/vectors/train", json=TRAIN_BODY)
+    assert r.status_code == 409 and r.json()["error"]["param"] == "name"
+    recipe = {"name": "cautious_thinking", "model": "default", "style": "thinking",
+              "template": "Pretend you're {persona}. You think step by step consistent with "
+                          "your identity.",
+              "personas": [["an extremely cautious person", "an extremely reckless person"]],
+              "suffixes": "reasoning", "max_suffixes": 2, "layers": [10, 12],
+              "method": "mean_diff", "batch_size": 8, "dtype": "float32"}
+    r = http.post("/v1/steering/vectors/train",
+                  json={"name": "trained_mood", "replace": True, "scale": 2.0, "recipe": recipe})
+    assert r.status_code == 201, r.text
+    assert r.json()["layers"] == [10, 12] and r.json()["default_scale"] == 2.0
+    assert r.json()["training"]["recipe_fields_not_applied"] == ["batch_size", "dtype", "model"]
+    assert http.delete("/v1/steering/vectors/trained_mood").status_code == 200
+    assert slot_stats(http)["capture_pending"] == 0
+
+
+@pytest.mark.parametrize("body, status, param, fragment", [
+    ({"name": "t"}, 400, "recipe", "required"),
+    ({"name": "t", "recipe": [1]}, 400, "recipe", "must be an object"),
+    ({"name": "t", "recipe": {"personas": [["a", "b"]]}, "suffixes": "chat"}, 400, "suffixes",
+     "not both"),
+    ({"name": "t", "recipe": {"personas": [["a", "b"]], "colour": 1}}, 400, "recipe.colour",
+     "unknown keys"),
+    ({"name": "t", "personas": [["a", "b"]], "method": "svd"}, 400, "method", "one of"),
+    ({"name": "t", "personas": [["a"]]}, 400, "personas", "[positive, negative]"),
+    ({"name": "t", "personas": [["a", "b"]], "template": "no placeholder"}, 400, "template",
+     "{persona}"),
+    ({"name": "t", "personas": [["a", "b"]], "suffixes": "/etc/passwd"}, 400, "suffixes",
+     "shipped suffix set"),
+    ({"name": "t", "recipe": {"pairs_file": "pairs.json"}}, 400, "recipe.pairs_file",
+     "names a file"),
+    ({"name": "t", "positive_prompts": "harmful.txt", "negative_prompts": ["x"],
+      "method": "mean_diff"}, 400, "positive_prompts", "names a file"),
+    ({"name": "t", "personas": [["a", "b"]], "suffixes": ["x"], "layers": [31]}, 400, "layers",
+     "out of range"),
+    ({"name": "t", "personas": [["a", "b"]], "suffixes": ["x"], "layers": "8:9",
+      "direction_from_layer": 3}, 400, "direction_from_layer", "not one of"),
+    ({"name": "bad name!", "personas": [["a", "b"]]}, 400, "name", "letters"),
+    ({"name": "t", "personas": [["a", "b"]], "replace": "maybe"}, 400, "replace", "boolean"),
+    ({"name": "t", "personas": [["a", "b"]], "max_concurrent": 0}, 400, "max_concurrent",
+     "integer in [1, 1024]"),
+    ({"name": "t", "personas": [["a", "b"]], "suffixes": "chat"}, 413, "personas",
+     f"at most {TRAIN_PROMPT_LIMIT}"),
+])
+def test_bad_training_recipes_are_refused_naming_the_field(server, http, body, status, param,
+                                                           fragment):
+    r = http.post("/v1/steering/vectors/train", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and fragment in err["message"], err
+    assert "t" not in {v["name"] for v in http.get("/v1/steering/vectors").json()["data"]}
+    assert httpx.post(f"{server.url}/v1/steering/vectors/train", json=body).status_code == 401
+
+
 def test_restart_keeps_registered_vectors(server, http):
     vdir = vec_dir(server)
     assert upload(http, "kept", (vdir / "v2.safetensors").read_bytes(), scale=0.7,
@@ -1576,9 +1708,11 @@ def test_restart_keeps_registered_vectors(server, http):
     assert upload(http, "kept_clamp", (vdir / "v2.safetensors").read_bytes(), op="clamp",
                   value=-1.5).status_code == 201
     assert http.delete("/v1/steering/vectors/v3").status_code == 200  # a config entry
-    spec = {"model": model(server), "prompt": PROMPTS[0][1], "max_tokens": MAX_TOKENS,
+    spec = {"model": model(server), "prompt": PROMPTS[1][1], "max_tokens": MAX_TOKENS,
             "temperature": 0, "steering": {"vectors": [{"name": "kept"}]}}
     before = http.post("/v1/completions", json=spec).json()["choices"][0]["text"]
+    unsteered = {k: v for k, v in spec.items() if k != "steering"}
+    assert before != http.post("/v1/completions", json=unsteered).json()["choices"][0]["text"]
     listing = {v["name"]: v for v in http.get("/v1/steering/vectors").json()["data"]}
 
     server.stop()

@@ -14,14 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.arch_check import Case, check_against_hf, run_cases
 from tests.ops_reference import OPS_CASES, run_ops_cases
-from tests.steer_helpers import (
-    THINK_END,
-    THINK_START,
-    composed_dense,
-    env_registry,
-    hf_greedy,
-)
+from tests.steer_helpers import THINK_END, THINK_START, composed_dense, env_registry
 from vllm_steer.testing.engines import make_test_llm, shutdown
 from vllm_steer.testing.vectors import write_test_vectors
 
@@ -101,29 +96,63 @@ def test_compile_cache_key_includes_the_hook(setup):
     assert steered != plain
 
 
-@pytest.mark.parametrize("mode", ["all", "generated", "thinking"])
-def test_compiled_matches_hf_reference(setup, hf, mode):
+def test_compiled_matches_hf_reference(setup, hf):
+    """Every apply_to mode and start_position in one compiled batch with unsteered
+    neighbours, teacher-forced against HF hooks (tests/arch_check.py): greedy tokens equal
+    (no near ties allowed), sampled and prompt log-probs within 2e-3, and each steered
+    request moved by more than the tolerance could hide."""
     llm, reg, *_ = setup
     model, tok = hf
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-    if mode == "thinking":
-        ids = (enc("Is the sky blue?\n") + enc(THINK_START) + enc("\nIt scatters blue light.\n")
-               + enc(THINK_END) + enc("\nAnswer:"))
-        markers = (enc(THINK_START), enc(THINK_END))
-    else:
-        ids, markers = enc("Write a short poem about the sea.\n"), None
-    spec = {"vectors": [{"name": "v1", "scale": 1.5}, {"name": "v3", "scale": -1.0}],
-            "apply_to": mode}
-    got = _gen(llm, ids, spec)
-    ref, _ = hf_greedy(model, ids, composed_dense(reg, [("v1", 1.5), ("v3", -1.0)]), mode,
-                       N_TOKENS, markers=markers)
-    assert got == ref, (tok.decode(got), tok.decode(ref))
+    think = (enc("Is the sky blue?\n") + enc(THINK_START) + enc("\nIt scatters blue light.\n")
+             + enc(THINK_END) + enc("\nAnswer:"))
+    poem = enc("Write a short poem about the sea.\n")
+    parts = [("v1", 1.5), ("v3", -1.0)]
+    cases = [Case(poem, parts, mode, prompt_logprobs=True)
+             for mode in ("all", "prompt", "generated")]
+    cases += [Case(poem, parts, "all", prompt_logprobs=True, start=len(poem) - 3),
+              Case(think, parts, "thinking", prompt_logprobs=True),
+              Case(think, parts, "answer", prompt_logprobs=True),
+              Case(poem, []), Case(think, [], prompt_logprobs=True)]
+    outs = run_cases(llm, cases, n_tokens=N_TOKENS)
+    rep = check_against_hf(model, reg, cases, outs, 30, 576,
+                           (enc(THINK_START), enc(THINK_END)))
+    print("compiled: max log-prob error", rep.max_lp_err, "prompt", rep.max_prompt_lp_err,
+          "effects", [round(e, 3) for e in rep.effects])
+    assert rep.near_ties == 0
+    for case, effect in zip(cases, rep.effects, strict=True):
+        if case.parts:
+            assert effect > 0.05, (case.mode, case.start, effect)
 
 
 def test_compiled_ops_match_hf_reference(setup, hf):
-    """ablate, clamp and normalize traced into the compiled graph (mixed with add and
-    unsteered requests in one batch)."""
+    """ablate, clamp and normalize traced into the compiled graph, mixed with add and
+    unsteered requests in one batch, each equal to itself run alone."""
     llm, reg, *_ = setup
     model, tok = hf
     _, _, moved = run_ops_cases(llm, model, reg, tok)
-    assert len(moved) == len(OPS_CASES) and all(m > 0.05 for m in moved[:-1]), moved
+    assert len(moved) == len(OPS_CASES) and OPS_CASES[-1][0] is None
+    assert all(m > 0.05 for m in moved[:-1]), moved
+
+
+def test_compiled_capture_matches_hf_with_chunks_and_a_cached_prefix(setup, hf):
+    """Hidden-state capture through the compiled graph (the capture op inside it): every
+    mode in a mixed batch, a prompt prefilled in chunks, and a cached prefix."""
+    from tests.capture_check import CaptureCase, check_capture_cases, check_chunked_and_cached
+    from vllm_steer.testing.engines import TEST_ENGINE_OPTIONS
+
+    llm, reg, *_ = setup
+    model, tok = hf
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    p0, p1 = enc("The capital of France is Paris, and"), enc("Write a short poem about the sea.\n")
+    cases = [CaptureCase(p0, {"layers": "all", "at": "tokens"}),
+             CaptureCase(p1, None, [("v1", 1.5)]),
+             CaptureCase(p1, {"layers": [3, 29], "at": "mean"}, [("v1", 1.5)]),
+             CaptureCase(p0, {"layers": [10], "at": "positions", "positions": [0, -1]}),
+             CaptureCase(p0, None)]
+    err = check_capture_cases(llm, model, cases,
+                              lambda steer: composed_dense(reg, steer), "compiled")
+    seen = check_chunked_and_cached(llm, model, tok, "compiled",
+                                    budget=TEST_ENGINE_OPTIONS["max_num_batched_tokens"],
+                                    block=TEST_ENGINE_OPTIONS["block_size"], num_layers=30)
+    print(f"compiled capture: max relative error {err:.2e}, cache {seen}")

@@ -27,7 +27,15 @@ import pytest
 import torch
 
 from tests import ray_cpu_shim
-from tests.steer_helpers import env_registry
+from tests.capture_check import (
+    REL_TOL,
+    CaptureCase,
+    expected,
+    hf_blocks,
+    rel_err,
+    run_capture_cases,
+)
+from tests.steer_helpers import composed_dense, env_registry
 from vllm_steer import SteeringVector
 from vllm_steer.steering.store import default_store_root
 from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
@@ -61,17 +69,29 @@ def tiny(default_model_dir, tmp_path_factory):
     return str(root / "model"), tok
 
 
+def _captures(tok) -> list[CaptureCase]:
+    """Hidden-state captures run under TP: every block output of every prompt position,
+    and a steered mean, in one batch with a neighbour that captures nothing."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    p = enc("The capital of France is Paris, and the capital of Italy is")
+    return [CaptureCase(p, {"layers": "all", "at": "tokens"}),
+            CaptureCase(p, None, [("t", 1.0)]),
+            CaptureCase(p, {"layers": [0, LAYERS - 1], "at": "mean", "start": 3}, [("t", 1.0)])]
+
+
 @dataclass
 class Run:
     steered: list[list[int]]        # tokens of the mixed batch (steered and unsteered)
     logprobs: list[list[float]]     # their log-probs
     plain: list[list[int]]          # the same prompts, all unsteered
     worker_stats: list[dict]        # vllm_steer_stats of every worker
+    captures: tuple | None = None   # (cases, records) of the capture batch, if it ran
 
 
-def _run(model_dir, tp, backend="mp", inproc=False) -> Run:
+def _run(model_dir, tp, backend="mp", inproc=False, tok=None) -> Run:
     """One engine with ``backend`` as vLLM's ``distributed_executor_backend``: a mixed
-    batch (steered everywhere, unsteered, steered on generated tokens), then all unsteered."""
+    batch (steered everywhere, unsteered, steered on generated tokens), then all unsteered;
+    with ``tok``, also the capture batch (``_captures``)."""
     from vllm import SamplingParams
 
     prompts = ["The capital of France is", "Once upon a time", "def fib(n):"]
@@ -86,18 +106,22 @@ def _run(model_dir, tp, backend="mp", inproc=False) -> Run:
         outs = llm.generate(prompts, params, use_tqdm=False)
         plain = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0,
                                                      ignore_eos=True), use_tqdm=False)
+        caps = None
+        if tok is not None:
+            cases = _captures(tok)
+            caps = (cases, run_capture_cases(llm, cases, f"tp{tp}")[1])
         stats = llm.collective_rpc("vllm_steer_stats")
     finally:
         shutdown(llm)
     toks = [list(o.outputs[0].token_ids) for o in outs]
     lps = [[o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(o.outputs[0].token_ids)]
            for o in outs]
-    return Run(toks, lps, [list(o.outputs[0].token_ids) for o in plain], stats)
+    return Run(toks, lps, [list(o.outputs[0].token_ids) for o in plain], stats, caps)
 
 
 @pytest.fixture(scope="module")
 def tp1(tiny) -> Run:
-    return _run(tiny[0], 1)
+    return _run(tiny[0], 1, tok=tiny[1])
 
 
 def _assert_equal_to_tp1(run: Run, tp1: Run) -> None:
@@ -112,7 +136,21 @@ def _assert_equal_to_tp1(run: Run, tp1: Run) -> None:
 
 def test_tp2_equals_tp1(tiny, tp1, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    _assert_equal_to_tp1(_run(tiny[0], 2), tp1)
+    tp2 = _run(tiny[0], 2, tok=tiny[1])
+    _assert_equal_to_tp1(tp2, tp1)
+    # hidden-state capture under TP=2 (recorded on rank 0) equals HF block outputs, as TP=1
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.float32).eval()
+    reg = Path(os.environ["VLLMSTEER_REGISTRY"])
+    for tp, (cases, recs) in ((1, tp1.captures), (2, tp2.captures)):
+        assert sorted(recs) == [0, 2], (tp, sorted(recs))
+        for k, rec in recs.items():
+            case = cases[k]
+            delta = composed_dense(reg, case.steer, LAYERS, HIDDEN) if case.steer else None
+            mask = torch.ones(1, len(case.prompt), dtype=torch.bool) if case.steer else None
+            err = rel_err(rec["values"], expected(hf_blocks(hf, case.prompt, delta, mask), rec))
+            assert err < REL_TOL, (tp, k, err)
 
 
 def ray_unsupported_reason() -> str | None:

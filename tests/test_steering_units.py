@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -307,7 +306,24 @@ def test_slots_refcount_free_and_evict():
         t.release(d)
     st = t.stats()
     assert st["live_digests"] == 0 and st["resident"] == 0 and st["free_slots"] == 2
-    assert st["bytes_per_slot"] == 3 * 2 * 4 and not math.isnan(st["table_bytes"])
+    assert st["bytes_per_slot"] == 3 * 2 * 4 and st["table_bytes"] == 3 * 3 * 2 * 4
+
+
+@pytest.mark.parametrize("k, dtype", [(0, torch.float32), (1, torch.float32), (3, torch.bfloat16)])
+def test_table_bytes_is_the_documented_formula_and_what_is_allocated(k, dtype):
+    """README: num_layers x (max_num_seqs + 1) x (hidden + K (hidden + 2)) values, plus one
+    norm flag per slot when K > 0; equal to the bytes of the tensors the table holds."""
+    layers, slots, hidden = 5, 4, 6
+    t = SlotTable(num_layers=layers, num_slots=slots, hidden=hidden, dtype=dtype,
+                  device=torch.device("cpu"), max_projections=k)
+    size = torch.tensor([], dtype=dtype).element_size()
+    values = layers * slots * (hidden + k * (hidden + 2)) + (slots if k else 0)
+    st = t.stats()
+    assert st["table_bytes"] == values * size
+    assert st["bytes_per_slot"] * slots == st["table_bytes"]
+    held = [*t.tables, *(t.proj_dir or []), *(t.proj_a or []), *(t.proj_b or [])]
+    held += [t.norm] if t.norm is not None else []
+    assert sum(x.numel() * x.element_size() for x in held) == st["table_bytes"]
 
 
 def test_composition_cache_follows_file_changes(resolver, registry):

@@ -22,8 +22,8 @@ from tests.arch_check import (
     run_cases,
     write_vectors,
 )
+from tests.hf_reference import add_dense
 from tests.steer_helpers import composed_dense
-from vllm_steer.hf_steering import steer_hf
 from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
 from vllm_steer.testing.thinking_tokenizer import (
     THINK_END_ID,
@@ -122,7 +122,7 @@ def _chat_think_prompt(tok, closed: bool) -> list[int]:
 
 @torch.no_grad()
 def _prompt_logprobs(hf, ids, delta, mask) -> list[float]:
-    with steer_hf(hf, delta, position_mask=mask):
+    with add_dense(hf, delta, mask):
         logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
     return [float(logp[p - 1, ids[p]]) for p in range(1, len(ids))]
 
@@ -167,8 +167,11 @@ def test_generation_in_an_open_section_matches_hf(r1_engine, r1_tok):
 
 @pytest_engine
 def test_probe_forks_close_the_section_with_the_single_token_marker(r1_engine, r1_tok):
+    """Forks of a ``thinking``-steered trajectory against the HF reference, whose fork
+    context, variants (tests/probe_reference.py, the README's rules) and steered range
+    are built here."""
+    from tests.probe_reference import fork_context, hf_choice_logprobs, reference_variants
     from vllm_steer.probe import ProbeConfig, probe
-    from vllm_steer.probe.choices import ChoiceSet
 
     llm, hf, reg = r1_engine
     prompt = _chat_think_prompt(r1_tok, closed=False)
@@ -177,18 +180,16 @@ def test_probe_forks_close_the_section_with_the_single_token_marker(r1_engine, r
     (traj,) = probe(llm, [prompt], spec, cfg, use_tqdm=False)
     assert THINK_END_ID not in traj.token_ids  # a random model: the section stays open
     assert [r.token_index for r in traj.readings] == [0, 4, 8]
-    choices = ChoiceSet.build(r1_tok, ["Yes", "No"])
+    variants = {c: reference_variants(r1_tok, c) for c in cfg.choices}
+    assert all(len(v) == 1 for vs in variants.values() for v in vs)
     suffix = r1_tok.encode(cfg.suffix, add_special_tokens=False)
     delta = composed_dense(reg, [("a", 1.0)], LAYERS, HIDDEN)
     for r in traj.readings:
         assert r.in_thinking
         # the fork: prompt + generated[:t] + </think> (one token) + suffix; only the tokens
-        # inside the section are steered
-        ids = prompt + traj.token_ids[: r.token_index] + [THINK_END_ID] + suffix
-        pos = torch.arange(len(ids))
-        mask = (pos > prompt.index(THINK_START_ID)) & (pos < len(ids) - len(suffix) - 1)
-        with torch.no_grad(), steer_hf(hf, delta, position_mask=mask[None]):
-            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, -1].float(), -1)
-        assert not any(choices.multi_token)
-        lse = [float(torch.logsumexp(logp[[v[0] for v in vs]], 0)) for vs in choices.variants]
-        assert abs(r.log_ratio - (lse[0] - lse[1])) < LOGPROB_ATOL
+        # inside the section are steered (not the marker, not the suffix after it)
+        ctx = fork_context(r1_tok, prompt, traj.token_ids, r.token_index, cfg.suffix)
+        assert ctx == prompt + traj.token_ids[: r.token_index] + [THINK_END_ID] + suffix
+        ref = hf_choice_logprobs(hf, ctx, variants, delta, start=prompt.index(THINK_START_ID) + 1,
+                                 end=len(ctx) - len(suffix) - 1)
+        assert abs(r.log_ratio - (ref["Yes"] - ref["No"])) < LOGPROB_ATOL, r.token_index

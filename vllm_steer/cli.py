@@ -182,6 +182,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="model dtype (default: the config's, else float32)")
     p.add_argument("--batch-size", type=int, help="prompts per forward (default: the config's)")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers with forward hooks; vllm: a vLLM engine's "
+                   "hidden-state capture (batched, prefix-cached, one copy of the weights)")
     p.add_argument("--plot", metavar="PNG", help="write a per-layer separation plot")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or score table")
 
@@ -210,7 +213,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
         res = extract_from_config(cfg, model_path=args.model, dtype=args.dtype,
                                   batch_size=args.batch_size, progress=not args.quiet,
-                                  check_layers=check_layers)
+                                  check_layers=check_layers, engine=args.engine)
         for target in targets:
             res.vector.save(str(target), drop_layer0=args.drop_layer0)
         scores = separation_scores(res.vector)
@@ -223,6 +226,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         print(json.dumps({
             "outputs": [str(t) for t in targets] + ([args.plot] if args.plot else []),
             "model": res.vector.metadata.model_name, "method": cfg.method,
+            "engine": args.engine,
             ("prompts" if cfg.positive_prompts is not None else "pairs"): res.num_pairs,
             "layers": res.layers,
             "mean_separation": round(sum(scores.values()) / len(scores), 4),
@@ -323,6 +327,12 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     add_sweep(sub)
 
 
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.experiments.cli import add_ablate
+
+    add_ablate(sub)
+
+
 def _add_monitor(sub: argparse._SubParsersAction) -> None:
     from vllm_steer.probe.monitor import add_monitor
 
@@ -346,6 +356,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_monitor, _add_demo]
 SUBCOMMANDS.append(_add_bench)
 SUBCOMMANDS.append(_add_doctor)
+SUBCOMMANDS.append(_add_ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

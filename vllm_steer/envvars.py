@@ -27,6 +27,8 @@ CACHE = "VLLMSTEER_CACHE"
 #: Overrides a registry's ``upload_dir`` / ``max_upload_bytes``.
 UPLOAD_DIR = "VLLMSTEER_UPLOAD_DIR"
 MAX_UPLOAD_BYTES = "VLLMSTEER_MAX_UPLOAD_BYTES"
+#: Most prompts a recipe may expand to on the server's training route.
+MAX_TRAIN_PROMPTS = "VLLMSTEER_MAX_TRAIN_PROMPTS"
 #: ``1`` keeps the plugin out of a vLLM process without uninstalling it.
 DISABLE = "VLLMSTEER_DISABLE"
 #: Grace period (seconds) of the vector store's collection (``steering.store``).

@@ -14,13 +14,15 @@ import subprocess
 import sys
 
 #: ``vllm-steer bench NAME`` -> module in ``vllm_steer.bench``.
-MODULES = {"overhead": "overhead", "vs-hf": "vs_hf", "probe": "probe_forks",
-           "serving": "serving", "memory": "memory", "wire": "wire", "live": "live_probe",
-           "early-exit": "early_exit",
+MODULES = {"overhead": "overhead", "vs-hf": "vs_hf", "probe": "probe_forks", "extract": "extract",
+           "train-route": "train_route", "serving": "serving", "memory": "memory",
+           "wire": "wire", "live": "live_probe", "early-exit": "early_exit",
            "report": "report"}
-#: ``wire`` compares against an earlier commit, so it needs a source checkout: not in ``all``.
+#: ``wire`` compares against an earlier commit, so it needs a source checkout: not in ``all``
+#: (nor ``train-route``, a server under traffic for minutes).
 #: What ``all`` runs, in order (cheapest first; serving last).
-ALL = ("overhead", "probe", "memory", "vs-hf", "serving", "live", "early-exit", "report")
+ALL = ("overhead", "probe", "memory", "vs-hf", "extract", "serving", "live", "early-exit",
+       "report")
 
 
 def run_script(name: str, argv: list[str]) -> int:
@@ -45,8 +47,8 @@ def run(which: str, quick: bool, extra: list[str]) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """The ``bench`` subcommand (registered by ``vllm_steer.cli``)."""
     p = sub.add_parser(
-        "bench", help="run benchmarks (overhead, vs-hf, probe, serving, memory, wire, live, "
-                                 "early-exit, all, report)",
+        "bench", help="run benchmarks (overhead, vs-hf, probe, extract, train-route, "
+                      "serving, memory, wire, live, early-exit, all, report)",
         description="Run a benchmark (module vllm_steer.bench.NAME). Unknown options go to "
                     "it (e.g. `vllm-steer bench overhead --compiled --reps 5`; see "
                     "`python -m vllm_steer.bench.overhead --help`). Results: "

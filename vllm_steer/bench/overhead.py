@@ -20,7 +20,9 @@ Groups:
   ablate/clamp per layer, ``max_projections`` 1). With ``--addonly`` a second engine runs
   with ``max_projections`` 0 (the add-only layer code, as before interventions existed) and
   its ``shared@k0`` / ``unsteered@k0`` join the group: ``shared / shared@k0`` is what
-  add-only requests pay for the projection tables.
+  add-only requests pay for the projection tables. ``--second-k 1 --second-capture off``
+  makes the second engine differ only in hidden-state capture (no capture op in its
+  layers): what capture costs requests that capture nothing.
 
 ``distinct_vectors`` (group ``modes``) gives every request one of 64 different vector
 files: each worker reads each from the vector store once.
@@ -158,6 +160,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--second-k", type=int, default=0,
                    help="max_projections of the --addonly engine (1 = an A/A control: "
                         "how much two identical engines differ); its cases stay '@k0'")
+    p.add_argument("--second-capture", choices=["on", "off"], default="on",
+                   help="hidden-state capture on the --addonly engine (off: the layers "
+                        "carry no capture op; with --second-k 1 this measures capture's "
+                        "cost for requests that capture nothing)")
     p.add_argument("--addonly", action="store_true",
                    help="also time an engine with max_projections 0 (group ops)")
     p.add_argument("--out", default=None, help="result name (default: overhead_eager|compiled)")
@@ -196,7 +202,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.addonly:
         k0 = make_llm(enforce_eager=not args.compiled, dtype="float32",
                       max_num_seqs=res["engine"]["max_num_seqs"], max_model_len=2048,
-                      additional_config={"vllm_steer": {"max_projections": args.second_k}})
+                      additional_config={"vllm_steer": {
+                          "max_projections": args.second_k,
+                          "capture": args.second_capture == "on"}})
     vanilla = None
     if args.vanilla:
         os.environ["VLLMSTEER_DISABLE"] = "1"  # inherited by the new engine's processes

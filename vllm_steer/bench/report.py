@@ -101,7 +101,19 @@ def overhead_section(d: dict[str, Any]) -> list[str]:
         out.append("")
         argv = d.get("argv", [])
         second_k = int(argv[argv.index("--second-k") + 1]) if "--second-k" in argv else 0
-        if ops.get("addonly") and second_k:
+        capture_off = "--second-capture" in argv and \
+            argv[argv.index("--second-capture") + 1] == "off"
+        if ops.get("addonly") and capture_off:
+            out += ["Hidden-state capture's cost for requests that capture nothing: the same "
+                    "requests on this engine (capture on, the default: a capture op at the end "
+                    "of every layer) vs a second engine identical but for `capture: false` "
+                    "(no op; its cases are labelled `@k0`), interleaved:", "",
+                    "| ratio (capture on / off) | tok/s | tok/CPU-s |", "|---|---|---|"]
+            for k, r in ops["addonly"].items():
+                out.append(f"| {k} | {_s(r['tok_s'], pct=True)} | "
+                           f"{_s(r['tok_per_cpu_s'], pct=True)} |")
+            out.append("")
+        elif ops.get("addonly") and second_k:
             out += [f"A/A control: the same requests on two identical engines (both "
                     f"`max_projections` {second_k}; the second's cases are labelled `@k0`), "
                     "interleaved: how much two engine processes differ by themselves:", "",
@@ -378,6 +390,43 @@ def wire_section(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def extract_section(d: dict[str, Any]) -> list[str]:
+    wl, m = d["workload"], d["memory"]
+    sec = d["seconds"]
+    return ["### Vector extraction: vLLM engine (hidden-state capture) vs HF forward hooks", "",
+            *_meta(d),
+            f"- `{wl['recipe']}`: {wl['pairs']} pairs ({wl['prompts']} prompts), the recipe's "
+            f"layers and method; HF torch threads {wl['hf_torch_threads']}; engine: eager, "
+            "prefix caching (reset before every repetition), block size 32", "",
+            "| | seconds per extraction | start-up (s) | peak RSS (MiB) |", "|---|---|---|---|",
+            f"| vLLM engine | {_s(sec['vllm'], digits=1)} | {d['startup_s']['vllm']} | "
+            f"{m['vllm']['peak_rss_mib']} |",
+            f"| HF | {_s(sec['hf'], digits=1)} | {d['startup_s']['hf']} | "
+            f"{m['hf']['peak_rss_mib']} |", "",
+            f"Speed-up HF seconds / vLLM seconds per repetition: "
+            f"{_s(d['speedup_hf_over_vllm'], digits=2)}; CPU-seconds ratio "
+            f"{_s(d['cpu_s_ratio_hf_over_vllm'], digits=2)}. Smallest cosine between the two "
+            f"sides' vectors over layers: {d['min_cosine_per_layer']}.", ""]
+
+
+def train_route_section(d: dict[str, Any]) -> list[str]:
+    wl = d["workload"]
+    out = ["### The training route under traffic: inter-token latency", "", *_meta(d),
+           f"- {wl['clients']} streaming clients x {wl['output_len']} tokens, back to back; "
+           f"training job: `{wl['recipe']}` with {wl['max_suffixes']} openers; quiet windows "
+           f"{wl['quiet_window_s']} s", "",
+           f"Quiet ITL: {d['itl_quiet']}", "",
+           "| training window | ITL median / quiet | p90 / quiet | p99 / quiet | "
+           "job seconds |", "|---|---|---|---|---|"]
+    for name, v in d["variants"].items():
+        out.append(f"| {name} | {_s(v['itl_ratio_over_quiet_median'], digits=2)} | "
+                   f"{_s(v['itl_ratio_over_quiet_p90'], digits=2)} | "
+                   f"{_s(v['itl_ratio_over_quiet_p99'], digits=2)} | "
+                   f"{_s(v['training_s'], digits=1)} |")
+    out.append("")
+    return out
+
+
 def chart(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
     """Bars of throughput ratios per overhead mode: tok/s and tok/CPU-s (median, min-max)."""
     import matplotlib
@@ -436,8 +485,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     names = ("overhead_compiled_resolver_fix", "overhead_compiled", "overhead_eager", "vs_hf",
              "probe_forks", "probe_forks_choices", "memory", "serving",
-             "overhead_compiled_ops", "overhead_compiled_ops_aa", "wire",
-             "probe_forks_isolation", "live_probe", "early_exit")
+             "overhead_compiled_ops", "overhead_compiled_ops_aa", "wire", "extract",
+             "train_route", "overhead_capture", "probe_forks_isolation", "live_probe",
+             "early_exit")
     results = {n: d for n in names if (d := _load(n, args.quick)) is not None}
     out_md = RESULTS_DIR / "RESULTS_quick.md" if args.quick else REPORT_DIR / "RESULTS.md"
     png = (RESULTS_DIR / "overhead_quick.png") if args.quick else REPORT_DIR / "overhead.png"
@@ -467,8 +517,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "overhead_compiled_ops_aa": lambda d: [
                     line.replace("### Overhead, compiled", "### Overhead of interventions, "
                                  "compiled, A/A control", 1) for line in overhead_section(d)],
-                "wire": wire_section, "live_probe": live_section,
-                "early_exit": early_exit_section}
+                "wire": wire_section, "extract": extract_section,
+                "train_route": train_route_section,
+                "overhead_capture": lambda d: [
+                    line.replace("### Overhead, ", "### Cost of hidden-state capture for "
+                                 "requests that capture nothing, ", 1)
+                    for line in overhead_section(d)],
+                "live_probe": live_section, "early_exit": early_exit_section}
     for n, d in results.items():
         try:
             lines += sections[n](d)

@@ -43,7 +43,12 @@ DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 class DatasetError(ValueError):
-    """A dataset or vector config is invalid; the message says what to fix."""
+    """A dataset or vector config is invalid; the message says what to fix. ``field``
+    names the config key at fault when there is one (the training route's 400s)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 # -- pairs -----------------------------------------------------------------------------------
@@ -456,98 +461,154 @@ def load_config(path: str | os.PathLike[str]) -> VectorConfig:
         raise DatasetError(f"{p}: invalid YAML ({e})") from e
     if not isinstance(raw, Mapping):
         raise DatasetError(f"{p}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - _CONFIG_KEYS)
-    if unknown:
-        raise DatasetError(f"{p}: unknown keys {unknown}; allowed: {sorted(_CONFIG_KEYS)}")
-    where = str(p)
-    cfg = VectorConfig(name=str(raw.get("name") or p.stem), base_dir=str(p.parent))
-    for key in ("description", "model", "system_prompt", "output", "dtype", "separator"):
-        if raw.get(key) is not None:
-            setattr(cfg, key, str(raw[key]))
+    cfg = config_from_mapping(raw, base_dir=str(p.parent), where=str(p), default_name=p.stem)
     if cfg.output is not None:
         cfg.output = str(p.parent / cfg.output)
+    return cfg
+
+
+#: Recipe keys that name files (read relative to the config's directory).
+FILE_KEYS = ("pairs_file",)
+
+
+def config_from_mapping(raw: Mapping[str, Any], *, base_dir: str = ".", where: str = "recipe",
+                        default_name: str = "", allow_files: bool = True) -> VectorConfig:
+    """A validated ``VectorConfig`` from a recipe mapping (a YAML config's content, or
+    the same as JSON). ``allow_files=False`` (recipes from the network) refuses every
+    field that would read a file: suffix sets must be shipped names or lists, prompt sets
+    lists, no ``pairs_file``. Errors are ``DatasetError`` with ``field`` set."""
+    def err(key: str, message: str) -> DatasetError:
+        return DatasetError(f"{where}: {message}", field=key)
+
+    unknown = sorted(str(k) for k in set(raw) - _CONFIG_KEYS)
+    if unknown:
+        raise err(unknown[0], f"unknown keys {unknown}; allowed: {sorted(_CONFIG_KEYS)}")
+    name = raw.get("name") or default_name
+    if not isinstance(name, str) or not name:
+        raise err("name", "'name' must be a non-empty string")
+    cfg = VectorConfig(name=name, base_dir=base_dir)
+    for key in ("description", "model", "system_prompt", "output", "dtype", "separator"):
+        if raw.get(key) is not None:
+            if not isinstance(raw[key], str | int | float) or isinstance(raw[key], bool):
+                raise err(key, f"{key} must be a string")
+            setattr(cfg, key, str(raw[key]))
     cfg.style = str(raw.get("style", "chat"))
     if cfg.style not in STYLES:
-        raise DatasetError(f"{where}: style must be one of {', '.join(STYLES)}, got {cfg.style!r}")
+        raise err("style", f"style must be one of {', '.join(STYLES)}, got {cfg.style!r}")
     if cfg.dtype not in DTYPE_NAMES:
-        raise DatasetError(f"{where}: dtype must be one of {', '.join(DTYPE_NAMES)}, "
-                           f"got {cfg.dtype!r}")
+        raise err("dtype", f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {cfg.dtype!r}")
     cfg.method = str(raw.get("method", cfg.method))
     if cfg.method not in METHODS:
-        raise DatasetError(f"{where}: method must be one of {', '.join(METHODS)}, "
-                           f"got {cfg.method!r}")
+        raise err("method", f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     cfg.normalize = str(raw.get("normalize", cfg.normalize))
     if cfg.normalize not in NORMALIZE:
-        raise DatasetError(f"{where}: normalize must be one of {', '.join(NORMALIZE)}")
-    cfg.batch_size = int(raw.get("batch_size", cfg.batch_size))
-    if cfg.batch_size < 1:
-        raise DatasetError(f"{where}: batch_size must be >= 1")
+        raise err("normalize", f"normalize must be one of {', '.join(NORMALIZE)}")
+    batch = raw.get("batch_size", cfg.batch_size)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise err("batch_size", "batch_size must be an integer >= 1")
+    cfg.batch_size = batch
     cfg.layers = raw.get("layers")
-    check_layers_spec(cfg.layers, f"{where}: layers")
+    try:
+        check_layers_spec(cfg.layers, f"{where}: layers")
+    except DatasetError as e:
+        raise DatasetError(str(e), field="layers") from None
     dfl = raw.get("direction_from_layer")
     if dfl is not None and (isinstance(dfl, bool) or not isinstance(dfl, int)):
-        raise DatasetError(f"{where}: direction_from_layer must be a layer index")
+        raise err("direction_from_layer", "direction_from_layer must be a layer index")
     cfg.direction_from_layer = dfl
     for key in ("think_open", "think_close"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value):
-            raise DatasetError(f"{where}: {key} must be a non-empty string (or omitted: the "
-                               "model's own thinking markers)")
+            raise err(key, f"{key} must be a non-empty string (or omitted: the model's own "
+                           "thinking markers)")
         setattr(cfg, key, value)
-    cfg.chat_template_kwargs = dict(raw.get("chat_template_kwargs") or {})
-    cfg.expand_suffixes = bool(raw.get("expand_suffixes", True))
+    ctk = raw.get("chat_template_kwargs") or {}
+    if not isinstance(ctk, Mapping):
+        raise err("chat_template_kwargs", "chat_template_kwargs must be a mapping")
+    cfg.chat_template_kwargs = dict(ctk)
+    exp = raw.get("expand_suffixes", True)
+    if not isinstance(exp, bool):
+        raise err("expand_suffixes", "expand_suffixes must be true or false")
+    cfg.expand_suffixes = exp
     if raw.get("max_suffixes") is not None:
-        cfg.max_suffixes = int(raw["max_suffixes"])
-        if cfg.max_suffixes < 1:
-            raise DatasetError(f"{where}: max_suffixes must be >= 1")
+        ms = raw["max_suffixes"]
+        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 1:
+            raise err("max_suffixes", "max_suffixes must be an integer >= 1")
+        cfg.max_suffixes = ms
+    if not allow_files:
+        for key in FILE_KEYS:
+            if raw.get(key) is not None:
+                raise err(key, f"{key} names a file; recipes sent to the server must carry "
+                               "their data inline")
 
     has_sets = raw.get("positive_prompts") is not None or raw.get("negative_prompts") is not None
     if has_sets:
         others = [k for k in ("personas", "pairs", "pairs_file") if raw.get(k) is not None]
         if others:
-            raise DatasetError(f"{where}: give either positive_prompts/negative_prompts or "
-                               f"'{others[0]}', not both")
+            raise err(others[0], f"give either positive_prompts/negative_prompts or "
+                                 f"'{others[0]}', not both")
         if cfg.method != "mean_diff":
-            raise DatasetError(f"{where}: prompt sets are unpaired: method must be 'mean_diff'"
-                               f" (got {cfg.method!r})")
+            raise err("method", f"prompt sets are unpaired: method must be 'mean_diff' "
+                                f"(got {cfg.method!r})")
         for key in ("positive_prompts", "negative_prompts"):
             items = raw.get(key)
             if isinstance(items, str):   # a file of prompts, one per line
+                if not allow_files:
+                    raise err(key, f"{key} names a file; recipes sent to the server must "
+                                   "carry their prompts inline (a list)")
                 items = load_suffixes(items, base_dir=cfg.base_dir)
             if not isinstance(items, list) or not items or not all(
                     isinstance(x, str) and x.strip() for x in items):
-                raise DatasetError(f"{where}: '{key}' must be a non-empty list of prompts or "
-                                   "a file with one prompt per line")
+                raise err(key, f"'{key}' must be a non-empty list of prompts or a file with "
+                               "one prompt per line")
             setattr(cfg, key, list(items))
         return cfg
     has_pairs = raw.get("pairs") is not None or raw.get("pairs_file") is not None
     if has_pairs:
         if raw.get("personas") is not None:
-            raise DatasetError(f"{where}: give either 'personas' or 'pairs'/'pairs_file', not both")
+            raise err("personas", "give either 'personas' or 'pairs'/'pairs_file', not both")
         items: list[ContrastivePair] = []
         if raw.get("pairs") is not None:
             if not isinstance(raw["pairs"], list):
-                raise DatasetError(f"{where}: 'pairs' must be a list of [positive, negative]")
+                raise err("pairs", "'pairs' must be a list of [positive, negative]")
             try:
                 items += [_to_pair(x, k) for k, x in enumerate(raw["pairs"])]
             except DatasetError as e:
-                raise DatasetError(f"{where}: {e}") from e
+                raise err("pairs", str(e)) from e
+            bad = [k for k, x in enumerate(items)
+                   if not isinstance(x.positive, str) or not isinstance(x.negative, str)]
+            if bad:
+                raise err("pairs", f"pair {bad[0]}: positive and negative must be strings")
         if raw.get("pairs_file") is not None:
-            items += load_pairs_file(p.parent / str(raw["pairs_file"]))
+            items += load_pairs_file(Path(base_dir) / str(raw["pairs_file"]))
         if not items:
-            raise DatasetError(f"{where}: the dataset is empty ('pairs' has no entries)")
+            raise err("pairs", "the dataset is empty ('pairs' has no entries)")
         cfg.pairs = items
         return cfg
 
-    cfg.personas = _parse_personas(raw.get("personas"), where)
+    try:
+        cfg.personas = _parse_personas(raw.get("personas"), where)
+    except DatasetError as e:
+        raise DatasetError(str(e), field="personas") from None
     default_template = DEFAULT_TEMPLATES[cfg.style]
-    cfg.template = str(raw["template"]) if raw.get("template") is not None else default_template
+    template = raw.get("template")
+    if template is not None and not isinstance(template, str):
+        raise err("template", "template must be a string")
+    cfg.template = template if template is not None else default_template
     if PERSONA not in cfg.template:
-        raise DatasetError(f"{where}: template {cfg.template!r} has no {PERSONA} placeholder")
+        raise err("template", f"template {cfg.template!r} has no {PERSONA} placeholder")
     sfx = raw.get("suffixes", "reasoning" if cfg.style == "thinking" else "chat")
+    if isinstance(sfx, list) and not all(isinstance(x, str) for x in sfx):
+        raise err("suffixes", "'suffixes' list entries must be strings")
     if not isinstance(sfx, str | list):
-        raise DatasetError(f"{where}: 'suffixes' must be a set name, a file or a list")
-    load_suffixes(sfx, base_dir=cfg.base_dir)  # fail early on a missing/empty set
+        raise err("suffixes", "'suffixes' must be a set name, a file or a list")
+    if not allow_files and isinstance(sfx, str) and sfx not in SUFFIX_SETS:
+        raise err("suffixes", f"{sfx!r} is not a shipped suffix set ({', '.join(SUFFIX_SETS)});"
+                              " recipes sent to the server give a set name or a list")
+    try:
+        load_suffixes(sfx, base_dir=cfg.base_dir)  # fail early on a missing/empty set
+    except DatasetError as e:
+        raise DatasetError(str(e), field="suffixes") from None
     cfg.suffixes = sfx
     return cfg
 

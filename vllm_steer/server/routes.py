@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from vllm_steer.server import ENDPOINT_PLUGIN, fallback, playground, probe, stats, vectors
+from vllm_steer.server import ENDPOINT_PLUGIN, fallback, playground, probe, stats, train, vectors
 from vllm_steer.server.common import (
     STATE_KEY,
     ServerContext,
@@ -29,7 +29,8 @@ logger = logging.getLogger("vllm_steer")
 
 #: Feature routers mounted by the plugin, in order; ``fallback`` (every other path and
 #: method under ``/v1/steering``: 404/405 in OpenAI's error shape) stays last.
-ROUTERS: list[APIRouter] = [vectors.router, stats.router, probe.router, fallback.router]
+ROUTERS: list[APIRouter] = [train.router, vectors.router, stats.router, probe.router,
+                            fallback.router]
 
 
 def build_router() -> APIRouter:

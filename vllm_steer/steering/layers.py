@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vllm_steer.steering.capture import capture_op
+
 
 class AdapterKind(StrEnum):
     RESIDUAL_PAIR = "residual_pair"
@@ -274,6 +276,14 @@ def _bad(self: nn.Module, what: str, out: Any) -> LayerOutputError:
         "stream is")
 
 
+def _capture(self: nn.Module, stream: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+    """Hand the block's output stream (``stream + residual``) to the capture op
+    (``steering.capture``) when capture is attached: ``_vllm_steer_capture`` is this
+    block's index, a Python int fixed at attach (-1: no capture code at all)."""
+    if self._vllm_steer_capture >= 0:
+        capture_op(stream, residual, self._vllm_steer_capture, self._vllm_steer_capture_sink)
+
+
 def _residual_pair(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     out = self._vllm_steer_forward(*args, **kwargs)
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor)
@@ -281,16 +291,21 @@ def _residual_pair(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         raise _bad(self, "(hidden [T, H], residual [T, H])", out)
     hidden, residual = out
     if not self._vllm_steer_k:  # addition only: the delta joins the deferred add
-        return hidden, residual + _delta(self, residual.shape[0])
-    h = hidden + residual
-    return hidden, residual + (_steered(self, h) - h)
+        residual = residual + _delta(self, residual.shape[0])
+    else:
+        h = hidden + residual
+        residual = residual + (_steered(self, h) - h)
+    _capture(self, hidden, residual)
+    return hidden, residual
 
 
 def _stream(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     out = self._vllm_steer_forward(*args, **kwargs)
     if not (isinstance(out, torch.Tensor) and out.dim() == 2):
         raise _bad(self, "the stream [T, H]", out)
-    return _steered(self, out)
+    steered = _steered(self, out)
+    _capture(self, steered)
+    return steered
 
 
 def _stream_first(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -298,7 +313,9 @@ def _stream_first(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not (isinstance(out, tuple) and len(out) >= 1 and isinstance(out[0], torch.Tensor)
             and out[0].dim() == 2):
         raise _bad(self, "(stream [T, H], ...)", out)
-    return (_steered(self, out[0]), *out[1:])
+    steered = _steered(self, out[0])
+    _capture(self, steered)
+    return (steered, *out[1:])
 
 
 def _hf_batched(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -306,7 +323,9 @@ def _hf_batched(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     hidden = out[0] if isinstance(out, tuple) else out
     if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[0] == 1):
         raise _bad(self, "the stream [1, T, H] (or a tuple starting with it)", out)
-    steered = _steered(self, hidden[0]).unsqueeze(0)
+    flat = _steered(self, hidden[0])
+    _capture(self, flat)
+    steered = flat.unsqueeze(0)
     return (steered, *out[1:]) if isinstance(out, tuple) else steered
 
 
@@ -318,12 +337,19 @@ _FORWARDS = {
 }
 
 
-def attach(layer: nn.Module, kind: AdapterKind, tables: Any, rows: torch.Tensor) -> None:
+def attach(layer: nn.Module, kind: AdapterKind, tables: Any, rows: torch.Tensor,
+           capture_index: int = -1, capture_sink: torch.Tensor | None = None) -> None:
     """Wrap ``layer.forward`` (idempotent) so it steers its stream with ``tables``
     (``steering.slots.LayerTables``: ``add``, and the projection tables when K > 0)
-    gathered by ``rows[:T]``."""
+    gathered by ``rows[:T]``. With ``capture_index`` >= 0 (the block's index) the forward
+    ends with the capture op (``steering.capture``), ``capture_sink`` its one-element
+    dummy output."""
     if hasattr(layer, "_vllm_steer_forward"):
         return
+    if capture_index >= 0 and capture_sink is None:
+        raise ValueError("capture needs a sink tensor")
+    layer._vllm_steer_capture = int(capture_index)
+    layer._vllm_steer_capture_sink = capture_sink
     # Plain attributes (not buffers) so weight loading, state dicts and inductor freezing
     # leave them alone; dynamo lifts them as graph inputs.
     layer._vllm_steer_add = tables.add

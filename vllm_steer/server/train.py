@@ -1,0 +1,231 @@
+"""``POST /v1/steering/vectors/train``: train a vector on the served engine and register it.
+
+Body (JSON)::
+
+    {"name": "calm",                      # registry name (default: the recipe's name)
+     "recipe": {...},                     # a vector recipe: the YAML schema of
+                                          #   configs/vectors/*.yaml, as JSON
+     # -- or, instead of "recipe", inline: "personas": [[pos, neg], ...], "suffixes":
+     #    a shipped set name ("chat", "reasoning") or a list, and any other recipe key
+     "replace": false, "scale": 1.0, "layers": [..], "op": "add", ...,  # as uploads
+     "max_concurrent": 8}                 # capture requests in flight (1..1024)
+
+The dataset is built with the served model's tokenizer and chat template, its prompts'
+last-token block outputs are read through the engine's hidden-state capture
+(``vllm_adapter.capture``) while the engine keeps serving other traffic, the vector is
+fitted (``extract.train.fit_vector``) and registered under the same naming and
+``replace`` rules as an upload (visible to every API process through the registry's
+overlay). The response is the registered vector's info plus the per-layer separation
+report. Recipes read no files on the server (suffix sets by shipped name or inline).
+A recipe with more prompts than ``VLLMSTEER_MAX_TRAIN_PROMPTS`` (default 8192) is
+refused with 413 before anything runs; bad recipes are 400s naming the field
+(``recipe.<key>``, or the key itself when inline). Training jobs of one API process run
+one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from vllm_steer import envvars
+from vllm_steer.extract.dataset import DatasetError, PromptSets, build_dataset, config_from_mapping
+from vllm_steer.server import vectors
+from vllm_steer.server.common import SteerHTTPError, context, read_body
+from vllm_steer.vllm_adapter.capture import capture_refusal
+from vllm_steer.vllm_adapter.engine import data_parallel_size
+
+router = APIRouter()
+#: Largest accepted body (recipes carry their data inline).
+MAX_BODY_BYTES = 4 << 20
+DEFAULT_MAX_PROMPTS = 8192
+#: Recipe keys that do not apply to training on the served engine: reported, not used.
+NOT_APPLIED = ("model", "dtype", "batch_size", "output", "description")
+_REGISTRATION = {"name", "replace", "scale", "layers", "op", "strength", "value",
+                 "max_concurrent"}
+#: Capture requests in flight by default: each adds its prompt's prefill to the engine's
+#: steps, so few keep the other traffic's inter-token latency low (bench train-route).
+DEFAULT_MAX_CONCURRENT = 8
+MAX_CONCURRENT_LIMIT = 1024
+_lock: asyncio.Lock | None = None
+
+
+def max_prompts() -> int:
+    raw = envvars.get(envvars.MAX_TRAIN_PROMPTS)
+    if raw is None:
+        return DEFAULT_MAX_PROMPTS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SteerHTTPError(500, f"{envvars.MAX_TRAIN_PROMPTS} is not an integer") from None
+    return max(value, 1)
+
+
+def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """``(registration fields, recipe mapping, recipe field prefix)`` or a 400."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise SteerHTTPError(400, "malformed JSON", "body") from None
+    if not isinstance(body, dict):
+        raise SteerHTTPError(400, "must be a JSON object", "body")
+    reg = {k: body[k] for k in _REGISTRATION if k in body}
+    rest = {k: v for k, v in body.items() if k not in _REGISTRATION}
+    if "recipe" in rest:
+        inline = sorted(k for k in rest if k != "recipe")
+        if inline:
+            raise SteerHTTPError(400, "give the recipe either as 'recipe' or inline, not both",
+                                 inline[0])
+        recipe = rest["recipe"]
+        if not isinstance(recipe, dict):
+            raise SteerHTTPError(400, "must be an object (a vector recipe)", "recipe")
+        return reg, recipe, "recipe."
+    if not rest:
+        raise SteerHTTPError(400, "required: a 'recipe' object, or inline 'personas' and "
+                             "'suffixes'", "recipe")
+    return reg, rest, ""
+
+
+def _config(recipe: dict[str, Any], prefix: str, name: str | None) -> Any:
+    try:
+        return config_from_mapping(recipe, where="recipe", default_name=name or "",
+                                   allow_files=False)
+    except DatasetError as e:
+        raise SteerHTTPError(400, str(e), prefix + (e.field or "")) from None
+
+
+def _dataset(ctx: Any, cfg: Any, prefix: str) -> Any:
+    tok = ctx.resolver.tokenizer
+    if tok is None:
+        raise SteerHTTPError(503, "the served model has no tokenizer: recipes need one")
+    try:
+        return build_dataset(cfg, tok)
+    except DatasetError as e:
+        raise SteerHTTPError(400, str(e), prefix + (e.field or "personas")) from None
+
+
+@router.post("/v1/steering/vectors/train")
+async def train_vector(request: Request) -> JSONResponse:
+    from vllm_steer.extract.engine_hidden import read_last_token_engine_async
+    from vllm_steer.extract.train import (
+        ModelInfo,
+        fit_vector,
+        prepare,
+        resolve_layers,
+    )
+
+    global _lock
+    ctx = context(request)
+    vectors._require_shared(ctx)
+    reg_fields, recipe, prefix = parse_body(await read_body(request, MAX_BODY_BYTES))
+    name = vectors._name(reg_fields.get("name", recipe.get("name")))
+    ops = vectors._op_fields(reg_fields)
+    scale = vectors._scale(reg_fields.get("scale"))
+    layers_default = vectors._layers(reg_fields.get("layers"), ctx.num_layers)
+    replace = vectors._bool(reg_fields.get("replace"), "replace")
+    concurrent = reg_fields.get("max_concurrent", DEFAULT_MAX_CONCURRENT)
+    if isinstance(concurrent, bool) or not isinstance(concurrent, int) \
+            or not 1 <= concurrent <= MAX_CONCURRENT_LIMIT:
+        raise SteerHTTPError(400, f"must be an integer in [1, {MAX_CONCURRENT_LIMIT}]",
+                             "max_concurrent")
+    cfg = _config(recipe, prefix, name)
+    try:
+        picked = resolve_layers(cfg.layers, ctx.num_layers)
+    except ValueError as e:
+        raise SteerHTTPError(400, str(e), prefix + "layers") from None
+    if cfg.direction_from_layer is not None and cfg.direction_from_layer % ctx.num_layers \
+            not in picked:
+        raise SteerHTTPError(400, f"direction_from_layer {cfg.direction_from_layer} is not one "
+                             f"of the extracted layers {picked}", prefix + "direction_from_layer")
+    missing = [x for x in layers_default or () if x not in picked]
+    if missing:
+        raise SteerHTTPError(400, f"the vector will have no direction for layers {missing} "
+                             f"(it is trained on {picked})", "layers")
+    if not replace and name in ctx.registry.entries:   # before any work is done
+        raise SteerHTTPError(409, f"vector {name!r} exists; pass replace=true to overwrite",
+                             "name")
+    ds = await asyncio.to_thread(_dataset, ctx, cfg, prefix)
+    try:
+        ds, prompts = prepare(ds, cfg.method, cfg.normalize)
+    except (DatasetError, ValueError) as e:
+        raise SteerHTTPError(400, str(e), prefix + "method") from None
+    limit = max_prompts()
+    if len(prompts) > limit:
+        what = "positive_prompts" if isinstance(ds, PromptSets) else (
+            "pairs" if cfg.pairs is not None else "personas")
+        raise SteerHTTPError(413, f"the recipe expands to {len(prompts)} prompts; this server "
+                             f"trains at most {limit} ({envvars.MAX_TRAIN_PROMPTS})",
+                             prefix + what)
+
+    engine = ctx.engine_client
+    why = capture_refusal(engine)
+    if why is not None:
+        raise SteerHTTPError(503, f"this server cannot train: {why}")
+    if _lock is None:
+        _lock = asyncio.Lock()
+    async with _lock:
+        t0 = time.perf_counter()
+        hidden = await read_last_token_engine_async(
+            engine, ctx.resolver.tokenizer, prompts, picked, ctx.num_layers,
+            add_special_tokens=ds.add_special_tokens, max_concurrent=concurrent,
+            # vLLM returns only the first engine's RPC result under data parallelism
+            data_parallel_rank=0 if data_parallel_size(engine) > 1 else None)
+        seconds_capture = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    cfg_model = engine.model_config
+    info = ModelInfo(ctx.num_layers, Path(str(cfg_model.model)).name,
+                     str(getattr(cfg_model.hf_text_config, "model_type", "") or ""),
+                     str(cfg_model.dtype).replace("torch.", ""))
+    vector = await asyncio.to_thread(_fit_one_thread, fit_vector, ds, hidden, picked, info,
+                                     method=cfg.method, normalize=cfg.normalize,
+                                     direction_from_layer=cfg.direction_from_layer)
+    data = await asyncio.to_thread(_vector_bytes, vector)
+    t2 = time.perf_counter()
+    entry = await asyncio.to_thread(vectors._register, ctx, name, scale, layers_default, ops,
+                                    replace, data, None, "recipe")
+    t3 = time.perf_counter()
+    sep = json.loads(vector.metadata.extra["separation"])
+    not_applied = sorted(k for k in NOT_APPLIED if recipe.get(k) is not None)
+    return vectors._json({
+        **entry,
+        "training": {
+            "num_pairs": None if isinstance(ds, PromptSets) else len(ds),
+            "num_prompts": len(prompts), "layers": picked, "method": cfg.method,
+            "normalize": cfg.normalize,
+            "separation": {str(k): v for k, v in sep.items()},
+            "mean_separation": round(sum(sep.values()) / len(sep), 6),
+            "max_concurrent": concurrent,
+            "seconds": {"capture": round(seconds_capture, 3), "fit": round(t2 - t1, 3),
+                        "register": round(t3 - t2, 3),
+                        "total": round(time.perf_counter() - t0, 3)},
+            "recipe_fields_not_applied": not_applied,
+        },
+    }, 201)
+
+
+def _fit_one_thread(fit: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fit(...)`` with one torch thread: the API-server process shares the cores with the
+    engine's busy workers, where torch's multi-threaded ops (the SVDs) spent tens of
+    seconds waiting on each other (measured: 40 s for 22 SVDs of [300, 576])."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fit(*args, **kwargs)
+    finally:
+        torch.set_num_threads(n)
+
+
+def _vector_bytes(vector: Any) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "vector.safetensors"
+        vector.save(str(path))
+        return path.read_bytes()
