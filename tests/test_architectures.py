@@ -154,5 +154,6 @@ def check_arch_capture(arch) -> float:
 
 
 def test_capture_matches_hf_block_outputs(arch):
+    skip_if_vllm_differs(arch[0])
     err = check_arch_capture(arch)
     print(f"{arch[0]}: capture max relative error {err:.2e}")

@@ -1630,7 +1630,8 @@ def test_train_route_trains_registers_and_steers_while_serving(server, http):
     # the same recipe trained with HF hooks on the same weights
     tok = AutoTokenizer.from_pretrained(server.model_dir)
     hf = AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32).eval()
-    cfg = config_from_mapping({k: v for k, v in TRAIN_BODY.items() if k != "name"})
+    cfg = config_from_mapping({k: v for k, v in TRAIN_BODY.items() if k != "name"},
+                              default_name="trained_mood")
     ref = train(hf, tok, build_dataset(cfg, tok), layers=cfg.layers, progress=False)
     got = _uploaded(server, "trained_mood")
     cos = [float(torch.nn.functional.cosine_similarity(got.directions[i], ref.directions[i],

@@ -8,6 +8,7 @@ Body (JSON)::
      # -- or, instead of "recipe", inline: "personas": [[pos, neg], ...], "suffixes":
      #    a shipped set name ("chat", "reasoning") or a list, and any other recipe key
      "replace": false, "scale": 1.0, "layers": [..], "op": "add", ...,  # as uploads
+     #    (inline, "layers" is the recipe's: the layers trained)
      "max_concurrent": 8}                 # capture requests in flight (1..1024)
 
 The dataset is built with the served model's tokenizer and chat template, its prompts'
@@ -90,6 +91,10 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, Any], str]:
     if not rest:
         raise SteerHTTPError(400, "required: a 'recipe' object, or inline 'personas' and "
                              "'suffixes'", "recipe")
+    # inline, "layers" is the recipe's (the layers trained; the registered vector's
+    # default layers are then all of them); next to "recipe" it is the upload's
+    if "layers" in reg:
+        rest["layers"] = reg.pop("layers")
     return reg, rest, ""
 
 
@@ -126,10 +131,10 @@ async def train_vector(request: Request) -> JSONResponse:
     vectors._require_shared(ctx)
     reg_fields, recipe, prefix = parse_body(await read_body(request, MAX_BODY_BYTES))
     name = vectors._name(reg_fields.get("name", recipe.get("name")))
-    ops = vectors._op_fields(reg_fields)
-    scale = vectors._scale(reg_fields.get("scale"))
-    layers_default = vectors._layers(reg_fields.get("layers"), ctx.num_layers)
-    replace = vectors._bool(reg_fields.get("replace"), "replace")
+    ops = vectors._op_fields(reg_fields, text=False)
+    scale = vectors._scale(reg_fields.get("scale"), text=False)
+    layers_default = vectors._layers(reg_fields.get("layers"), ctx.num_layers, text=False)
+    replace = vectors._bool(reg_fields.get("replace"), "replace", text=False)
     concurrent = reg_fields.get("max_concurrent", DEFAULT_MAX_CONCURRENT)
     if isinstance(concurrent, bool) or not isinstance(concurrent, int) \
             or not 1 <= concurrent <= MAX_CONCURRENT_LIMIT:
