@@ -15,7 +15,7 @@ from tests.capture_check import (
     run_capture_cases,
 )
 from tests.steer_helpers import composed_dense, env_registry
-from vllm_steer.testing.engines import TEST_ENGINE_OPTIONS, make_test_llm, shutdown
+from vllm_steer.testing.engines import TEST_ENGINE_OPTIONS, inproc_engine, make_test_llm, shutdown
 from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
@@ -26,7 +26,8 @@ LAYERS = 30
 def setup(default_model_dir, tmp_path_factory):
     reg = write_test_vectors(tmp_path_factory.mktemp("capture"))
     env_registry(reg)
-    llm = make_test_llm(default_model_dir)
+    with inproc_engine():   # the engine core in this process: a faster start
+        llm = make_test_llm(default_model_dir)
     yield llm, reg
     shutdown(llm)
 

@@ -18,7 +18,7 @@ from tests.steer_helpers import env_registry
 from vllm_steer.probe import ProbeConfig, ProbeJob, build_prompt
 from vllm_steer.probe.drivers import generate, run_job
 from vllm_steer.probe.job import STAGES
-from vllm_steer.testing.engines import make_test_llm, shutdown
+from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
 from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
@@ -31,7 +31,8 @@ QUESTION = "Is 91 a prime number? Think step by step, then answer."
 def setup(default_model_dir, tmp_path_factory):
     env_registry(write_test_vectors(tmp_path_factory.mktemp("iso")))
     # max_logprobs=-1: neighbours may ask for the whole vocabulary (logprobs=-1)
-    llm = make_test_llm(default_model_dir, block_size=32, max_num_seqs=64, max_logprobs=-1)
+    with inproc_engine():   # the engine core in this process: a faster start
+        llm = make_test_llm(default_model_dir, block_size=32, max_num_seqs=64, max_logprobs=-1)
     yield llm
     shutdown(llm)
 

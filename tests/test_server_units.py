@@ -218,3 +218,42 @@ def test_serve_passes_unknown_args_to_vllm(capsys, default_model_dir):
     assert out.rstrip().endswith(f"serve {default_model_dir} --dtype=bfloat16"), out
     with pytest.raises(SystemExit):
         main(["vector", "info", "x.safetensors", "--port", "1"])
+
+
+def test_a_bug_in_a_route_is_a_500_not_the_clients_fault():
+    """vLLM's app answers TypeError/ValueError with 400; the plugin's routes answer an
+    unexpected exception with 500 (OpenAI's error shape), their own errors unchanged."""
+    from fastapi import APIRouter, FastAPI
+    from fastapi.testclient import TestClient
+
+    from vllm_steer.server.common import SteerHTTPError, SteerRoute, handle_steer_error
+    from vllm_steer.server.routes import build_router
+
+    router = APIRouter(route_class=SteerRoute)
+
+    @router.get("/bug")
+    async def bug():
+        raise TypeError("f() missing 1 required positional argument")
+
+    @router.get("/refused")
+    async def refused():
+        raise SteerHTTPError(400, "bad", "field")
+
+    app = FastAPI()
+    app.include_router(router)
+    app.add_exception_handler(SteerHTTPError, handle_steer_error)
+
+    async def vllm_like(_request, exc):   # what vLLM's app does with these
+        from fastapi.responses import JSONResponse
+        return JSONResponse({"error": {"message": str(exc), "code": 400}}, status_code=400)
+
+    app.add_exception_handler(TypeError, vllm_like)
+    client = TestClient(app, raise_server_exceptions=False)
+    r = client.get("/bug")
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["type"] == "InternalServerError" and "TypeError" in err["message"]
+    r = client.get("/refused")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "field"
+    # every route the plugin mounts is such a route
+    assert all(isinstance(rt, SteerRoute) for rt in build_router().routes)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.resolve import Resolver
@@ -62,7 +67,8 @@ class SteerHTTPError(Exception):
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
           405: "MethodNotAllowedError", 409: "ConflictError",
-          413: "RequestEntityTooLargeError", 503: "ServiceUnavailableError"}
+          413: "RequestEntityTooLargeError", 500: "InternalServerError",
+          503: "ServiceUnavailableError"}
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -72,6 +78,29 @@ def error_response(status: int, message: str, param: str | None = None,
                       "type": _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "")),
                       "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class SteerRoute(APIRoute):
+    """The plugin's routes: an unexpected exception answers 500 in OpenAI's error shape.
+
+    Without this, vLLM's app answers a ``TypeError`` or ``ValueError`` raised by a bug here
+    with 400, telling the client that the plugin's fault was its own."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (SteerHTTPError, HTTPException, RequestValidationError):
+                raise
+            except Exception as e:
+                logging.getLogger("vllm_steer").exception(
+                    "vllm-steer: %s %s failed", request.method, request.url.path)
+                return error_response(500, f"internal error in vllm-steer: "
+                                           f"{type(e).__name__}: {e}")
+
+        return run
 
 
 async def handle_steer_error(_request: Request, exc: Exception) -> JSONResponse:

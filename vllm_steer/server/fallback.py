@@ -13,9 +13,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.routing import Match
 
-from vllm_steer.server.common import SteerHTTPError
+from vllm_steer.server.common import SteerHTTPError, SteerRoute
 
-router = APIRouter()
+router = APIRouter(route_class=SteerRoute)
 PREFIX = "/v1/steering"
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 

@@ -17,9 +17,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from vllm_steer.server.common import SteerHTTPError
+from vllm_steer.server.common import SteerHTTPError, SteerRoute
 
-router = APIRouter()
+router = APIRouter(route_class=SteerRoute)
 PAGE = "/steer"
 #: The files the page is made of (nothing else under ``static/`` is served).
 FILES: dict[str, str] = {

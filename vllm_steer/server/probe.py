@@ -21,11 +21,11 @@ from vllm_steer.probe.config import ProbeConfig
 from vllm_steer.probe.drivers import run_job_async
 from vllm_steer.probe.job import ProbeJob
 from vllm_steer.probe.prompts import build_prompt, chat_ids
-from vllm_steer.server.common import SteerHTTPError, context, read_body
+from vllm_steer.server.common import SteerHTTPError, SteerRoute, context, read_body
 from vllm_steer.steering.spec import SpecError, parse_spec
 from vllm_steer.vllm_adapter.engine import max_model_len
 
-router = APIRouter()
+router = APIRouter(route_class=SteerRoute)
 MAX_BODY = 1 << 20
 _PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
 _OTHER_KEYS = {"chat", "system", "open_thinking", "steering", "trajectory"}

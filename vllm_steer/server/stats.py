@@ -12,9 +12,9 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from vllm_steer.server.common import SteerHTTPError, context
+from vllm_steer.server.common import SteerHTTPError, SteerRoute, context
 
-router = APIRouter()
+router = APIRouter(route_class=SteerRoute)
 RPC_TIMEOUT_S = 30.0
 
 

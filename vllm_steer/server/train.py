@@ -39,11 +39,11 @@ from fastapi.responses import JSONResponse
 from vllm_steer import envvars
 from vllm_steer.extract.dataset import DatasetError, PromptSets, build_dataset, config_from_mapping
 from vllm_steer.server import vectors
-from vllm_steer.server.common import SteerHTTPError, context, read_body
+from vllm_steer.server.common import SteerHTTPError, SteerRoute, context, read_body
 from vllm_steer.vllm_adapter.capture import capture_refusal
 from vllm_steer.vllm_adapter.engine import data_parallel_size
 
-router = APIRouter()
+router = APIRouter(route_class=SteerRoute)
 #: Largest accepted body (recipes carry their data inline).
 MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_PROMPTS = 8192

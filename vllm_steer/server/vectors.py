@@ -33,7 +33,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from vllm_steer.server.common import ServerContext, SteerHTTPError, context, read_body
+from vllm_steer.server.common import ServerContext, SteerHTTPError, SteerRoute, context, read_body
 from vllm_steer.steering import store_gc
 from vllm_steer.steering.registry import NAME_RE, RegistryEntry
 from vllm_steer.steering.values import (
@@ -48,7 +48,7 @@ from vllm_steer.vector import load as load_vector
 from vllm_steer.vector_errors import VectorFileError
 from vllm_steer.vector_io import detect_format
 
-router = APIRouter()
+router = APIRouter(route_class=SteerRoute)
 #: Response header naming the API-server process that answered (several may share a port).
 PID_HEADER = "x-vllm-steer-pid"
 _OP_KEYS = {"op", "strength", "value"}
