@@ -418,7 +418,15 @@ def train_route_section(d: dict[str, Any]) -> list[str]:
            f"Quiet ITL: {d['itl_quiet']}", "",
            "| training window | ITL median / quiet | p90 / quiet | p99 / quiet | "
            "job seconds |", "|---|---|---|---|---|"]
-    for name, v in d["variants"].items():
+    variants = d.get("variants")
+    if variants is None:   # a result file of the bench before it compared max_concurrent
+        secs = [r["training_s"] for r in d["raw"]]
+        variants = {f"max_concurrent: {wl.get('max_concurrent')}": {
+            **{f"itl_ratio_over_quiet_{q}": d[f"itl_ratio_training_over_quiet_{q}"]
+               for q in ("median", "p90", "p99")},
+            "training_s": {"n": len(secs), "median": sorted(secs)[len(secs) // 2],
+                           "min": min(secs), "max": max(secs)}}}
+    for name, v in variants.items():
         out.append(f"| {name} | {_s(v['itl_ratio_over_quiet_median'], digits=2)} | "
                    f"{_s(v['itl_ratio_over_quiet_p90'], digits=2)} | "
                    f"{_s(v['itl_ratio_over_quiet_p99'], digits=2)} | "
