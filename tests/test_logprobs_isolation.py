@@ -18,7 +18,7 @@ from tests.steer_helpers import env_registry
 from vllm_steer.probe import ProbeConfig, ProbeJob, build_prompt
 from vllm_steer.probe.drivers import generate, run_job
 from vllm_steer.probe.job import STAGES
-from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
+from vllm_steer.testing.engines import make_test_llm, shutdown
 from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
@@ -31,8 +31,11 @@ QUESTION = "Is 91 a prime number? Think step by step, then answer."
 def setup(default_model_dir, tmp_path_factory):
     env_registry(write_test_vectors(tmp_path_factory.mktemp("iso")))
     # max_logprobs=-1: neighbours may ask for the whole vocabulary (logprobs=-1)
-    with inproc_engine():   # the engine core in this process: a faster start
-        llm = make_test_llm(default_model_dir, block_size=32, max_num_seqs=64, max_logprobs=-1)
+    # A token budget no batch here reaches: vLLM 0.32's CPU runner fails a step in which a
+    # seeded request's prefill is chunked (gpu_model_runner rewinds its torch.Generator's
+    # offset, which CPU generators refuse: "CPU Generator does not use offset").
+    llm = make_test_llm(default_model_dir, block_size=32, max_num_seqs=64, max_logprobs=-1,
+                        max_num_batched_tokens=16384)
     yield llm
     shutdown(llm)
 

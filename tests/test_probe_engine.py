@@ -14,7 +14,7 @@ from tests.steer_helpers import composed_dense, env_registry
 from vllm_steer.probe import ProbeConfig, ProbeJob, build_prompt, probe
 from vllm_steer.probe.drivers import generate, run_job
 from vllm_steer.probe.job import STAGES
-from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
+from vllm_steer.testing.engines import make_test_llm, shutdown
 from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
@@ -28,8 +28,7 @@ def setup(default_model_dir, tmp_path_factory):
     with reg.open("a") as f:   # the shipped, trained happy vector (for the sweep)
         f.write(f"  happy: {{path: {SHIPPED / 'vectors' / 'happy.safetensors'}}}\n")
     env_registry(reg)
-    with inproc_engine():   # the engine core in this process: a faster start
-        llm = make_test_llm(default_model_dir, block_size=BLOCK)
+    llm = make_test_llm(default_model_dir, block_size=BLOCK)
     yield llm, reg
     shutdown(llm)
 
