@@ -16,7 +16,7 @@ from tests.steer_helpers import (
     env_registry,
     hf_greedy,
 )
-from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
+from vllm_steer.testing.engines import make_test_llm, shutdown
 from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
@@ -28,8 +28,9 @@ LOGPROB_ATOL = 2e-3
 def setup(default_model_dir, tmp_path_factory):
     reg = write_test_vectors(tmp_path_factory.mktemp("steer"))
     env_registry(reg)
-    with inproc_engine():   # the engine core in this process: a faster start
-        llm = make_test_llm(default_model_dir)
+    # its own engine-core process: the slot test reads the workers' counters after the
+    # engine freed finished requests, which an in-process core does only at its next step
+    llm = make_test_llm(default_model_dir)
     yield llm, reg
     shutdown(llm)
 
