@@ -29,11 +29,10 @@ from typing import Any
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
 from vllm_steer.probe.config import ProbeConfig
 from vllm_steer.probe.forks import fork_points, fork_spec, replay_spec, think_states
-from vllm_steer.probe.point import PointReader, ProbePoint
+from vllm_steer.probe.point import PointReader, ProbePoint, think_marker_ids
 from vllm_steer.probe.reading import Reading
 from vllm_steer.steering.spec import SpecError
 from vllm_steer.steering.think_tracker import ANSWER, THINK
-from vllm_steer.thinking import markers_for
 
 STAGES = ("trajectories", "forks", "gaps", "top")
 
@@ -90,14 +89,7 @@ class ProbeJob:
             self.suffix_ids = tokenizer.encode(cfg.suffix, add_special_tokens=False)
             if not self.suffix_ids:
                 raise ProbeError("suffix", f"{cfg.suffix!r} tokenizes to nothing")
-        default_start, default_end = markers_for(tokenizer)
-        self.ts = tuple(tokenizer.encode(cfg.think_start or default_start,
-                                         add_special_tokens=False))
-        self.te = tuple(tokenizer.encode(cfg.think_end or default_end, add_special_tokens=False))
-        if not self.ts:
-            raise ProbeError("think_start", "tokenizes to nothing")
-        if not self.te:
-            raise ProbeError("think_end", "tokenizes to nothing")
+        self.ts, self.te = think_marker_ids(tokenizer, cfg.think_start, cfg.think_end)
         self.max_model_len = max_model_len
         if max_model_len is not None:
             self._check_context(prompts, max_model_len)

@@ -25,10 +25,9 @@ import numpy as np
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
 from vllm_steer.probe.config import ProbeConfig, _bool, _int, _num
 from vllm_steer.probe.forks import fork_spec, marker_overlap
-from vllm_steer.probe.point import PointReader, PointRun, ProbePoint
+from vllm_steer.probe.point import PointReader, PointRun, ProbePoint, think_marker_ids
 from vllm_steer.probe.reading import Reading
 from vllm_steer.steering.think_tracker import THINK, ThinkTracker
-from vllm_steer.thinking import markers_for
 
 #: ``ProbeConfig`` fields a live probe takes; the others shape an offline trajectory and
 #: come from the request itself (its max_tokens, temperature, seed, ignore_eos).
@@ -139,14 +138,7 @@ class LiveProbe:
         self.suffix_ids = tokenizer.encode(p.suffix, add_special_tokens=False)
         if not self.suffix_ids:
             raise ProbeError("probe.suffix", f"{p.suffix!r} tokenizes to nothing")
-        default_start, default_end = markers_for(tokenizer)
-        self.ts = tuple(tokenizer.encode(p.think_start or default_start,
-                                         add_special_tokens=False))
-        self.te = tuple(tokenizer.encode(p.think_end or default_end, add_special_tokens=False))
-        if not self.ts:
-            raise ProbeError("probe.think_start", "tokenizes to nothing")
-        if not self.te:
-            raise ProbeError("probe.think_end", "tokenizes to nothing")
+        self.ts, self.te = think_marker_ids(tokenizer, p.think_start, p.think_end, "probe.")
         self.lookahead = max(len(self.ts), len(self.te)) - 1
         self.eos = getattr(tokenizer, "eos_token_id", None)
 

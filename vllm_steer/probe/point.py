@@ -25,9 +25,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_steer.probe.choices import ChoiceSet
+from vllm_steer.probe.choices import ChoiceSet, ProbeError
 from vllm_steer.probe.config import ProbeConfig
 from vllm_steer.probe.reading import Reading, make_reading
+from vllm_steer.thinking import markers_for
+
+
+def think_marker_ids(tokenizer: Any, start: str | None, end: str | None,
+                     field_prefix: str = "") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Token ids of the thinking section's start and end markers (``None``: the
+    tokenizer's own, ``thinking.markers_for``); a marker that tokenizes to nothing is a
+    ``ProbeError`` naming ``<field_prefix>think_start`` / ``think_end``."""
+    default_start, default_end = markers_for(tokenizer)
+    ts = tuple(tokenizer.encode(start or default_start, add_special_tokens=False))
+    te = tuple(tokenizer.encode(end or default_end, add_special_tokens=False))
+    if not ts:
+        raise ProbeError(f"{field_prefix}think_start", "tokenizes to nothing")
+    if not te:
+        raise ProbeError(f"{field_prefix}think_end", "tokenizes to nothing")
+    return ts, te
 
 ROUNDS = ("forks", "gaps", "top")
 Request = tuple[dict[str, Any], Any]
