@@ -16,7 +16,7 @@ import torch
 
 from tests.hf_reference import add_dense
 from tests.steer_helpers import composed_dense, position_mask
-from vllm_steer.testing.vectors import write_vectors as write_random_vectors
+from vllm_steer.fixtures.vectors import write_vectors as write_random_vectors
 
 LOGPROB_ATOL = 2e-3
 #: A greedy step may pick HF's runner-up only when the two are this close (nats): a tie
@@ -32,8 +32,8 @@ def serve_arch(name: str, tokenizer_dir: str, root: Path, **engine_options):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.steer_helpers import env_registry
-    from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
-    from vllm_steer.testing.tiny_models import HIDDEN, LAYERS, build_tiny_model, tiny_arch
+    from vllm_steer.fixtures.engines import inproc_engine, make_test_llm, shutdown
+    from vllm_steer.fixtures.tiny_models import HIDDEN, LAYERS, build_tiny_model, tiny_arch
 
     model_dir = build_tiny_model(name, tokenizer_dir)
     reg = write_vectors(root, HIDDEN, LAYERS)

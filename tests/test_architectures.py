@@ -1,6 +1,6 @@
 """The architecture matrix: every layer adapter steers equal to HF forward hooks.
 
-For each architecture (``vllm_steer.testing.tiny_models.ARCHS``: tiny random-weight
+For each architecture (``vllm_steer.fixtures.tiny_models.ARCHS``: tiny random-weight
 checkpoints with the default model's tokenizer, built locally) one eager engine (in-process
 engine core where possible, which starts in a third of the time; the steering code is the
 same, and the SmolLM2 tests cover the multiprocess wire path) serves a
@@ -31,7 +31,7 @@ from tests.arch_check import (
     unsteered_gap,
 )
 from tests.steer_helpers import THINK_END, THINK_START
-from vllm_steer.testing.tiny_models import ARCHS, HIDDEN, LAYERS, VLLM_DIFFERS, tiny_arch
+from vllm_steer.fixtures.tiny_models import ARCHS, HIDDEN, LAYERS, VLLM_DIFFERS, tiny_arch
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

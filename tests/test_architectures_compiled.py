@@ -11,7 +11,7 @@ import pytest
 from tests.arch_check import check_against_hf, run_cases, serve_arch
 from tests.steer_helpers import THINK_END, THINK_START
 from tests.test_architectures import check_arch_ops, check_unsteered, matrix_cases
-from vllm_steer.testing.tiny_models import HIDDEN, LAYERS
+from vllm_steer.fixtures.tiny_models import HIDDEN, LAYERS
 from vllm_steer.vllm_adapter.engine import vllm_config
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]

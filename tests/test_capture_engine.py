@@ -15,8 +15,8 @@ from tests.capture_check import (
     run_capture_cases,
 )
 from tests.steer_helpers import composed_dense, env_registry
-from vllm_steer.testing.engines import TEST_ENGINE_OPTIONS, inproc_engine, make_test_llm, shutdown
-from vllm_steer.testing.vectors import write_test_vectors
+from vllm_steer.fixtures.engines import TEST_ENGINE_OPTIONS, inproc_engine, make_test_llm, shutdown
+from vllm_steer.fixtures.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
 LAYERS = 30
@@ -114,8 +114,9 @@ def test_engine_extraction_equals_hf_extraction(setup, hf, name):
     """Every method, every layer: cosine >= 0.9999 between the vector trained through the
     engine's capture and the one trained with HF hooks (hidden states read once per path
     and dataset; the methods run on both)."""
-    from vllm_steer.extract import build_dataset, load_config, read_last_token
+    from vllm_steer.extract import build_dataset, load_config
     from vllm_steer.extract.engine_hidden import read_last_token_engine
+    from vllm_steer.extract.hidden import read_last_token
     from vllm_steer.extract.train import (
         extract_from_config,
         fit_vector,

@@ -13,6 +13,7 @@ import pytest
 from vllm_steer import compat
 from vllm_steer import default_model as models
 from vllm_steer.default_model import ModelNotFoundError, is_complete, resolve_model
+from vllm_steer.selfcheck import gate
 
 # -- resolve_model ------------------------------------------------------------------------
 
@@ -187,24 +188,24 @@ def test_corrupted_copy_of_real_model(default_model_dir, tmp_path):
 
 @pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.32.0+cpu", "0.32.1.dev3+gabc"])
 def test_check_vllm_version_supported(version):
-    assert compat.check_vllm_version(version) == version
+    assert gate.check_vllm_version(version) == version
 
 
 @pytest.mark.parametrize("version", ["0.31.0", "0.31.9", "0.9.2", "0.31.0+cpu"])
 def test_check_vllm_version_older_is_refused(version):
     with pytest.raises(compat.UnsupportedVLLMError, match=r"accepts vLLM .*0\.32\.0") as ei:
-        compat.check_vllm_version(version)
+        gate.check_vllm_version(version)
     assert compat.TESTED_RANGE in str(ei.value) and version in str(ei.value)
     assert "older than 0.32.0" in str(ei.value)
 
 
 def test_check_vllm_version_unparsable():
     with pytest.raises(compat.UnsupportedVLLMError, match="unparsable version 'banana'"):
-        compat.check_vllm_version("banana")
+        gate.check_vllm_version("banana")
 
 
 def test_installed_vllm_is_supported():
-    version = compat.check_vllm_version()
+    version = gate.check_vllm_version()
     assert version.startswith("0.32.")
 
 
@@ -223,7 +224,7 @@ MAX_NEW = 32
 def vllm_engine(default_model_dir):
     LLM = pytest.importorskip("vllm").LLM
 
-    from vllm_steer.testing.engines import inproc_engine
+    from vllm_steer.fixtures.engines import inproc_engine
 
     with inproc_engine():   # the engine core in this process: a faster start
         llm = LLM(model=default_model_dir, dtype="float32", enforce_eager=True,

@@ -8,9 +8,9 @@ import pytest
 
 from tests.arch_check import write_vectors
 from tests.steer_helpers import env_registry
+from vllm_steer.fixtures.engines import inproc_engine, make_test_llm, shutdown
+from vllm_steer.fixtures.tiny_models import HIDDEN, LAYERS, build_tiny_model
 from vllm_steer.steering.options import EngineOptions, OptionError
-from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
-from vllm_steer.testing.tiny_models import HIDDEN, LAYERS, build_tiny_model
 
 
 class _Cfg:

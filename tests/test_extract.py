@@ -13,23 +13,24 @@ import torch
 
 from vllm_steer.extract import (
     ContrastiveDataset,
-    ContrastivePair,
     DatasetError,
-    HiddenStateError,
-    PromptFormat,
-    as_dataset,
     build_dataset,
-    build_persona_dataset,
-    expand_suffixes,
     load_config,
-    load_suffixes,
     methods,
-    read_last_token,
-    render_prompt,
-    resolve_layers,
     separation_scores,
     train,
 )
+from vllm_steer.extract.dataset import (
+    ContrastivePair,
+    PromptFormat,
+    as_dataset,
+    build_persona_dataset,
+    expand_suffixes,
+    load_suffixes,
+    render_prompt,
+)
+from vllm_steer.extract.hidden import HiddenStateError, read_last_token
+from vllm_steer.extract.train import resolve_layers
 from vllm_steer.hf_steering import steer_hf
 from vllm_steer.vector import SteeringVector
 

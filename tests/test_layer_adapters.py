@@ -158,7 +158,7 @@ def test_unexpected_returns_are_refused_not_guessed(kind, out):
 # -- a real engine with a layer class no adapter knows -----------------------------------------
 @pytest.fixture(scope="module")
 def odd_model(default_model_dir, tmp_path_factory):
-    from vllm_steer.testing.tiny_models import build_tiny_model
+    from vllm_steer.fixtures.tiny_models import build_tiny_model
 
     src = build_tiny_model("llama", default_model_dir)
     dst = tmp_path_factory.mktemp("odd") / "model"
@@ -184,7 +184,7 @@ def _serve(model_dir: Path, adapter: str | None, cases: list[dict], registry: Pa
 @pytest.mark.engine
 def test_engine_with_unknown_layer_is_refused_then_forced(odd_model, tmp_path):
     from tests.arch_check import Case, check_against_hf, write_vectors
-    from vllm_steer.testing.tiny_models import HIDDEN, LAYERS
+    from vllm_steer.fixtures.tiny_models import HIDDEN, LAYERS
 
     model_dir, llama_dir = odd_model
     reg = write_vectors(tmp_path, HIDDEN, LAYERS)

@@ -10,7 +10,7 @@ import pytest
 
 from vllm_steer.probe import ProbeError
 from vllm_steer.probe.forks import fork_points
-from vllm_steer.probe.live import LiveProbe, LiveProbeConfig, StopRule, StopWhen
+from vllm_steer.probe.live_state import LiveProbe, LiveProbeConfig, StopRule, StopWhen
 from vllm_steer.probe.reading import make_reading
 
 

@@ -15,11 +15,11 @@ import math
 import pytest
 
 from tests.steer_helpers import env_registry
-from vllm_steer.probe import ProbeConfig, ProbeJob, build_prompt
+from vllm_steer.fixtures.engines import make_test_llm, shutdown
+from vllm_steer.fixtures.vectors import write_test_vectors
+from vllm_steer.probe import ProbeConfig, build_prompt
 from vllm_steer.probe.drivers import generate, run_job
-from vllm_steer.probe.job import STAGES
-from vllm_steer.testing.engines import make_test_llm, shutdown
-from vllm_steer.testing.vectors import write_test_vectors
+from vllm_steer.probe.job import STAGES, ProbeJob
 
 pytestmark = pytest.mark.engine
 ATOL = 1e-4

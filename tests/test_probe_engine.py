@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 
 from tests.steer_helpers import composed_dense, env_registry
-from vllm_steer.probe import ProbeConfig, ProbeJob, build_prompt, probe
+from vllm_steer.fixtures.engines import make_test_llm, shutdown
+from vllm_steer.fixtures.vectors import write_test_vectors
+from vllm_steer.probe import ProbeConfig, build_prompt, probe
 from vllm_steer.probe.drivers import generate, run_job
-from vllm_steer.probe.job import STAGES
-from vllm_steer.testing.engines import make_test_llm, shutdown
-from vllm_steer.testing.vectors import write_test_vectors
+from vllm_steer.probe.job import STAGES, ProbeJob
 
 pytestmark = pytest.mark.engine
 BLOCK = 32
@@ -311,7 +311,7 @@ def test_live_readings_equal_the_offline_probe_of_the_same_trajectory(setup, cho
     the offline probe reads on the finished trajectories, at a suffix cost."""
     from vllm import SamplingParams
 
-    from vllm_steer.probe.live_run import live_generate
+    from vllm_steer.probe.live_drivers import live_generate
 
     llm, _ = setup
     tok = llm.get_tokenizer()
@@ -344,7 +344,7 @@ def test_live_readings_equal_the_offline_probe_of_the_same_trajectory(setup, cho
 def test_live_early_exit_appends_the_settled_answer(setup):
     from vllm import SamplingParams
 
-    from vllm_steer.probe.live_run import live_generate
+    from vllm_steer.probe.live_drivers import live_generate
 
     llm, _ = setup
     tok = llm.get_tokenizer()

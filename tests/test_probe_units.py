@@ -9,16 +9,12 @@ import pytest
 import torch
 
 from vllm_steer import SteeringVector
-from vllm_steer.probe import (
-    ChoiceSet,
-    ProbeConfig,
-    ProbeError,
-    ProbeJob,
-    fork_spec,
-    pearson,
-    replay_spec,
-)
+from vllm_steer.probe import ProbeConfig, ProbeError
+from vllm_steer.probe.choices import ChoiceSet
+from vllm_steer.probe.forks import fork_spec, replay_spec
+from vllm_steer.probe.job import ProbeJob
 from vllm_steer.probe.reading import make_reading
+from vllm_steer.stats import pearson
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.resolve import Resolver
 from vllm_steer.steering.spec import SpecError, parse_spec

@@ -28,8 +28,8 @@ import yaml
 
 from tests.server_helpers import Server, make_decoy
 from vllm_steer import SteeringVector, envvars
+from vllm_steer.fixtures.vectors import write_test_vectors
 from vllm_steer.steering.store import content_id
-from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
 

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from tests.server_helpers import Server
+from vllm_steer.fixtures.vectors import write_test_vectors
 from vllm_steer.server.vectors import PID_HEADER
-from vllm_steer.testing.vectors import write_test_vectors
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

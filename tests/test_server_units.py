@@ -131,7 +131,7 @@ def test_request_models_are_patched_by_the_adapter():
     import subprocess
     import sys
 
-    code = ("from vllm_steer.vllm_adapter import server; server.install()\n"
+    code = ("from vllm_steer.server import requests; requests.install()\n"
             "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest"
             " as C\n"
             "r = C(model='m', messages=[{'role': 'user', 'content': 'hi'}],"

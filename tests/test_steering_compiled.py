@@ -13,8 +13,8 @@ import pytest
 from tests.arch_check import Case, check_against_hf, run_cases
 from tests.ops_reference import OPS_CASES, run_ops_cases
 from tests.steer_helpers import THINK_END, THINK_START, composed_dense, env_registry
-from vllm_steer.testing.engines import make_test_llm, shutdown
-from vllm_steer.testing.vectors import write_test_vectors
+from vllm_steer.fixtures.engines import make_test_llm, shutdown
+from vllm_steer.fixtures.vectors import write_test_vectors
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 N_TOKENS = 32
@@ -85,7 +85,7 @@ def test_compiled_capture_matches_hf_with_chunks_and_a_cached_prefix(setup, hf):
     """Hidden-state capture through the compiled graph (the capture op inside it): every
     mode in a mixed batch, a prompt prefilled in chunks, and a cached prefix."""
     from tests.capture_check import CaptureCase, check_capture_cases, check_chunked_and_cached
-    from vllm_steer.testing.engines import TEST_ENGINE_OPTIONS
+    from vllm_steer.fixtures.engines import TEST_ENGINE_OPTIONS
 
     llm, reg, *_ = setup
     model, tok = hf

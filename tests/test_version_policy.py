@@ -1,4 +1,5 @@
-"""The version policy (``vllm_steer.compat``) and the self-check stamp it reads.
+"""The version policy (``vllm_steer.compat``), its gate (``vllm_steer.selfcheck.gate``)
+and the self-check stamp the gate reads.
 
 A vLLM newer than the tested range is accepted only when the symbol table passes AND a
 complete, passing ``doctor --verify`` stamp exists for exactly this vLLM version, torch
@@ -18,7 +19,7 @@ import sys
 import pytest
 
 from vllm_steer import compat, envvars
-from vllm_steer.selfcheck import stamp
+from vllm_steer.selfcheck import gate, stamp
 from vllm_steer.selfcheck.verify import KINDS, plan
 from vllm_steer.vllm_adapter.check import VLLMDriftError
 
@@ -45,7 +46,12 @@ def table_fails() -> None:
 
 
 def check(version: str = NEWER, key: stamp.StampKey = KEY, table=table_ok) -> str:
-    return compat.check_vllm_version(version, check_table=table, key=key)
+    """The gate on ``version``, with ``table`` as the symbol table's check and ``key`` as
+    this installation's stamp key."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gate, "check_all", table)
+        mp.setattr(stamp, "current_key", lambda _version=None: key)
+        return gate.check_vllm_version(version)
 
 
 def refused(**kw) -> str:
@@ -126,14 +132,16 @@ def test_a_failing_symbol_table_refuses_even_with_a_stamp():
 
 
 def test_the_default_table_check_runs_the_real_table(monkeypatch):
-    """Without a hook the policy runs ``check_all`` on the installed vLLM."""
-    calls = []
+    """The gate runs the adapter's ``check_all`` on the installed vLLM."""
     import vllm_steer.vllm_adapter.check as check_mod
 
-    monkeypatch.setattr(check_mod, "check_all", lambda: calls.append(1) or table_fails())
+    assert gate.check_all is check_mod.check_all
+    calls = []
+    monkeypatch.setattr(gate, "check_all", lambda: calls.append(1) or table_fails())
+    monkeypatch.setattr(stamp, "current_key", lambda _version=None: KEY)
     stamp.write_stamp(KEY, passed=True, complete=True)
     with pytest.raises(VLLMDriftError):
-        compat.check_vllm_version(NEWER, key=KEY)
+        gate.check_vllm_version(NEWER)
     assert calls == [1]
 
 
@@ -170,11 +178,11 @@ def test_current_key_names_this_installation():
 def test_defaults_end_to_end_refuse_then_accept_after_a_stamp():
     """The real table (installed vLLM) and this machine's key, as plugin load runs it."""
     with pytest.raises(compat.UnsupportedVLLMError, match="doctor --verify"):
-        compat.check_vllm_version(NEWER)
+        gate.check_vllm_version(NEWER)
     stamp.write_stamp(stamp.current_key(NEWER), passed=True, complete=True)
-    assert compat.check_vllm_version(NEWER) == NEWER
+    assert gate.check_vllm_version(NEWER) == NEWER
     with pytest.raises(compat.UnsupportedVLLMError):
-        compat.check_vllm_version("0.33.1")                    # another version: no stamp
+        gate.check_vllm_version("0.33.1")                    # another version: no stamp
 
 
 def test_doctor_reports_the_policy(capsys):

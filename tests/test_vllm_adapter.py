@@ -57,7 +57,7 @@ def test_the_table_covers_every_patch_the_adapter_installs():
     assert "vllm.v1.engine.input_processor:InputProcessor.__init__" in targets
     assert "vllm.v1.worker.worker_base:WorkerBase" in targets
     assert "vllm.v1.sample.sampler:Sampler.forward" in targets
-    from vllm_steer.vllm_adapter.server import TARGETS
+    from vllm_steer.vllm_adapter.openai_requests import TARGETS
 
     for module, classes in TARGETS.items():
         for cls in classes:
@@ -133,7 +133,7 @@ def test_removed_env_variable_is_named(monkeypatch):
 
 
 def test_module_that_moved_is_named():
-    from vllm_steer.vllm_adapter.check import READ, Exists, Symbol
+    from vllm_steer.vllm_adapter.drift import READ, Exists, Symbol
 
     moved = Symbol("vllm.v1.worker.no_such_runner:Runner.load_model", READ, "test", (Exists(),))
     assert_names(drift([moved]), moved.target, "cannot be imported")

@@ -263,13 +263,8 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="--verify: no progress bar")
 
     def run(args: argparse.Namespace) -> int:
-        from vllm_steer.compat import (
-            POLICY,
-            UnsupportedVLLMError,
-            check_vllm_version,
-            classify,
-            installed_vllm_version,
-        )
+        from vllm_steer.compat import POLICY, UnsupportedVLLMError, classify, installed_vllm_version
+        from vllm_steer.selfcheck.gate import check_vllm_version
         from vllm_steer.vllm_adapter.check import report
 
         if (args.kinds or args.modes) and not args.verify:

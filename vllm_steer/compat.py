@@ -1,4 +1,6 @@
-"""The one place that states which vLLM versions the plugin accepts (the version policy).
+"""The one place that states which vLLM versions the plugin accepts (the version policy):
+constants and classification only. The gate that applies it at plugin load (symbol table,
+self-check stamps) is ``vllm_steer.selfcheck.gate``.
 
 - Older than ``MIN_VLLM``: refused (the plugin needs features 0.32 introduced).
 - ``TESTED_VLLM``: the versions this project's test suite ran on: accepted (the symbol
@@ -11,14 +13,10 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from importlib import metadata
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
-
-logger = logging.getLogger("vllm_steer")
 
 #: The oldest vLLM the plugin can work with at all.
 MIN_VLLM = Version("0.32.0")
@@ -69,52 +67,3 @@ def classify(version: str) -> str:
             f"vllm-steer accepts {POLICY}, but vLLM {version} is installed, older than "
             f"{MIN_VLLM}: upgrade vLLM (pip install 'vllm-steer[cuda]' or 'vllm-steer[cpu]')")
     return "newer"
-
-
-def _check_table() -> None:
-    from vllm_steer.vllm_adapter.check import check_all
-
-    check_all()
-
-
-def check_vllm_version(version: str | None = None, *,
-                       check_table: Callable[[], None] | None = None,
-                       key: object | None = None) -> str:
-    """Apply the version policy; return the vLLM version or raise ``UnsupportedVLLMError``
-    (``VLLMDriftError`` when a newer vLLM fails the symbol table).
-
-    ``version``: default the installed one. For a newer vLLM, ``check_table`` (default:
-    the symbol table against the installed vLLM) must pass and a passing stamp must exist
-    for ``key`` (a ``selfcheck.stamp.StampKey``; default: this installation), unless this
-    process belongs to a ``doctor --verify`` run in progress.
-    """
-    version = version if version is not None else installed_vllm_version()
-    if version is None:
-        raise UnsupportedVLLMError(
-            "vllm-steer needs vLLM installed: pip install 'vllm-steer[cpu]' or 'vllm-steer[cuda]'"
-        )
-    if classify(version) == "tested":
-        return version
-    (check_table or _check_table)()
-    from vllm_steer.selfcheck import stamp
-
-    key = key if key is not None else stamp.current_key(version)
-    found = stamp.find_passed(key)
-    if found is not None:
-        logger.info("vllm-steer: vLLM %s is newer than the tested %s; accepted: `%s` "
-                    "passed here on %s", version, TESTED_RANGE, VERIFY_COMMAND, found.get("when"))
-        return version
-    if stamp.verifying():
-        logger.warning("vllm-steer: vLLM %s is newer than the tested %s; accepted for the "
-                       "self-check in progress only", version, TESTED_RANGE)
-        return version
-    last = stamp.read_stamp(key)
-    seen = ("" if last is None else
-            f" The last self-check here ({last.get('when')}) "
-            + ("failed." if not last.get("passed") else "was a partial run (--kinds/--modes)."))
-    raise UnsupportedVLLMError(
-        f"vllm-steer: vLLM {version} is newer than the versions vllm-steer was tested on "
-        f"({TESTED_RANGE}). Its symbol table passes, but no complete self-check has passed "
-        f"on this installation ({key}).{seen} Run `{VERIFY_COMMAND}` (a few minutes: tiny "
-        "models of every layer adapter, steered through this vLLM on this device and "
-        "compared with an HF reference); the plugin accepts this vLLM once it passes.")

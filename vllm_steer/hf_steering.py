@@ -1,7 +1,9 @@
-"""Reference steering for Hugging Face models with forward hooks (no vLLM involved).
+"""Steering Hugging Face models with forward hooks (no vLLM involved).
 
-``steer_hf`` is deliberately small and exact so that it can serve as the independent
-reference the vLLM plugin is tested against.
+``steer_hf`` steers an HF model the way the plugin steers vLLM: the offline extraction's
+evaluation (``extract.evaluate``) and the HF side of ``bench vs-hf`` use it. It is not
+the tests' reference: those write their own hooks (``tests/hf_reference.py``), so that
+a bug shared by this module and the plugin cannot hide.
 
 Layer convention (whole project): layer ``i`` is the output of decoder block ``i``
 (0-based), HF ``hidden_states[i + 1]``. Steering layer ``i`` replaces block ``i``'s

@@ -11,8 +11,10 @@ DISABLE_ENV = "VLLMSTEER_DISABLE"
 
 
 def register() -> None:
-    """Check the vLLM version and every vLLM symbol the plugin uses
-    (``vllm_adapter.symbols``), force the V1 model runner, and install the hooks.
+    """Apply the version policy (``selfcheck.gate``), check every vLLM symbol the plugin
+    uses (``vllm_adapter.symbols``), force the V1 model runner, and install the hooks: the
+    engine side (``vllm_adapter.install``) and the OpenAI request models'
+    (``server.requests``).
 
     A vLLM outside the supported range, or one whose internals changed, fails here with an
     error naming the symbol, rather than serving without (or with wrong) steering.
@@ -26,8 +28,12 @@ def register() -> None:
         logger.warning("vllm-steer: disabled by %s; requests with steering are not refused "
                        "by this process", DISABLE_ENV)
         return
+    from vllm_steer.selfcheck.gate import check_vllm_version
+    from vllm_steer.server import requests
     from vllm_steer.vllm_adapter import install
 
-    version = install()
+    version = check_vllm_version()
+    install()
+    requests.install()
     _registered = True
     logger.info("vllm-steer: plugin registered for vLLM %s", version)

@@ -169,8 +169,8 @@ def random_prompts(n: int, length: int = 32, seed: int = 0, vocab: int = 49152,
 def write_vectors(root: Path, specs: dict[str, Sequence[int]], seed: int = 1234,
                   norm_scale: float = 0.15) -> Path:
     """Random vectors ``{name: layers}`` for the default model and a registry; its path
-    (``vllm_steer.testing.vectors.write_vectors``, the tests' writer)."""
-    from vllm_steer.testing.vectors import write_vectors as write_random_vectors
+    (``vllm_steer.fixtures.vectors.write_vectors``, the tests' writer)."""
+    from vllm_steer.fixtures.vectors import write_vectors as write_random_vectors
 
     return write_random_vectors(root, specs, hidden=HIDDEN, norm_scale=norm_scale, seed=seed)
 

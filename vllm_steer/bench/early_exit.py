@@ -30,7 +30,7 @@ def simulate(readings: list[dict[str, Any]], threshold: float, consecutive: int,
              min_mass: float) -> tuple[int, str] | None:
     """Where ``StopWhen(threshold, consecutive)`` fires on ``readings`` (token order):
     ``(token_index, choice)``, or None."""
-    from vllm_steer.probe.live import StopRule, StopWhen
+    from vllm_steer.probe.live_state import StopRule, StopWhen
     from vllm_steer.probe.reading import Reading
 
     rule = StopRule(StopWhen(threshold=threshold, consecutive=consecutive), min_mass)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from vllm_steer.llm_factory import make_llm, shutdown
     from vllm_steer.locations import shipped_configs
     from vllm_steer.probe import build_prompt
-    from vllm_steer.probe.live_run import live_generate
+    from vllm_steer.probe.live_drivers import live_generate
     from vllm_steer.probe.questions import load_questions
     from vllm_steer.probe.reading import DEFAULT_MIN_MASS
 

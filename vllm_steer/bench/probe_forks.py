@@ -62,7 +62,8 @@ def _engine(block_size: int, caching: bool) -> Any:
 def _trajectory(llm: Any, rep: int, choices: list[str], args: argparse.Namespace
                 ) -> tuple[list[int], list[int]]:
     """A fresh steered trajectory for repetition ``rep``: (prompt ids, generated ids)."""
-    from vllm_steer.probe import ProbeJob, build_prompt
+    from vllm_steer.probe import build_prompt
+    from vllm_steer.probe.job import ProbeJob
 
     tok = llm.get_tokenizer()
     question = QUESTIONS[rep % len(QUESTIONS)] + f" (case {rep}) Answer {' or '.join(choices)}."
@@ -85,7 +86,7 @@ def _job(tok: Any, prompt: list[int], token_ids: list[int], choices: list[str],
     """A job whose trajectory stage is already done (the same trajectory for every variant)."""
     from types import SimpleNamespace
 
-    from vllm_steer.probe import ProbeJob
+    from vllm_steer.probe.job import ProbeJob
 
     job = ProbeJob(tok, [prompt], [STEERING], _config(choices, args), max_model_len=2048)
     job.take("trajectories", [SimpleNamespace(outputs=[SimpleNamespace(token_ids=token_ids)])])

@@ -3,7 +3,7 @@ passed on this installation.
 
 One JSON file per key (``locations.selfcheck_dir()/<digest>.json``): the vLLM version,
 the torch version, the device (``vllm_adapter.platform.device_key``) and the vllm-steer
-version that ran the check. The version policy (``vllm_steer.compat``) accepts a vLLM
+version that ran the check. The version policy's gate (``vllm_steer.selfcheck.gate``) accepts a vLLM
 newer than the tested range only when a stamp for exactly this key says ``passed`` for a
 complete run. Failed and partial runs are recorded too (``doctor`` shows them) but never
 accepted.
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from vllm_steer import envvars, locations
+from vllm_steer.compat import installed_vllm_version
+from vllm_steer.vllm_adapter.platform import device_key
 
 logger = logging.getLogger("vllm_steer")
 
@@ -62,8 +64,6 @@ def current_key(vllm_version: str | None = None) -> StampKey:
     import torch
 
     import vllm_steer
-    from vllm_steer.compat import installed_vllm_version
-    from vllm_steer.vllm_adapter.platform import device_key
 
     return StampKey(vllm=vllm_version or installed_vllm_version() or "none",
                     torch=str(torch.__version__), device=device_key(),

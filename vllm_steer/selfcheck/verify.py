@@ -1,7 +1,7 @@
 """``vllm-steer doctor --verify``: steer tiny random models through the installed vLLM on
 this device and compare with an HF reference; record the verdict as a stamp.
 
-One tiny checkpoint per layer-adapter kind (``vllm_steer.testing.tiny_models``, with the
+One tiny checkpoint per layer-adapter kind (``vllm_steer.fixtures.tiny_models``, with the
 word-level tokenizer of ``selfcheck.tokenizer``; built locally, cached under
 ``$VLLMSTEER_CACHE/selfcheck``). For each engine of the plan, one mixed batch: an
 unsteered request, ``add`` on every position, ``ablate`` on every position, ``add`` with
@@ -257,8 +257,8 @@ def run_engine(run: EngineRun, model_dir: Path, registry: Path, device_type: str
                refs: dict[str, Reference], ps: dict[str, list[int]]) -> EngineResult:
     from vllm import SamplingParams
 
+    from vllm_steer.fixtures.engines import inproc_engine
     from vllm_steer.llm_factory import make_llm, shutdown
-    from vllm_steer.testing.engines import inproc_engine
     from vllm_steer.vllm_adapter.engine import run_modes
 
     res = EngineResult(run.kind, run.arch, run.mode, run.multiprocess)
@@ -321,9 +321,9 @@ def verify(kinds: Sequence[str] | None = None, modes: Sequence[str] | None = Non
 
     from vllm_steer.compat import installed_vllm_version
     from vllm_steer.default_model import cache_dir
+    from vllm_steer.fixtures.tiny_models import HIDDEN, LAYERS, build_tiny_model
     from vllm_steer.selfcheck import stamp
     from vllm_steer.selfcheck.tokenizer import THINK_END, THINK_START, build_tokenizer
-    from vllm_steer.testing.tiny_models import HIDDEN, LAYERS, build_tiny_model
     from vllm_steer.vllm_adapter.check import VLLMDriftError, check_all
     from vllm_steer.vllm_adapter.platform import device_type as platform_device
 

@@ -1,8 +1,11 @@
 """OpenAI-compatible steered serving: request-body steering and the ``/v1/steering`` routes.
 
 - ``body``: how a top-level ``"steering"`` object in a chat/completions/responses body
-  becomes ``SamplingParams.extra_args["steering"]`` (vLLM-free; the general plugin wraps
-  vLLM's request models with it in ``vllm_adapter.server``).
+  becomes ``SamplingParams.extra_args["steering"]`` (vLLM-free); ``requests``: the
+  general plugin's hooks on vLLM's request models that apply it
+  (``vllm_adapter.openai_requests``).
+- ``live_probe``: the ``probe`` field of the completion endpoints (readings streamed
+  with the completion; ``vllm_adapter.openai_serving``).
 - ``routes``: the ``vllm.endpoint_plugins`` entry point (loaded only when
   ``VLLM_PLUGINS`` names ``ENDPOINT_PLUGIN``); one ``APIRouter`` per feature module,
   ``fallback`` last (unknown paths and methods under ``/v1/steering`` in OpenAI's error

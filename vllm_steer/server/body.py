@@ -2,10 +2,10 @@
 
 vLLM's OpenAI request models accept unknown top-level fields (pydantic ``extra="allow"``)
 and drop them with a debug log; only ``vllm_xargs`` becomes ``SamplingParams.extra_args``.
-``vllm_adapter.server`` wraps ``to_sampling_params`` of the chat, completions and
-responses request models with ``merged_extra_args`` below, so that ``steering`` (what the
-official client sends with ``extra_body``) lands in ``extra_args["steering"]``, exactly
-where ``vllm_xargs={"steering": "<json>"}`` puts it.
+The general plugin wraps ``to_sampling_params`` of the chat, completions and responses
+request models (``server.requests``) with ``merged_extra_args`` below, so that
+``steering`` (what the official client sends with ``extra_body``) lands in
+``extra_args["steering"]``, exactly where ``vllm_xargs={"steering": "<json>"}`` puts it.
 
 Nothing is silently ignored: a ``steering`` next to steering keys in ``vllm_xargs``, a
 stray top-level ``steer*`` field, or steering with beam search (whose sub-requests do not

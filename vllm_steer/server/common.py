@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.resolve import Resolver
 from vllm_steer.steering.store_gc import StoreCollector
+from vllm_steer.vllm_adapter.openai_requests import api_keys
 
 STATE_KEY = "vllm_steer"
 
@@ -109,7 +110,7 @@ async def handle_steer_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 #: The answer to a request under ``/v1/steering`` without a valid API key (vLLM's own
-#: middleware would answer ``{"error": "Unauthorized"}``; see ``vllm_adapter.server``).
+#: middleware would answer ``{"error": "Unauthorized"}``; see ``vllm_adapter.openai_requests``).
 UNAUTHORIZED = (401, "missing or invalid API key (Authorization: Bearer ...)", "authorization")
 
 
@@ -121,8 +122,6 @@ def context(request: Request) -> ServerContext:
 
 
 def _api_tokens(request: Request) -> list[bytes]:
-    from vllm_steer.vllm_adapter.server import api_keys
-
     keys = api_keys(getattr(request.app.state, "args", None))
     return [hashlib.sha256(k.encode()).digest() for k in keys]
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from vllm_steer.server.common import SteerHTTPError, SteerRoute
+from vllm_steer.vllm_adapter.openai_requests import api_keys
 
 router = APIRouter(route_class=SteerRoute)
 PAGE = "/steer"
@@ -63,8 +64,6 @@ async def page_slash() -> Response:
 @router.get(PAGE + "/config.json", include_in_schema=False)
 async def page_config(request: Request) -> JSONResponse:
     """What the page needs before its first call: whether the routes need a key."""
-    from vllm_steer.vllm_adapter.server import api_keys
-
     args: Any = getattr(request.app.state, "args", None)
     return JSONResponse({"api_key_required": bool(api_keys(args))}, headers=HEADERS)
 

@@ -16,14 +16,28 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from vllm_steer.server import ENDPOINT_PLUGIN, fallback, playground, probe, stats, train, vectors
+from vllm_steer.server import (
+    ENDPOINT_PLUGIN,
+    fallback,
+    live_probe,
+    playground,
+    probe,
+    stats,
+    train,
+    vectors,
+)
 from vllm_steer.server.common import (
     STATE_KEY,
+    UNAUTHORIZED,
     ServerContext,
     SteerHTTPError,
+    error_response,
     handle_steer_error,
     require_api_key,
 )
+from vllm_steer.vllm_adapter.engine import input_processor
+from vllm_steer.vllm_adapter.frontend import get_resolver
+from vllm_steer.vllm_adapter.openai_requests import install_auth_errors
 
 logger = logging.getLogger("vllm_steer")
 
@@ -42,9 +56,6 @@ def build_router() -> APIRouter:
 
 def _resolver_for(engine_client: Any) -> Any:
     """The frontend hook's resolver (shared registry); built the same way if not yet used."""
-    from vllm_steer.vllm_adapter.engine import input_processor
-    from vllm_steer.vllm_adapter.frontend import get_resolver
-
     return get_resolver(input_processor(engine_client))
 
 
@@ -63,14 +74,11 @@ class SteeringEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        from vllm_steer.vllm_adapter import live_server
-        from vllm_steer.vllm_adapter.server import install_auth_errors
-
-        live_server.install()   # the 'probe' field of the completion endpoints
+        live_probe.install()   # the 'probe' field of the completion endpoints
         app.include_router(build_router())
         app.include_router(playground.router)
         app.add_exception_handler(SteerHTTPError, handle_steer_error)
-        install_auth_errors(fallback.PREFIX)
+        install_auth_errors(fallback.PREFIX, lambda: error_response(*UNAUTHORIZED))
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:

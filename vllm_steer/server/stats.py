@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from vllm_steer.server.common import SteerHTTPError, SteerRoute, context
+from vllm_steer.server.live_probe import LIVE
 
 router = APIRouter(route_class=SteerRoute)
 RPC_TIMEOUT_S = 30.0
@@ -26,8 +27,6 @@ async def steering_stats(request: Request) -> JSONResponse:
                                          RPC_TIMEOUT_S)
     except TimeoutError:
         raise SteerHTTPError(503, "the engine did not answer the stats call in time") from None
-    from vllm_steer.vllm_adapter.live_server import LIVE
-
     gc = ctx.collector
     store = {"root": str(ctx.resolver.store.root), "transport": ctx.resolver.transport}
     if gc is not None:

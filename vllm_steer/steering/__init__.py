@@ -8,7 +8,6 @@ from vllm_steer.steering.spec import (
     SteeringSpec,
     VectorRef,
     make_spec,
-    parse_extra_args,
 )
 
 __all__ = [
@@ -17,5 +16,4 @@ __all__ = [
     "SteeringSpec",
     "VectorRef",
     "make_spec",
-    "parse_extra_args",
 ]

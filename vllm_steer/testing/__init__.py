@@ -1,1 +1,5 @@
-"""Fixtures shared by tests and benchmarks: tiny models, test vectors, engines."""
+"""Deprecated: renamed ``vllm_steer.fixtures``."""
+
+from vllm_steer.deprecation import moved_module
+
+__getattr__ = moved_module(__name__, "vllm_steer.fixtures")

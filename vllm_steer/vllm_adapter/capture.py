@@ -52,7 +52,8 @@ from vllm_steer.steering.capture_spec import (
 )
 from vllm_steer.steering.options import EngineOptions
 from vllm_steer.steering.values import SpecError
-from vllm_steer.vllm_adapter.check import VLLMDriftError
+from vllm_steer.vllm_adapter.drift import VLLMDriftError
+from vllm_steer.vllm_adapter.engine import engine_options, input_processor
 
 logger = logging.getLogger("vllm_steer")
 TAKE_METHOD = "vllm_steer_take_captures"
@@ -68,7 +69,7 @@ def refusal(vllm_config: Any, options: EngineOptions) -> str | None:
     """Why this engine cannot capture, or None."""
     if not options.capture:
         return ("this engine was started with capture disabled "
-                "(additional_config vllm_steer.capture false)")
+                "(additional_config {\"vllm_steer\": {\"capture\": false}})")
     if vllm_config.use_v2_model_runner:
         return "vLLM's V2 model runner is active and vllm-steer hooks only the V1 runner"
     mode = vllm_config.compilation_config.cudagraph_mode
@@ -83,9 +84,6 @@ def refusal(vllm_config: Any, options: EngineOptions) -> str | None:
 
 def capture_refusal(engine_client: Any) -> str | None:
     """Why the engine behind ``engine_client`` cannot capture, or None (server routes)."""
-    from vllm_steer.vllm_adapter.engine import input_processor
-    from vllm_steer.vllm_adapter.frontend import engine_options
-
     processor = input_processor(engine_client)
     return refusal(processor.vllm_config, engine_options(processor))
 
@@ -126,8 +124,9 @@ def refuse_in_openai_body(extra_args: dict[str, Any] | None) -> None:
 
         raise VLLMValidationError(
             "hidden-state capture is not available through the OpenAI endpoints (their "
-            "responses have no place for it); use POST /v1/steering/capture or the Python "
-            "API (vllm_steer.capture)", parameter=EXTRA_ARGS_KEY)
+            "responses have no place for it); use the Python API (vllm_steer.capture_hidden, "
+            "or extra_args['capture'] with vllm_steer.take_captures) or train through "
+            "POST /v1/steering/vectors/train", parameter=EXTRA_ARGS_KEY)
 
 
 # -- 2. scheduler: cap the prefix-cache hit ----------------------------------------------------

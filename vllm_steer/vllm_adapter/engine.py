@@ -7,7 +7,8 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from vllm_steer.vllm_adapter.check import VLLMDriftError
+from vllm_steer.steering.options import EngineOptions
+from vllm_steer.vllm_adapter.drift import VLLMDriftError
 
 
 def _attr(obj: Any, name: str, symbol: str) -> Any:
@@ -21,6 +22,15 @@ def input_processor(engine_client: Any) -> Any:
     """The engine client's ``InputProcessor`` (whose resolver the routes share)."""
     return _attr(engine_client, "input_processor",
                  "vllm.engine.protocol:EngineClient.input_processor")
+
+
+def engine_options(processor: Any) -> EngineOptions:
+    """The engine options of the engine behind this ``InputProcessor``, read once."""
+    opts = getattr(processor, "_vllm_steer_options", None)
+    if opts is None:
+        opts = EngineOptions.from_vllm_config(processor.vllm_config)
+        processor._vllm_steer_options = opts
+    return opts
 
 
 def max_model_len(engine: Any) -> int:

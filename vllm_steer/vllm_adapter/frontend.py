@@ -24,6 +24,7 @@ from vllm_steer.steering.resolve import Resolver
 from vllm_steer.steering.spec import WIRE_KEY, SpecError, parse_extra_args
 from vllm_steer.vllm_adapter import capture
 from vllm_steer.vllm_adapter.check import check_instance
+from vllm_steer.vllm_adapter.engine import engine_options
 
 logger = logging.getLogger("vllm_steer")
 _lock = threading.Lock()
@@ -64,15 +65,6 @@ def get_resolver(processor: Any) -> Resolver:
             )
             processor._vllm_steer_resolver = res
     return res
-
-
-def engine_options(processor: Any) -> EngineOptions:
-    """The engine options of this processor's engine, read once."""
-    opts = getattr(processor, "_vllm_steer_options", None)
-    if opts is None:
-        opts = EngineOptions.from_vllm_config(processor.vllm_config)
-        processor._vllm_steer_options = opts
-    return opts
 
 
 def check_exact_logprobs(processor: Any, request: Any) -> None:

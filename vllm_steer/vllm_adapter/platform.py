@@ -1,6 +1,6 @@
 """Which device this process's vLLM runs on, as the self-check stamp names it.
 
-``device_key()`` is read at plugin load (the version policy in ``vllm_steer.compat``) and
+``device_key()`` is read at plugin load (the version gate, ``vllm_steer.selfcheck.gate``) and
 by ``vllm-steer doctor --verify`` (which writes the stamp); both must spell it the same.
 vLLM's CUDA platform answers ``get_device_name`` through NVML, so asking does not
 initialise CUDA in the front-end process.

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from vllm_steer.vllm_adapter.check import VLLMDriftError
+from vllm_steer.vllm_adapter.drift import VLLMDriftError
 
 _SAMPLER = "vllm.v1.sample.sampler:Sampler"
 

@@ -1,8 +1,9 @@
 """THE table of vLLM symbols vllm-steer patches, reads or calls (vLLM 0.32; read against 0.33).
 
 One row per symbol: ``module:Owner.name``, what the plugin does with it (``patched``,
-``read``, ``called``), why it needs it, and how it is checked (``check.py``). Plugin load
-runs every plugin-load check (``check_all``); the ``Instance`` checks run on the live model
+``read``, ``called``), why it needs it, and how it is checked (row kinds in ``drift.py``,
+run by ``check.py``). Plugin load runs every plugin-load check (``check_all``); the
+``Instance`` checks run on the live model
 runner / input processor at engine start. ``vllm-steer doctor`` prints the table and the
 result of each check. Any use of a vLLM internal elsewhere in the package is a bug: add it
 here and route it through this package.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm_steer.vllm_adapter.check import (
+from vllm_steer.vllm_adapter.drift import (
     CALLED,
     PATCHED,
     READ,
@@ -193,7 +194,7 @@ SYMBOLS: tuple[Symbol, ...] = (
            "content hash (prefix cache shared only for identical steering)", (Field(),)),
     Symbol("vllm.exceptions:VLLMValidationError", CALLED, "bad specs are refused with it "
            "(HTTP 400 naming the field)", (Signature(("message",), ("parameter",)),)),
-    # -- OpenAI server (vllm_adapter/server.py, vllm_adapter/engine.py) ------------------------
+    # -- OpenAI server (vllm_adapter/openai_requests.py, vllm_adapter/engine.py) ---------------
     *_protocol("chat_completion", "ChatCompletionRequest", beam=True),
     *_protocol("completion", "CompletionRequest", beam=True),
     *_protocol("responses", "ResponsesRequest", beam=False),
@@ -237,7 +238,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.v1.engine.llm_engine:LLMEngine.vllm_config", READ, "engine settings in "
            "benchmark records", (Assigned(),)),
     Symbol("vllm.v1.engine.llm_engine:LLMEngine.add_request", CALLED, "live probes on "
-           "vllm.LLM: the request and its forks (probe/live_run.py)",
+           "vllm.LLM: the request and its forks (probe/live_drivers.py)",
            (Signature(("self", "request_id", "prompt", "params")),)),
     Symbol("vllm.v1.engine.llm_engine:LLMEngine.step", CALLED, "live probes step the engine "
            "to see each request's tokens as they come", (Signature(("self",)),)),
@@ -247,7 +248,7 @@ SYMBOLS: tuple[Symbol, ...] = (
            "probe's step loop", (Signature(("self",)),)),
     Symbol("vllm.sampling_params:SamplingParams.output_kind", READ, "a probed request is "
            "generated cumulatively (its tokens seen as they come)", (Field(),)),
-    # -- OpenAI server: live probes (vllm_adapter/live_server.py; checked in the API process)
+    # -- OpenAI server: served sessions (vllm_adapter/openai_serving.py; checked in the API process)
     *(Symbol(f"vllm.entrypoints.openai.{m}.serving:{c}.{f}", PATCHED, "the 'probe' body "
              "field: validated, readings merged into the response (SSE chunks or choices)",
              (Signature(("self", "request")),), scope="api")

@@ -4,7 +4,7 @@ generates.
 - ``LiveRun`` (async): observes a request's ``RequestOutput``s from an async engine
   (``AsyncLLM`` / the OpenAI server's ``EngineClient``), runs each decided point's rounds
   as a task on the same engine, and queues readings in token order (``events``); it also
-  applies ``stop_when``. The OpenAI server glue is ``vllm_adapter.live_server``.
+  applies ``stop_when``. The OpenAI server glue is ``server.live_probe``.
 - ``live_generate`` (sync): the same on ``vllm.LLM``, stepping its engine.
 
 What reaches vLLM: ``generate``/``abort`` of an async engine, ``add_request``/``step``/
@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_steer.probe.live import (
+from vllm_steer.probe.live_state import (
     SETTLED,
     LiveProbe,
     LiveProbeConfig,

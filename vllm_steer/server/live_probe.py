@@ -1,21 +1,18 @@
 """Live probes on the OpenAI server: a ``probe`` field on ``/v1/chat/completions`` and
 ``/v1/completions``, readings streamed with the completion.
 
-Three patches (rows in ``symbols.py``):
+``install`` gives the adapter's serving hooks (``vllm_adapter.openai_serving``) ``begin``:
+a request with ``probe`` (a body object, or a JSON string in ``vllm_xargs``) is validated
+there (HTTP 400 naming the field) and gets a ``ServerProbe`` for the length of the call.
 
-- ``OpenAIServingChat.create_chat_completion`` / ``OpenAIServingCompletion.
-  create_completion``: a request with ``probe`` (a body object, or a JSON string in
-  ``vllm_xargs``) is validated here (HTTP 400 naming the field) and gets a ``ServerProbe``
-  for the length of the call (a context variable). The streamed response is wrapped
-  (``ServerProbe.stream``): each reading goes out in its own SSE chunk as soon as it and
-  every earlier one are read, as ``choices[i].probe_readings``; a choice that stopped
-  early carries ``probe_stop`` on its finish chunk. A non-streamed response gets the
-  same two fields on its choices.
-- ``AsyncLLM.generate``: called by those methods with the probe set, it returns
-  ``ServerProbe.main``, which passes the request's outputs on while a ``LiveRun`` forks
+- ``ServerProbe.bind``: the request's own generator, passed on while a ``LiveRun`` forks
   the growing sequence on the same engine (a non-streamed request is generated
   cumulatively so that its tokens are seen as they come, and only its final output is
-  passed on). Every other call is vLLM's own generator, untouched.
+  passed on).
+- ``ServerProbe.stream``: the streamed response, each reading in its own SSE chunk as
+  soon as it and every earlier one are read, as ``choices[i].probe_readings``; a choice
+  that stopped early carries ``probe_stop`` on its finish chunk. ``decorate``: the same
+  two fields on a whole response's choices.
 
 A client that disconnects closes the stream: the wrapper cancels every fork still
 running (their engine requests are aborted) before the generator exits.
@@ -24,36 +21,24 @@ running (their engine requests are aborted) before the generator exits.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from vllm_steer.probe.choices import ProbeError
-from vllm_steer.probe.live import LiveProbe, LiveProbeConfig
-from vllm_steer.probe.live_run import LiveRun, final_output
+from vllm_steer.probe.live_drivers import LiveRun, final_output
+from vllm_steer.probe.live_state import LiveProbe, LiveProbeConfig
+from vllm_steer.server.requests import PROBE_KEY as BODY_KEY
 from vllm_steer.steering.spec import SpecError, parse_extra_args
-from vllm_steer.vllm_adapter.check import VLLMDriftError
+from vllm_steer.vllm_adapter import openai_serving
+from vllm_steer.vllm_adapter.engine import input_processor, max_model_len
+from vllm_steer.vllm_adapter.frontend import get_resolver
+from vllm_steer.vllm_adapter.openai_requests import validation_error
 
 logger = logging.getLogger("vllm_steer")
-BODY_KEY = "probe"
-_CURRENT: contextvars.ContextVar[ServerProbe | None] = contextvars.ContextVar(
-    "vllm_steer_probe", default=None)
-#: module -> (serving class, method) whose requests may carry a probe.
-TARGETS = {"vllm.entrypoints.openai.chat_completion.serving": ("OpenAIServingChat",
-                                                               "create_chat_completion"),
-           "vllm.entrypoints.openai.completion.serving": ("OpenAIServingCompletion",
-                                                          "create_completion")}
 #: Fork requests in flight over every probed request of this process (the stats route).
 LIVE = {"forks_in_flight": 0, "forks_submitted": 0, "probed_requests": 0}
-
-
-def _bad(message: str, field: str) -> Exception:
-    from vllm.exceptions import VLLMValidationError
-
-    return VLLMValidationError(message, parameter=field)
 
 
 def probe_config(request: Any) -> LiveProbeConfig | None:
@@ -64,7 +49,7 @@ def probe_config(request: Any) -> LiveProbeConfig | None:
     xargs = getattr(request, "vllm_xargs", None) or {}
     in_body, in_xargs = body.get(BODY_KEY), xargs.get(BODY_KEY)
     if in_body is not None and in_xargs is not None:
-        raise _bad("probe: given both in the body and in vllm_xargs; use one", BODY_KEY)
+        raise validation_error("probe: given both in the body and in vllm_xargs; use one", BODY_KEY)
     raw = in_body if in_body is not None else in_xargs
     if raw is None:
         return None
@@ -73,51 +58,52 @@ def probe_config(request: Any) -> LiveProbeConfig | None:
     try:
         cfg = LiveProbeConfig.parse(raw)
     except ProbeError as e:
-        raise _bad(str(e), e.field) from None
+        raise validation_error(str(e), e.field) from None
     if getattr(request, "use_beam_search", False):
-        raise _bad("probe: not available with beam search", BODY_KEY)
+        raise validation_error("probe: not available with beam search", BODY_KEY)
     n = getattr(request, "n", None) or 1
     if cfg.stop_when is not None and n != 1:
-        raise _bad("probe.stop_when: early exit needs n == 1", "probe.stop_when")
+        raise validation_error("probe.stop_when: early exit needs n == 1", "probe.stop_when")
     logprobs = getattr(request, "logprobs", None)
     if cfg.stop_when is not None and cfg.stop_when.complete and logprobs not in (None, False):
-        raise _bad("probe.stop_when.complete: the appended answer has no log-probs; do not "
-                   "combine it with logprobs", "probe.stop_when.complete")
+        raise validation_error("probe.stop_when.complete: the appended answer has no "
+                               "log-probs; do not combine it with logprobs",
+                               "probe.stop_when.complete")
     prompt = getattr(request, "prompt", None)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) \
             and len(prompt) > 1:
-        raise _bad("prompt: a probed completion takes one prompt", "prompt")
+        raise validation_error("prompt: a probed completion takes one prompt", "prompt")
     return cfg
 
 
 class ServerProbe:
     """One probed OpenAI request: its live run, and the rewriting of its response."""
 
-    def __init__(self, cfg: LiveProbeConfig, serving: Any, request: Any) -> None:
-        from vllm_steer.vllm_adapter.engine import input_processor, max_model_len
-        from vllm_steer.vllm_adapter.frontend import get_resolver
-
+    def __init__(self, cfg: LiveProbeConfig, engine_client: Any, request: Any) -> None:
         self.cfg, self.request = cfg, request
-        self.tok = get_resolver(input_processor(serving.engine_client)).tokenizer
+        self.tok = get_resolver(input_processor(engine_client)).tokenizer
         if self.tok is None:
-            raise _bad("probe: the server has no tokenizer", BODY_KEY)
-        self.max_model_len = max_model_len(serving.engine_client)
+            raise validation_error("probe: the server has no tokenizer", BODY_KEY)
+        self.max_model_len = max_model_len(engine_client)
         try:
             self.probe = LiveProbe(self.tok, cfg)
         except ProbeError as e:
             field = e.field if e.field.startswith(BODY_KEY) else f"{BODY_KEY}.{e.field}"
-            raise _bad(f"{field}: {str(e).split(': ', 1)[1]}", field) from None
+            raise validation_error(f"{field}: {str(e).split(': ', 1)[1]}", field) from None
         self.run: LiveRun | None = None
 
     @property
     def bound(self) -> bool:
         return self.run is not None
 
+    async def aclose(self) -> None:
+        if self.run is not None:
+            await self.run.aclose()
+
     # -- the engine side ------------------------------------------------------------
-    def bind(self, engine: Any, orig: Callable[..., AsyncIterator[Any]], prompt: Any,
-             sp: Any, request_id: str, args: tuple, kwargs: dict[str, Any]
-             ) -> AsyncIterator[Any]:
-        """The main request's generator (``orig`` is vLLM's ``AsyncLLM.generate``)."""
+    def bind(self, submit: openai_serving.Submit, prompt: Any, sp: Any, request_id: str,
+             args: tuple, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        """The main request's generator (``submit`` reaches vLLM's ``AsyncLLM.generate``)."""
         from vllm.sampling_params import RequestOutputKind
 
         try:
@@ -130,13 +116,10 @@ class ServerProbe:
         if final_only:
             sp.output_kind = RequestOutputKind.CUMULATIVE
 
-        def fork(fprompt: Any, fsp: Any, rid: str) -> AsyncIterator[Any]:
-            return orig(engine, fprompt, fsp, rid)
-
-        self.run = LiveRun(self.probe, _counted(fork), request_id,
+        self.run = LiveRun(self.probe, _counted(submit), request_id,
                            spec.to_dict() if spec else None)
         LIVE["probed_requests"] += 1
-        main = orig(engine, prompt, sp, request_id, *args, **kwargs)
+        main = submit(prompt, sp, request_id, *args, **kwargs)
         return self.main(main, sp.output_kind == RequestOutputKind.CUMULATIVE, final_only)
 
     def _fit(self, prompt: Any, sp: Any) -> None:
@@ -151,9 +134,10 @@ class ServerProbe:
         asked = (getattr(self.request, "max_completion_tokens", None)
                  or getattr(self.request, "max_tokens", None))
         if asked is not None or room < 1:
-            raise _bad(f"max_tokens: prompt ({len(ids)}) + max_tokens ({sp.max_tokens}) + "
-                       f"the probe's fork tokens ({self.probe.extra_tokens()}) exceed the "
-                       f"model's context ({self.max_model_len})", "max_tokens")
+            raise validation_error(
+                f"max_tokens: prompt ({len(ids)}) + max_tokens ({sp.max_tokens}) + the probe's "
+                f"fork tokens ({self.probe.extra_tokens()}) exceed the model's context "
+                f"({self.max_model_len})", "max_tokens")
         sp.max_tokens = room
 
     async def main(self, gen: AsyncIterator[Any], cumulative: bool, final_only: bool
@@ -313,74 +297,12 @@ def _counted(fork: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIter
     return gen
 
 
-# -- the patches ------------------------------------------------------------------------------
-def _wrap_create(orig: Callable[..., Any], chat: bool) -> Callable[..., Any]:
-    @functools.wraps(orig)
-    async def create(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        cfg = probe_config(request)
-        if cfg is None:
-            return await orig(self, request, *args, **kwargs)
-        session = ServerProbe(cfg, self, request)
-        token = _CURRENT.set(session)
-        try:
-            result = await orig(self, request, *args, **kwargs)
-        finally:
-            _CURRENT.reset(token)
-        if hasattr(result, "__aiter__"):
-            if not session.bound:
-                raise VLLMDriftError("vllm.v1.engine.async_llm:AsyncLLM.generate",
-                                     "was not reached by a probed request: its forks would "
-                                     "never run")
-            return session.stream(result, chat)
-        if session.bound and getattr(result, "choices", None) is not None:
-            return session.decorate(result)
-        if session.bound:
-            await session.run.aclose()
-        return result
-
-    create._vllm_steer = True  # type: ignore[attr-defined]
-    return create
-
-
-def _wrap_generate(orig: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(orig)
-    def generate(self: Any, prompt: Any, sampling_params: Any, request_id: str, *args: Any,
-                 **kwargs: Any) -> Any:
-        session = _CURRENT.get()
-        if session is None or session.bound or not hasattr(sampling_params, "output_kind"):
-            return orig(self, prompt, sampling_params, request_id, *args, **kwargs)
-        return session.bind(self, orig, prompt, sampling_params, request_id, args, kwargs)
-
-    generate._vllm_steer = True  # type: ignore[attr-defined]
-    return generate
-
-
-_installed = False
-
-
-def installed() -> bool:
-    """Whether this process serves live probes (the endpoint plugin installed them)."""
-    return _installed
+def begin(engine_client: Any, request: Any) -> ServerProbe | None:
+    """The serving hook: a ``ServerProbe`` for a probed request, else None."""
+    cfg = probe_config(request)
+    return None if cfg is None else ServerProbe(cfg, engine_client, request)
 
 
 def install() -> None:
-    """Check the ``api`` rows of the symbol table, then wrap the serving methods and
-    ``AsyncLLM.generate`` (idempotent). Called by the endpoint plugin in the API-server
-    process: those modules take seconds to import, too much for every vLLM process."""
-    global _installed
-    import importlib
-
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    from vllm_steer.vllm_adapter.check import check_all
-
-    check_all(scope="api")
-
-    for module, (cls_name, method) in TARGETS.items():
-        cls = getattr(importlib.import_module(module), cls_name)
-        fn = cls.__dict__[method]
-        if not getattr(fn, "_vllm_steer", False):
-            setattr(cls, method, _wrap_create(fn, chat="chat" in module))
-    if not getattr(AsyncLLM.generate, "_vllm_steer", False):
-        AsyncLLM.generate = _wrap_generate(AsyncLLM.generate)
-    _installed = True
+    """Serve live probes in this process (the endpoint plugin, when the routes mount)."""
+    openai_serving.install(begin)

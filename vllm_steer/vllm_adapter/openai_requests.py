@@ -1,0 +1,126 @@
+"""Hooks on vLLM's OpenAI request models and its ``--api-key`` middleware.
+
+``install(on_sampling_params, on_beam_search)`` wraps ``to_sampling_params`` and
+``to_beam_search_params`` of the chat, completions and responses request models: the
+hooks (``vllm_steer.server.requests``) see each request and its ``SamplingParams`` and may
+edit ``extra_args`` or refuse with ``validation_error`` (HTTP 400 naming the field) before
+a streaming response starts. The wrapped modules are imported at plugin load (the runner
+modules the plugin patches import most of them anyway; the rest costs ~15 ms).
+
+``install_auth_errors(prefix, unauthorized)`` (called when the routes are mounted) makes
+vLLM's ``--api-key`` middleware answer requests under ``prefix`` with ``unauthorized()``,
+an ASGI app: the middleware runs before any route and answers ``{"error": "Unauthorized"}``
+(a string, not the error object the routes answer with). Paths outside the prefix keep
+vLLM's answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+#: vLLM's ``--api-key`` middleware (``install_auth_errors``).
+AUTH_MIDDLEWARE = ("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware")
+#: module -> request classes whose sampling-parameter builders are wrapped.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "vllm.entrypoints.openai.chat_completion.protocol": ("ChatCompletionRequest",),
+    "vllm.entrypoints.openai.completion.protocol": ("CompletionRequest",),
+    "vllm.entrypoints.openai.responses.protocol": ("ResponsesRequest",),
+}
+#: ``(request model, SamplingParams) -> None``; may edit the params or raise.
+SamplingHook = Callable[[Any, Any], None]
+#: ``(request model) -> None``; may raise.
+BeamHook = Callable[[Any], None]
+_lock = threading.Lock()
+#: Path prefixes whose unauthorized requests get ``_unauthorized()``.
+_auth_prefixes: set[str] = set()
+_unauthorized: Callable[[], Any] | None = None
+
+
+def validation_error(message: str, field: str | None) -> Exception:
+    """vLLM's ``VLLMValidationError`` (HTTP 400 with ``param`` = ``field``)."""
+    from vllm.exceptions import VLLMValidationError
+
+    return VLLMValidationError(message, parameter=field)
+
+
+def api_keys(app_args: Any) -> list[str]:
+    """The server's API keys: ``--api-key`` values, else ``VLLM_API_KEY``."""
+    from vllm import envs
+
+    return [k for k in (getattr(app_args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
+
+
+def _wrap_sampling(orig: Callable[..., Any], hook: SamplingHook) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def to_sampling_params(self: Any, *args: Any, **kwargs: Any) -> Any:
+        params = orig(self, *args, **kwargs)
+        hook(self, params)
+        return params
+
+    to_sampling_params._vllm_steer = True  # type: ignore[attr-defined]
+    return to_sampling_params
+
+
+def _wrap_beam(orig: Callable[..., Any], hook: BeamHook) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def to_beam_search_params(self: Any, *args: Any, **kwargs: Any) -> Any:
+        hook(self)
+        return orig(self, *args, **kwargs)
+
+    to_beam_search_params._vllm_steer = True  # type: ignore[attr-defined]
+    return to_beam_search_params
+
+
+def install(on_sampling_params: SamplingHook, on_beam_search: BeamHook) -> None:
+    """Wrap the request models' builders with the hooks (idempotent: the first hooks
+    stay; the symbol table checked the builders)."""
+    with _lock:
+        for module_name, class_names in TARGETS.items():
+            module = importlib.import_module(module_name)
+            for cls_name in class_names:
+                cls = getattr(module, cls_name)
+                for attr, wrap, hook in (("to_sampling_params", _wrap_sampling,
+                                          on_sampling_params),
+                                         ("to_beam_search_params", _wrap_beam, on_beam_search)):
+                    fn = cls.__dict__.get(attr)
+                    if fn is not None and not getattr(fn, "_vllm_steer", False):
+                        setattr(cls, attr, wrap(fn, hook))
+
+
+def _under(path: str, prefixes: set[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def _wrap_auth_call(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def __call__(self: Any, scope: Any, receive: Any, send: Any) -> Any:
+        if scope.get("type") == "http" and scope.get("method") != "OPTIONS":
+            path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+            if _unauthorized is not None and _under(path, _auth_prefixes):
+                from starlette.datastructures import Headers
+
+                if not self.verify_token(Headers(scope=scope)):
+                    return _unauthorized()(scope, receive, send)
+        return orig(self, scope, receive, send)
+
+    __call__._vllm_steer = True  # type: ignore[attr-defined]
+    return __call__
+
+
+def install_auth_errors(prefix: str, unauthorized: Callable[[], Any]) -> None:
+    """Unauthorized requests under ``prefix`` are answered by the ASGI app
+    ``unauthorized()`` (idempotent; the symbol table checked the middleware's
+    ``__call__``/``verify_token``)."""
+    global _unauthorized
+    module_name, cls_name = AUTH_MIDDLEWARE
+    with _lock:
+        _auth_prefixes.add(prefix.rstrip("/"))
+        _unauthorized = unauthorized
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        fn = cls.__dict__["__call__"]
+        if not getattr(fn, "_vllm_steer", False):
+            cls.__call__ = _wrap_auth_call(fn)
