@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vllm_steer.steering.layers import AdapterKind, attach
-from vllm_steer.steering.recipe import Composed
+from vllm_steer.steering.program import Composed
 from vllm_steer.steering.slots import SlotTable
 
 HIDDEN, LAYERS, MAX_TOKENS = 64, 3, 16
@@ -61,7 +61,7 @@ def _setup(device: torch.device):
 
 
 def _upload(slots: SlotTable, digest: str, seed: int) -> int:
-    """A recipe-like slot: an additive delta on every layer, plus (odd seeds) an ablation of
+    """A program-like slot: an additive delta on every layer, plus (odd seeds) an ablation of
     half the component along a unit direction and the norm restored."""
     g = torch.Generator().manual_seed(seed)
     unit = torch.nn.functional.normalize(torch.randn(LAYERS, 1, HIDDEN, generator=g), dim=-1)

@@ -241,9 +241,9 @@ def test_a_spec_may_name_a_vector_as_the_shipped_registry_does(home):
 
     res = Resolver(Registry.from_yaml(locations.shipped_registry()), num_layers=30,
                    hidden_size=576, store_root=home / "store")
-    by_name = res.recipe(parse_spec({"vectors": [{"name": "happy", "scale": 2.0}]}))
+    by_name = res.program(parse_spec({"vectors": [{"name": "happy", "scale": 2.0}]}))
     for path in ("vectors/happy.safetensors", "happy.safetensors"):
-        c = res.recipe(parse_spec({"vectors": [{"path": path, "scale": 2.0}]}))
+        c = res.program(parse_spec({"vectors": [{"path": path, "scale": 2.0}]}))
         assert c.digest == by_name.digest, path
 
 

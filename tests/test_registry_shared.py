@@ -173,16 +173,16 @@ def test_api_process_count_from_vllm_serve_arguments():
 
 def test_registration_without_a_registry_file_is_refused_with_several_processes(reg_file):
     from vllm_steer.server.common import ServerContext, SteerHTTPError
-    from vllm_steer.server.vectors import _require_shared
+    from vllm_steer.server.vectors import require_shared
 
     class _Res:
         def __init__(self, registry):
             self.registry = registry
 
-    _require_shared(ServerContext(None, _Res(Registry()), api_processes=1))
-    _require_shared(ServerContext(None, _Res(Registry.from_yaml(reg_file)), api_processes=2))
+    require_shared(ServerContext(None, _Res(Registry()), api_processes=1))
+    require_shared(ServerContext(None, _Res(Registry.from_yaml(reg_file)), api_processes=2))
     with pytest.raises(SteerHTTPError) as e:
-        _require_shared(ServerContext(None, _Res(Registry()), api_processes=2))
+        require_shared(ServerContext(None, _Res(Registry()), api_processes=2))
     assert e.value.status == 409 and "registry" in e.value.message
 
 

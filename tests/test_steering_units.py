@@ -10,7 +10,7 @@ import torch
 
 from vllm_steer import SteeringVector
 from vllm_steer.steering.intake import Intake
-from vllm_steer.steering.recipe import Composed
+from vllm_steer.steering.program import Composed
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.resolve import NO_END, Resolver
 from vllm_steer.steering.slots import SlotTable
@@ -161,7 +161,7 @@ def test_composition_sums_scaled_vectors_per_layer(resolver, registry):
 def test_wire_round_trip(resolver):
     r = resolver.resolve(parse_spec({"vectors": [{"name": "a"}], "apply_to": "thinking"}), 3)
     back = WireSteering.from_extra_arg(r.to_wire().to_extra_arg())
-    assert back.recipe() == r.recipe and back.digest == r.digest
+    assert back.program() == r.program and back.digest == r.digest
     assert (back.mode, back.start, back.end) == ("thinking", 0, NO_END)
     assert back.think_start_ids == (7,) and back.think_end_ids == (9,)
 

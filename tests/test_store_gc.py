@@ -212,8 +212,8 @@ def _churn(reg_file: str, store_root: str, tag: str, names: list[str], shared: l
         SteeringVector({k: torch.from_numpy(v) for k, v in d.items()}).save(str(path))
         reg.register(name, path, replace=True)
         wanted = [n for n in names + shared if n in reg.entries]
-        recipe = res.recipe(parse_spec({"vectors": [{"name": n} for n in wanted]}))
-        cids = [p.content for p in recipe.parts]
+        program = res.program(parse_spec({"vectors": [{"name": n} for n in wanted]}))
+        cids = [p.content for p in program.parts]
         if cids[wanted.index(name)] != content_id(d):
             failures.append(f"cycle {i}: {name} resolved to stale content")
         now = time.time()

@@ -1,5 +1,5 @@
 """The typed wire form of a resolved steering (``steering.wire``): what travels from the
-frontend to the workers in ``SamplingParams.extra_args`` (a recipe naming vectors by content
+frontend to the workers in ``SamplingParams.extra_args`` (a program naming vectors by content
 id, never the vectors unless the transport is inline), and the worker's refusal of a
 malformed one. The round trip goes through vLLM's own msgpack encoder (the multiprocess
 transport); the engine tests cover both transports end to end."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vllm_steer.steering.intake import Intake
-from vllm_steer.steering.recipe import Part, Recipe
+from vllm_steer.steering.program import Part, Program
 from vllm_steer.steering.slots import SlotTable
 from vllm_steer.steering.spec import WIRE_KEY
 from vllm_steer.steering.store import VectorStore, encode
@@ -42,8 +42,8 @@ def make(tmp_path, mode="all", ops=(("add", 1.5),), inline=False, **kw) -> WireS
         if inline:
             layers, data = encode(d)
             blobs.append(WireVector(content=cid, layers=layers, data=data))
-    recipe = Recipe(tuple(parts), normalize=False)
-    fields = dict(version=WIRE_VERSION, digest=recipe.digest, hidden=H,
+    program = Program(tuple(parts), normalize=False)
+    fields = dict(version=WIRE_VERSION, digest=program.digest, hidden=H,
                   parts=tuple(WirePart(content=p.content, op=p.op, param=p.param,
                                        layers=p.layers) for p in parts),
                   normalize=False, mode=mode, start=2, end=NO_END, store=str(store.root),
@@ -61,7 +61,7 @@ def test_fields_are_named_and_small(tmp_path):
     assert set(raw["parts"][0]) == {"content", "op", "param", "layers"}
     from vllm.v1.serial_utils import MsgpackEncoder
 
-    # a recipe, not the vectors: a few hundred bytes whatever the hidden size
+    # a program, not the vectors: a few hundred bytes whatever the hidden size
     assert sum(len(b) for b in MsgpackEncoder().encode(raw)) < 600
 
 
@@ -77,7 +77,7 @@ def test_round_trip_through_vllm_msgpack(tmp_path):
         back = MsgpackDecoder(SamplingParams).decode(MsgpackEncoder().encode(sp))
         got = WireSteering.from_extra_arg(back.extra_args[WIRE_KEY])
         assert got == w
-        assert got.recipe().digest == w.digest
+        assert got.program().digest == w.digest
         # the in-process path hands the same builtins over by reference
         assert WireSteering.from_extra_arg(sp.extra_args[WIRE_KEY]) == w
 
@@ -136,11 +136,11 @@ def test_model_shape_is_checked_on_the_worker(tmp_path):
     assert ei.value.field == "hidden"
 
 
-def test_the_recipe_must_match_the_digest(tmp_path):
+def test_the_program_must_match_the_digest(tmp_path):
     good, other = make(tmp_path), make(tmp_path, ops=(("add", 2.0),))
     bad = WireSteering.from_extra_arg({**good.to_extra_arg(), "digest": other.digest})
     with pytest.raises(WireError, match="does not match") as ei:
-        bad.recipe()
+        bad.program()
     assert ei.value.field == "digest"
 
 

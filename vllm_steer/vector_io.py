@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from vllm_steer.atomic_files import atomic_path
 from vllm_steer.vector_errors import VectorFileError
 
 
@@ -82,7 +83,8 @@ def save_safetensors(vector: VectorLike, path: str | os.PathLike[str]) -> None:
     meta["format_version"] = FORMAT_VERSION
     meta["layers"] = json.dumps(vector.layers)
     tensors = {f"direction.{k}": v.contiguous() for k, v in vector.directions.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> RawVector:
@@ -153,7 +155,8 @@ def save_gguf(
         writer.write_tensors_to_file()
         writer.close()
 
-    _atomic_write(path, write)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def read_gguf(path: str | os.PathLike[str]) -> RawVector:
@@ -240,15 +243,3 @@ def _build(path, directions: dict[int, torch.Tensor], meta: dict[str, str]) -> R
     if meta.get("hidden_size", "0") in ("", "0"):
         meta["hidden_size"] = str(sizes.pop())
     return RawVector(directions, meta)
-
-
-def _atomic_write(path: str | os.PathLike[str], write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

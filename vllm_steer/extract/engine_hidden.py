@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vllm_steer.extract.hidden import HiddenStateError, _carriers, tokenize_prompts
+from vllm_steer.extract.hidden import HiddenStateError, carriers, tokenize_prompts
 from vllm_steer.vllm_adapter.capture import take_captures, take_captures_async
 
 #: Requests submitted (and captures collected) per round: bounds what the workers hold.
@@ -171,7 +171,7 @@ def plan_last_token(rows: Sequence[Sequence[int]], layers: Sequence[int], *,
     position of every prompt it carries."""
     layers = sorted(set(int(i) for i in layers))
     if share_prefix:
-        order, carrier = _carriers(rows)
+        order, carrier = carriers(rows)
     else:
         order, carrier = list(range(len(rows))), list(range(len(rows)))
     by_carrier: dict[int, list[int]] = {}

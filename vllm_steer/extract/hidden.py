@@ -88,7 +88,7 @@ def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _carriers(rows: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+def carriers(rows: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
     """Map every row to a "carrier" row that starts with it (itself if none is longer).
 
     A causal model's state at a row's last token is also computed by any forward over a
@@ -152,7 +152,7 @@ def read_last_token(
         raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens=add_special_tokens)
     if share_prefix:
-        order, carrier = _carriers(rows)
+        order, carrier = carriers(rows)
     else:
         order = sorted(range(len(rows)), key=lambda k: len(rows[k]))
         carrier = list(range(len(rows)))

@@ -14,7 +14,8 @@ from vllm_steer.probe.reading import DEFAULT_MIN_MASS
 MAX_TOP_K = 20
 
 
-def _int(v: Any, name: str, lo: int, hi: int | None = None) -> None:
+def check_int(v: Any, name: str, lo: int, hi: int | None = None) -> None:
+    """An int (not a bool) in ``[lo, hi]``, else ``ProbeError`` naming ``name``."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise ProbeError(name, f"must be an integer, got {v!r}")
     if v < lo or (hi is not None and v > hi):
@@ -22,13 +23,15 @@ def _int(v: Any, name: str, lo: int, hi: int | None = None) -> None:
         raise ProbeError(name, f"must be {bound}, got {v}")
 
 
-def _num(v: Any, name: str, lo: float, hi: float) -> None:
+def check_number(v: Any, name: str, lo: float, hi: float) -> None:
+    """A finite number (not a bool) in ``[lo, hi]``, else ``ProbeError``."""
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
             or not lo <= v <= hi:
         raise ProbeError(name, f"must be a number in [{lo:g}, {hi:g}], got {v!r}")
 
 
-def _bool(v: Any, name: str) -> None:
+def check_bool(v: Any, name: str) -> None:
+    """``True`` or ``False``, else ``ProbeError``."""
     if not isinstance(v, bool):
         raise ProbeError(name, f"must be true or false, got {v!r}")
 
@@ -94,21 +97,21 @@ class ProbeConfig:
         if not isinstance(self.choices, list | tuple) or not self.choices or not all(
                 isinstance(c, str) for c in self.choices):
             raise ProbeError("choices", "must be a non-empty list of strings")
-        _int(self.every, "every", 1)
+        check_int(self.every, "every", 1)
         if self.suffix is not None and not isinstance(self.suffix, str):
             raise ProbeError("suffix", "must be a string or null")
         if self.suffix == "":
             raise ProbeError("suffix", "must not be empty (use null to read right after a "
                              "one-shot prompt)")
-        _int(self.max_tokens, "max_tokens", 1)
-        _num(self.min_mass, "min_mass", 0.0, 1.0)
+        check_int(self.max_tokens, "max_tokens", 1)
+        check_number(self.min_mass, "min_mass", 0.0, 1.0)
         _text(self.think_start, "think_start", nullable=True)
         _text(self.think_end, "think_end", nullable=True)
-        _num(self.temperature, "temperature", 0.0, 100.0)
-        _int(self.seed, "seed", 0)  # vLLM seeds its generator with it
-        _int(self.top_k_flagged, "top_k_flagged", 0, MAX_TOP_K)
-        _bool(self.ignore_eos, "ignore_eos")
-        _bool(self.steer_suffix, "steer_suffix")
+        check_number(self.temperature, "temperature", 0.0, 100.0)
+        check_int(self.seed, "seed", 0)  # vLLM seeds its generator with it
+        check_int(self.top_k_flagged, "top_k_flagged", 0, MAX_TOP_K)
+        check_bool(self.ignore_eos, "ignore_eos")
+        check_bool(self.steer_suffix, "steer_suffix")
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
-from vllm_steer.probe.config import ProbeConfig, _bool, _int, _num
+from vllm_steer.probe.config import ProbeConfig, check_bool, check_int, check_number
 from vllm_steer.probe.forks import fork_spec, marker_overlap
 from vllm_steer.probe.point import PointReader, PointRun, ProbePoint, think_marker_ids
 from vllm_steer.probe.reading import Reading
@@ -55,15 +55,15 @@ class StopWhen:
 
     def validate(self, choices: list[str], prefix: str) -> None:
         try:
-            _num(self.threshold, "threshold", 0.0, 1.0)
-            _int(self.consecutive, "consecutive", 1, 1000)
+            check_number(self.threshold, "threshold", 0.0, 1.0)
+            check_int(self.consecutive, "consecutive", 1, 1000)
             if self.choice is not None and self.choice not in choices:
                 raise ProbeError("choice", f"{self.choice!r} is not one of the choices "
                                  f"{choices}")
             if self.min_mass is not None:
-                _num(self.min_mass, "min_mass", 0.0, 1.0)
-            _int(self.min_thinking_tokens, "min_thinking_tokens", 0)
-            _bool(self.complete, "complete")
+                check_number(self.min_mass, "min_mass", 0.0, 1.0)
+            check_int(self.min_thinking_tokens, "min_thinking_tokens", 0)
+            check_bool(self.complete, "complete")
         except ProbeError as e:
             raise ProbeError(prefix + e.field, str(e).split(": ", 1)[1]) from None
 

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_steer import envvars, locations
+from vllm_steer.atomic_files import write_atomic
 from vllm_steer.compat import installed_vllm_version
 from vllm_steer.vllm_adapter.platform import device_key
 
@@ -82,15 +82,7 @@ def write_stamp(key: StampKey, *, passed: bool, complete: bool,
     body = {"format": STAMP_FORMAT, "key": asdict(key), "passed": bool(passed),
             "complete": bool(complete),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(details or {})}
-    fd, tmp = tempfile.mkstemp(prefix=".stamp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(body, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(body, indent=2, default=str))
     return path
 
 

@@ -8,9 +8,9 @@ them on one token id each. The self-check feeds token ids, never text.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
+
+from vllm_steer.atomic_files import staged_dir
 
 #: Bump when the vocabulary changes (the cached directory is keyed by it).
 TOKENIZER_VERSION = 1
@@ -34,15 +34,6 @@ def build_tokenizer(root: Path) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>")
     tok.add_special_tokens({"additional_special_tokens": [THINK_START, THINK_END]})
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=root))
-    try:
+    with staged_dir(out) as tmp:   # another run's identical copy wins a race
         tok.save_pretrained(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another run won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

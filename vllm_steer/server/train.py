@@ -128,13 +128,11 @@ async def train_vector(request: Request) -> JSONResponse:
 
     global _lock
     ctx = context(request)
-    vectors._require_shared(ctx)
+    vectors.require_shared(ctx)
     reg_fields, recipe, prefix = parse_body(await read_body(request, MAX_BODY_BYTES))
-    name = vectors._name(reg_fields.get("name", recipe.get("name")))
-    ops = vectors._op_fields(reg_fields, text=False)
-    scale = vectors._scale(reg_fields.get("scale"), text=False)
-    layers_default = vectors._layers(reg_fields.get("layers"), ctx.num_layers, text=False)
-    replace = vectors._bool(reg_fields.get("replace"), "replace", text=False)
+    r = vectors.parse_registration({"name": recipe.get("name"), **reg_fields}, ctx.num_layers,
+                                   text=False)
+    name, layers_default = r.name, r.layers
     concurrent = reg_fields.get("max_concurrent", DEFAULT_MAX_CONCURRENT)
     if isinstance(concurrent, bool) or not isinstance(concurrent, int) \
             or not 1 <= concurrent <= MAX_CONCURRENT_LIMIT:
@@ -153,7 +151,7 @@ async def train_vector(request: Request) -> JSONResponse:
     if missing:
         raise SteerHTTPError(400, f"the vector will have no direction for layers {missing} "
                              f"(it is trained on {picked})", "layers")
-    if not replace and name in ctx.registry.entries:   # before any work is done
+    if not r.replace and name in ctx.registry.entries:   # before any work is done
         raise SteerHTTPError(409, f"vector {name!r} exists; pass replace=true to overwrite",
                              "name")
     ds = await asyncio.to_thread(_dataset, ctx, cfg, prefix)
@@ -193,12 +191,11 @@ async def train_vector(request: Request) -> JSONResponse:
                                      direction_from_layer=cfg.direction_from_layer)
     data = await asyncio.to_thread(_vector_bytes, vector)
     t2 = time.perf_counter()
-    entry = await asyncio.to_thread(vectors._register, ctx, name, scale, layers_default, ops,
-                                    replace, data, None, "recipe")
+    entry = await asyncio.to_thread(vectors.register, ctx, r, data, None, "recipe")
     t3 = time.perf_counter()
     sep = json.loads(vector.metadata.extra["separation"])
     not_applied = sorted(k for k in NOT_APPLIED if recipe.get(k) is not None)
-    return vectors._json({
+    return vectors.respond({
         **entry,
         "training": {
             "num_pairs": None if isinstance(ds, PromptSets) else len(ds),

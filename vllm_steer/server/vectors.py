@@ -27,12 +27,14 @@ import binascii
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from vllm_steer.atomic_files import TMP_SUFFIX, publish, write_durable
 from vllm_steer.server.common import ServerContext, SteerHTTPError, SteerRoute, context, read_body
 from vllm_steer.steering import store_gc
 from vllm_steer.steering.registry import NAME_RE, RegistryEntry
@@ -63,7 +65,7 @@ def attach(ctx: ServerContext) -> None:
     ctx.collector = store_gc.attach(ctx.resolver)
 
 
-def _require_shared(ctx: ServerContext) -> None:
+def require_shared(ctx: ServerContext) -> None:
     """Several API processes share registrations only through a registry file's overlay."""
     if ctx.api_processes > 1 and not ctx.registry.persistent:
         raise SteerHTTPError(
@@ -72,7 +74,8 @@ def _require_shared(ctx: ServerContext) -> None:
             "registry (VLLMSTEER_REGISTRY or `vllm-steer serve --registry FILE`)", "name")
 
 
-def _json(body: Any, status: int = 200) -> JSONResponse:
+def respond(body: Any, status: int = 200) -> JSONResponse:
+    """A JSON response naming this process (``PID_HEADER``)."""
     return JSONResponse(body, status_code=status, headers={PID_HEADER: str(os.getpid())})
 
 
@@ -123,6 +126,29 @@ def _bool(x: Any, field: str, text: bool) -> bool:
         raise SteerHTTPError(400, e.message, field) from None
 
 
+@dataclass(frozen=True)
+class Registration:
+    """What a registration asks for, besides the vector itself (checked)."""
+
+    name: str
+    scale: float | None
+    layers: tuple[int, ...] | None
+    ops: dict[str, Any]
+    replace: bool
+
+
+def parse_registration(params: dict[str, Any], num_layers: int, *, text: bool
+                       ) -> Registration:
+    """``name``, ``op``/``strength``/``value``, ``scale``, ``layers`` and ``replace`` of a
+    registration (query parameters when ``text``, else JSON values); 400s name the
+    field."""
+    name = _name(params.get("name"))
+    ops = _op_fields(params, text)
+    scale = _scale(params.get("scale"), text)
+    layers = _layers(params.get("layers"), num_layers, text)
+    return Registration(name, scale, layers, ops, _bool(params.get("replace"), "replace", text))
+
+
 # -- vectors ---------------------------------------------------------------------------
 def _check_against_model(v: SteeringVector, ctx: ServerContext, layers: tuple[int, ...] | None,
                          field: str) -> None:
@@ -160,8 +186,8 @@ def _store_upload(ctx: ServerContext, data: bytes, name: str,
     """Write, parse and check an uploaded file; returns its final path in the upload dir."""
     try:
         upload_dir = ctx.registry.ensure_upload_dir()
-        tmp = upload_dir / f".upload-{uuid.uuid4().hex}.tmp"
-        tmp.write_bytes(data)
+        tmp = upload_dir / f".upload-{uuid.uuid4().hex}{TMP_SUFFIX}"
+        write_durable(tmp, data)
     except OSError as e:
         raise SteerHTTPError(500, f"cannot store the upload ({e.strerror})") from e
     try:
@@ -177,16 +203,17 @@ def _store_upload(ctx: ServerContext, data: bytes, name: str,
                                  field) from e
         _check_against_model(v, ctx, layers, field)
         final = upload_dir / f"{name}-{uuid.uuid4().hex[:12]}.{fmt}"
-        os.replace(tmp, final)
+        publish(tmp, final)
         return final
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _register(ctx: ServerContext, name: str, scale: float | None,
-              layers: tuple[int, ...] | None, ops: dict[str, Any], replace: bool,
-              data: bytes | None, path: str | None, data_field: str) -> dict[str, Any]:
-    """Blocking part of ``POST`` (run in a thread)."""
+def register(ctx: ServerContext, r: Registration, data: bytes | None, path: str | None,
+             data_field: str) -> dict[str, Any]:
+    """Register ``data`` (stored in the upload dir) or the allowed file ``path`` as
+    ``r.name``; the vector's info as the routes answer it. Blocking (run in a thread)."""
+    name, scale, layers, ops, replace = r.name, r.scale, r.layers, r.ops, r.replace
     reg = ctx.registry
     if not replace and name in reg.entries:
         raise SteerHTTPError(409, f"vector {name!r} exists; pass replace=true to overwrite",
@@ -245,7 +272,7 @@ async def list_vectors(request: Request) -> JSONResponse:
     ctx = context(request)
     entries = list(ctx.registry.entries.values())
     data = await asyncio.to_thread(lambda: [vector_info(ctx, e) for e in entries])
-    return _json({"object": "list", "data": data,
+    return respond({"object": "list", "data": data,
                   "model": {"num_layers": ctx.num_layers, "hidden_size": ctx.hidden_size},
                   "persistent": ctx.registry.persistent})
 
@@ -256,13 +283,13 @@ async def get_vector(name: str, request: Request) -> JSONResponse:
     entry = ctx.registry.entries.get(name)
     if entry is None:
         raise SteerHTTPError(404, f"unknown vector {name!r}", "name")
-    return _json(await asyncio.to_thread(vector_info, ctx, entry))
+    return respond(await asyncio.to_thread(vector_info, ctx, entry))
 
 
 @router.post("/v1/steering/vectors")
 async def register_vector(request: Request) -> JSONResponse:
     ctx = context(request)
-    _require_shared(ctx)
+    require_shared(ctx)
     limit = ctx.registry.max_upload_bytes
     is_json = request.headers.get("content-type", "").split(";")[0].strip().lower() \
         == "application/json"
@@ -311,23 +338,18 @@ async def register_vector(request: Request) -> JSONResponse:
         data, path = await read_body(request, limit), None
         if not data:
             raise SteerHTTPError(400, "empty body: send the safetensors or GGUF file", "body")
-    text = not is_json  # query parameters are text; a JSON body has JSON types
-    name = _name(params.get("name"))
-    ops = _op_fields(params, text)
-    scale = _scale(params.get("scale"), text)
-    layers = _layers(params.get("layers"), ctx.num_layers, text)
-    replace = _bool(params.get("replace"), "replace", text)
-    info = await asyncio.to_thread(_register, ctx, name, scale, layers, ops, replace, data,
-                                   path, "data" if is_json else "body")
-    return _json(info, 201)
+    # query parameters are text; a JSON body has JSON types
+    r = parse_registration(params, ctx.num_layers, text=not is_json)
+    info = await asyncio.to_thread(register, ctx, r, data, path, "data" if is_json else "body")
+    return respond(info, 201)
 
 
 @router.delete("/v1/steering/vectors/{name}")
 async def delete_vector(name: str, request: Request) -> JSONResponse:
     ctx = context(request)
-    _require_shared(ctx)
+    require_shared(ctx)
     try:
         await asyncio.to_thread(_unregister, ctx, name)
     except KeyError:
         raise SteerHTTPError(404, f"unknown vector {name!r}", "name") from None
-    return _json({"id": name, "object": "steering.vector", "deleted": True})
+    return respond({"id": name, "object": "steering.vector", "deleted": True})

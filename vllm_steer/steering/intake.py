@@ -1,9 +1,9 @@
-"""Worker side of the wire: recipe -> composed tables, with the vectors fetched once.
+"""Worker side of the wire: program -> composed tables, with the vectors fetched once.
 
-A worker sees a recipe's vectors by content id. ``Intake.composed`` finds each vector in
+A worker sees a program's vectors by content id. ``Intake.composed`` finds each vector in
 this order: sent inline with the request (hash-checked), the worker's memory, the
-content-addressed store (``steering.store``; hash-checked on first read). Composed recipes
-are kept by digest while live (``SlotTable``) and in a bounded LRU after, so a recipe is
+content-addressed store (``steering.store``; hash-checked on first read). Composed programs
+are kept by digest while live (``SlotTable``) and in a bounded LRU after, so a program is
 composed once per worker, not once per request. vLLM-free.
 """
 
@@ -13,14 +13,14 @@ from collections import OrderedDict
 
 import numpy as np
 
-from vllm_steer.steering.recipe import Composed, compose
+from vllm_steer.steering.program import Composed, compose
 from vllm_steer.steering.store import Directions, StoreError, VectorStore, content_id, decode
 from vllm_steer.steering.values import SpecError
 from vllm_steer.steering.wire import WireError, WireSteering
 
 
 class Intake:
-    """Per-worker caches of vectors (by content id) and composed recipes (by digest)."""
+    """Per-worker caches of vectors (by content id) and composed programs (by digest)."""
 
     def __init__(self, num_layers: int, hidden: int, max_projections: int,
                  cache_bytes: int = 256 << 20) -> None:
@@ -33,12 +33,12 @@ class Intake:
         self.stats = {"composed": 0, "store_reads": 0, "inline_vectors": 0}
 
     def composed(self, w: WireSteering) -> Composed:
-        """The composed tables of ``w``'s recipe (checked against its digest)."""
+        """The composed tables of ``w``'s program (checked against its digest)."""
         hit = self._composed.get(w.digest)
         if hit is not None:
             self._composed.move_to_end(w.digest)
             return hit
-        recipe = w.recipe()
+        program = w.program()
         inline: dict[str, Directions] = {}
         for k, v in enumerate(w.inline):
             dirs = decode(v.layers, v.data, w.hidden)
@@ -61,7 +61,7 @@ class Intake:
             return found
 
         try:
-            out = compose(recipe, directions, self.hidden, self.max_projections, where="parts")
+            out = compose(program, directions, self.hidden, self.max_projections, where="parts")
         except SpecError as e:  # the frontend ran the same checks: version skew
             raise WireError(e.field, e.message) from None
         except KeyError as e:

@@ -244,7 +244,7 @@ def _delta(self: nn.Module, n: int) -> torch.Tensor:
 
 
 def _steered(self: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The stream ``h [T, H]`` after the slot's ops (``steering.recipe``): projections
+    """The stream ``h [T, H]`` after the slot's ops (``steering.program``): projections
     ``x + (b - a (x . r)) r`` in order, then the additive delta, then (norm flag) the norm of
     ``h`` restored. The identity row leaves ``h`` bit for bit unchanged."""
     rows = self._vllm_steer_rows[: h.shape[0]]

@@ -1,88 +1,61 @@
-"""The vector registry: a YAML file naming vectors, their files and default scales/layers.
+"""The vector registry: named vectors, their files and default scales/layers, and the
+directories path-based specs may read (file format: ``registry_file``).
 
 Located by ``$VLLMSTEER_REGISTRY`` or the engine option
 ``additional_config={"vllm_steer": {"registry": PATH}}``; loaded once per process.
-Example::
-
-    allowed_dirs: [vectors]          # relative to this file; specs may name files here by path
-    think_markers: {start: "<think>", end: "</think>"}   # default: the model's own, else these
-    upload_dir: uploads              # where the server stores registered vectors
-    max_upload_bytes: 67108864       # vector upload limit of the server (default 64 MiB)
-    vectors:
-      happy: {path: vectors/happy.safetensors, scale: 1.0, layers: [10, 11, 12]}
 
 Vectors registered at run time (``register``/``unregister``, used by the server's
 ``/v1/steering/vectors`` routes) are persisted in an overlay file
-``<upload_dir>/registry.overlay.yaml`` (written as JSON, which is YAML) applied on top of
-the base file, so a restart keeps them. ``upload_dir`` defaults to ``uploads`` next to the
-registry file, except for a registry inside a ``vllm_steer`` package (the shipped one,
-whatever path names it), whose uploads go to the user's data home
-(``vllm_steer.locations``): nothing is ever written into the installed package.
+``<upload_dir>/registry.overlay.yaml`` applied on top of the base file, so a restart keeps
+them. ``upload_dir`` defaults to ``uploads`` next to the registry file, except for a
+registry inside a ``vllm_steer`` package (the shipped one, whatever path names it), whose
+uploads go to the user's data home (``vllm_steer.locations``): nothing is ever written
+into the installed package.
 
 Several processes may serve one registry (vLLM's ``--api-server-count``, data parallel):
-the overlay is their shared state. A mutation takes the overlay's lock file (``flock``),
-re-reads the overlay, and replaces it atomically with a version whose file identity
-(inode, size, mtime/ctime in ns) differs from every earlier one; every lookup of
-``entries`` compares the file's identity with the one it was read from (one ``stat``) and
-re-reads it when it changed. So a registration, replacement or deletion is seen by every
-process's next lookup once ``register``/``unregister`` returned. Readers never see a
-half-updated mapping (it is swapped as one reference). Upload files that left the mapping
-are deleted only ``retire_after_s`` later (a request in another process may have looked
-up the old entry a moment before).
+the overlay is their shared state (``shared_file``). A mutation takes the overlay's lock
+file, re-reads the overlay, and replaces it atomically with a version whose file identity
+differs from every earlier one; every lookup of ``entries`` compares the file's identity
+with the one it was read from (one ``stat``) and re-reads it when it changed. So a
+registration, replacement or deletion is seen by every process's next lookup once
+``register``/``unregister`` returned. Readers never see a half-updated mapping (it is
+swapped as one reference). Upload files that left the mapping are deleted only
+``retire_after_s`` later (``uploads.retire``: a request in another process may have
+looked up the old entry a moment before).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import fcntl
-import json
 import os
-import re
-import shutil
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from vllm_steer import envvars, locations
+from vllm_steer import envvars
+from vllm_steer.steering import shared_file, uploads
+from vllm_steer.steering.allowed_paths import allowed_path
+from vllm_steer.steering.registry_file import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    NAME_RE,
+    RegistryEntry,
+    RegistryError,
+    entry_json,
+    max_upload_bytes,
+    overlay_text,
+    parse_overlay,
+    read_registry_file,
+)
 from vllm_steer.steering.values import SpecError, parse_layers, parse_op_fields, parse_scale
 
+__all__ = ["NAME_RE", "OVERLAY_NAME", "Registry", "RegistryEntry", "RegistryError",
+           "load_registry"]
+
 REGISTRY_ENV = envvars.REGISTRY
-#: Override the registry's ``upload_dir`` / ``max_upload_bytes``.
-UPLOAD_DIR_ENV = envvars.UPLOAD_DIR
-MAX_UPLOAD_ENV = envvars.MAX_UPLOAD_BYTES
-DEFAULT_UPLOAD_DIR = "uploads"
-DEFAULT_MAX_UPLOAD_BYTES = 64 << 20
 OVERLAY_NAME = "registry.overlay.yaml"
 #: Lock file next to the overlay: serializes read-modify-writes of processes sharing it.
 LOCK_NAME = ".registry.overlay.lock"
-#: Vector names: no commas (the flat ``steer`` shorthand splits on them), no slashes.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-class RegistryError(ValueError):
-    """The registry file is malformed; the message names the file and entry."""
-
-
-@dataclass(frozen=True)
-class RegistryEntry:
-    name: str
-    path: Path
-    scale: float = 1.0
-    layers: tuple[int, ...] | None = None
-    #: ``config`` (the base YAML) or ``registered`` (added at run time, in the overlay).
-    origin: str = "config"
-    #: Default op (``add``, ``ablate``, ``clamp``) and its parameters for requests naming it.
-    op: str = "add"
-    strength: float = 1.0
-    value: float = 0.0
 
 
 class Registry:
@@ -132,47 +105,9 @@ class Registry:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> Registry:
-        path = Path(path).expanduser().resolve()
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise RegistryError(f"{path}: cannot read registry ({e})") from e
-        if not isinstance(raw, dict):
-            raise RegistryError(f"{path}: top level must be a mapping")
-        unknown = set(raw) - {"vectors", "allowed_dirs", "think_markers", "upload_dir",
-                              "max_upload_bytes"}
-        if unknown:
-            raise RegistryError(f"{path}: unknown keys {sorted(unknown)}")
-        base = path.parent
-
-        def rel(p: str, root: Path = base) -> Path:
-            q = Path(os.path.expandvars(str(p))).expanduser()
-            return (q if q.is_absolute() else root / q).resolve()
-
-        dirs = tuple(rel(d) for d in raw.get("allowed_dirs") or [])
-        entries = _parse_entries(raw.get("vectors"), rel, f"{path}: vectors", "config")
-        tm = raw.get("think_markers")
-        markers = None
-        if tm is not None:
-            if not isinstance(tm, dict) or set(tm) - {"start", "end"} or not all(
-                    isinstance(tm.get(k), str) and tm.get(k) for k in ("start", "end")):
-                raise RegistryError(f"{path}: think_markers must be {{start: STR, end: STR}}")
-            markers = (tm["start"], tm["end"])
-        upload = envvars.get(UPLOAD_DIR_ENV) or raw.get("upload_dir")
-        if upload:
-            upload_dir = rel(upload)
-        elif locations.in_a_package(path):  # the shipped registry, however spelled
-            upload_dir = locations.shipped_upload_dir()
-        else:
-            upload_dir = rel(DEFAULT_UPLOAD_DIR)
-        limit = envvars.get(MAX_UPLOAD_ENV) or raw.get("max_upload_bytes")
-        try:
-            max_upload = int(limit) if limit is not None else DEFAULT_MAX_UPLOAD_BYTES
-        except (TypeError, ValueError) as e:
-            raise RegistryError(f"{path}: max_upload_bytes must be an integer") from e
-        if max_upload <= 0:
-            raise RegistryError(f"{path}: max_upload_bytes must be positive")
-        reg = cls(entries, dirs, markers, path, upload_dir, max_upload)
+        f = read_registry_file(path)
+        reg = cls(f.entries, f.allowed_dirs, f.think_markers, f.path, f.upload_dir,
+                  f.max_upload_bytes)
         reg._refresh()
         return reg
 
@@ -192,10 +127,10 @@ class Registry:
     def _refresh(self) -> None:
         """Re-read the overlay if its file changed since the mapping was built."""
         overlay = self.overlay_path
-        if overlay is None or _identity(overlay) == self._overlay_id:
+        if overlay is None or shared_file.identity(overlay) == self._overlay_id:
             return
         with self._lock:
-            if _identity(overlay) != self._overlay_id:
+            if shared_file.identity(overlay) != self._overlay_id:
                 self._load_overlay(overlay)
 
     def _load_overlay(self, overlay: Path) -> None:
@@ -206,35 +141,17 @@ class Registry:
         """
         try:
             with open(overlay, "rb") as f:
-                ident = _identity(f.fileno())
+                ident = shared_file.identity(f.fileno())
                 text = f.read().decode()
         except FileNotFoundError:
             ident, text = None, ""
         except (OSError, UnicodeDecodeError) as e:
             raise RegistryError(f"{overlay}: cannot read overlay ({e})") from e
-        try:
-            raw = _parse_overlay(text)
-        except yaml.YAMLError as e:
-            raise RegistryError(f"{overlay}: cannot read overlay ({e})") from e
-        if not isinstance(raw, dict) or set(raw) - {"vectors", "removed", "retired"}:
-            raise RegistryError(f"{overlay}: expected only 'vectors', 'removed' and "
-                                "'retired'")
-        upload_dir = self.upload_dir
-        assert upload_dir is not None
-
-        def rel(p: str) -> Path:
-            q = Path(p)
-            return (q if q.is_absolute() else upload_dir / q).resolve()
-
-        removed = frozenset(str(n) for n in raw.get("removed") or [])
-        retired = raw.get("retired") or {}
-        if not isinstance(retired, dict) or not all(
-                isinstance(v, int | float) for v in retired.values()):
-            raise RegistryError(f"{overlay}: 'retired' must map file -> time")
-        entries = {k: v for k, v in self._base.items() if k not in removed}
-        entries.update(_parse_entries(raw.get("vectors"), rel, f"{overlay}: vectors",
-                                      "registered"))
-        self._publish(entries, removed, {str(k): float(v) for k, v in retired.items()})
+        assert self.upload_dir is not None
+        doc = parse_overlay(text, self.upload_dir, str(overlay))
+        entries = {k: v for k, v in self._base.items() if k not in doc.removed}
+        entries.update(doc.entries)
+        self._publish(entries, doc.removed, doc.retired)
         self._overlay_id = ident
 
     def _publish(self, entries: dict[str, RegistryEntry], removed: frozenset[str],
@@ -261,9 +178,7 @@ class Registry:
         """The upload dir, created on first use (a temporary one without a registry file)."""
         with self._lock:
             if self.upload_dir is None:
-                tmp = Path(tempfile.mkdtemp(prefix="vllm-steer-uploads-"))
-                atexit.register(shutil.rmtree, tmp, True)
-                self.upload_dir = tmp
+                self.upload_dir = uploads.temporary_upload_dir()
             self.upload_dir.mkdir(parents=True, exist_ok=True)
             return self.upload_dir
 
@@ -314,179 +229,33 @@ class Registry:
             if overlay is None:
                 yield
                 return
-            overlay.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(overlay.with_name(LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                if _identity(overlay) != self._overlay_id:
+            with shared_file.exclusive(overlay.with_name(LOCK_NAME)):
+                if shared_file.identity(overlay) != self._overlay_id:
                     self._load_overlay(overlay)
                 yield
-            finally:
-                os.close(fd)  # releases the lock
 
     def _commit(self, entries: dict[str, RegistryEntry], removed: frozenset[str]) -> None:
         """Write the overlay (when persistent), then publish the new mapping (under
         ``_mutating``). Upload files that left the mapping are retired, and retired files
         older than ``retire_after_s`` deleted."""
-        now = time.time()
-        used = {e.path for e in entries.values()}
-        retired = {k: t for k, t in self._retired.items() if self._upload_file(k) not in used}
-        for e in self._entries.values():
-            if e.path not in used and self._is_upload(e):
-                retired.setdefault(self._rel_to_uploads(e.path), now)
-        expired = {k for k, t in retired.items() if now - t >= self.retire_after_s}
-        keep = {k: t for k, t in retired.items() if k not in expired}
+        keep, expired = uploads.retire(self._entries.values(), entries, self._retired,
+                                       self.upload_dir, time.time(), self.retire_after_s)
         overlay = self.overlay_path
         if overlay is not None:
-            vectors = {e.name: _entry_yaml(e, self._rel_to_uploads(e.path))
+            vectors = {e.name: entry_json(e, uploads.relative(e.path, self.upload_dir))
                        for e in entries.values() if e.origin == "registered"}
-            # JSON (which is YAML): every process re-reads it after each change; a file of
-            # 1000 entries parses in ~2 ms as JSON, ~0.8 s with PyYAML's SafeLoader here
-            text = json.dumps({"vectors": vectors, "removed": sorted(removed),
-                               "retired": keep}, sort_keys=True, indent=1) + "\n"
-            self._overlay_id = _replace_file(overlay, text.encode(), self._overlay_id)
+            text = overlay_text(vectors, removed, keep)
+            self._overlay_id = shared_file.replace(overlay, text.encode(), self._overlay_id)
         self._publish(entries, removed, keep)
         for k in expired:
-            self._upload_file(k).unlink(missing_ok=True)
-
-    def _is_upload(self, entry: RegistryEntry) -> bool:
-        """A file the server stored (never a config or allowed-dir file)."""
-        return (entry.origin == "registered" and self.upload_dir is not None
-                and self.upload_dir in entry.path.parents)
-
-    def _upload_file(self, rel: str) -> Path:
-        assert self.upload_dir is not None
-        return (self.upload_dir / rel).resolve()
-
-    def _rel_to_uploads(self, p: Path) -> str:
-        if self.upload_dir is not None and self.upload_dir in p.parents:
-            return str(p.relative_to(self.upload_dir))
-        return str(p)
+            assert self.upload_dir is not None
+            uploads.absolute(k, self.upload_dir).unlink(missing_ok=True)
 
     def is_allowed(self, path: str | os.PathLike[str]) -> Path | None:
-        """The resolved path when it lies inside an allowed dir (symlinks resolved), else None.
-
-        A relative path is read relative to each allowed dir (``happy.safetensors``) and
-        to the registry file's directory, the form the file itself uses
-        (``vectors/happy.safetensors``); the first of these that exists wins, else the
-        first inside an allowed dir (so a missing file is reported as missing). Paths
-        the OS cannot even look up (NUL bytes, lone surrogates, ``~nouser``) are None.
-        """
-        try:
-            p = Path(path).expanduser()
-            if p.is_absolute():
-                candidates = [p]
-            else:
-                candidates = [d / p for d in self.allowed_dirs]
-                if self.source is not None:
-                    candidates.append(self.source.parent / p)
-            inside = []
-            for c in candidates:
-                real = c.resolve()
-                if any(real == d or d in real.parents for d in self.allowed_dirs):
-                    os.fsencode(real)  # raises for names the OS cannot encode
-                    if real.exists():
-                        return real
-                    inside.append(real)
-        except (OSError, ValueError, RuntimeError):
-            return None
-        return inside[0] if inside else None
-
-
-def _parse_entries(raw: Any, rel: Any, where: str, origin: str) -> dict[str, RegistryEntry]:
-    entries: dict[str, RegistryEntry] = {}
-    if raw is not None and not isinstance(raw, dict):
-        raise RegistryError(f"{where} must be a mapping of name -> entry")
-    for name, spec in (raw or {}).items():
-        if isinstance(spec, str):
-            spec = {"path": spec}
-        if not isinstance(spec, dict) or "path" not in spec:
-            raise RegistryError(f"{where}.{name} needs a 'path'")
-        layers = spec.get("layers")
-        try:
-            entries[str(name)] = RegistryEntry(
-                name=str(name),
-                path=rel(spec["path"]),
-                scale=parse_scale(spec.get("scale", 1.0), "scale"),
-                layers=parse_layers(layers, "layers") if layers is not None else None,
-                origin=origin,
-                **parse_op_fields(spec),
-            )
-        except (TypeError, ValueError) as e:
-            raise RegistryError(f"{where}.{name}.{e}" if isinstance(e, SpecError)
-                                else f"{where}.{name}: {e}") from e
-    return entries
-
-
-def _parse_overlay(text: str) -> Any:
-    """The overlay's content: JSON as ``_commit`` writes it (fast), else YAML (overlays
-    of earlier versions, hand edits)."""
-    try:
-        return json.loads(text) if text.strip() else {}
-    except ValueError:
-        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
-
-
-def _entry_yaml(e: RegistryEntry, path: str) -> dict[str, Any]:
-    """One registered entry as the overlay writes it (``_parse_entries`` reads it back)."""
-    d: dict[str, Any] = {"path": path}
-    if e.op == "add":  # ablate/clamp entries take no scale (``_op_defaults`` refuses one)
-        d["scale"] = e.scale
-    if e.layers:
-        d["layers"] = list(e.layers)
-    if e.op != "add":
-        d["op"] = e.op
-        if e.op == "ablate":
-            d["strength"] = e.strength
-        else:
-            d["value"] = e.value
-    return d
-
-
-def _identity(f: str | os.PathLike[str] | int) -> tuple[int, ...] | None:
-    """What tells one version of the overlay file from another: device, inode, size,
-    mtime and ctime in ns (None if it does not exist). Never equal for two versions
-    written by ``_replace_file``."""
-    try:
-        st = os.stat(f)
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _replace_file(path: Path, data: bytes, previous: tuple[int, ...] | None
-                  ) -> tuple[int, ...]:
-    """Atomically replace ``path`` with ``data``; returns the new file's ``_identity``.
-
-    Readers compare identities, not contents, so the new version must differ from every
-    earlier one even when it has the same size, its inode number is reused and the
-    clock has not ticked (file times advance in jiffies): its mtime is set strictly
-    above the previous version's (the caller holds the overlay lock).
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if previous is not None:
-            prev_mtime = previous[3]
-            # ns, then coarser steps for file systems that store coarser times
-            for step in (1, 1_000, 1_000_000, 1_000_000_000, 2_000_000_000):
-                st = os.stat(tmp)
-                if st.st_mtime_ns > prev_mtime:
-                    break
-                os.utime(tmp, ns=(st.st_atime_ns, prev_mtime + step))
-            else:
-                raise OSError(f"cannot give {path} a modification time after the "
-                              "previous version's")
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    ident = _identity(path)
-    assert ident is not None
-    return ident
+        """``allowed_paths.allowed_path`` for this registry's allowed dirs, relative paths
+        also read from the registry file's directory."""
+        return allowed_path(path, self.allowed_dirs,
+                            self.source.parent if self.source is not None else None)
 
 
 _lock = threading.Lock()
@@ -502,7 +271,5 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
             if key:
                 _cache[key] = Registry.from_yaml(key)
             else:
-                limit = envvars.get(MAX_UPLOAD_ENV)
-                _cache[key] = Registry(max_upload_bytes=int(limit) if limit
-                                       else DEFAULT_MAX_UPLOAD_BYTES)
+                _cache[key] = Registry(max_upload_bytes=max_upload_bytes(None, "environment"))
         return _cache[key]

@@ -1,8 +1,8 @@
 """Resolution of a parsed spec against the registry and the served model (frontend side).
 
-The result is what the workers need and nothing else: the recipe (``steering.recipe``:
+The result is what the workers need and nothing else: the program (``steering.program``:
 vectors by content id in the store, with ops and layers), a token-selection rule in
-canonical absolute-position form, and the recipe's digest. ``prompt``/``generated``
+canonical absolute-position form, and the program's digest. ``prompt``/``generated``
 become ``all`` with an end/start position equal to the prompt length, so that a later
 request replaying the same tokens with an explicit ``start_position`` produces the same
 cache salt and shares the prefix cache.
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from vllm_steer.steering.options import DEFAULT_MAX_PROJECTIONS
-from vllm_steer.steering.recipe import Part, Recipe, compose
+from vllm_steer.steering.program import Part, Program, compose
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.spec import SpecError, SteeringSpec
 from vllm_steer.steering.store import VectorStore, content_id, default_store_root, encode
@@ -37,7 +37,7 @@ _COMPOSED_CACHE = 4096
 class ResolvedSteering:
     """A request's steering in canonical form.
 
-    ``recipe``: the vectors by content id with ops and layers (``steering.recipe``);
+    ``program``: the vectors by content id with ops and layers (``steering.program``);
     ``hidden``: the model's hidden size; ``mode``: ``all | thinking | answer``; positions
     ``start <= pos < end`` (``end == -1``: unbounded); ``think_start_ids`` /
     ``think_end_ids``: marker token ids (only used by thinking/answer); ``store``: root of
@@ -45,7 +45,7 @@ class ResolvedSteering:
     transport), ``{content id: (layers, float32 bytes)}``.
     """
 
-    recipe: Recipe
+    program: Program
     hidden: int
     mode: str
     start: int
@@ -57,8 +57,8 @@ class ResolvedSteering:
 
     @property
     def digest(self) -> str:
-        """The recipe's content hash: the worker's slot key."""
-        return self.recipe.digest
+        """The program's content hash: the worker's slot key."""
+        return self.program.digest
 
     @property
     def cache_salt(self) -> str:
@@ -75,8 +75,8 @@ class ResolvedSteering:
             digest=self.digest,
             hidden=self.hidden,
             parts=tuple(WirePart(content=p.content, op=p.op, param=p.param, layers=p.layers)
-                        for p in self.recipe.parts),
-            normalize=self.recipe.normalize,
+                        for p in self.program.parts),
+            normalize=self.program.normalize,
             mode=self.mode,
             start=self.start,
             end=self.end,
@@ -138,7 +138,7 @@ class Resolver:
         self.store = VectorStore(Path(store_root) if store_root else default_store_root())
         self._lock = threading.Lock()
         self._files: dict[tuple[str, int, int], _File] = {}   # (path, mtime_ns, size) -> file
-        # Recipes whose composition was checked (by digest): repeated specs skip composing.
+        # Programs whose composition was checked (by digest): repeated specs skip composing.
         self._checked: OrderedDict[str, None] = OrderedDict()
         self._markers: dict[str, tuple[int, ...]] = {}
         self._model_markers = markers_for(tokenizer)
@@ -207,14 +207,14 @@ class Resolver:
                             f"{ref_path!r} is not inside an allowed vector directory")
         return self._load_file(real, f"{where}.path"), _Defaults()
 
-    def recipe(self, spec: SteeringSpec, prefix: str = "steering.") -> Recipe:
-        """The spec as a recipe, validated against the vectors, the model and the engine's
-        capacity (composed once per distinct recipe; a repeated spec costs a few ``stat``
+    def program(self, spec: SteeringSpec, prefix: str = "steering.") -> Program:
+        """The spec as a program, validated against the vectors, the model and the engine's
+        capacity (composed once per distinct program; a repeated spec costs a few ``stat``
         calls and a hash)."""
-        return self._recipe(spec, prefix)[0]
+        return self._program(spec, prefix)[0]
 
-    def _recipe(self, spec: SteeringSpec, prefix: str) -> tuple[Recipe, dict[str, _File]]:
-        """The recipe and the loaded files its parts name (by content id): the request's
+    def _program(self, spec: SteeringSpec, prefix: str) -> tuple[Program, dict[str, _File]]:
+        """The program and the loaded files its parts name (by content id): the request's
         own references, so a file forgotten meanwhile by another thread changes nothing."""
         parts = []
         files: dict[str, _File] = {}
@@ -248,23 +248,23 @@ class Resolver:
             # took it) before the request is admitted: the workers read it by id.
             for cid, f in files.items():
                 self.store.ensure(cid, f.dirs)
-        recipe = Recipe(tuple(parts), spec.normalize)
-        digest = recipe.digest
+        program = Program(tuple(parts), spec.normalize)
+        digest = program.digest
         with self._lock:
             if digest in self._checked:
                 self._checked.move_to_end(digest)
-                return recipe, files
-        compose(recipe, lambda cid: files[cid].dirs, self.hidden_size, self.max_projections,
+                return program, files
+        compose(program, lambda cid: files[cid].dirs, self.hidden_size, self.max_projections,
                 where=f"{prefix}vectors")
         with self._lock:
             self._checked[digest] = None
             while len(self._checked) > _COMPOSED_CACHE:
                 self._checked.popitem(last=False)
-        return recipe, files
+        return program, files
 
     # -- whole spec ------------------------------------------------------------------
     def resolve(self, spec: SteeringSpec, prompt_len: int) -> ResolvedSteering:
-        recipe, files = self._recipe(spec, "steering.")
+        program, files = self._program(spec, "steering.")
         canon = spec.at_absolute_positions(prompt_len)
         mode, start = canon.apply_to, canon.start_position
         end = NO_END if canon.end_position is None else canon.end_position
@@ -280,7 +280,7 @@ class Resolver:
         inline: dict[str, tuple[tuple[int, ...], bytes]] = {}
         if self.transport == "inline":
             inline = {cid: f.encoded() for cid, f in files.items()}
-        return ResolvedSteering(recipe, self.hidden_size, mode, start, end, ts, te,
+        return ResolvedSteering(program, self.hidden_size, mode, start, end, ts, te,
                                 str(self.store.root), inline)
 
     @property

@@ -1,6 +1,6 @@
 """Preallocated steering tables and the slot manager (worker side).
 
-Like vLLM's LoRA manager: every distinct recipe (``steering.recipe``) gets one slot (row)
+Like vLLM's LoRA manager: every distinct program (``steering.program``) gets one slot (row)
 of per-layer tables; slot 0 stays all zeros, the identity, for unsteered tokens. A
 per-token row index, refilled in place before each forward, selects each token's slot, so
 a layer costs one gather per table however many vectors a request composes.
@@ -10,8 +10,8 @@ Per decoder layer ``i`` (``LayerTables``): ``add[i]`` ``[num_slots, hidden]``; w
 directions), ``proj_a[i]`` / ``proj_b[i]`` ``[num_slots, K]``, and one ``norm`` flag
 ``[num_slots]`` shared by all layers. K = 0 allocates only ``add`` (addition only).
 
-Slots are keyed by the recipe digest and reference-counted by live requests. The tables
-have ``max_num_seqs + 1`` rows, so the distinct recipes of one batch always fit; when
+Slots are keyed by the program digest and reference-counted by live requests. The tables
+have ``max_num_seqs + 1`` rows, so the distinct programs of one batch always fit; when
 preempted requests keep digests alive and the rows run out, a row whose digest is not in
 the current batch is evicted and re-uploaded from host memory when needed again.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_steer.steering.recipe import Composed
+from vllm_steer.steering.program import Composed
 
 
 @dataclass(frozen=True)

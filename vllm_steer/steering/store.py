@@ -1,6 +1,6 @@
 """A content-addressed store of vector directions, shared by the frontend and the workers.
 
-Requests carry a recipe naming vectors by content id (sha256 of the layer list and the
+Requests carry a program naming vectors by content id (sha256 of the layer list and the
 float32 directions), not the vectors themselves: the frontend ``put``s a vector once
 (atomic write, never modified afterwards) before any request that uses it is admitted,
 and a worker ``get``s it the first time it sees the id (checking the hash), then keeps it
@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from vllm_steer.atomic_files import write_atomic
 
 Directions = dict[int, np.ndarray]
 
@@ -80,7 +82,9 @@ MIN_GRACE_S = 1.0
 #: A frontend renews a vector's lease at most every ``grace / TOUCH_FRACTION`` seconds.
 TOUCH_FRACTION = 10
 _FILE_RE = re.compile(r"^[0-9a-f]{64}\.f32$")
-_TMP_RE = re.compile(r"^\.[0-9a-f]{64}\.f32\.\d+\.\d+\.tmp$")
+#: Writers' temporary files: ``atomic_files.temp_name`` (``.<id>.f32.<pid>.<hex8>.tmp``),
+#: and ``.<id>.f32.<pid>.<thread>.tmp`` of earlier versions.
+_TMP_RE = re.compile(r"^\.[0-9a-f]{64}\.f32\.\d+\.(?:\d+|[0-9a-f]{8})\.tmp$")
 
 
 def store_grace_s(environ: dict[str, str] | None = None) -> float:
@@ -178,13 +182,7 @@ class VectorStore:
         layers, data = encode(directions)
         hidden = len(data) // 4 // max(len(layers), 1)
         header = self._MAGIC + struct.pack(f"<qq{len(layers)}q", len(layers), hidden, *layers)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(header + data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, header + data)
 
     @contextlib.contextmanager
     def _locked(self, how: int) -> Iterator[None]:

@@ -83,7 +83,7 @@ def parse_layers(x: Any, field: str, num_layers: int | None = None, *, text: boo
     return tuple(sorted(x))
 
 
-#: Per-vector interventions (``steering.recipe`` has the formulas).
+#: Per-vector interventions (``steering.program`` has the formulas).
 OPS = ("add", "ablate", "clamp")
 #: Bound on a clamp value (the component along the unit direction, in stream units).
 MAX_ABS_CLAMP = 1e6

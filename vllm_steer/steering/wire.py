@@ -8,7 +8,7 @@ which type-checks every field (msgspec) and validates shapes and values; both tr
 give the worker the same typed, checked value. A malformed wire is refused with
 ``WireError`` naming the field, never steered as best it can.
 
-Version 2 carries the request's *recipe* (``steering.recipe``): its vectors by content
+Version 2 carries the request's *program* (``steering.program``): its vectors by content
 id with op, parameter and layers, a few hundred bytes whatever the model size. Workers
 read the vectors from the content-addressed store (``steering.store``; its root travels
 in ``store``) the first time they see an id, or from ``inline`` when the transport is
@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from vllm_steer.steering.recipe import Part, Recipe
+from vllm_steer.steering.program import Part, Program
 from vllm_steer.steering.values import OPS
 
 #: Version of the struct's meaning; a worker refuses any other.
@@ -47,7 +47,7 @@ class WireError(ValueError):
 
 
 class WirePart(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One vector of the recipe: store ``content`` id, ``op``, ``param`` (scale, strength
+    """One vector of the program: store ``content`` id, ``op``, ``param`` (scale, strength
     or value) and strictly increasing ``layers``."""
 
     content: str
@@ -67,8 +67,8 @@ class WireVector(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One request's resolved steering, as the workers need it.
 
-    ``digest``: sha256 of the recipe (the worker's slot key); ``hidden``: the model's hidden
-    size; ``parts`` + ``normalize``: the recipe; ``mode``: one of ``WIRE_MODES``; positions
+    ``digest``: sha256 of the program (the worker's slot key); ``hidden``: the model's hidden
+    size; ``parts`` + ``normalize``: the program; ``mode``: one of ``WIRE_MODES``; positions
     ``start <= pos < end`` (``end == NO_END``: unbounded); ``think_start_ids`` /
     ``think_end_ids``: marker token ids (non-empty for ``thinking``/``answer``); ``store``:
     root of the vector store; ``inline``: vector contents sent with the request (inline
@@ -157,12 +157,12 @@ class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise WireError("parts", f"layer {top} out of range: the model has {num_layers} "
                                      "layers")
 
-    def recipe(self) -> Recipe:
-        """The recipe, after checking that it matches ``digest`` (the slot key)."""
-        r = Recipe(tuple(Part(p.content, p.op, p.param, p.layers) for p in self.parts),
+    def program(self) -> Program:
+        """The program, after checking that it matches ``digest`` (the slot key)."""
+        r = Program(tuple(Part(p.content, p.op, p.param, p.layers) for p in self.parts),
                    self.normalize)
         if r.digest != self.digest:
-            raise WireError("digest", "does not match the recipe")
+            raise WireError("digest", "does not match the program")
         return r
 
 

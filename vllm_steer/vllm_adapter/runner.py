@@ -115,7 +115,7 @@ class RunnerSteering:
         w.check_model(self.num_layers, self.hidden)
         if req_id in self.reqs:      # resubmitted id: the old one was finished first
             self.remove_request(req_id)
-        # A live digest is already in the tables; a new one is composed from its recipe
+        # A live digest is already in the tables; a new one is composed from its program
         # (vectors inline, in memory or in the store, each checked against its id).
         composed = None if self.slots.is_live(w.digest) else self.intake.composed(w)
         self.slots.acquire(w.digest, composed)

@@ -1,8 +1,8 @@
-"""What a request does to the residual stream: the recipe and its composition (vLLM-free).
+"""What a request does to the residual stream: the program and its composition (vLLM-free).
 
-A **recipe** lists the request's vectors by content id (``store.content_id``), each with
+A **program** lists the request's vectors by content id (``store.content_id``), each with
 its op, parameter and layers, plus the spec-level ``normalize`` flag. It is small (a few
-hundred bytes whatever the model size), content-addressed (``Recipe.digest``: the slot key
+hundred bytes whatever the model size), content-addressed (``Program.digest``: the slot key
 and the base of the prefix-cache salt) and composed into per-layer tables by ``compose``,
 the one implementation of the ops' semantics (the frontend runs it to validate, workers to
 fill their tables).
@@ -37,7 +37,7 @@ MIN_DIRECTION_NORM = 1e-12
 
 @dataclass(frozen=True)
 class Part:
-    """One vector of a recipe: ``content`` (id in the vector store), ``op``, its parameter
+    """One vector of a program: ``content`` (id in the vector store), ``op``, its parameter
     (``scale`` for add, ``strength`` for ablate, ``value`` for clamp) and ``layers``."""
 
     content: str
@@ -47,13 +47,13 @@ class Part:
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Program:
     parts: tuple[Part, ...]
     normalize: bool = False
 
     @property
     def digest(self) -> str:
-        """sha256 of the canonical recipe (floats by their exact float64 bits)."""
+        """sha256 of the canonical program (floats by their exact float64 bits)."""
         doc = [[p.content, p.op, struct.pack("<d", p.param).hex(), list(p.layers)]
                for p in self.parts]
         payload = json.dumps({"parts": doc, "normalize": self.normalize}, separators=(",", ":"))
@@ -66,12 +66,12 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Composed:
-    """A recipe as per-layer tables for the rows of one slot.
+    """A program as per-layer tables for the rows of one slot.
 
-    ``layers``: sorted layers the recipe touches; ``add``: float32 ``[L, hidden]``;
+    ``layers``: sorted layers the program touches; ``add``: float32 ``[L, hidden]``;
     ``proj_dir``: unit float32 ``[L, K, hidden]`` (zeros: no projection); ``proj_a`` /
     ``proj_b``: float32 ``[L, K]``; ``normalize``. ``K`` is the most projections any one
-    layer has (0 for add-only recipes).
+    layer has (0 for add-only programs).
     """
 
     layers: tuple[int, ...]
@@ -91,19 +91,19 @@ class Composed:
                    + self.proj_b.nbytes)
 
 
-def compose(recipe: Recipe, directions: Callable[[str], Mapping[int, np.ndarray]],
+def compose(program: Program, directions: Callable[[str], Mapping[int, np.ndarray]],
             hidden: int, max_projections: int, where: str = "steering.vectors") -> Composed:
-    """Compose ``recipe`` with ``directions(content) -> {layer: float32 [hidden]}``.
+    """Compose ``program`` with ``directions(content) -> {layer: float32 [hidden]}``.
 
     Raises ``SpecError`` (field ``{where}[k]...``) for a zero direction under ablate/clamp,
     more than ``max_projections`` projections on one layer, or non-finite results.
     """
-    layers = sorted({layer for p in recipe.parts for layer in p.layers})
+    layers = sorted({layer for p in program.parts for layer in p.layers})
     row = {layer: i for i, layer in enumerate(layers)}
     add = np.zeros((len(layers), hidden), dtype=np.float32)
     projs: dict[int, list[tuple[np.ndarray, float, float]]] = {layer: [] for layer in layers}
     with np.errstate(over="ignore", invalid="ignore"):
-        for k, part in enumerate(recipe.parts):
+        for k, part in enumerate(program.parts):
             if part.op not in OPS:
                 raise SpecError(f"{where}[{k}].op", f"{part.op!r} is not one of {', '.join(OPS)}")
             dirs = directions(part.content)
@@ -127,7 +127,7 @@ def compose(recipe: Recipe, directions: Callable[[str], Mapping[int, np.ndarray]
         raise SpecError(where, f"{most} ablate/clamp vectors act on layer {layer}; {limit} "
                                "(engine option additional_config={'vllm_steer': "
                                "{'max_projections': N}})")
-    if recipe.normalize and max_projections == 0:
+    if program.normalize and max_projections == 0:
         raise SpecError(where.rsplit(".", 1)[0] + ".normalize",
                         "this engine steers by addition only (max_projections 0)")
     proj_dir = np.zeros((len(layers), most, hidden), dtype=np.float32)
@@ -138,7 +138,7 @@ def compose(recipe: Recipe, directions: Callable[[str], Mapping[int, np.ndarray]
             proj_dir[row[layer], j], proj_a[row[layer], j], proj_b[row[layer], j] = unit, a, b
     if not np.isfinite(add).all():
         raise SpecError(where, "composed steering overflows (non-finite values)")
-    return Composed(tuple(layers), add, proj_dir, proj_a, proj_b, recipe.normalize)
+    return Composed(tuple(layers), add, proj_dir, proj_a, proj_b, program.normalize)
 
 
 def apply_reference(h: np.ndarray, composed: Composed, layer: int) -> np.ndarray:
