@@ -98,6 +98,13 @@ def test_importing_the_package_imports_no_heavy_module():
     assert "function make_llm" in star
 
 
+def test_the_version_is_the_projects():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert vllm_steer.__version__ == project["version"]
+
+
 def test_the_subpackages_export_a_few_names():
     sizes = {pkg: len(importlib.import_module(pkg).__all__) for pkg in PUBLIC_PACKAGES}
     assert all(n <= 13 for n in sizes.values()), sizes

@@ -19,6 +19,7 @@ import torch
 
 from vllm_steer import vector_io
 from vllm_steer.vector_errors import SteeringVectorError, VectorFileError
+from vllm_steer.version import __version__
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,6 @@ class VectorMetadata:
 
 
 def _created_by() -> str:
-    from vllm_steer import __version__
-
     return f"vllm-steer {__version__}"
 
 

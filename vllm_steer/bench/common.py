@@ -66,7 +66,7 @@ def versions() -> dict[str, str]:
             out[mod] = __import__(mod).__version__
         except Exception:  # pragma: no cover - missing optional package
             out[mod] = "n/a"
-    from vllm_steer import __version__
+    from vllm_steer.version import __version__
 
     out["vllm_steer"] = __version__
     try:

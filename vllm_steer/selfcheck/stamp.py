@@ -30,6 +30,7 @@ from typing import Any
 from vllm_steer import envvars, locations
 from vllm_steer.atomic_files import write_atomic
 from vllm_steer.compat import installed_vllm_version
+from vllm_steer.version import __version__
 from vllm_steer.vllm_adapter.platform import device_key
 
 logger = logging.getLogger("vllm_steer")
@@ -63,11 +64,9 @@ def current_key(vllm_version: str | None = None) -> StampKey:
     """The key of this installation (``vllm_version`` overrides the installed vLLM's)."""
     import torch
 
-    import vllm_steer
-
     return StampKey(vllm=vllm_version or installed_vllm_version() or "none",
                     torch=str(torch.__version__), device=device_key(),
-                    plugin=vllm_steer.__version__)
+                    plugin=__version__)
 
 
 def stamp_path(key: StampKey) -> Path:
