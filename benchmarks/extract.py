@@ -1,4 +1,4 @@
-"""Runs ``vllm_steer.bench.extract`` (the benchmark ships in the package; see its docstring)."""
+"""Runs ``vllm_steer.bench.<this file's name>`` (shipped in the package; see its docstring)."""
 
 import runpy
 import sys
@@ -8,4 +8,5 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if __name__ == "__main__":
-    runpy.run_module("vllm_steer.bench.extract", run_name="__main__", alter_sys=True)
+    runpy.run_module(f"vllm_steer.bench.{Path(__file__).stem}", run_name="__main__",
+                     alter_sys=True)

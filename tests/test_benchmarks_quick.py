@@ -1,8 +1,9 @@
 """Quick benchmark runs, so that the benchmarks (``vllm_steer.bench``) cannot rot.
 
 One eager engine (``vllm-steer bench overhead --quick``), the HF worker of ``vs-hf`` over
-its line protocol, the argument parsers of the other benchmarks, the report (through the
-thin caller in benchmarks/). Results go to a temporary directory
+its line protocol, the argument parsers of the other benchmarks, the registry, the report
+(through the thin caller in benchmarks/; from the committed results it must reproduce
+``benchmarks/RESULTS.md``). Results go to a temporary directory
 (``$VLLMSTEER_BENCH_RESULTS``), never to benchmarks/results.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,10 +96,11 @@ def test_wire_quick(results_dir: Path) -> None:
 
 def test_hf_worker_protocol(results_dir: Path, default_model_dir: str) -> None:
     """The vs-hf HF side answers a command over the worker line protocol."""
-    from vllm_steer.bench.common import Worker, module_argv
+    from vllm_steer.bench.common import Worker
+    from vllm_steer.bench.vs_hf import BENCHMARK
 
-    w = Worker([*module_argv("vs_hf"), "--quick", "--worker", "hf"],
-               results_dir / "hf_worker.log", env=_env(results_dir))
+    w = Worker(BENCHMARK.worker_command(["--quick"], "hf"), results_dir / "hf_worker.log",
+               env=_env(results_dir))
     try:
         assert w.recv() == {"ready": True}
         out = w.call(workload="spread", batch_size=4)
@@ -110,37 +113,83 @@ def test_hf_worker_protocol(results_dir: Path, default_model_dir: str) -> None:
 
 
 def test_parsers_and_cli() -> None:
-    from vllm_steer.bench import live_probe, memory, probe_forks, serving, vs_hf
-
-    assert probe_forks.parse(["--quick"]).block_sizes == [32]
-    assert probe_forks.parse([]).choices == [["Yes", "No"], ["20", "30", "40", "50"]]
-    assert probe_forks.parse(["--choices", "New York, Chicago"]).choices == [
-        ["New York", "Chicago"]]
-    assert vs_hf.parse(["--quick"]).hf_batch_sizes == [4, 8]
-    assert memory.parse(["--quick"]).variants == ["unsteered", "steered"]
-    assert serving.parse(["--quick"]).num_prompts == 4
-    assert (live_probe.parse([]).every, live_probe.parse([]).concurrent) == (16, 64)
-    assert probe_forks.parse([]).neighbours == 8
-    import importlib
-
-    from vllm_steer.bench import MODULES
+    from vllm_steer.bench import live_probe, memory, overhead, probe_forks, serving, vs_hf
     from vllm_steer.cli import build_parser
 
-    for module in [*MODULES.values(), "profile_steer"]:
-        assert callable(importlib.import_module(f"vllm_steer.bench.{module}").main)
-        caller = BENCH / f"{module}.py"  # the repository's thin caller
-        assert f'"vllm_steer.bench.{module}"' in caller.read_text(), caller
+    probe = probe_forks.BENCHMARK.parse
+    assert probe(["--quick"]).block_sizes == [32]
+    assert probe_forks.choice_sets(probe([])) == [["Yes", "No"], ["20", "30", "40", "50"]]
+    assert probe_forks.choice_sets(probe(["--choices", "New York, Chicago"])) == [
+        ["New York", "Chicago"]]
+    assert probe([]).neighbours == 8
+    assert vs_hf.BENCHMARK.parse(["--quick"]).hf_batch_sizes == [4, 8]
+    assert memory.BENCHMARK.parse(["--quick"]).variants == ["unsteered", "steered"]
+    assert serving.BENCHMARK.parse(["--quick"]).num_prompts == 4
+    live = live_probe.BENCHMARK.parse([])
+    assert (live.every, live.concurrent, live.reps) == (16, 64, 5)
+    # --quick sets the sizes; options given explicitly still apply
+    q = overhead.BENCHMARK.parse(["--quick", "--reps", "3", "--compiled"])
+    assert (q.reps, q.prompts, q.batch_sizes, q.groups) == (
+        3, 4, [2, 4], ["modes", "ops", "batch", "layers"])
+    assert q.result == "overhead_compiled_quick"
+    assert overhead.BENCHMARK.parse(["--out", "overhead_capture"]).result == "overhead_capture"
+    assert q.argv == ["--quick", "--reps", "3", "--compiled"]
+
     args, extra = build_parser().parse_known_args(["bench", "overhead", "--quick", "--reps", "3"])
     assert args.which == "overhead" and args.quick and extra == ["--reps", "3"]
+    args, extra = build_parser().parse_known_args(["bench", "vs-hf", "--help"])
+    assert args.which == "vs-hf" and args.help and extra == []
+
+
+def test_registry() -> None:
+    """One list of benchmark modules: the CLI's names, the thin callers in benchmarks/ and
+    the report's result files all come from it."""
+    from vllm_steer.bench.registry import MODULES, benchmarks
+    from vllm_steer.cli import build_parser
+
+    benches = benchmarks()
+    assert [b.module for b in benches.values()] == list(MODULES)
+    callers = {p.stem for p in BENCH.glob("*.py")} - {"refusal_demo"}  # a demo, not timed
+    assert callers == {*MODULES, "report"}
+    for stem in callers:
+        assert 'f"vllm_steer.bench.{Path(__file__).stem}"' in (BENCH / f"{stem}.py").read_text()
+    for name in [*benches, "all", "report"]:
+        assert build_parser().parse_known_args(["bench", name])[0].which == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_known_args(["bench", "vs_hf"])  # a module, not a name
+    owners: dict[str, str] = {}
+    for name, b in benches.items():
+        assert b.parser().prog == f"vllm-steer bench {name}"
+        default = b.parse([]).result
+        assert default in b.sections or not b.sections, (name, default)
+        for result in b.sections:
+            assert owners.setdefault(result, name) == name, result  # one owner per result
+    stems = {p.stem for p in (BENCH / "results").glob("*.json")}
+    assert stems - set(owners) <= {"profile"}  # profile.json has no report section
+
+
+def test_report_reproduces_results_md(tmp_path: Path) -> None:
+    """The committed result files give exactly the committed RESULTS.md, every result
+    file rendered by its benchmark's section."""
+    for f in (BENCH / "results").glob("*.json"):
+        shutil.copy(f, tmp_path / f.name)
+    rep = subprocess.run([sys.executable, str(BENCH / "report.py")], env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "result file incomplete" not in md
+    assert md == (BENCH / "RESULTS.md").read_text()
+    assert (tmp_path / "overhead.png").stat().st_size > 0
 
 
 def test_extract_bench_arguments() -> None:
     """``vllm-steer bench extract``: the engine vs HF extraction benchmark's options."""
-    from vllm_steer.bench.cli import ALL, MODULES
-    from vllm_steer.bench.extract import parse
+    from vllm_steer.bench.extract import BENCHMARK
+    from vllm_steer.bench.registry import benchmarks
 
-    assert MODULES["extract"] == "extract" and "extract" in ALL
-    quick = parse(["--quick"])
+    assert benchmarks()["extract"] is BENCHMARK and BENCHMARK.in_all
+    quick = BENCHMARK.parse(["--quick"])
     assert (quick.pairs, quick.reps) == (32, 1)
-    full = parse(["--reps", "5"])
+    assert BENCHMARK.parse(["--quick", "--pairs", "8"]).pairs == 8
+    full = BENCHMARK.parse(["--reps", "5"])
     assert full.pairs is None and full.reps == 5 and full.hf_threads >= 1

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_steer import envvars, locations
+from vllm_steer.bench.launch import Server
 
 #: The repository root in a source checkout (benchmarks/ holds RESULTS.md, notes.md and
 #: results/ there), else None: an installed package writes to the working directory.
@@ -37,9 +38,6 @@ WORK_DIR = RESULTS_DIR / "work"
 REPORT_DIR = BENCH_DIR if BENCH_DIR is not None and RESULTS_DIR == BENCH_DIR / "results" \
     else RESULTS_DIR
 NOTES = BENCH_DIR / "notes.md" if BENCH_DIR is not None else None
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HIDDEN, NUM_LAYERS = 576, 30  # SmolLM2-135M
 
@@ -200,13 +198,16 @@ def write_result(name: str, data: dict[str, Any], out_dir: Path | None = None) -
     return path
 
 
-from vllm_steer.llm_factory import shutdown  # noqa: E402,F401  (re-exported for the scripts)
+def bench_server(log: Path, registry: Path | None = None, compiled: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> Server:
+    """The benchmarks' ``vllm-steer serve`` of the default model, served as ``bench``
+    (eager unless ``compiled``), logging to ``log`` (started afresh); not started yet."""
+    from vllm_steer.default_model import resolve_model
 
-
-def module_argv(module: str) -> list[str]:
-    """Command line that runs benchmark ``module`` (``vllm_steer.bench.NAME``) in a fresh
-    interpreter (each benchmark, and each of its workers, gets its own processes)."""
-    return [sys.executable, "-m", f"vllm_steer.bench.{module}"]
+    log.unlink(missing_ok=True)
+    return Server(str(resolve_model(None)), registry, log, compiled=compiled,
+                  extra_args=("--served-model-name", "bench", *extra_args),
+                  start_timeout_s=600)
 
 
 # -- peak memory of a process tree --------------------------------------------------------

@@ -16,12 +16,11 @@ to count the tokens generated while the deciding reading was computed.
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vllm_steer.bench.common import LoadTracker, header, write_result
+from vllm_steer.bench.common import RESULTS_DIR, LoadTracker
+from vllm_steer.bench.harness import Benchmark, meta_lines
 
 SHIPPED = ("yes_no_reasoning", "multiple_choice", "mood_yes_no", "mood_four_way")
 
@@ -45,7 +44,7 @@ def leader(reading: dict[str, Any]) -> str:
     return max(reading["probs"], key=reading["probs"].get)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
     from vllm import SamplingParams
 
@@ -138,10 +137,12 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vllm-steer bench early-exit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+def settings(s: str) -> list[tuple[float, int]]:
+    """``"0.9/2,0.6/1"`` -> ``[(0.9, 2), (0.6, 1)]`` (threshold/consecutive)."""
+    return [(float(t), int(k)) for t, k in (v.split("/") for v in s.split(",") if v)]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--questions", nargs="+", default=list(SHIPPED),
                    help="shipped set names or YAML paths")
@@ -150,29 +151,55 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=8)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 0.95])
     p.add_argument("--consecutive", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--verify", default="0.9/2",
+    p.add_argument("--verify", type=settings, default="0.9/2",
                    help="threshold/consecutive settings also run for real (comma-separated)")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(list(argv))
-    if a.quick:
-        a.questions, a.limit, a.max_tokens, a.verify = ["yes_no_reasoning"], 2, 32, "0.6/1"
-    a.verify = [(float(t), int(k)) for t, k in (v.split("/") for v in a.verify.split(",")
-                                                if v)]
-    return a
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
-    res = header(argv, "early_exit")
-    res["workload"] = {"questions": args.questions, "limit": args.limit,
-                       "max_tokens": args.max_tokens, "every": args.every}
-    res.update(run(args))
-    name = args.out or ("early_exit" + ("_quick" if args.quick else ""))
-    out = write_result(name, res)
-    res["png"] = str(plot(res, out.with_suffix(".png")))
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = {"workload": {"questions": args.questions, "limit": args.limit,
+                                        "max_tokens": args.max_tokens, "every": args.every}}
+    res.update(measure(args))
+    plot(res, RESULTS_DIR / f"{args.result}.png")
     return res
 
 
+# -- report ---------------------------------------------------------------------------
+def early_exit_section(d: dict[str, Any]) -> list[str]:
+    wl = d["workload"]
+    rows = d["rows"]
+    out = ["### Early exit on the shipped question sets", "", *meta_lines(d),
+           f"- {len(rows)} questions ({', '.join(wl['questions'])}), greedy, up to "
+           f"{wl['max_tokens']} tokens (natural end), thinking section opened, a reading "
+           f"every {wl['every']} tokens; {sum(r['tokens'] for r in rows)} tokens at full "
+           "length", "",
+           "| threshold | consecutive | stopped early | tokens saved | early answer = answer "
+           "at full length (stopped ones) | (all questions) |", "|---|---|---|---|---|---|"]
+    for g in d["grid"]:
+        agree = "n/a" if g["agreement_when_fired"] is None else \
+            f"{100 * g['agreement_when_fired']:.0f}%"
+        out.append(f"| {g['threshold']:g} | {g['consecutive']} | {g['fired']}/{g['questions']}"
+                   f" | {100 * g['saved_fraction']:.0f}% | {agree} | "
+                   f"{100 * g['agreement_overall']:.0f}% |")
+    if d.get("verify"):
+        v = d["verify"]
+        same = sum(x["simulated"] == x["engine"] for x in v)   # both JSON lists (or null)
+        full = {r["question"]: r["tokens"] for r in rows}
+        gen, tot = sum(x["generated"] for x in v), sum(full[x["question"]] for x in v)
+        out += ["", "Tokens saved above count from the deciding reading's position. Run for "
+                f"real with `stop_when` ({v[0]['threshold']:g}/{v[0]['consecutive']}): the "
+                f"engine stopped where the rule on the full-length readings says for "
+                f"{same}/{len(v)} questions, and generated {gen} of the {tot} full-length "
+                f"tokens ({100 * (1 - gen / tot):.0f}% saved; the difference to the table is "
+                "what it generated while the deciding reading was computed)."]
+    out.append("")
+    return out
+
+
+BENCHMARK = Benchmark(
+    name="early-exit", module="early_exit", doc=__doc__, add_arguments=add_arguments, run=run,
+    quick={"questions": ["yes_no_reasoning"], "limit": 2, "max_tokens": 32,
+           "verify": [(0.6, 1)]},
+    sections={"early_exit": early_exit_section})
+
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

@@ -16,23 +16,20 @@ threads = cores. vLLM: eager, ``block_size`` 32, prefix caching, 4096 batched to
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from vllm_steer.bench.common import (
     WORK_DIR,
     LoadTracker,
     Worker,
-    header,
     interleaved,
-    module_argv,
     serve_commands,
     summarize,
     tree_cpu_seconds,
-    write_result,
 )
+from vllm_steer.bench.harness import Benchmark, cell, meta_lines
 
 RECIPE = "configs/vectors/happy.yaml"
 
@@ -84,40 +81,23 @@ def worker(args: argparse.Namespace) -> None:
     serve_commands(handle)
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    import os
-
-    p = argparse.ArgumentParser(prog="vllm-steer bench extract", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="32 pairs, 1 repetition")
-    p.add_argument("--pairs", type=int, default=None, help="first N pairs (default: all)")
-    p.add_argument("--reps", type=int, default=3)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", type=int, default=None, help="first N pairs (default: all; "
+                   "32 with --quick)")
     p.add_argument("--hf-threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--worker", choices=["vllm", "hf"], help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(list(argv))
-    if a.quick:
-        a.pairs, a.reps = a.pairs or 32, 1
-    return a
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
     from vllm_steer import SteeringVector
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
-    if args.worker:
-        worker(args)
-        return {}
-    res = header(argv, "extract")
+    res: dict[str, Any] = {}
     tag = "_quick" if args.quick else ""
-    me = [*module_argv("extract"), *argv]
     load = LoadTracker()
-    workers = {w: Worker([*me, "--worker", w], WORK_DIR / f"extract_{w}{tag}.log")
-               for w in ("vllm", "hf")}
+    workers = {w: Worker(BENCHMARK.worker_command(args.argv, w),
+                         WORK_DIR / f"extract_{w}{tag}.log") for w in ("vllm", "hf")}
     for w in workers.values():
         w.recv()
     raw: dict[str, dict[int, dict[str, Any]]] = {"vllm": {}, "hf": {}}
@@ -142,9 +122,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res["min_cosine_per_layer"] = round(min(cos.values()), 6)
     res["rss_ratio_vllm_over_hf"] = round(
         res["memory"]["vllm"]["peak_rss_mib"] / max(res["memory"]["hf"]["peak_rss_mib"], 1), 3)
-    write_result(args.out or f"extract{tag}", res)
     return res
 
 
+# -- report ---------------------------------------------------------------------------
+def extract_section(d: dict[str, Any]) -> list[str]:
+    wl, m = d["workload"], d["memory"]
+    sec = d["seconds"]
+    return ["### Vector extraction: vLLM engine (hidden-state capture) vs HF forward hooks", "",
+            *meta_lines(d),
+            f"- `{wl['recipe']}`: {wl['pairs']} pairs ({wl['prompts']} prompts), the recipe's "
+            f"layers and method; HF torch threads {wl['hf_torch_threads']}; engine: eager, "
+            "prefix caching (reset before every repetition), block size 32", "",
+            "| | seconds per extraction | start-up (s) | peak RSS (MiB) |", "|---|---|---|---|",
+            f"| vLLM engine | {cell(sec['vllm'], digits=1)} | {d['startup_s']['vllm']} | "
+            f"{m['vllm']['peak_rss_mib']} |",
+            f"| HF | {cell(sec['hf'], digits=1)} | {d['startup_s']['hf']} | "
+            f"{m['hf']['peak_rss_mib']} |", "",
+            f"Speed-up HF seconds / vLLM seconds per repetition: "
+            f"{cell(d['speedup_hf_over_vllm'], digits=2)}; CPU-seconds ratio "
+            f"{cell(d['cpu_s_ratio_hf_over_vllm'], digits=2)}. Smallest cosine between the two "
+            f"sides' vectors over layers: {d['min_cosine_per_layer']}.", ""]
+
+
+BENCHMARK = Benchmark(
+    name="extract", module="extract", doc=__doc__, add_arguments=add_arguments, run=run,
+    quick={"pairs": 32, "reps": 1}, reps=3, sections={"extract": extract_section},
+    workers=("vllm", "hf"), worker=worker)
+
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

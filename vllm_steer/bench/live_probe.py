@@ -17,23 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from vllm_steer.bench.common import (
-    WORK_DIR,
-    LoadTracker,
-    header,
-    interleaved,
-    summarize,
-    write_result,
-)
-from vllm_steer.bench.serving import _free_port, _wait_ready
+from vllm_steer.bench.common import WORK_DIR, LoadTracker, bench_server, interleaved, summarize
+from vllm_steer.bench.harness import Benchmark, cell, meta_lines, verdict
 
 QUESTION = ("Is {n} a prime number? Think step by step inside <think> </think>, then answer "
             "Yes or No.")
@@ -139,56 +128,57 @@ def run_neighbours(url: str, args: argparse.Namespace) -> dict[str, Any]:
                                    for r in range(args.reps))}
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vllm-steer bench live", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--every", type=int, default=16)
-    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--concurrent", type=int, default=64)
     p.add_argument("--probed", type=int, default=8)
     p.add_argument("--batch-tokens", type=int, default=128)
     p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(list(argv))
-    if a.quick:
-        a.tokens, a.reps, a.concurrent, a.probed, a.batch_tokens = 32, 1, 4, 1, 16
-    return a
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
+def run(args: argparse.Namespace) -> dict[str, Any]:
     tag = "_quick" if args.quick else ""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ,
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    serve = [sys.executable, "-m", "vllm_steer.cli", "serve", "--port", str(port),
-             "--host", "127.0.0.1", "--dtype", "float32",
-             "--gpu-memory-utilization", "0.5", "--max-model-len", "2048",
-             "--block-size", str(args.block_size), "--served-model-name", "bench",
-             "--enforce-eager"]
-    res = header(argv, "live_probe")
-    res["server_command"] = " ".join(serve)
-    WORK_DIR.mkdir(parents=True, exist_ok=True)
-    log = open(WORK_DIR / f"live_server{tag}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_ready(url, proc)
-        res["stream"] = run_stream(url, args)
-        res["neighbours"] = run_neighbours(url, args)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-    write_result(args.out or f"live_probe{tag}", res)
+    res: dict[str, Any] = {}
+    with bench_server(WORK_DIR / f"live_server{tag}.log",
+                      extra_args=("--block-size", str(args.block_size))) as srv:
+        res["server_command"] = " ".join(srv.argv)
+        res["stream"] = run_stream(srv.url, args)
+        res["neighbours"] = run_neighbours(srv.url, args)
     return res
 
 
+# -- report ---------------------------------------------------------------------------
+def live_section(d: dict[str, Any]) -> list[str]:
+    st, nb = d["stream"], d["neighbours"]
+    out = ["### Live probes: cost on the probed stream and on its neighbours", "", *meta_lines(d),
+           f"- server: `{d['server_command']}`",
+           f"- single stream: {st['tokens']} tokens, greedy, a reading every {st['every']} "
+           f"tokens; load: start {st['load']['start']}, end {st['load']['end']}, 1-min max "
+           f"{st['load']['max_1m']}",
+           f"- neighbours: {nb['concurrent']} concurrent streams x {nb['tokens']} tokens, "
+           f"{nb['probed']} probed (Yes/No, every {nb['every']}); load: start "
+           f"{nb['load']['start']}, end {nb['load']['end']}, 1-min max {nb['load']['max_1m']}",
+           "", "| probed stream | ITL median, probed / unprobed (goal <= 1.15) | tokens/s, "
+           "probed / unprobed | readings per run | prompt tokens computed per fork request | "
+           "tokens served from the cache per reading |", "|---|---|---|---|---|---|"]
+    for v, label in (("yes_no", "Yes/No"), ("multi", "20/30/40/50")):
+        x = st[v]
+        out.append(f"| {label} | {cell(x['itl_ratio'])} | {cell(x['throughput_ratio'])} | "
+                   f"{cell(x['readings_per_run'], digits=0)} | "
+                   f"{cell(x['computed_tokens_per_request'], digits=1)} | "
+                   f"{cell(x['cached_tokens_per_reading'], digits=0)} |")
+    out += ["", f"Unprobed neighbours with {nb['probed']} of {nb['concurrent']} streams probed "
+            f"vs none probed: throughput {cell(nb['throughput_ratio'])} (goal >= 0.95: "
+            f"{verdict(nb['throughput_ratio'], 0.95)}), ITL median "
+            f"{cell(nb['itl_ratio'])}.", ""]
+    return out
+
+
+BENCHMARK = Benchmark(
+    name="live", module="live_probe", doc=__doc__, add_arguments=add_arguments, run=run,
+    quick={"tokens": 32, "reps": 1, "concurrent": 4, "probed": 1, "batch_tokens": 16},
+    reps=5, sections={"live_probe": live_section})
+
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from collections.abc import Sequence
 from typing import Any
 
 from vllm_steer.bench.common import (
@@ -24,14 +22,12 @@ from vllm_steer.bench.common import (
     LoadTracker,
     Worker,
     bench_registry,
-    header,
     interleaved,
-    module_argv,
     random_prompts,
     serve_commands,
     summarize,
-    write_result,
 )
+from vllm_steer.bench.harness import Benchmark, cell, comma_list, meta_lines
 
 VARIANTS = ("plugin_off", "unsteered", "steered")
 
@@ -41,6 +37,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from vllm_steer.llm_factory import make_llm
 
+    bench_registry()
     llm = make_llm(enforce_eager=True, dtype="float32", max_num_seqs=args.prompts,
                    max_model_len=2048)
 
@@ -61,35 +58,19 @@ def worker(args: argparse.Namespace) -> None:
     serve_commands(handle)
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vllm-steer bench memory", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=64, help="requests = max_num_seqs")
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(list(argv))
-    if a.quick:
-        a.prompts, a.tokens, a.reps, a.variants = 4, 4, 1, "unsteered,steered"
-    a.variants = a.variants.split(",")
-    return a
+    p.add_argument("--variants", type=comma_list(), default=",".join(VARIANTS))
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
-    bench_registry()
-    if args.worker:
-        worker(args)
-        return {}
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    res = header(argv, "memory")
-    res["workload"] = {"prompts": args.prompts, "max_num_seqs": args.prompts,
-                       "max_tokens": args.tokens, "enforce_eager": True, "dtype": "float32"}
+    bench_registry()
+    res: dict[str, Any] = {"workload": {
+        "prompts": args.prompts, "max_num_seqs": args.prompts, "max_tokens": args.tokens,
+        "enforce_eager": True, "dtype": "float32"}}
     load = LoadTracker()
     raw: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in args.variants}
     tag = "_quick" if args.quick else ""
@@ -99,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         env.pop("VLLM_STEER_DISABLE", None)  # the deprecated spelling
         if v == "plugin_off":
             env["VLLMSTEER_DISABLE"] = "1"
-        w = Worker([*module_argv("memory"), *argv, "--worker", v],
-                   WORK_DIR / f"memory_{v}{tag}.log", env=env)
+        w = Worker(BENCHMARK.worker_command(args.argv, v), WORK_DIR / f"memory_{v}{tag}.log",
+                   env=env)
         w.recv()
         reply = w.call(variant=v)
         raw[v][rep] = {**w.close(), **reply}
@@ -121,9 +102,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res["rss_ratio_over_" + base] = {
         v: summarize(raw[v][r]["peak_rss_mib"] / raw[base][r]["peak_rss_mib"]
                      for r in raw[v] if r in raw[base]) for v in raw if v != base}
-    write_result(args.out or f"memory{tag}", res)
     return res
 
 
+# -- report ---------------------------------------------------------------------------
+def memory_section(d: dict[str, Any]) -> list[str]:
+    t = d["tables"]
+    m = t.get("measured") or {}
+    wl = d["workload"]
+    out = ["### Memory", "", *meta_lines(d),
+           f"- eager engine, max_num_seqs={wl['max_num_seqs']}, {wl['prompts']} requests x "
+           f"{wl['max_tokens']} tokens; each variant in a fresh process", "",
+           f"Steering tables (from `collective_rpc('vllm_steer_stats')`): "
+           f"{m.get('bytes_per_slot', 'n/a')} bytes per slot (30 layers x (576 + K x 578) x "
+           f"fp32 + 4, K = {m.get('max_projections', 'n/a')} projections: "
+           f"{t['expected_bytes_per_slot']} expected), "
+           f"{m.get('table_bytes', 'n/a')} bytes in total "
+           f"({m.get('num_slots', 'n/a')} slots = max_num_seqs + 1; "
+           f"{m.get('table_bytes', 0) / 2**20:.2f} MiB).", "",
+           "| variant | peak RSS MiB (tree) | peak PSS MiB (tree) | RSS ratio |",
+           "|---|---|---|---|"]
+    ratio_key = next((k for k in d if k.startswith("rss_ratio_over_")), None)
+    rr = d.get(ratio_key, {}) if ratio_key else {}
+    for v in d["peak_rss_mib"]:
+        out.append(f"| {v} | {cell(d['peak_rss_mib'][v], digits=0)} | "
+                   f"{cell(d['peak_pss_mib'][v], digits=0)} | "
+                   f"{cell(rr.get(v), digits=3) if v in rr else 'baseline'} |")
+    out.append("")
+    return out
+
+
+BENCHMARK = Benchmark(
+    name="memory", module="memory", doc=__doc__, add_arguments=add_arguments, run=run,
+    quick={"prompts": 4, "tokens": 4, "reps": 1, "variants": ["unsteered", "steered"]},
+    reps=2, sections={"memory": memory_section}, workers=VARIANTS, worker=worker)
+
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

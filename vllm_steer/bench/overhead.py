@@ -38,23 +38,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from vllm_steer.bench.common import (
     LoadTracker,
     bench_registry,
-    header,
     interleaved,
     random_prompts,
     ratios,
-    shutdown,
     summarize,
     tree_cpu_seconds,
-    write_result,
 )
+from vllm_steer.bench.harness import Benchmark, cell, comma_list, meta_lines, retitled, verdict
 
 THINK = {"think_start": "<think>", "think_end": "</think>"}
 
@@ -141,19 +138,15 @@ def run_case(llm: Any, tok: Any, case: str, variant: str, n: int, max_tokens: in
             "tok_per_cpu_s": ntok / max(cpu, 1e-9)}
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vllm-steer bench overhead", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes (for the test suite)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compiled", action="store_true",
                    help="vLLM's default compiled mode (default: enforce_eager=True)")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--groups", default="modes,ops,batch,layers")
-    p.add_argument("--batch-sizes", default="8,32,64")
-    p.add_argument("--layer-counts", default="1,8,15,30")
+    p.add_argument("--groups", type=comma_list(), default="modes,ops,batch,layers")
+    p.add_argument("--batch-sizes", type=comma_list(int), default="8,32,64")
+    p.add_argument("--layer-counts", type=comma_list(int), default="1,8,15,30")
     p.add_argument("--sweep-tokens", type=int, default=128)
     p.add_argument("--vanilla", action="store_true",
                    help="also time a plugin-free engine (VLLMSTEER_DISABLE=1) in the loop")
@@ -166,30 +159,17 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         "cost for requests that capture nothing)")
     p.add_argument("--addonly", action="store_true",
                    help="also time an engine with max_projections 0 (group ops)")
-    p.add_argument("--out", default=None, help="result name (default: overhead_eager|compiled)")
-    a = p.parse_args(list(argv))
-    if a.quick:
-        a.prompts, a.tokens, a.reps, a.sweep_tokens = 4, 8, 2, 8
-        a.batch_sizes, a.layer_counts = "2,4", "1,30"
-    a.groups = a.groups.split(",")
-    a.batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
-    a.layer_counts = [int(x) for x in a.layer_counts.split(",")]
-    return a
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
-    mode = "compiled" if args.compiled else "eager"
-    name = args.out or f"overhead_{mode}" + ("_quick" if args.quick else "")
-    res = header(argv, "overhead")
-    res["mode"] = mode
-    bench_registry()
-    from vllm_steer.llm_factory import make_llm
+    from vllm_steer.llm_factory import make_llm, shutdown
     from vllm_steer.vllm_adapter.engine import vllm_config
 
+    mode = "compiled" if args.compiled else "eager"
+    res: dict[str, Any] = {"mode": mode}
+    bench_registry()
     t0 = time.perf_counter()
     llm = make_llm(enforce_eager=not args.compiled, dtype="float32",
                    max_num_seqs=max([args.prompts, *args.batch_sizes, 8]), max_model_len=2048)
@@ -260,9 +240,185 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{c} / {c}@k0": {"tok_s": summarize(ratios(tps, f"{c}@k0", c)),
                               "tok_per_cpu_s": summarize(ratios(tpc, f"{c}@k0", c))}
             for c in ("shared", "unsteered")}
-    write_result(name, res)
     return res
 
 
+# -- report ---------------------------------------------------------------------------
+#: The goal for the throughput ratios (the chart's line).
+TARGET = 0.98
+#: Issue 14's goal for ablation on every layer of every request (compiled).
+OPS_TARGET = 0.97
+
+
+def overhead_section(d: dict[str, Any]) -> list[str]:
+    eng = d["engine"]
+    out = [f"### Overhead, {d['mode']} (block_size={eng['block_size']}, "
+           f"max_num_seqs={eng['max_num_seqs']}, fp32)", "", *meta_lines(d), ""]
+    wl = d["workload"]
+    modes = d["groups"].get("modes")
+    if modes:
+        w = wl["unsteered"]
+        out += [f"Workload: {w['prompts']} prompts x {w['max_tokens']} output tokens "
+                f"(prompt {w['prompt_len']} random tokens, temperature 0.8, ignore_eos). "
+                f"Unsteered baseline: {cell(modes['baseline_tok_s'], digits=1)} tok/s.", "",
+                "Wall-clock tok/s ratios; and tokens per CPU-second of the engine's process "
+                "tree (less sensitive to other people's load on this shared machine).", "",
+                "| mode | tok/s vs unsteered (plugin on) | target >= 98% | "
+                "tok/s vs plain vLLM (plugin off) | tok/CPU-s vs unsteered | "
+                "tok/CPU-s vs plain vLLM |", "|---|---|---|---|---|---|"]
+        vv = modes.get("ratios_vs_vanilla", {})
+        cr = modes.get("cpu_ratios", {})
+        cv = modes.get("cpu_ratios_vs_vanilla", {})
+        for c, r in modes["ratios"].items():
+            if c == "vanilla":
+                continue
+            ok = verdict(r, TARGET)
+            out.append(f"| {c} | {cell(r, pct=True)} | {ok} | {cell(vv.get(c), pct=True)} | "
+                       f"{cell(cr.get(c), pct=True)} | {cell(cv.get(c), pct=True)} |")
+        if "unsteered" in vv:
+            out.append(f"| unsteered (plugin on, no steering) | 100% (baseline) | - | "
+                       f"{cell(vv['unsteered'], pct=True)} | 100% (baseline) | "
+                       f"{cell(cv.get('unsteered'), pct=True)} |")
+        out.append("")
+    ops = d["groups"].get("ops")
+    if ops:
+        out += ["Interventions (every request, all 30 layers) vs unsteered, same engine "
+                "(`max_projections` 1):", "",
+                "| request | tok/s vs unsteered | target >= 97% | tok/CPU-s vs unsteered |",
+                "|---|---|---|---|"]
+        for c, r in ops["ratios"].items():
+            if c.endswith("@k0"):
+                continue
+            out.append(f"| {c} | {cell(r, pct=True)} | {verdict(r, OPS_TARGET)} | "
+                       f"{cell(ops.get('cpu_ratios', {}).get(c), pct=True)} |")
+        out.append("")
+        argv = d.get("argv", [])
+        second_k = int(argv[argv.index("--second-k") + 1]) if "--second-k" in argv else 0
+        capture_off = "--second-capture" in argv and \
+            argv[argv.index("--second-capture") + 1] == "off"
+        if ops.get("addonly") and capture_off:
+            out += ["Hidden-state capture's cost for requests that capture nothing: the same "
+                    "requests on this engine (capture on, the default: a capture op at the end "
+                    "of every layer) vs a second engine identical but for `capture: false` "
+                    "(no op; its cases are labelled `@k0`), interleaved:", "",
+                    "| ratio (capture on / off) | tok/s | tok/CPU-s |", "|---|---|---|"]
+            for k, r in ops["addonly"].items():
+                out.append(f"| {k} | {cell(r['tok_s'], pct=True)} | "
+                           f"{cell(r['tok_per_cpu_s'], pct=True)} |")
+            out.append("")
+        elif ops.get("addonly") and second_k:
+            out += [f"A/A control: the same requests on two identical engines (both "
+                    f"`max_projections` {second_k}; the second's cases are labelled `@k0`), "
+                    "interleaved: how much two engine processes differ by themselves:", "",
+                    "| ratio | tok/s | tok/CPU-s |", "|---|---|---|"]
+            for k, r in ops["addonly"].items():
+                out.append(f"| {k} | {cell(r['tok_s'], pct=True)} | "
+                           f"{cell(r['tok_per_cpu_s'], pct=True)} |")
+            out.append("")
+        elif ops.get("addonly"):
+            out += ["Add-only cost of the projection tables: the same requests on this engine "
+                    "vs a second engine with `max_projections` 0 (the add-only layer code, "
+                    "as before interventions), interleaved:", "",
+                    "| ratio | tok/s | tok/CPU-s |", "|---|---|---|"]
+            for k, r in ops["addonly"].items():
+                out.append(f"| {k} | {cell(r['tok_s'], pct=True)} | "
+                           f"{cell(r['tok_per_cpu_s'], pct=True)} |")
+            out.append("")
+    batch = [g for g in d["groups"] if g.startswith("batch")]
+    if batch:
+        out += ["By batch size (every request a distinct spec vs unsteered):", "",
+                "| batch | unsteered tok/s | distinct / unsteered (tok/s) | "
+                "distinct / unsteered (tok/CPU-s) |", "|---|---|---|---|"]
+        for g in sorted(batch, key=lambda s: int(s[5:])):
+            gr = d["groups"][g]
+            c, r = next(iter(gr["ratios"].items()))
+            out.append(f"| {g[5:]} | {cell(gr['baseline_tok_s'], digits=1)} | "
+                       f"{cell(r, pct=True)} | {cell(gr.get('cpu_ratios', {}).get(c), pct=True)} |")
+        out.append("")
+    layers = d["groups"].get("layers")
+    if layers:
+        out += ["By number of steered layers (one shared vector, first N layers):", "",
+                "| layers | tok/s vs unsteered | tok/CPU-s vs unsteered |", "|---|---|---|"]
+        for c, r in layers["ratios"].items():
+            out.append(f"| {c[1:]} | {cell(r, pct=True)} | "
+                       f"{cell(layers.get('cpu_ratios', {}).get(c), pct=True)} |")
+        out.append("")
+    return out
+
+
+def chart(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """Bars of throughput ratios per overhead mode: tok/s and tok/CPU-s (median, min-max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+    for key in ("overhead_eager", "overhead_compiled", "overhead_compiled_resolver_fix"):
+        d = results.get(key)
+        if not d:
+            continue
+        for g, gr in d["groups"].items():
+            vv, cv = gr.get("ratios_vs_vanilla", {}), gr.get("cpu_ratios_vs_vanilla", {})
+            if "unsteered" in vv:
+                rows.append((f"{d['mode']}: plugin on, unsteered vs plain vLLM",
+                             vv["unsteered"], cv.get("unsteered")))
+            for c, r in gr["ratios"].items():
+                if r["median"] is not None and c != "vanilla":
+                    label = f"{d['mode']}: {c}" if g == "modes" else f"{d['mode']}: {g}/{c}"
+                    rows.append((label, r, gr.get("cpu_ratios", {}).get(c)))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+    h = 0.38
+    for k, (name, color) in enumerate((("tok/s (wall clock)", "#4878a8"),
+                                       ("tok per CPU-second", "#e08a3c"))):
+        ys, med, lo, hi = [], [], [], []
+        for i, (_, wall, cpu) in enumerate(rows):
+            r = wall if k == 0 else cpu
+            if not r or r.get("median") is None:
+                continue
+            ys.append(i + (k - 0.5) * h)
+            med.append(100 * r["median"])
+            lo.append(100 * (r["median"] - r["min"]))
+            hi.append(100 * (r["max"] - r["median"]))
+        ax.barh(ys, med, height=h, xerr=[lo, hi], color=color, capsize=2, label=name,
+                error_kw={"lw": 0.8})
+    ax.axvline(100, color="k", lw=0.8)
+    ax.axvline(100 * TARGET, color="r", ls="--", lw=0.8, label="98% target")
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(60, 130)
+    ax.set_xlabel("relative to unsteered, same engine, same run (%); bars clipped to 60-130")
+    ax.set_title("vllm-steer overhead (median; whiskers = min..max over repetitions)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+BENCHMARK = Benchmark(
+    name="overhead", module="overhead", doc=__doc__, add_arguments=add_arguments, run=run,
+    result_name=lambda a: "overhead_compiled" if a.compiled else "overhead_eager",
+    quick={"prompts": 4, "tokens": 8, "reps": 2, "sweep_tokens": 8, "batch_sizes": [2, 4],
+           "layer_counts": [1, 30]},
+    reps=5,
+    sections={   # result files of earlier runs (``--out``) under their own headings
+        "overhead_compiled_resolver_fix": retitled(
+            overhead_section, "### Overhead, compiled",
+            "### Overhead, compiled, after the front-end fix"),
+        "overhead_compiled": overhead_section, "overhead_eager": overhead_section,
+        "overhead_compiled_ops": retitled(overhead_section, "### Overhead, compiled",
+                                          "### Overhead of interventions, compiled"),
+        "overhead_compiled_ops_aa": retitled(
+            overhead_section, "### Overhead, compiled",
+            "### Overhead of interventions, compiled, A/A control"),
+        "overhead_capture": retitled(
+            overhead_section, "### Overhead, ",
+            "### Cost of hidden-state capture for requests that capture nothing, "),
+    },
+    chart=chart)
+
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

@@ -29,21 +29,11 @@ cache, and the largest difference of a choice log-prob between a variant and ``c
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from vllm_steer.bench.common import (
-    LoadTracker,
-    bench_registry,
-    header,
-    interleaved,
-    ratios,
-    shutdown,
-    summarize,
-    write_result,
-)
+from vllm_steer.bench.common import LoadTracker, bench_registry, interleaved, ratios, summarize
+from vllm_steer.bench.harness import Benchmark, cell, comma_list, meta_lines
 
 QUESTIONS = ["Is the sky blue on a clear day?", "Is seven a prime number?",
              "Do fish live in water?", "Is Paris the capital of France?",
@@ -165,6 +155,8 @@ def _max_diff(a: Any, b: Any) -> float:
 def run_block_size(bs: int, args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from vllm_steer.llm_factory import shutdown
+
     llm = _engine(bs, True)
     off = _engine(bs, False) if args.real_off else None
     tok = llm.get_tokenizer()
@@ -218,15 +210,11 @@ def run_block_size(bs: int, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vllm-steer bench probe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--traj-tokens", type=int, default=512)
     p.add_argument("--every", type=int, default=16)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--block-sizes", default="32,128")
-    p.add_argument("--choices", action="append", default=None,
+    p.add_argument("--block-sizes", type=comma_list(int), default="32,128")
+    p.add_argument("--choices", action="append", type=comma_list(str.strip), default=None,
                    help="comma-separated choice set (repeatable; default: Yes,No and "
                         "20,30,40,50)")
     p.add_argument("--real-off", action="store_true",
@@ -234,29 +222,101 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--neighbours", type=int, default=8,
                    help="ordinary requests submitted with the forks (top-k log-probs vs none); "
                         "0 leaves these variants out")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(list(argv))
-    if a.quick:
-        a.traj_tokens, a.reps, a.block_sizes = 64, 2, "32"
-    a.block_sizes = [int(x) for x in a.block_sizes.split(",")]
-    a.choices = [[c.strip() for c in s.split(",") if c.strip()]
-                 for s in (a.choices or ["Yes,No", "20,30,40,50"])]
-    return a
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
-    res = header(argv, "probe")
-    res["engine"] = {"enforce_eager": True, "dtype": "float32"}
+def choice_sets(args: argparse.Namespace) -> list[list[str]]:
+    """The ``--choices`` sets (default: Yes/No and the multi-token 20/30/40/50)."""
+    return args.choices or [["Yes", "No"], ["20", "30", "40", "50"]]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    args.choices = choice_sets(args)
+    res: dict[str, Any] = {"engine": {"enforce_eager": True, "dtype": "float32"}}
     res["workload"] = {"trajectory_tokens": args.traj_tokens, "every": args.every,
                        "choice_sets": [",".join(c) for c in args.choices],
                        "trajectory_steering": "all30, apply_to=generated (forks replay it)"}
     bench_registry()
     res["block_sizes"] = {str(bs): run_block_size(bs, args) for bs in args.block_sizes}
-    write_result(args.out or ("probe_forks" + ("_quick" if args.quick else "")), res)
     return res
 
 
+# -- report ---------------------------------------------------------------------------
+_OFF_LABELS = {"salted": "unique cache_salt per fork (same engine)",
+               "engine_off": "second engine, enable_prefix_caching=False",
+               "topk_neighbours": "cached forks + neighbours asking logprobs=5 (per-row "
+                                  "merge), one call",
+               "plain_neighbours": "cached forks + the same neighbours without logprobs, "
+                                   "one call"}
+
+
+def probe_section(d: dict[str, Any]) -> list[str]:
+    wl = d["workload"]
+    sets = wl.get("choice_sets")
+    out = ["### Probe forks: prefix caching on vs off" + (f" ({' | '.join(sets)})" if sets
+                                                         else ""), "", *meta_lines(d),
+           f"- trajectory {wl['trajectory_tokens']} generated tokens, a fork "
+           f"{'point ' if sets else ''}every {wl['every']} tokens; steering: "
+           f"{wl['trajectory_steering']}; eager engine",
+           *(f"- load average, block_size={bs}: start {b['load']['start']}, end "
+             f"{b['load']['end']}, 1-min max {b['load']['max_1m']}"
+             for bs, b in d["block_sizes"].items() if "load" in b)]
+    if not sets:   # results written before choice sets existed (Yes/No only)
+        out += ["", "| block_size | forks | t(cached) s | off variant | t(off) / t(cached) | "
+                "cached prompt tokens (cached run) |", "|---|---|---|---|---|---|"]
+        for bs, b in d["block_sizes"].items():
+            tok = b["tokens"]["cached"]
+            frac = [v["cached_tokens"] / max(v["prompt_tokens"], 1) for v in tok.values()]
+            for v, r in b["ratio_off_over_on"].items():
+                out.append(f"| {bs} | {b['forks_per_trajectory']} | "
+                           f"{cell(b['seconds']['cached'], digits=2)} | {_OFF_LABELS.get(v, v)} | "
+                           f"{cell(r, digits=1)}x | {100 * min(frac):.0f}-{100 * max(frac):.0f}% |")
+        out.append("")
+        return out
+    for bs, b in d["block_sizes"].items():
+        for key, c in b["choice_sets"].items():
+            ld = c["load"]
+            out.append(f"- load average, block_size={bs}, choices {key}: start {ld['start']}, "
+                       f"end {ld['end']}, 1-min max {ld['max_1m']}")
+    out += ["", "| block_size | choices | points | requests per trajectory (gap reads) | "
+            "prompt tokens computed per trajectory, cached run | t(cached) s | off variant | "
+            "t(off) / t(cached) | off computes (tokens) | max abs log-prob diff vs cached |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for bs, b in d["block_sizes"].items():
+        for key, c in b["choice_sets"].items():
+            tok = c["tokens"]["cached"].values()
+            reqs = sorted({v["requests"] for v in tok})
+            gaps = sorted({v["gap_requests"] for v in tok})
+            computed = [v["prompt_tokens"] - v["cached_tokens"] for v in tok]
+            mt = "multi-token" if any(c["multi_token"]) else "single-token"
+            for v, r in c["ratio_off_over_on"].items():
+                off = [x["prompt_tokens"] - x["cached_tokens"] for x in c["tokens"][v].values()]
+                out.append(
+                    f"| {bs} | {key} ({mt}) | {c['points_per_trajectory']} | "
+                    f"{'/'.join(map(str, reqs))} ({'/'.join(map(str, gaps))}) | "
+                    f"{min(computed)}-{max(computed)} | "
+                    f"{cell(c['seconds']['cached'], digits=2)} | {_OFF_LABELS.get(v, v)} | "
+                    f"{cell(r, digits=1)}x | {min(off)}-{max(off)} | "
+                    f"{c['max_abs_logprob_diff_vs_cached'][v]:.1e} |")
+    out.append("")
+    for bs, b in d["block_sizes"].items():
+        for key, c in b["choice_sets"].items():
+            if "ratio_topk_over_plain_neighbours" in c:
+                out.append(f"- block_size={bs}, {key}: forks with top-k neighbours / with plain "
+                           f"neighbours {cell(c['ratio_topk_over_plain_neighbours'], digits=3)}x")
+        if "merge" in b:
+            m = b["merge"]
+            out.append(f"- block_size={bs}: {m['mixed_batches']} batches mixed exact-ID and "
+                       f"top-k rows; one per-row merge took {1e6 * m['seconds_per_merge']:.0f} "
+                       "us (median, measured alone)")
+    out.append("")
+    return out
+
+
+BENCHMARK = Benchmark(
+    name="probe", module="probe_forks", doc=__doc__, add_arguments=add_arguments, run=run,
+    quick={"traj_tokens": 64, "reps": 2, "block_sizes": [32]}, reps=5,
+    sections={"probe_forks": probe_section, "probe_forks_choices": probe_section,
+              "probe_forks_isolation": probe_section})
+
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

@@ -10,7 +10,7 @@ whose stack passes through vllm-steer code are attributed to:
 - ``frontend``: the front-end hook (parse, resolve, compose) in this process;
 - ``model``: the decoder layers under the wrapper; ``other``: everything else.
 
-``python -m vllm_steer.bench.profile_steer --reread`` re-classifies the saved raw profiles.
+``vllm-steer bench profile --reread`` re-classifies the saved raw profiles.
 
 Needs ``pip install py-spy`` (root or ptrace permission). Not part of ``bench all``.
 """
@@ -18,24 +18,16 @@ Needs ``pip install py-spy`` (root or ptrace permission). Not part of ``bench al
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vllm_steer.bench.common import (
-    RESULTS_DIR,
-    WORK_DIR,
-    LoadTracker,
-    bench_registry,
-    header,
-    shutdown,
-    write_result,
-)
+from vllm_steer.bench.common import RESULTS_DIR, WORK_DIR, LoadTracker, bench_registry
+from vllm_steer.bench.harness import Benchmark
 from vllm_steer.bench.overhead import run_case
 
 
@@ -84,32 +76,26 @@ def summarize_profiles(files: dict[str, Path]) -> dict[str, Any]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import psutil
-
-    p = argparse.ArgumentParser(prog="profile_steer", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=int, default=25)
     p.add_argument("--variants", default="unsteered,shared,distinct,thinking")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--reread", action="store_true", help="only re-classify saved profiles")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    if args.reread:
-        import json
 
-        path = RESULTS_DIR / "profile.json"
-        res = json.loads(path.read_text())
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import psutil
+
+    from vllm_steer.llm_factory import make_llm, shutdown
+
+    if args.reread:   # the saved result, its profiles re-classified
+        res = json.loads((RESULTS_DIR / f"{args.result}.json").read_text())
         for v in res["profiles"]:
             res["profiles"][v] = summarize_profiles(
                 {who: WORK_DIR / f"pyspy_{v}_{who}.txt" for who in ("worker", "frontend")})
-        write_result("profile", res)
         return res
-    res = header(argv, "profile")
-    res["command"] = " ".join(["python -m vllm_steer.bench.profile_steer", *argv])
     bench_registry()
-    from vllm_steer.llm_factory import make_llm
-
     llm = make_llm(enforce_eager=True, dtype="float32", max_num_seqs=args.prompts,
                    max_model_len=2048)
     tok = llm.get_tokenizer()
@@ -132,12 +118,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for s in spies:
             s.wait(timeout=120)
         out[v] = summarize_profiles(files)
-    res["load"] = load.finish()
-    res["profiles"] = out
     shutdown(llm)
-    write_result("profile", res)
-    return res
+    return {"load": load.finish(), "profiles": out}
 
+
+BENCHMARK = Benchmark(
+    name="profile", module="profile_steer", doc=__doc__, add_arguments=add_arguments, run=run,
+    result_name=lambda a: "profile", quick={"seconds": 3, "prompts": 4, "tokens": 8},
+    in_all=False)
 
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

@@ -13,50 +13,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
 from typing import Any
 
 from vllm_steer.bench.common import (
     BENCH_VECTORS,
     WORK_DIR,
     LoadTracker,
-    header,
+    bench_server,
     interleaved,
     summarize,
-    write_result,
     write_vectors,
 )
+from vllm_steer.bench.harness import Benchmark, cell, meta_lines
 
 KEYS = ("request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
         "p90_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "median_itl_ms", "p90_itl_ms",
         "p99_itl_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with rc={proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(2)
-    raise TimeoutError("server did not become ready")
 
 
 def _ttft(url: str, model: str, prompt: list[int], xargs: dict[str, Any] | None,
@@ -79,59 +57,29 @@ def _ttft(url: str, model: str, prompt: list[int], xargs: dict[str, Any] | None,
     return first
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vllm-steer bench serving", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--first-use-rounds", type=int, default=8)
     p.add_argument("--compiled", action="store_true", help="server in compiled mode")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(list(argv))
-    if a.quick:
-        a.num_prompts, a.output_len, a.reps, a.first_use_rounds = 4, 8, 1, 2
-    return a
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     from vllm_steer.default_model import resolve_model
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
     tag = "_quick" if args.quick else ""
     fresh = {f"fresh{i}": range(30) for i in range(args.first_use_rounds)}
     reg = write_vectors(WORK_DIR / f"serving{tag}", {**BENCH_VECTORS, **fresh}, seed=99)
-    model = resolve_model(None)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    serve = [sys.executable, "-m", "vllm_steer.cli", "serve", "--registry", str(reg),
-             "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
-             "--gpu-memory-utilization", "0.5", "--max-model-len", "2048",
-             "--served-model-name", "bench", *([] if args.compiled else ["--enforce-eager"])]
-    res = header(argv, "serving")
-    res["server_command"] = " ".join(serve)
-    log = open(WORK_DIR / f"serving_server{tag}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        t0 = time.perf_counter()
-        _wait_ready(url, proc)
-        res["server_start_s"] = round(time.perf_counter() - t0, 1)
-        res["bench"] = run_bench_serve(args, url, model, tag)
-        res["first_use"] = run_first_use(args, url, tqdm)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-    write_result(args.out or f"serving{tag}", res)
+    model = str(resolve_model(None))
+    res: dict[str, Any] = {}
+    with bench_server(WORK_DIR / f"serving_server{tag}.log", reg, args.compiled) as srv:
+        res["server_command"] = " ".join(srv.argv)
+        res["server_start_s"] = round(srv.startup_s, 1)
+        res["bench"] = run_bench_serve(args, srv.url, model, tag)
+        res["first_use"] = run_first_use(args, srv.url, tqdm)
     return res
 
 
@@ -204,5 +152,38 @@ def run_first_use(args: argparse.Namespace, url: str, tqdm: Any) -> dict[str, An
                                                      for i in t["first"])}
 
 
+# -- report ---------------------------------------------------------------------------
+def serving_section(d: dict[str, Any]) -> list[str]:
+    b, f = d["bench"], d["first_use"]
+    wl = b["workload"]
+    out = ["### Serving (`vllm bench serve` against `vllm-steer serve`)", "", *meta_lines(d),
+           f"- server: `{d['server_command']}`",
+           f"- bench: {wl['num_prompts']} prompts, random input {wl['input_len']} / output "
+           f"{wl['output_len']} tokens, request rate inf, ignore_eos; steered = "
+           "`--extra-body '{\"vllm_xargs\": {\"steer\": \"all30\"}}'`",
+           f"- load during bench runs: {b['load']}", "",
+           "| metric | unsteered (median of runs) | steered (median of runs) | "
+           "steered / unsteered per rep |", "|---|---|---|---|"]
+    for k, r in b["ratios_steered_over_unsteered"].items():
+        med = {v: statistics.median(x[k] for x in b["raw"][v].values() if k in x)
+               for v in ("unsteered", "steered")}
+        out.append(f"| {k} | {med['unsteered']:.1f} | {med['steered']:.1f} | "
+                   f"{cell(r, digits=3)} |")
+    out += ["", "First use of a vector (single streamed requests, 4 tokens, fresh prompts):",
+            "", "| request | TTFT ms |", "|---|---|"]
+    for v, r in f["ttft_ms"].items():
+        out.append(f"| {v} | {cell(r, digits=1)} |")
+    out += ["", f"- TTFT first use / repeated use: {cell(f['ratio_first_over_repeat'], digits=2)}",
+            f"- TTFT first use / unsteered: {cell(f['ratio_first_over_unsteered'], digits=2)}",
+            f"- TTFT repeated use / unsteered: "
+            f"{cell(f['ratio_repeat_over_unsteered'], digits=2)}", ""]
+    return out
+
+
+BENCHMARK = Benchmark(
+    name="serving", module="serving", doc=__doc__, add_arguments=add_arguments, run=run,
+    quick={"num_prompts": 4, "output_len": 8, "reps": 1, "first_use_rounds": 2}, reps=3,
+    sections={"serving": serving_section})
+
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

@@ -14,25 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from vllm_steer.bench.common import (
-    WORK_DIR,
-    LoadTracker,
-    header,
-    summarize,
-    write_result,
-)
-from vllm_steer.bench.serving import _free_port, _wait_ready
+from vllm_steer.bench.common import WORK_DIR, LoadTracker, bench_server, summarize
+from vllm_steer.bench.harness import Benchmark, cell, comma_list, meta_lines
 
 
 class Traffic:
@@ -92,62 +82,42 @@ def _stats(xs: list[float]) -> dict[str, Any]:
             "p90_ms": round(_pct(xs, 0.9), 2), "p99_ms": round(_pct(xs, 0.99), 2)}
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vllm-steer bench train-route", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-suffixes", type=int, default=64)
     p.add_argument("--window", type=float, default=30.0, help="quiet window, seconds")
-    p.add_argument("--max-concurrent", default="8,1024",
+    p.add_argument("--max-concurrent", type=comma_list(int), default="8,1024",
                    help="comma-separated max_concurrent values of the route, one training "
                         "window each per repetition (1024: every capture request at once)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(list(argv))
-    if a.quick:
-        a.clients, a.output_len, a.max_suffixes, a.window, a.reps = 2, 16, 4, 5.0, 1
-    a.max_concurrent = [int(x) for x in str(a.max_concurrent).split(",")]
-    return a
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
     import yaml
 
     from vllm_steer.locations import find_config
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
     tag = "_quick" if args.quick else ""
     root = WORK_DIR / f"train_route{tag}"
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(root / "uploads", ignore_errors=True)   # registrations of an earlier run
     reg = root / "registry.yaml"
     reg.write_text("allowed_dirs: []\nvectors: {}\n")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    serve = [sys.executable, "-m", "vllm_steer.cli", "serve", "--registry", str(reg),
-             "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
-             "--gpu-memory-utilization", "0.5", "--max-model-len", "2048",
-             "--served-model-name", "bench", "--enforce-eager"]
     recipe = yaml.safe_load(find_config("configs/vectors/happy.yaml").read_text())
     recipe["max_suffixes"] = args.max_suffixes
-    res = header(argv, "train-route")
-    res["server_command"] = " ".join(serve)
-    res["workload"] = {"clients": args.clients, "output_len": args.output_len,
-                       "recipe": "configs/vectors/happy.yaml", "max_suffixes": args.max_suffixes,
-                       "quiet_window_s": args.window,
-                       "max_concurrent": args.max_concurrent}
-    log = open(root / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env)
+    res: dict[str, Any] = {}
+    srv = bench_server(root / "server.log", reg)
     traffic = None
     try:
-        t0 = time.perf_counter()
-        _wait_ready(url, proc)
-        res["server_start_s"] = round(time.perf_counter() - t0, 1)
+        srv.start()
+        url = srv.url
+        res["server_command"] = " ".join(srv.argv)
+        res["workload"] = {"clients": args.clients, "output_len": args.output_len,
+                           "recipe": "configs/vectors/happy.yaml",
+                           "max_suffixes": args.max_suffixes, "quiet_window_s": args.window,
+                           "max_concurrent": args.max_concurrent}
+        res["server_start_s"] = round(srv.startup_s, 1)
         load = LoadTracker()
         traffic = Traffic(url, args.clients, args.output_len)
         traffic.start()
@@ -174,12 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         if traffic is not None:
             traffic.finish()
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        srv.stop()
     res["training_reports"] = {w: [{k: tr[k] for k in ("num_prompts", "mean_separation",
                                                         "seconds")} for tr in trs]
                                for w, trs in trains.items()}
@@ -199,12 +164,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 r["training"][key] / r["quiet"][key] for r in per_rep
                 if r["quiet"].get(key) and r["training"].get(key))
         res["variants"][w] = v
-    write_result(args.out or f"train_route{tag}", res)
     print(json.dumps({"itl_quiet": res["itl_quiet"],
                       **{w: {k: v[k] for k in v if k != "raw"}
                          for w, v in res["variants"].items()}}, indent=1))
     return res
 
 
+# -- report ---------------------------------------------------------------------------
+def train_route_section(d: dict[str, Any]) -> list[str]:
+    wl = d["workload"]
+    out = ["### The training route under traffic: inter-token latency", "", *meta_lines(d),
+           f"- {wl['clients']} streaming clients x {wl['output_len']} tokens, back to back; "
+           f"training job: `{wl['recipe']}` with {wl['max_suffixes']} openers; quiet windows "
+           f"{wl['quiet_window_s']} s", "",
+           f"Quiet ITL: {d['itl_quiet']}", "",
+           "| training window | ITL median / quiet | p90 / quiet | p99 / quiet | "
+           "job seconds |", "|---|---|---|---|---|"]
+    variants = d.get("variants")
+    if variants is None:   # a result file of the bench before it compared max_concurrent
+        secs = [r["training_s"] for r in d["raw"]]
+        variants = {f"max_concurrent: {wl.get('max_concurrent')}": {
+            **{f"itl_ratio_over_quiet_{q}": d[f"itl_ratio_training_over_quiet_{q}"]
+               for q in ("median", "p90", "p99")},
+            "training_s": {"n": len(secs), "median": sorted(secs)[len(secs) // 2],
+                           "min": min(secs), "max": max(secs)}}}
+    for name, v in variants.items():
+        out.append(f"| {name} | {cell(v['itl_ratio_over_quiet_median'], digits=2)} | "
+                   f"{cell(v['itl_ratio_over_quiet_p90'], digits=2)} | "
+                   f"{cell(v['itl_ratio_over_quiet_p99'], digits=2)} | "
+                   f"{cell(v['training_s'], digits=1)} |")
+    out.append("")
+    return out
+
+
+BENCHMARK = Benchmark(
+    name="train-route", module="train_route", doc=__doc__, add_arguments=add_arguments,
+    run=run, quick={"clients": 2, "output_len": 16, "max_suffixes": 4, "window": 5.0,
+                    "reps": 1},
+    reps=3, sections={"train_route": train_route_section}, in_all=False)
+
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

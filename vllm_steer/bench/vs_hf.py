@@ -18,9 +18,7 @@ gives one ratio ``tok/s(vLLM) / tok/s(HF best)``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from vllm_steer.bench.common import (
@@ -28,15 +26,13 @@ from vllm_steer.bench.common import (
     LoadTracker,
     Worker,
     bench_registry,
-    header,
     interleaved,
-    module_argv,
     random_prompts,
     serve_commands,
     summarize,
     tree_cpu_seconds,
-    write_result,
 )
+from vllm_steer.bench.harness import Benchmark, cell, comma_list, meta_lines
 
 N_VECTORS = 8
 
@@ -116,50 +112,34 @@ def hf_worker(args: argparse.Namespace) -> None:
 
 
 # -- driver ---------------------------------------------------------------------------------
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vllm-steer bench vs-hf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compiled", action="store_true", help="vLLM compiled (default eager)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--hf-batch-sizes", default="8,32")
+    p.add_argument("--hf-batch-sizes", type=comma_list(int), default="8,32")
     p.add_argument("--hf-threads", type=int, default=1,
                    help="torch threads for HF (default 1: vLLM's CPU worker also computes on "
                         "one thread, and 2 OMP threads on a loaded 2-core box were far slower)")
-    p.add_argument("--worker", choices=["vllm", "hf"], help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(list(argv))
-    if a.quick:
-        a.prompts, a.tokens, a.reps, a.hf_batch_sizes = 8, 8, 2, "4,8"
-    a.hf_batch_sizes = [int(x) for x in str(a.hf_batch_sizes).split(",")]
-    return a
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
+def worker(args: argparse.Namespace) -> None:
     bench_registry()
-    if args.worker == "vllm":
-        vllm_worker(args)
-        return {}
-    if args.worker == "hf":
-        hf_worker(args)
-        return {}
+    (vllm_worker if args.worker == "vllm" else hf_worker)(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    res = header(argv, "vs-hf")
-    res["workload"] = {"prompts": args.prompts, "max_tokens": args.tokens,
-                       "prompt_len": args.prompt_len, "vectors": "random, all 30 layers",
-                       "hf_batch_sizes": args.hf_batch_sizes, "sampling": "temperature 0.8",
-                       "hf_torch_threads": args.hf_threads}
+    bench_registry()
+    res: dict[str, Any] = {"workload": {
+        "prompts": args.prompts, "max_tokens": args.tokens, "prompt_len": args.prompt_len,
+        "vectors": "random, all 30 layers", "hf_batch_sizes": args.hf_batch_sizes,
+        "sampling": "temperature 0.8", "hf_torch_threads": args.hf_threads}}
     res["vllm_mode"] = "compiled" if args.compiled else "eager"
-    me = [*module_argv("vs_hf"), *argv]
     tag = "_quick" if args.quick else ""
-    vw = Worker([*me, "--worker", "vllm"], WORK_DIR / f"vs_hf_vllm{tag}.log")
-    hw = Worker([*me, "--worker", "hf"], WORK_DIR / f"vs_hf_hf{tag}.log")
+    vw = Worker(BENCHMARK.worker_command(args.argv, "vllm"), WORK_DIR / f"vs_hf_vllm{tag}.log")
+    hw = Worker(BENCHMARK.worker_command(args.argv, "hf"), WORK_DIR / f"vs_hf_hf{tag}.log")
     vw.recv()
     hw.recv()
     variants = [f"vllm_{w}" for w in ("shared", "spread")] + [
@@ -191,9 +171,39 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res["workloads"] = out
     res["rss_ratio_vllm_over_hf"] = round(
         res["memory"]["vllm"]["peak_rss_mib"] / max(res["memory"]["hf"]["peak_rss_mib"], 1), 3)
-    write_result(args.out or f"vs_hf{tag}", res)
     return res
 
 
+# -- report ---------------------------------------------------------------------------
+def vs_hf_section(d: dict[str, Any]) -> list[str]:
+    wl = d["workload"]
+    out = ["### vLLM + vllm-steer vs HF transformers generate + forward hooks", "", *meta_lines(d),
+           f"- vLLM {d['vllm_mode']}; {wl['prompts']} prompts x {wl['max_tokens']} tokens, "
+           f"{wl['sampling']}, fp32; HF batch sizes tried: {wl['hf_batch_sizes']}; HF torch "
+           f"threads: {wl.get('hf_torch_threads', 'default')} (vLLM's CPU worker computes on 1 "
+           "thread; its front end runs in another process)", "",
+           "| workload | vLLM tok/s | HF tok/s at best batch | vLLM / HF (tok/s) | "
+           "HF CPU-s / vLLM CPU-s |", "|---|---|---|---|---|"]
+    for name, w in d["workloads"].items():
+        b = w["hf_best_batch"]
+        hf = w["hf_tok_s_by_batch"][str(b)] if str(b) in w["hf_tok_s_by_batch"] else \
+            w["hf_tok_s_by_batch"][b]
+        out.append(f"| {name} | {cell(w['vllm_tok_s'], digits=1)} | {cell(hf, digits=1)} "
+                   f"(batch {b}) | {cell(w['ratio_vllm_over_hf'], digits=2)} | "
+                   f"{cell(w.get('cpu_s_ratio_hf_over_vllm'), digits=2)} |")
+    m = d["memory"]
+    out += ["", f"Peak memory of each side's process tree over the whole run (sampled every "
+            f"0.25 s): vLLM RSS {m['vllm']['peak_rss_mib']} MiB (PSS "
+            f"{m['vllm']['peak_pss_mib']} MiB; front end, EngineCore and worker processes), HF RSS "
+            f"{m['hf']['peak_rss_mib']} MiB (PSS {m['hf']['peak_pss_mib']} MiB). vLLM's "
+            "includes its preallocated KV cache (VLLM_CPU_KVCACHE_SPACE GiB, in the command).", ""]
+    return out
+
+
+BENCHMARK = Benchmark(
+    name="vs-hf", module="vs_hf", doc=__doc__, add_arguments=add_arguments, run=run,
+    quick={"prompts": 8, "tokens": 8, "reps": 2, "hf_batch_sizes": [4, 8]}, reps=3,
+    sections={"vs_hf": vs_hf_section}, workers=("vllm", "hf"), worker=worker)
+
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

@@ -30,140 +30,16 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
+
+from vllm_steer.bench.common import summarize
+from vllm_steer.bench.harness import Benchmark, cell, meta_lines
 
 #: The last commit whose wire carried composed deltas (before "Beyond addition").
 DEFAULT_BEFORE = "f5b313e"
 
 
-# -- worker: runs against whichever vllm_steer is first on sys.path ---------------------
-def _processor(num_layers: int, hidden: int, registry: str, transport: str | None) -> Any:
-    opts: dict[str, Any] = {"registry": registry}
-    if transport:
-        opts["transport"] = transport
-    cfg = SimpleNamespace(
-        model_config=SimpleNamespace(hf_text_config=SimpleNamespace(
-            num_hidden_layers=num_layers, hidden_size=hidden)),
-        scheduler_config=SimpleNamespace(async_scheduling=False),
-        parallel_config=SimpleNamespace(distributed_executor_backend="mp"),
-        additional_config={"vllm_steer": opts},
-        use_v2_model_runner=False,
-    )
-    return SimpleNamespace(vllm_config=cfg, tokenizer=None)
-
-
-def _nbytes(frames: Any) -> int:
-    """Bytes of what vLLM's ``MsgpackEncoder.encode`` returned (the main buffer and any
-    out-of-band tensor buffers)."""
-    return sum(len(memoryview(b)) for b in frames)
-
-
-def _engine_side(addr: str) -> None:
-    """The receiving end: decode each request's ``SamplingParams`` as the engine core
-    would, and answer; ``b"stop"`` ends it."""
-    import zmq
-    from vllm import SamplingParams
-    from vllm.v1.serial_utils import MsgpackDecoder
-
-    dec = MsgpackDecoder(SamplingParams)
-    sock = zmq.Context.instance().socket(zmq.REP)
-    sock.bind(addr)
-    while True:
-        frames = sock.recv_multipart(copy=False)
-        if len(frames) == 1 and frames[0].bytes == b"stop":
-            sock.send(b"")
-            return
-        sp = dec.decode(frames)
-        sock.send(b"ok" if sp.extra_args is not None else b"none")
-
-
-def worker(args: argparse.Namespace) -> dict[str, Any]:
-    import multiprocessing as mp
-
-    import torch
-    import zmq
-    from vllm import SamplingParams
-    from vllm.v1.serial_utils import MsgpackEncoder
-
-    import vllm_steer
-    from vllm_steer import SteeringVector
-    from vllm_steer.vllm_adapter.frontend import steer_request
-
-    work = Path(args.work)
-    g = torch.Generator().manual_seed(0)
-    vec = SteeringVector({i: torch.randn(args.hidden, generator=g)
-                          for i in range(args.layers)})
-    vec.save(str(work / "big.safetensors"))
-    reg = work / "registry.yaml"
-    reg.write_text("allowed_dirs: ['.']\nvectors:\n  big: big.safetensors\n")
-    transport = None if args.transport == "default" else args.transport
-    proc = _processor(args.layers, args.hidden, str(reg), transport)
-    enc = MsgpackEncoder()
-    base = _nbytes(enc.encode(SamplingParams(max_tokens=16)))
-    prompt = list(range(32))
-
-    addr = f"ipc://{work}/engine.sock"
-    engine = mp.get_context("spawn").Process(target=_engine_side, args=(addr,), daemon=True)
-    engine.start()
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.connect(addr)
-
-    def one(scale: float) -> tuple[float, float, int]:
-        sp = SamplingParams(max_tokens=16,
-                            extra_args={"steering": {"vectors": [{"name": "big",
-                                                                   "scale": scale}]}})
-        req = SimpleNamespace(sampling_params=sp, prompt_token_ids=prompt, cache_salt=None)
-        t0 = time.perf_counter()
-        steer_request(proc, req)
-        t1 = time.perf_counter()
-        n = send(sp)
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t0, n - base
-
-    def send(sp: Any) -> int:
-        frames = enc.encode(sp)
-        sock.send_multipart(frames, copy=False)
-        if sock.recv() != (b"none" if sp.extra_args is None else b"ok"):
-            raise RuntimeError("the engine side decoded something else")
-        return _nbytes(frames)
-
-    for _ in range(3):  # connect and warm the other side, unsteered
-        send(SamplingParams(max_tokens=16))
-
-    plain = []
-    for _ in range(args.requests):  # the same path for unsteered requests (the floor)
-        sp = SamplingParams(max_tokens=16)
-        req = SimpleNamespace(sampling_params=sp, prompt_token_ids=prompt, cache_salt=None)
-        t0 = time.perf_counter()
-        steer_request(proc, req)
-        send(sp)
-        plain.append(time.perf_counter() - t0)
-    plain.sort()
-    first = one(2.0)
-    # repeated use of the vector; the scale varies, as it does between users (the
-    # front end may cache per scale, which a constant scale would flatter)
-    reps = [one(2.0 + (i % 8) / 8) for i in range(args.requests)]
-    hook = sorted(r[0] for r in reps)
-    total = sorted(r[1] for r in reps)
-    nbytes = sorted(r[2] for r in reps)
-    sock.send(b"stop")
-    sock.recv()
-    engine.join(30)
-    return {"package": str(Path(vllm_steer.__file__).parent), "unsteered_bytes": base,
-            "unsteered_total_ms": plain[len(plain) // 2] * 1e3,
-            "first": {"hook_ms": first[0] * 1e3, "total_ms": first[1] * 1e3,
-                      "bytes": first[2]},
-            "repeated": {"hook_ms": hook[len(hook) // 2] * 1e3,
-                         "total_ms": total[len(total) // 2] * 1e3,
-                         "bytes": nbytes[len(nbytes) // 2], "bytes_max": nbytes[-1],
-                         "n": len(reps)}}
-
-
-# -- driver ----------------------------------------------------------------------------
 def _extract(commit: str, dest: Path) -> tuple[Path, str]:
     from vllm_steer.locations import source_checkout
 
@@ -184,8 +60,8 @@ def _run_variant(root: Path | None, transport: str, args: argparse.Namespace) ->
         env.pop("VLLMSTEER_REGISTRY", None)
         # the package under test first on the path: the old one, or this one
         env["PYTHONPATH"] = str(root if root is not None else Path(__file__).parents[2])
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--work", work,
-               "--layers", str(args.layers), "--hidden", str(args.hidden),
+        cmd = [sys.executable, str(Path(__file__).with_name("wire_worker.py").resolve()),
+               "--work", work, "--layers", str(args.layers), "--hidden", str(args.hidden),
                "--requests", str(args.requests), "--transport", transport]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
                            cwd=work)
@@ -194,16 +70,10 @@ def _run_variant(root: Path | None, transport: str, args: argparse.Namespace) ->
         return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse(list(sys.argv[1:] if argv is None else argv))
-    if args.worker:
-        print(json.dumps(worker(args)))
-        return {}
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from vllm_steer.bench.common import header, summarize, write_result
-
-    res = header(list(sys.argv[1:] if argv is None else argv), "wire")
+    res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="vs-wire-before-") as tmp:
         before_root, rev = _extract(args.before, Path(tmp))
         variants = {f"before ({rev})": (before_root, "default"),
@@ -238,27 +108,51 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for x, y in zip(raw[b], raw["after (store)"], strict=True)),
         "hook_ms": summarize(x["repeated"]["hook_ms"] / y["repeated"]["hook_ms"]
                              for x, y in zip(raw[b], raw["after (store)"], strict=True))}
-    write_result(args.out + ("_quick" if args.quick else ""), res)
     return res
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vllm-steer bench wire", description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=80)
     p.add_argument("--hidden", type=int, default=8192)
     p.add_argument("--requests", type=int, default=200, help="repeated requests per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--before", default=DEFAULT_BEFORE, help="commit to compare against")
-    p.add_argument("--out", default="wire")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (for the test suite)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
-    p.add_argument("--transport", default="default", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.quick:
-        a.layers, a.hidden, a.requests, a.rounds = 4, 64, 5, 1
-    return a
 
+
+# -- report ---------------------------------------------------------------------------
+def wire_section(d: dict[str, Any]) -> list[str]:
+    wl = d["workload"]
+    sm = d["summary"]
+    out = [f"### Front end to engine per steered request ({wl['layers']} layers x "
+           f"{wl['hidden']} hidden fp32 = {wl['vector_bytes'] / 1e6:.1f} MB vector)", "",
+           *meta_lines(d),
+           f"- {wl['requests_per_round']} repeated requests per round (scale varying), "
+           f"{wl['rounds']} rounds, each variant in a fresh process per round; bytes: "
+           "vLLM's `MsgpackEncoder` on the request's `SamplingParams`, minus the same "
+           "request unsteered; hook: the admission hook alone; to engine: admission "
+           "hook + encode + ZMQ ipc send + `MsgpackDecoder` in a second process (medians "
+           "per round; the table shows their median [min, max] over rounds)", "",
+           "| variant | bytes / request | hook ms | to engine ms | unsteered to engine ms "
+           "| added by steering ms | first request: bytes | first request: to engine ms |",
+           "|---|---|---|---|---|---|---|---|"]
+    for v, r in sm.items():
+        out.append(f"| {v} | {cell(r['repeated_bytes'], digits=0)} | "
+                   f"{cell(r['repeated_hook_ms'])} | {cell(r['repeated_total_ms'])} | "
+                   f"{cell(r.get('unsteered_total_ms'))} | {cell(r.get('added_ms'))} | "
+                   f"{cell(r['first_bytes'], digits=0)} | {cell(r['first_total_ms'])} |")
+    bo = d["before_over_after_store"]
+    out += ["", f"Before / after (store), per round: bytes {cell(bo['bytes'], digits=1)}, "
+            f"admission to engine {cell(bo['total_ms'], digits=1)}, time added by steering "
+            f"(to engine, minus the unsteered request's) {cell(bo.get('added_ms'), digits=1)}, "
+            "hook alone "
+            f"{cell(bo.get('hook_ms'), digits=1)}.", ""]
+    return out
+
+
+BENCHMARK = Benchmark(
+    name="wire", module="wire", doc=__doc__, add_arguments=add_arguments, run=run,
+    quick={"layers": 4, "hidden": 64, "requests": 5, "rounds": 1},
+    sections={"wire": wire_section}, in_all=False)
 
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()
