@@ -217,8 +217,8 @@ def test_steered_environments_pass_vllms_strict_variable_check(tmp_path, monkeyp
     at every engine start otherwise); what `serve` and `make_llm` set must pass."""
     from vllm.platforms import current_platform
 
-    from vllm_steer.cli import serve_env
     from vllm_steer.llm_factory import steering_environ
+    from vllm_steer.server.serve_command import serve_env
 
     # any VLLM_* the test process holds is dropped too: vLLM itself sets some it does not
     # list (VLLM_DIST_IDENT, after an engine ran in this process); only ours are checked

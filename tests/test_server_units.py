@@ -144,8 +144,8 @@ def test_request_models_are_patched_by_the_adapter():
 
 # -- CLI ---------------------------------------------------------------------------------
 def test_serve_env_enables_both_plugins_and_a_registry(tmp_path):
-    from vllm_steer.cli import serve_env
     from vllm_steer.locations import shipped_registry
+    from vllm_steer.server.serve_command import serve_env
 
     env = serve_env(None, {"VLLM_PLUGINS": "other"})
     assert env["VLLM_PLUGINS"] == "other,vllm_steer,vllm_steer_routes"
@@ -169,11 +169,11 @@ def test_serve_runs_vllm_in_safe_path_mode_keeping_a_deliberate_pythonpath(
     from pathlib import Path
 
     from tests.server_helpers import make_decoy
-    from vllm_steer import cli
+    from vllm_steer.server import serve_command as cli
 
     argv = cli.vllm_cli_argv()
     assert argv[:4] == [sys.executable, "-P", "-m", "vllm_steer.server.vllm_cli"]
-    ours = Path(cli.__file__).resolve().parent.parent
+    ours = Path(cli.__file__).resolve().parent.parent.parent
     work = tmp_path / "work"
     marker = make_decoy(work)
     env = cli.serve_env(None, {**os.environ, "PYTHONPATH": str(ours)})

