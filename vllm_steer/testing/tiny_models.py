@@ -37,6 +37,9 @@ class TinyArch:
     #: Why vLLM 0.32 itself, unsteered, computes something else than HF for this config
     #: (empty: it agrees). Steering cannot be judged against HF on such a config.
     vllm_differs: str = ""
+    #: Config keys vLLM reads but the HF class ignores, as ``vllm_steer.hf_ignored_keys``
+    #: must flag them (the matrix checks the flag on every entry).
+    ignored_keys: tuple[str, ...] = ()
 
 
 def _llama_like(cls_name: str, **extra: Any) -> Callable[[int, int | None, int | None], Any]:
@@ -62,14 +65,22 @@ def _gpt2(vocab: int, bos: int | None, eos: int | None) -> Any:
                       n_positions=1024, initializer_range=0.3, bos_token_id=bos, eos_token_id=eos)
 
 
-def _gpt_neox(vocab: int, bos: int | None, eos: int | None) -> Any:
-    """Rotary on a quarter of each head (Pythia's and GPT-NeoX-20B's ``rotary_pct``)."""
+def _gpt_neox(vocab: int, bos: int | None, eos: int | None, **extra: Any) -> Any:
+    """Rotary on a quarter of each head (Pythia's and GPT-NeoX-20B's ``rotary_pct``).
+
+    No ``num_key_value_heads``: HF's GPT-NeoX has no such option (multi-head attention
+    always), while vLLM reads the key (``gpt_neox_kv_heads`` in ``VLLM_DIFFERS``)."""
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                          num_attention_heads=HIDDEN // HEAD_DIM, intermediate_size=2 * HIDDEN,
                          max_position_embeddings=1024, initializer_range=0.3, rotary_pct=0.25,
-                         bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False)
+                         bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False,
+                         **extra)
+
+
+def _gpt_neox_kv_heads(vocab: int, bos: int | None, eos: int | None) -> Any:
+    return _gpt_neox(vocab, bos, eos, num_key_value_heads=1)
 
 
 def _gptj(vocab: int, bos: int | None, eos: int | None) -> Any:
@@ -172,6 +183,14 @@ VLLM_DIFFERS: dict[str, TinyArch] = {a.name: a for a in (
              vllm_differs="with attention-logit softcapping, vLLM's CPU attention kernel "
                           "(ops.cpu_attention_with_kv_cache) computes other attention "
                           "weights than HF's tanh softcap"),
+    # The matrix's gpt_neox plus a key HF's GPT-NeoX never reads: vLLM's Transformers
+    # backend builds its attention with ModelConfig.get_num_kv_heads, which reads it
+    # (16 nats unsteered, measured; the same config without the key: 1e-6).
+    TinyArch("gpt_neox_kv_heads", _gpt_neox_kv_heads, "hf_batched",
+             vllm_differs="the config carries num_key_value_heads=1: HF's GPT-NeoX ignores it "
+                          "(multi-head attention), vLLM reads it (grouped-query attention with "
+                          "one KV head); `vllm-steer doctor --model` flags such keys",
+             ignored_keys=("num_key_value_heads",)),
 )}
 
 
