@@ -14,7 +14,8 @@ is judged against HF only where vLLM itself agrees with it, and a future vLLM th
 agreeing shows up there, not as a steering failure. Configurations on which vLLM 0.32
 itself differs (``tiny_models.VLLM_DIFFERS``, with the cause) are served too: their
 unsteered test is an expected failure (strict: it fails the run once vLLM agrees, so the
-README's "vLLM itself differs" row cannot go stale) and their steering tests are skipped.
+"vLLM itself differs" rows of docs/architectures.md cannot go stale) and their steering
+tests are skipped.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ _GEMMA = {"head_dim": HEAD_DIM, "query_pre_attn_scalar": HEAD_DIM, "sliding_wind
           "tie_word_embeddings": False}
 _MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 
-#: The architecture matrix (README "Architectures" lists the same names). Not here: OLMoE,
+#: The architecture matrix (docs/architectures.md lists the same names). Not here: OLMoE,
 #: whose unsteered logits from vLLM 0.32's CPU build are uniform (nothing to compare).
 ARCHS: dict[str, TinyArch] = {a.name: a for a in (
     TinyArch("llama", _llama_like("LlamaConfig")),
@@ -165,7 +165,7 @@ def _cohere_untied(vocab: int, bos: int | None, eos: int | None) -> Any:
 
 
 #: Configurations on which vLLM 0.32 (CPU build) itself differs from HF transformers,
-#: unsteered; the matrix records that the difference persists (README "Architectures").
+#: unsteered; the matrix records that the difference persists (docs/architectures.md).
 VLLM_DIFFERS: dict[str, TinyArch] = {a.name: a for a in (
     # vllm/model_executor/models/commandr.py: CohereForCausalLM drops the checkpoint's
     # lm_head (WeightsMapper {"lm_head": None}) and computes logits with embed_tokens,
