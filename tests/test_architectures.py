@@ -14,7 +14,8 @@ is judged against HF only where vLLM itself agrees with it, and a future vLLM th
 agreeing shows up there, not as a steering failure. Configurations on which vLLM 0.32
 itself differs (``tiny_models.VLLM_DIFFERS``, with the cause) are served too: their
 unsteered test is an expected failure (strict: it fails the run once vLLM agrees, so the
-README's "vLLM itself differs" row cannot go stale) and their steering tests are skipped.
+"vLLM itself differs" rows of docs/architectures.md cannot go stale) and their steering
+tests are skipped.
 """
 
 from __future__ import annotations
@@ -50,8 +51,18 @@ def unsteered_prompts(tok) -> list[list[int]]:
 
 def check_unsteered(name: str, llm, hf, tok, request) -> None:
     """Unsteered vLLM equals HF within LOGPROB_ATOL, greedy token for token; on a config in
-    ``VLLM_DIFFERS`` that is an expected (strict) failure, reported with its cause."""
-    differs = tiny_arch(name).vllm_differs
+    ``VLLM_DIFFERS`` that is an expected (strict) failure, reported with its cause. First,
+    the checkpoint's config keys that HF ignores but vLLM reads are exactly the flagged ones
+    (``TinyArch.ignored_keys``)."""
+    from vllm_steer.hf_ignored_keys import ignored_config_keys
+
+    spec = tiny_arch(name)
+    # config keys HF ignores but vLLM reads are flagged (as `vllm-steer doctor --model` does)
+    flags = ignored_config_keys(hf.name_or_path)
+    for flag in flags:
+        print(f"{name}: flagged config key {flag}")
+    assert [f.key for f in flags] == list(spec.ignored_keys), (name, [str(f) for f in flags])
+    differs = spec.vllm_differs
     if differs:
         request.applymarker(pytest.mark.xfail(strict=True,
                                               reason=f"vLLM itself differs: {differs}"))

@@ -210,6 +210,10 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
                    help="--verify: only these modes (eager, compiled), comma-separated "
                         "(a partial run)")
     p.add_argument("--quiet", action="store_true", help="--verify: no progress bar")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="also check this model directory's config.json for keys vLLM reads "
+                        "but its transformers class ignores (vLLM would compute another "
+                        "model than HF; vllm_steer/hf_ignored_keys.py)")
 
     def run(args: argparse.Namespace) -> int:
         from vllm_steer.compat import POLICY, UnsupportedVLLMError, classify, installed_vllm_version
@@ -237,11 +241,21 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
             version_ok = "ok" if classify(version) == "tested" else "ok (self-check passed)"
         except UnsupportedVLLMError as e:
             version, version_ok = installed_vllm_version(), f"FAIL: {e}"
+        model = None
+        if args.model:
+            from dataclasses import asdict
+
+            from vllm_steer.hf_ignored_keys import ignored_config_keys
+
+            flags = ignored_config_keys(args.model)
+            model = {"path": args.model, "ignored_keys": [
+                {**asdict(f), "message": str(f)} for f in flags]}
         failed = (version_ok.startswith("FAIL") or not table_ok
-                  or (verdict is not None and not verdict["passed"]))
+                  or (verdict is not None and not verdict["passed"])
+                  or bool(model and model["ignored_keys"]))
         if args.json:
             print(json.dumps({"vllm": version, "policy": POLICY, "version": version_ok,
-                              "symbols": rows, "verify": verdict}, indent=2))
+                              "symbols": rows, "verify": verdict, "model": model}, indent=2))
             return 1 if failed else 0
         if verdict is None:
             for r in rows:
@@ -253,6 +267,11 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
         print(f"vLLM {version or '?'} (vllm-steer accepts {POLICY}): {version_ok}")
         if args.verify and not table_ok:
             print("self-check not run: the symbol table fails")
+        if model is not None:
+            for f in model["ignored_keys"]:
+                print(f"FAIL  config {args.model}: {f['message']}")
+            print(f"model config {args.model}: {len(model['ignored_keys'])} key(s) vLLM reads "
+                  f"but transformers ignores")
         return 1 if failed else 0
 
     p.set_defaults(func=run)

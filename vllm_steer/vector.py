@@ -51,6 +51,7 @@ class VectorMetadata:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, str]) -> VectorMetadata:
+        """Metadata from a file's string-valued metadata table (the inverse of ``to_dict``)."""
         def as_int(key: str) -> int:
             raw = d.get(key, "0") or "0"
             try:
@@ -110,10 +111,12 @@ class SteeringVector:
     # -- properties -------------------------------------------------------------------
     @property
     def layers(self) -> list[int]:
+        """The layers this vector has a direction for, in ascending order."""
         return list(self.directions)
 
     @property
     def hidden_size(self) -> int:
+        """The length of each direction (the model's hidden size)."""
         if self.directions:
             return int(next(iter(self.directions.values())).shape[0])
         return self.metadata.hidden_size
@@ -215,6 +218,7 @@ class SteeringVector:
         return dense
 
     def allclose(self, other: SteeringVector, atol: float = 1e-6) -> bool:
+        """Same layers and every direction equal to ``other``'s within ``atol``."""
         return self.layers == other.layers and all(
             torch.allclose(self.directions[k], other.directions[k], atol=atol) for k in self.layers
         )

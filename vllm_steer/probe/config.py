@@ -114,4 +114,5 @@ class ProbeConfig:
         check_bool(self.steer_suffix, "steer_suffix")
 
     def to_json(self) -> dict[str, Any]:
+        """Every field, as a JSON-ready dict."""
         return {f.name: getattr(self, f.name) for f in fields(self)}

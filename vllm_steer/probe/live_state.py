@@ -54,6 +54,7 @@ class StopWhen:
     complete: bool = False
 
     def validate(self, choices: list[str], prefix: str) -> None:
+        """Check every field against the probe's ``choices``; errors name ``prefix`` + field."""
         try:
             check_number(self.threshold, "threshold", 0.0, 1.0)
             check_int(self.consecutive, "consecutive", 1, 1000)
@@ -114,6 +115,7 @@ class LiveProbeConfig:
         return cls(cfg, stop)
 
     def to_json(self) -> dict[str, Any]:
+        """The live-probe fields and ``stop_when`` as a JSON-ready dict."""
         d = {k: getattr(self.probe, k) for k in LIVE_FIELDS}
         d["stop_when"] = None if self.stop_when is None else {
             f.name: getattr(self.stop_when, f.name) for f in fields(StopWhen)}

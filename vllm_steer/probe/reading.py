@@ -60,6 +60,7 @@ class Reading:
         return cls(**kw)
 
     def to_json(self) -> dict[str, Any]:
+        """The reading as JSON (impossible choices' log-probs as null: JSON has no -inf)."""
         d = asdict(self)
         # JSON has no -inf: impossible choices are reported as null.
         for key in ("logprobs", "normalized"):

@@ -219,7 +219,7 @@ def plan_layers(model: nn.Module, num_layers: int, force_kind: str | None = None
                 "vllm_steer.steering.layers.ADAPTERS with one of "
                 f"{', '.join(k.value for k in AdapterKind)} (with a test against HF hooks), or "
                 "force one at your own risk with additional_config="
-                "{'vllm_steer': {'layer_adapter': KIND}} (see README, 'Architectures')")
+                "{'vllm_steer': {'layer_adapter': KIND}} (see docs/architectures.md)")
         kinds.setdefault(kind, class_name(layer))
         local.append(layer)
     if len(kinds) > 1:

@@ -117,6 +117,8 @@ class SteeringSpec:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as the JSON object a request carries (``vectors``, ``apply_to`` and the
+        optional fields that are set)."""
         vecs = []
         for v in self.vectors:
             d: dict[str, Any] = {"name": v.name} if v.name is not None else {"path": v.path}
