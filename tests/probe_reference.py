@@ -57,9 +57,57 @@ def _lse(xs: list[float]) -> float:
 def hf_choice_logprobs(model, ctx: list[int], variants: dict[str, list[tuple[int, ...]]],
                        dense: torch.Tensor | None = None, start: int = 0,
                        end: int | None = None) -> dict[str, float]:
-    """``{choice: log P(choice | ctx)}``: for each variant one full forward over ctx +
-    variant (a right-padded batch), the sum of its tokens' conditional log-probs, then
-    logsumexp over the choice's variants. ``dense`` steers positions ``start <= pos < end``."""
+    """``{choice: log P(choice | ctx)}``: for each variant the sum of its tokens'
+    conditional log-probs after ``ctx``, then logsumexp over the choice's variants.
+    ``dense`` steers positions ``start <= pos < end``.
+
+    One forward over ``ctx`` (its KV cache kept), then one over every variant's tokens
+    at once (a right-padded batch reading that cache at positions ``len(ctx)`` on): what
+    a full forward over ctx + variant per variant computes, without recomputing the
+    shared context for each (``hf_choice_logprobs_full``, the plain form, agrees)."""
+    rows = [(c, v) for c, vs in variants.items() for v in vs]
+    width = max(len(v) for _, v in rows)
+    n = len(ctx) + width
+    pos = torch.arange(n)
+    steered = (pos >= start) & (pos < (end if end is not None else n))
+
+    def forward(mask: torch.Tensor, **kw):
+        if dense is None:
+            return model(**kw)
+        with add_dense(model, dense, mask):
+            return model(**kw)
+
+    ids = torch.tensor([list(ctx)])
+    head = forward(steered[None, :len(ctx)], input_ids=ids, attention_mask=torch.ones_like(ids),
+                   use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(head.logits[0, -1].float(), -1)  # the first choice token
+    per: dict[str, list[float]] = {}
+    later = None
+    if width > 1:
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(len(rows))
+        tail = torch.zeros(len(rows), width, dtype=torch.long)
+        att = torch.zeros(len(rows), n, dtype=torch.long)
+        att[:, :len(ctx)] = 1
+        for b, (_, v) in enumerate(rows):
+            tail[b, :len(v)] = torch.tensor(v)
+            att[b, len(ctx):len(ctx) + len(v)] = 1
+        out = forward(steered[None, len(ctx):].expand(len(rows), width), input_ids=tail,
+                      attention_mask=att, past_key_values=cache,
+                      position_ids=pos[None, len(ctx):].expand(len(rows), width))
+        later = torch.log_softmax(out.logits.float(), -1)   # [rows, width, vocab]
+    for b, (c, v) in enumerate(rows):
+        lp = float(first[v[0]]) + sum(float(later[b, j - 1, v[j]]) for j in range(1, len(v)))
+        per.setdefault(c, []).append(lp)
+    return {c: _lse(xs) for c, xs in per.items()}
+
+
+@torch.no_grad()
+def hf_choice_logprobs_full(model, ctx: list[int], variants: dict[str, list[tuple[int, ...]]],
+                            dense: torch.Tensor | None = None, start: int = 0,
+                            end: int | None = None) -> dict[str, float]:
+    """``hf_choice_logprobs`` the plain way: for each variant one full forward over ctx +
+    variant (a right-padded batch), no KV cache."""
     rows = [(c, v) for c, vs in variants.items() for v in vs]
     n = len(ctx) + max(len(v) for _, v in rows)
     ids = torch.zeros(len(rows), n, dtype=torch.long)

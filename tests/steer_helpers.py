@@ -58,7 +58,36 @@ def position_mask(ids: list[int], mode: str, prompt_len: int, start: int = 0,
 @torch.no_grad()
 def hf_greedy(model, prompt_ids: list[int], dense: torch.Tensor | None, mode: str,
               max_new: int, start: int = 0, markers=None) -> tuple[list[int], list[float]]:
-    """Greedy continuation by full recompute each step; returns (tokens, their logprobs)."""
+    """Greedy continuation; returns (tokens, their logprobs). Steered as a full recompute
+    of every step would be (``hf_greedy_full``), computed with HF's KV cache: the prompt
+    once, then one token per step. The same thing because every mask here is causal: a
+    position's mask depends on the tokens up to it only, so it never changes when tokens
+    are appended (the cached positions were computed with the mask they keep)."""
+    ids = list(prompt_ids)
+    out, lps = [], []
+    feed, past = list(prompt_ids), None
+    for _ in range(max_new):
+        x = torch.tensor([feed])
+        if dense is None:
+            res = model(x, past_key_values=past, use_cache=True)
+        else:
+            mask = position_mask(ids, mode, len(prompt_ids), start, markers)[:, -len(feed):]
+            with hf_reference.add_dense(model, dense, mask):
+                res = model(x, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        logp = torch.log_softmax(res.logits[0, -1].float(), -1)
+        tok = int(logp.argmax())
+        out.append(tok)
+        lps.append(float(logp[tok]))
+        ids.append(tok)
+        feed = [tok]
+    return out, lps
+
+
+@torch.no_grad()
+def hf_greedy_full(model, prompt_ids: list[int], dense: torch.Tensor | None, mode: str,
+                   max_new: int, start: int = 0, markers=None) -> tuple[list[int], list[float]]:
+    """``hf_greedy`` by full recompute each step (no KV cache)."""
     ids = list(prompt_ids)
     out, lps = [], []
     for _ in range(max_new):

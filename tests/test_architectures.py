@@ -37,7 +37,16 @@ from vllm_steer.fixtures.tiny_models import ARCHS, HIDDEN, LAYERS, VLLM_DIFFERS,
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHS) + sorted(VLLM_DIFFERS))
+#: One architecture per layer adapter kind: ``make test-fast`` runs these (marker ``fast``).
+FAST = {"residual_pair": "llama", "stream": "gpt2", "stream_first": "stablelm",
+        "hf_batched": "olmo2"}
+assert {ARCHS[n].adapter for n in FAST.values()} == set(FAST) == \
+    {a.adapter for a in ARCHS.values()}, "the fast tier must cover every adapter kind"
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(n, marks=pytest.mark.fast) if n in FAST.values() else n
+    for n in sorted(ARCHS) + sorted(VLLM_DIFFERS)])
 def arch(request, default_model_dir, tmp_path_factory):
     yield from serve_arch(request.param, default_model_dir,
                           tmp_path_factory.mktemp(f"arch-{request.param}"))

@@ -1,6 +1,7 @@
 """Hidden-state capture and extraction on a real vLLM engine (eager) with the real default
-model. One engine for the whole module; reference: HF transformers on the same weights
-with forward hooks (tests/capture_check.py) and the HF extraction path.
+model: the session's default-model engine (tests/conftest.py). Reference: HF transformers
+on the same weights with forward hooks (tests/capture_check.py) and the HF extraction
+path.
 """
 
 from __future__ import annotations
@@ -14,22 +15,17 @@ from tests.capture_check import (
     check_chunked_and_cached,
     run_capture_cases,
 )
-from tests.steer_helpers import composed_dense, env_registry
-from vllm_steer.fixtures.engines import TEST_ENGINE_OPTIONS, inproc_engine, make_test_llm, shutdown
-from vllm_steer.fixtures.vectors import write_test_vectors
+from tests.steer_helpers import composed_dense
+from vllm_steer.fixtures.engines import TEST_ENGINE_OPTIONS
 
 pytestmark = pytest.mark.engine
 LAYERS = 30
 
 
 @pytest.fixture(scope="module")
-def setup(default_model_dir, tmp_path_factory):
-    reg = write_test_vectors(tmp_path_factory.mktemp("capture"))
-    env_registry(reg)
-    with inproc_engine():   # the engine core in this process: a faster start
-        llm = make_test_llm(default_model_dir)
-    yield llm, reg
-    shutdown(llm)
+def setup(default_engine):
+    """The session's default-model engine (tests/conftest.py, ``TEST_ENGINE_OPTIONS``)."""
+    return default_engine
 
 
 @pytest.fixture(scope="module")

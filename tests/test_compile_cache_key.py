@@ -20,6 +20,7 @@ import pytest
 
 from tests.arch_check import write_vectors
 from tests.steer_helpers import env_registry
+from tests.vllm_cache import fresh_cache_root
 from vllm_steer.fixtures.engines import inproc_engine, make_test_llm, shutdown
 from vllm_steer.fixtures.tiny_models import HIDDEN, LAYERS, build_tiny_model
 
@@ -53,7 +54,7 @@ def test_compile_cache_key_includes_the_hook(default_model_dir, tmp_path, monkey
     model_dir = build_tiny_model("llama", default_model_dir)
     prompt = AutoTokenizer.from_pretrained(model_dir).encode("The capital of France is",
                                                              add_special_tokens=False)
-    cache = tmp_path / "vllm_cache"
+    cache = fresh_cache_root(tmp_path / "vllm_cache")   # no compiled graph in it
     script = tmp_path / "no_plugin.py"
     script.write_text(_NO_PLUGIN_RUN)
     # Only VLLMSTEER_DISABLE (not a vLLM variable, so not in vLLM's cache key) differs

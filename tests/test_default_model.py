@@ -221,22 +221,10 @@ MAX_NEW = 32
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(default_model_dir):
-    LLM = pytest.importorskip("vllm").LLM
-
-    from vllm_steer.fixtures.engines import inproc_engine
-
-    with inproc_engine():   # the engine core in this process: a faster start
-        llm = LLM(model=default_model_dir, dtype="float32", enforce_eager=True,
-                  gpu_memory_utilization=0.5, seed=0, max_model_len=512)
-    yield llm
-    # Stop the engine-core process now, not from an atexit finalizer after pytest has
-    # closed its capture streams.
-    from vllm_steer.llm_factory import shutdown
-
-    shutdown(llm)
-    del llm
-    gc.collect()
+def vllm_engine(default_engine):
+    """The session's default-model engine (tests/conftest.py: eager, float32, seed 0)."""
+    llm, _ = default_engine
+    return llm
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""Answer probes on a real engine (one per module): forks equal fresh computation and the
-HF reference (Yes/No and multi-token N-way choices, through the Python API and the CLI),
-hit the prefix cache for every full block of their prefix, and sweeps score a target."""
+"""Answer probes on a real engine (the session's default-model engine, tests/conftest.py):
+forks equal fresh computation and the HF reference (Yes/No and multi-token N-way choices,
+through the Python API and the CLI), hit the prefix cache for every full block of their
+prefix, and sweeps score a target."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.steer_helpers import composed_dense, env_registry
-from vllm_steer.fixtures.engines import make_test_llm, shutdown
-from vllm_steer.fixtures.vectors import write_test_vectors
+from tests.steer_helpers import composed_dense
 from vllm_steer.probe import ProbeConfig, build_prompt, probe
 from vllm_steer.probe.drivers import generate, run_job
 from vllm_steer.probe.job import STAGES, ProbeJob
@@ -23,14 +22,12 @@ SHIPPED = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.fixture(scope="module")
-def setup(default_model_dir, tmp_path_factory):
-    reg = write_test_vectors(tmp_path_factory.mktemp("probe"))
-    with reg.open("a") as f:   # the shipped, trained happy vector (for the sweep)
-        f.write(f"  happy: {{path: {SHIPPED / 'vectors' / 'happy.safetensors'}}}\n")
-    env_registry(reg)
-    llm = make_test_llm(default_model_dir, block_size=BLOCK)
-    yield llm, reg
-    shutdown(llm)
+def setup(default_engine):
+    """The session's default-model engine (tests/conftest.py; block size ``BLOCK``), whose
+    registry holds the test vectors and the shipped, trained happy vector (for the sweep)."""
+    llm, reg = default_engine
+    assert llm.llm_engine.vllm_config.cache_config.block_size == BLOCK
+    return llm, reg
 
 
 QUESTION = ("Is 17 a prime number? Think step by step inside <think> </think>, "
@@ -133,6 +130,32 @@ def test_fork_readings_match_hf_reference(setup, hf_model):
         assert abs(r.log_ratio - (ref["Yes"] - ref["No"])) < 1e-3, r.token_index
         for c in ("Yes", "No"):
             assert abs(r.logprobs[c] - ref[c]) < 1e-3, (r.token_index, c)
+
+
+def test_cached_choice_reference_equals_full_forwards(setup, hf_model):
+    """The reference used here (``hf_choice_logprobs``: the context's KV cache, then every
+    variant at once) against one full forward per variant (``hf_choice_logprobs_full``),
+    on multi-token and single-token choices, steered over a window and not at all."""
+    from tests.probe_reference import (
+        fork_context,
+        hf_choice_logprobs,
+        hf_choice_logprobs_full,
+        reference_variants,
+    )
+
+    llm, reg = setup
+    tok = llm.get_tokenizer()
+    p = build_prompt(tok, MULTI[1][0], open_thinking="<think>\n")
+    gen = tok.encode(" The Big Apple is a nickname of", add_special_tokens=False)
+    dense = composed_dense(reg, [("v1", 0.7)])
+    for choices in (MULTI[1][1], ["Yes", "No"]):
+        variants = {c: reference_variants(tok, c) for c in choices}
+        ctx = fork_context(tok, p, gen, 4, "\nThe final answer is")
+        for kw in ({}, {"dense": dense, "start": len(p), "end": len(p) + 4}):
+            a = hf_choice_logprobs(hf_model, ctx, variants, **kw)
+            b = hf_choice_logprobs_full(hf_model, ctx, variants, **kw)
+            assert a.keys() == b.keys() == set(choices)
+            assert max(abs(a[c] - b[c]) for c in choices) < 1e-4, (kw.keys(), a, b)
 
 
 MULTI = [

@@ -1505,13 +1505,14 @@ def test_store_collection_spares_requests_in_flight(server, http, tmp_path):
     a_bytes, a_cid = _random_vector(tmp_path, 1001)
     spec = {"vectors": [{"name": "gc_live"}]}
     # The streams must outlive A's lease (grace + a collection interval + the churn's
-    # latency): their length is set from this machine's speed, for ~30 s each, and doubled
+    # latency: 5 + 2.5 s + a few 0.3 s uploads): their length is set from this machine's
+    # speed, for ~15 s each alone (two streams next to the churn run longer), and doubled
     # (up to the model's length) if they ended first, which shows nothing either way.
     body = {"model": model(server), "prompt": PROMPTS[1][1], "max_tokens": 32,
             "ignore_eos": True, "temperature": 0}
     t0 = time.monotonic()
     assert http.post("/v1/completions", json=body, timeout=REQUEST_TIMEOUT).status_code == 200
-    max_tokens = int(min(1800, max(64, 32 / (time.monotonic() - t0) * 30)))
+    max_tokens = int(min(1800, max(64, 32 / (time.monotonic() - t0) * 15)))
     churned: list[str] = []
 
     def churn(ended: list[bool]) -> bool:

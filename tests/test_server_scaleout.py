@@ -62,6 +62,30 @@ def _fresh() -> httpx.Client:
                         limits=httpx.Limits(max_keepalive_connections=0))
 
 
+async def _one_client_per_process(srv: Server, n: int) -> list[httpx.AsyncClient]:
+    """``n`` clients, each holding one kept-alive connection to a different API process
+    (which process accepts a new connection is the kernel's choice: under load one process
+    can take every new connection, so changes over fresh connections may never reach the
+    other)."""
+    pinned: dict[str, httpx.AsyncClient] = {}
+    for _ in range(40 * n):
+        c = httpx.AsyncClient(timeout=180, headers=AUTH,
+                              limits=httpx.Limits(max_connections=1,
+                                                  max_keepalive_connections=1))
+        r = await c.get(f"{srv.url}/v1/steering/vectors/v2")
+        assert r.status_code == 200, r.text
+        pid = r.headers[PID_HEADER]
+        if pid in pinned or len(pinned) == n:
+            await c.aclose()
+        else:
+            pinned[pid] = c
+        if len(pinned) == n:
+            return list(pinned.values())
+    for c in pinned.values():
+        await c.aclose()
+    raise AssertionError(f"new connections reached only {sorted(pinned)} of {n} processes")
+
+
 def _register(c: httpx.Client | httpx.AsyncClient, srv: Server, name: str,
               version: tuple[str, float]):
     return c.post(f"{srv.url}/v1/steering/vectors",
@@ -205,9 +229,10 @@ def test_load_with_changes_through_both_processes_matches_a_single_server(server
     n_ops, workers = 24, 16
     targets = ["live", "gone", "v2", None]
 
-    async def controller(c: httpx.AsyncClient) -> None:
+    async def controller(clients: list[httpx.AsyncClient]) -> None:
         for k in range(n_ops):
             await asyncio.sleep(0.4)
+            c = clients[k % len(clients)]   # the changes alternate between the processes
             if k % 2 == 0:
                 v = (k // 2 + 1) % len(VERSIONS)
                 t0 = time.monotonic()
@@ -252,9 +277,14 @@ def test_load_with_changes_through_both_processes_matches_a_single_server(server
             client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY,
                                         max_retries=0, http_client=pool)
             results: list = []
+            changers = await _one_client_per_process(server, 2)
             t0 = time.monotonic()
-            await asyncio.gather(controller(fresh),
-                                 *(worker(client, w, results) for w in range(workers)))
+            try:
+                await asyncio.gather(controller(changers),
+                                     *(worker(client, w, results) for w in range(workers)))
+            finally:
+                for c in changers:
+                    await c.aclose()
             wall = time.monotonic() - t0
             # which processes the load's pooled connections reached
             gets = await asyncio.gather(*(pool.get(f"{server.url}/v1/steering/vectors/v2")

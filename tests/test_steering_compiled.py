@@ -13,6 +13,7 @@ import pytest
 from tests.arch_check import Case, check_against_hf, run_cases
 from tests.ops_reference import OPS_CASES, run_ops_cases
 from tests.steer_helpers import THINK_END, THINK_START, composed_dense, env_registry
+from tests.vllm_cache import fresh_cache_root
 from vllm_steer.fixtures.engines import make_test_llm, shutdown
 from vllm_steer.fixtures.vectors import write_test_vectors
 
@@ -25,7 +26,7 @@ N_TOKENS = 32
 def setup(default_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("compiled")
     # a fresh compile cache: the graph is compiled here, never loaded from an earlier run
-    os.environ["VLLM_CACHE_ROOT"] = str(root / "vllm_cache")
+    os.environ["VLLM_CACHE_ROOT"] = str(fresh_cache_root(root / "vllm_cache"))
     env_registry(write_test_vectors(root))
     llm = make_test_llm(default_model_dir, enforce_eager=False)
     yield llm, Path(os.environ["VLLMSTEER_REGISTRY"])

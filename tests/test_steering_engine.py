@@ -1,7 +1,9 @@
 """The serving hook on a real vLLM engine (eager mode) with the real default model.
 
-One engine for the whole module. Reference: HF transformers on the same weights with
-forward hooks (tests/steer_helpers.py), full recompute per token.
+The engine is the session's default-model engine (tests/conftest.py), shared with the
+capture, default-model and probe modules. Reference: HF transformers on the same weights
+with forward hooks (tests/steer_helpers.py), greedy with HF's KV cache (checked here
+against a full recompute per token).
 """
 
 from __future__ import annotations
@@ -13,11 +15,8 @@ from tests.steer_helpers import (
     THINK_END,
     THINK_START,
     composed_dense,
-    env_registry,
     hf_greedy,
 )
-from vllm_steer.fixtures.engines import make_test_llm, shutdown
-from vllm_steer.fixtures.vectors import write_test_vectors
 
 pytestmark = pytest.mark.engine
 N_TOKENS = 32
@@ -25,14 +24,11 @@ LOGPROB_ATOL = 2e-3
 
 
 @pytest.fixture(scope="module")
-def setup(default_model_dir, tmp_path_factory):
-    reg = write_test_vectors(tmp_path_factory.mktemp("steer"))
-    env_registry(reg)
-    # its own engine-core process: the slot test reads the workers' counters after the
-    # engine freed finished requests, which an in-process core does only at its next step
-    llm = make_test_llm(default_model_dir)
-    yield llm, reg
-    shutdown(llm)
+def setup(default_engine):
+    """The session's default-model engine (tests/conftest.py): its own engine-core process,
+    so the slot test reads the workers' counters after the engine freed finished requests
+    (an in-process core does that only at its next step)."""
+    return default_engine
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +73,24 @@ def think_prompt(tok):
     return (encode(tok, "Question: is the sky blue? Think first.\n") + encode(tok, THINK_START)
             + encode(tok, "\nThe sky scatters blue light, so it looks blue.\n")
             + encode(tok, THINK_END) + encode(tok, "\nAnswer:"))
+
+
+@pytest.mark.parametrize("mode, start", [("thinking", 0), ("generated", 0), ("all", 5)])
+def test_cached_hf_reference_equals_full_recompute(hf, tmp_path, mode, start):
+    """The reference below (``hf_greedy``: HF's KV cache, one token per step) against the
+    same greedy run recomputing every step in full (``hf_greedy_full``)."""
+    from tests.steer_helpers import hf_greedy_full
+    from vllm_steer.fixtures.vectors import write_test_vectors
+
+    model, tok = hf
+    dense = composed_dense(write_test_vectors(tmp_path), [("v1", 3.0), ("v2", -0.5)])
+    p = think_prompt(tok) if mode == "thinking" else encode(tok, PROMPTS[1])
+    markers = (encode(tok, THINK_START), encode(tok, THINK_END))
+    cached = hf_greedy(model, p, dense, mode, 12, start, markers)
+    full = hf_greedy_full(model, p, dense, mode, 12, start, markers)
+    assert cached[0] == full[0]
+    assert max(abs(a - b) for a, b in zip(cached[1], full[1], strict=True)) < 1e-4
+    assert cached[0] != hf_greedy(model, p, None, mode, 12)[0]   # the vectors steer
 
 
 @pytest.mark.parametrize("mode", ["all", "prompt", "generated"])
