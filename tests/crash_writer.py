@@ -1,7 +1,7 @@
 """A writer process for the crash tests (``tests/test_crash_safety.py``): the server's real
 write code without an engine, in a loop, journaling every change it makes.
 
-``python -m tests.crash_writer ROOT WRITER SEED [KILL_AT]``
+``python -m tests.crash_writer ROOT WRITER SEED [KIND:N]``
 
 Runs the server's own functions on ``ROOT/registry.yaml`` (an engine-free
 ``ServerContext``): uploads (``server.vectors.register``), replacements, deletions
@@ -14,10 +14,10 @@ name's history is one writer's. Every operation is journaled in
 (``ack``: the server would have answered success now), with the content id and scale it
 sets, each line ``fsync``-ed.
 
-``KILL_AT`` (fault injection): the process sends itself SIGKILL at its ``KILL_AT``-th
-file step (before ``os.fsync``, ``os.replace``, ``os.rename``, ``os.unlink``; after a
-file is opened for writing; counted in this process only), so the test can stop it at
-every point of every write path.
+``KIND:N`` (fault injection): the process sends itself SIGKILL at its ``N``-th file step
+of ``KIND`` (``KILL_KINDS``: after a file is created or opened for writing, before an
+``fsync``, a rename or an unlink; counted in this process only), so the test can stop
+it at every kind of point of every write path.
 """
 
 from __future__ import annotations
@@ -36,38 +36,55 @@ HIDDEN, LAYERS = 16, 4
 OPS = ("upload", "replace", "delete", "train", "collect")
 
 
-def install_kill_point(kill_at: int) -> None:
-    """SIGKILL this process at its ``kill_at``-th file step (test-only fault injection):
-    before an ``fsync``, ``rename``/``replace`` or ``unlink``, or just after a file was
-    created or opened for writing (empty, or truncated)."""
+#: The kinds of file steps a writer can be killed at (``install_kill_point``).
+KILL_KINDS = ("create", "write", "fsync", "rename", "unlink")
+
+
+def install_kill_point(kind: str, nth: int) -> None:
+    """SIGKILL this process at its ``nth`` file step of ``kind`` (test-only fault
+    injection): just after a file was created (``create``: ``os.open`` with ``O_CREAT``)
+    or opened for writing (``write``: truncated or appended), or just before an ``fsync``,
+    a ``rename``/``replace`` or an ``unlink``."""
     import builtins
 
     count = [0]
 
-    def step() -> None:
-        count[0] += 1
-        if count[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def step(k: str) -> None:
+        if k == kind:
+            count[0] += 1
+            if count[0] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    def before(fn):
+    def before(fn, k):
         def inner(*a, **kw):
-            step()
+            step(k)
             return fn(*a, **kw)
         return inner
 
-    def after_open(fn, writes):
-        def inner(*a, **kw):
-            out = fn(*a, **kw)
-            if writes(a, kw):
-                step()
+    def after_os_open(fn):
+        def inner(path, flags, *a, **kw):
+            out = fn(path, flags, *a, **kw)
+            if flags & os.O_CREAT:
+                step("create")
+            elif flags & (os.O_WRONLY | os.O_RDWR):
+                step("write")
             return out
         return inner
 
-    for name in ("fsync", "replace", "rename", "unlink"):
-        setattr(os, name, before(getattr(os, name)))
-    os.open = after_open(os.open, lambda a, kw: bool(a[1] & (os.O_WRONLY | os.O_RDWR)))
-    builtins.open = after_open(builtins.open, lambda a, kw: any(
-        c in str(a[1] if len(a) > 1 else kw.get("mode", "r")) for c in "wax"))
+    def after_open(fn):
+        def inner(file, mode="r", *a, **kw):
+            out = fn(file, mode, *a, **kw)
+            if any(c in mode for c in "wax"):
+                step("write")
+            return out
+        return inner
+
+    os.fsync = before(os.fsync, "fsync")
+    os.replace = before(os.replace, "rename")
+    os.rename = before(os.rename, "rename")
+    os.unlink = before(os.unlink, "unlink")
+    os.open = after_os_open(os.open)
+    builtins.open = after_open(builtins.open)
 
 
 def vector(seed: int) -> object:
@@ -95,7 +112,7 @@ def context(root: Path):
 
 def main() -> None:
     root, writer, seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    kill_at = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    kill_at = sys.argv[4] if len(sys.argv) > 4 else ""
     from vllm_steer.server import train, vectors
     from vllm_steer.steering.store_gc import StoreCollector
 
@@ -110,8 +127,9 @@ def main() -> None:
         os.write(journal, (json.dumps({"w": writer, "run": seed, **rec}) + "\n").encode())
         fsync(journal)
 
-    if kill_at:
-        install_kill_point(kill_at)   # after the set-up: only the operations count
+    if kill_at:   # after the set-up: only the operations count
+        kind, nth = kill_at.split(":")
+        install_kill_point(kind, int(nth))
     seq = 0
     while True:
         seq += 1

@@ -123,7 +123,10 @@ def check_state(root: Path, states: dict[str, set[tuple]]) -> dict[str, int]:
         if e is None:
             assert ABSENT in allowed, f"{name}: acknowledged but lost ({allowed})"
             continue
-        got = (crash_writer.content(res.load_vector_file(e.path, "name")), e.scale)
+        try:
+            got = (crash_writer.content(res.load_vector_file(e.path, "name")), e.scale)
+        except Exception as ex:   # noqa: BLE001 - any failure to load is the finding
+            pytest.fail(f"{name}: listed but its vector does not load: {ex}")
         assert got in allowed, f"{name}: {got} is not one of {allowed}"
     unknown = set(listed) - set(states)
     assert not unknown, f"listed but never written: {sorted(unknown)}"
@@ -141,13 +144,13 @@ def setup_root(root: Path) -> None:
     (root / "registry.yaml").write_text("allowed_dirs: []\nvectors: {}\n")
 
 
-def _spawn(root: Path, writer: int, seed: int, kill_at: int) -> subprocess.Popen:
+def _spawn(root: Path, writer: int, seed: int, kill_at: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]),
         "VLLMSTEER_HOME": str(root / "home")}
     argv = [sys.executable, "-m", "tests.crash_writer", str(root), str(writer), str(seed)]
     if kill_at:
-        argv.append(str(kill_at))
+        argv.append(kill_at)
     return subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
 
@@ -170,15 +173,21 @@ def test_two_racing_writers_killed_at_random_points(tmp_path):
         assert time.monotonic() - t0 < TIME_LIMIT_S, "crash test over its time limit"
         rounds += 1
         seeds = (rounds * 2, rounds * 2 + 1)
-        injected = rng.randint(1, 90)   # writer 0 kills itself at this file step
-        procs = [_spawn(root, 0, seeds[0], injected), _spawn(root, 1, seeds[1], 0)]
-        deadline = time.monotonic() + 120
-        while not _started(root, 1, seeds[1]) and time.monotonic() < deadline:
-            assert procs[1].poll() is None, procs[1].stderr.read().decode()
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.2, 3.0))   # writer 1 dies from outside at a random moment
-        if procs[1].poll() is None:
-            os.kill(procs[1].pid, signal.SIGKILL)
+        # writer 0 kills itself at a file step of each kind in turn (its n-th of that
+        # kind, n random); writer 1 likewise in even rounds, and in odd rounds is killed
+        # from outside at a random moment
+        kinds = crash_writer.KILL_KINDS
+        injected = [f"{kinds[rounds % len(kinds)]}:{rng.randint(1, 6)}",
+                    f"{rng.choice(kinds)}:{rng.randint(1, 6)}" if rounds % 2 == 0 else ""]
+        procs = [_spawn(root, w, seeds[w], injected[w]) for w in (0, 1)]
+        if not injected[1]:
+            deadline = time.monotonic() + 120
+            while not _started(root, 1, seeds[1]) and time.monotonic() < deadline:
+                assert procs[1].poll() is None, procs[1].stderr.read().decode()
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.2, 3.0))
+            if procs[1].poll() is None:
+                os.kill(procs[1].pid, signal.SIGKILL)
         for p in procs:
             try:
                 p.wait(timeout=120)
@@ -194,8 +203,8 @@ def test_two_racing_writers_killed_at_random_points(tmp_path):
             op = in_flight.get(run, "before its first operation")
             in_flight_ops[op] = in_flight_ops.get(op, 0) + 1
         got = check_state(root, states)
-        FIGURES.setdefault("rounds", []).append({"round": rounds, "kill_at": injected,
-                                                  **got})
+        FIGURES.setdefault("rounds", []).append(
+            {"round": rounds, "kill_points": [k or "external" for k in injected], **got})
     lines = read_journals(root)
     FIGURES.update(kills=kills, rounds=rounds, seconds=round(time.monotonic() - t0, 1),
                    operations_acknowledged=sum(r["state"] == "ack" for r in lines),
