@@ -210,3 +210,73 @@ def test_two_racing_writers_killed_at_random_points(tmp_path):
                    operations_acknowledged=sum(r["state"] == "ack" for r in lines),
                    killed_in_flight=in_flight_ops)
     _save_figures()
+
+
+# -- the order of the durable steps -------------------------------------------------------
+class Trace:
+    """``os.fsync`` / ``os.replace`` / ``os.rename`` calls of this process, with paths."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.events: list[tuple[str, str, str]] = []
+        for name in ("replace", "rename"):
+            orig = getattr(os, name)
+            monkeypatch.setattr(os, name, self._rename(orig))
+        monkeypatch.setattr(os, "fsync", self._fsync(os.fsync))
+
+    def _rename(self, orig):
+        def inner(src, dst, *a, **kw):
+            self.events.append(("rename", str(src), str(dst)))
+            return orig(src, dst, *a, **kw)
+        return inner
+
+    def _fsync(self, orig):
+        def inner(fd):
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), ""))
+            return orig(fd)
+        return inner
+
+    def index(self, op: str, a, b: str = "", after: int = -1) -> int:
+        """The first event after ``after`` whose paths match (``a``: a path or a test)."""
+        for i, (o, x, y) in enumerate(self.events):
+            if i > after and o == op and (a(x) if callable(a) else x == str(a)) \
+                    and (not b or y == b):
+                return i
+        raise AssertionError(f"no {op} {a} {b} after step {after}: {self.events}")
+
+    def durable(self, tmp_test, final: Path, after: int = -1) -> int:
+        """A temporary file synced, renamed to ``final``, and its directory synced, in that
+        order; returns the index of the directory sync."""
+        i = self.index("fsync", tmp_test, after=after)
+        j = self.index("rename", tmp_test, str(final), after=i)
+        return self.index("fsync", str(final.parent), after=j)
+
+
+def test_durable_steps_come_in_order(tmp_path, monkeypatch):
+    from vllm_steer.server import vectors
+
+    setup_root(tmp_path)
+    monkeypatch.setenv("VLLMSTEER_HOME", str(tmp_path / "home"))
+    ctx = crash_writer.context(tmp_path)
+    v = crash_writer.vector(1)
+    trace = Trace(monkeypatch)
+    done = vectors.register(ctx, vectors.Registration("x", 1.0, None, {}, False),
+                            crash_writer.file_bytes(v), None, "body")
+    up = ctx.registry.upload_dir
+    stored = ctx.registry.entries["x"].path
+    overlay = up / OVERLAY_NAME
+
+    def is_tmp(prefix: str):
+        return lambda p: Path(p).name.startswith(prefix) and p.endswith(TMP_SUFFIX)
+
+    # the upload: written and synced, renamed to its final name, directory synced ...
+    d1 = trace.durable(is_tmp(".upload-"), stored)
+    # ... all before the overlay that names it is synced, renamed and its directory synced
+    d2 = trace.durable(is_tmp(f".{OVERLAY_NAME}."), overlay, after=d1)
+    assert done.info["persisted"] and d2 > d1
+    # the vector store (the content the workers read): the same three steps
+    cid = crash_writer.content(v)
+    trace.durable(is_tmp(f".{cid}.f32."), ctx.resolver.store.path(cid))
+    # a deletion: the new overlay synced, renamed, directory synced
+    trace.events.clear()
+    ctx.registry.unregister("x")
+    trace.durable(is_tmp(f".{OVERLAY_NAME}."), overlay)
