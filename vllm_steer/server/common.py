@@ -177,18 +177,21 @@ async def require_api_key(request: Request) -> Caller:
     return authorize(request, INFERENCE)
 
 
-def require_admin(action: str) -> Callable[[Request], Awaitable[Caller]]:
+def require_admin(action: str | Callable[[Request], str]
+                  ) -> Callable[[Request], Awaitable[Caller]]:
     """The dependency of an admin route; a refused caller is written to the audit trail
-    under ``action``."""
+    under ``action`` (or ``action(request)``)."""
+
     async def dependency(request: Request) -> Caller:
         try:
             return authorize(request, ADMIN)
         except SteerHTTPError as e:
+            name = action if isinstance(action, str) else action(request)
             key = keyring(request).match(auth.bearer_token(request.headers))
             who = Caller(key.id, key.role) if key is not None else Caller(None, None)
-            audit.record(action, who, e.status, vector=request.path_params.get("name")
+            audit.record(name, who, e.status, vector=request.path_params.get("name")
                          or request.query_params.get("name"))
-            metrics.admin_action(action, e.status)
+            metrics.admin_action(name, e.status)
             raise
 
     return dependency

@@ -35,10 +35,8 @@ from vllm_steer.server import (
 from vllm_steer.server.common import (
     KEYS_STATE,
     STATE_KEY,
-    UNAUTHORIZED,
     ServerContext,
     SteerHTTPError,
-    error_response,
     handle_steer_error,
 )
 from vllm_steer.vllm_adapter.engine import input_processor
@@ -86,9 +84,8 @@ class SteeringEndpoints:
         app.include_router(build_router())
         app.include_router(playground.router)
         app.add_exception_handler(SteerHTTPError, handle_steer_error)
-        install_auth(fallback.PREFIX, lambda: error_response(*UNAUTHORIZED),
-                     also_accept=lambda headers: ring.match(auth.bearer_token(headers))
-                     is not None)
+        install_auth(fallback.PREFIX, also_accept=lambda headers: ring.match(
+            auth.bearer_token(headers)) is not None)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         ring = auth.from_environment().with_vllm_keys(api_keys(args))

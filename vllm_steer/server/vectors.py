@@ -317,11 +317,17 @@ async def get_vector(name: str, request: Request) -> JSONResponse:
     return respond(await asyncio.to_thread(vector_info, ctx, entry))
 
 
+def _upload_action(request: Request) -> str:
+    """What a refused registration asked for (the body is not read for a refused caller)."""
+    replace = request.query_params.get("replace", "").lower() in ("true", "1")
+    return "replace" if replace else "upload"
+
+
 @router.post("/v1/steering/vectors")
 async def register_vector(request: Request,
-                          caller: Annotated[Caller, Depends(require_admin("upload"))]
+                          caller: Annotated[Caller, Depends(require_admin(_upload_action))]
                           ) -> JSONResponse:
-    with audited("upload", caller, request.query_params.get("name")) as rec:
+    with audited(_upload_action(request), caller, request.query_params.get("name")) as rec:
         return await _register_vector(request, rec)
 
 

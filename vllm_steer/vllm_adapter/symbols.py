@@ -220,9 +220,12 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.envs:VLLM_API_KEY", READ, "the /v1/steering routes honour --api-key",
            (EnvVar(),)),
     Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware.__call__",
-           PATCHED, "answers a request under /v1/steering without a valid API key in "
-           "OpenAI's error shape (vLLM's own answer there is {\"error\": \"Unauthorized\"})",
+           PATCHED, "passes requests under /v1/steering to the plugin's routes, which check "
+           "the keys and roles themselves and answer in OpenAI's error shape (vLLM's own "
+           "answer there is {\"error\": \"Unauthorized\"})",
            (Signature(("self", "scope", "receive", "send")),)),
+    Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware.app",
+           READ, "the app a request under /v1/steering is passed to", (Assigned(),)),
     Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware."
            "verify_token", PATCHED, "the same key check as vLLM's, by vLLM's own code; also "
            "accepts the steering admin and keys-file keys (server/auth.py)",
