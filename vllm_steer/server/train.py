@@ -86,11 +86,6 @@ def capture_budget() -> CaptureBudget:
         raise SteerHTTPError(500, str(e)) from None
 
 
-def _count_capture(prompt_tokens: int) -> None:
-    metrics.CAPTURE_REQUESTS.inc()
-    metrics.CAPTURE_TOKENS.inc(prompt_tokens)
-
-
 def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, Any], str]:
     """``(registration fields, recipe mapping, recipe field prefix)`` or a 400."""
     try:
@@ -212,6 +207,14 @@ async def _train(request: Request, rec: dict[str, Any], job: dict[str, float]
     if why is not None:
         raise SteerHTTPError(503, f"this server cannot train: {why}")
     budget = capture_budget()
+    sent = {"requests": 0, "prompt_tokens": 0}
+
+    def on_submit(prompt_tokens: int) -> None:
+        sent["requests"] += 1
+        sent["prompt_tokens"] += prompt_tokens
+        metrics.CAPTURE_REQUESTS.inc()
+        metrics.CAPTURE_TOKENS.inc(prompt_tokens)
+
     if _lock is None:
         _lock = asyncio.Lock()
     async with _lock:
@@ -221,7 +224,7 @@ async def _train(request: Request, rec: dict[str, Any], job: dict[str, float]
             add_special_tokens=ds.add_special_tokens, max_concurrent=concurrent,
             # vLLM returns only the first engine's RPC result under data parallelism
             data_parallel_rank=0 if data_parallel_size(engine) > 1 else None,
-            budget=budget, on_submit=_count_capture)
+            budget=budget, on_submit=on_submit)
         seconds_capture = time.perf_counter() - t0
     t1 = time.perf_counter()
     cfg_model = engine.model_config
@@ -250,6 +253,8 @@ async def _train(request: Request, rec: dict[str, Any], job: dict[str, float]
             "mean_separation": round(sum(sep.values()) / len(sep), 6),
             "max_concurrent": concurrent,
             "budget": budget.to_json(),
+            "capture_requests": sent["requests"],
+            "capture_prompt_tokens": sent["prompt_tokens"],
             "seconds": {"capture": round(seconds_capture, 3), "fit": round(t2 - t1, 3),
                         "register": round(t3 - t2, 3),
                         "total": round(time.perf_counter() - t0, 3)},
