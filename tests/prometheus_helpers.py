@@ -25,7 +25,7 @@ def require_prometheus() -> str:
     """The ``prometheus`` binary, or a skip naming what to install."""
     path = shutil.which(PROMETHEUS)
     if path is None:
-        pytest.skip("no prometheus server (Debian package 'prometheus'; `make setup` "
+        pytest.skip("no prometheus server (Debian package 'prometheus'; `make prometheus` "
                     "installs it as root)")
     return path
 

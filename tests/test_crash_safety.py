@@ -280,3 +280,186 @@ def test_durable_steps_come_in_order(tmp_path, monkeypatch):
     trace.events.clear()
     ctx.registry.unregister("x")
     trace.durable(is_tmp(f".{OVERLAY_NAME}."), overlay)
+
+
+# -- a real server, killed while it uploads and trains ----------------------------------
+SERVER_KILLS = 3
+TRAIN_RECIPE = {"personas": [["cheerful", "gloomy"], ["joyful", "sad"], ["happy", "unhappy"]],
+                "suffixes": "chat", "max_suffixes": 24, "layers": [8, 10, 12]}
+
+
+def _vector_file(rng: random.Random) -> bytes:
+    import tempfile
+
+    import torch
+
+    from vllm_steer import SteeringVector
+
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    v = SteeringVector({i: 0.3 * torch.randn(576, generator=g) for i in range(6, 14)})
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "v.safetensors"
+        v.save(str(p))
+        return p.read_bytes()
+
+
+def _chat(c, url: str, steering: dict | None) -> str:
+    body = {"model": "m", "messages": [{"role": "user", "content": "Describe a forest."}],
+            "max_tokens": 10, "temperature": 0}
+    if steering:
+        body["steering"] = steering
+    r = c.post(f"{url}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def _verify_server(c, url: str, acked: dict, in_flight: dict, root: Path,
+                   rng: random.Random) -> dict:
+    """A fresh server on the files: every acknowledged vector is listed with its scale and
+    without error (a sample, every change in flight included, steers as its content does:
+    compared with the same bytes uploaded again under another name), a change in flight
+    at the kill is absent or complete, and the start-up collection left no temporary file
+    and no orphaned upload. Trained vectors (``None`` bytes) are checked as listed."""
+    listed = {v["name"]: v for v in c.get(f"{url}/v1/steering/vectors").json()["data"]}
+    for name in [n for n, v in in_flight.items() if v is None and n in listed]:
+        acked[name] = (None, 1.0)   # a training job killed after it registered its vector
+    for name, (data, scale) in acked.items():
+        if name not in listed:
+            assert name in in_flight and in_flight[name] is None, \
+                f"{name}: acknowledged, then lost in a crash"
+            continue
+        assert "error" not in listed[name], listed[name]
+        if data is not None and name not in in_flight:
+            assert listed[name]["default_scale"] == scale, (name, listed[name], scale)
+    uploads = [n for n in acked if acked[n][0] is not None and n not in in_flight]
+    sample = sorted(set(uploads[-4:]) | set(rng.sample(uploads, min(4, len(uploads))))
+                    | {n for n in in_flight if in_flight[n] is not None})
+    plain = _chat(c, url, None)
+    checked = 0
+    for name in sample:
+        if name not in listed:
+            assert name not in acked, f"{name}: acknowledged, then lost in a crash"
+            continue   # an upload in flight that never happened
+        allowed = [v for v in (acked.get(name), in_flight.get(name)) if v is not None]
+        results = []
+        for d, s in allowed:
+            assert c.post(f"{url}/v1/steering/vectors", params={"name": "chk", "scale": s,
+                                                                "replace": "true"},
+                          content=d).status_code == 201
+            results.append((s, _chat(c, url, {"vectors": [{"name": "chk"}]})))
+        got = (listed[name]["default_scale"], _chat(c, url, {"vectors": [{"name": name}]}))
+        assert got in results, (name, got, results)
+        acked[name] = allowed[results.index(got)]   # what is there is now a fact
+        assert got[1] != plain   # the check is not vacuous: the vector does steer
+        checked += 1
+    c.delete(f"{url}/v1/steering/vectors/chk")
+    deadline = time.monotonic() + 60
+    while True:   # the start-up collection runs in the background
+        reg = Registry.from_yaml(root / "registry.yaml")
+        left = leftovers(root, reg)
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not left, f"left after the start-up collection: {left}"
+    return {"listed": len(listed), "steering_checked": checked}
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_real_server_killed_mid_upload_and_mid_training(default_model_dir, tmp_path):
+    import threading
+
+    import httpx
+
+    from tests.server_helpers import Server
+    from vllm_steer.fixtures.vectors import write_test_vectors
+
+    root = tmp_path
+    reg = write_test_vectors(root)
+    srv = Server(default_model_dir, reg, root / "server.log", None,
+                 extra_env={"VLLMSTEER_HOME": str(root / "home"),
+                            "VLLMSTEER_STORE_GRACE_S": "1"},
+                 extra_args=("--served-model-name", "m"))
+    rng = random.Random(280)
+    acked: dict[str, tuple[bytes, float]] = {}
+    in_flight: dict[str, tuple[bytes, float]] = {}
+    rounds: list[dict] = []
+    errors: list[str] = []
+    t0 = time.monotonic()
+    try:
+        for k in range(SERVER_KILLS + 1):
+            srv.start()
+            with httpx.Client(base_url=srv.url, timeout=600) as c:
+                got = _verify_server(c, srv.url, acked, in_flight, root, rng)
+            assert not errors, errors
+            if k == SERVER_KILLS:
+                rounds.append({"final_start": True, **got})
+                break
+            in_flight.clear()
+            stop = threading.Event()
+            state = {"uploads_acked": 0, "upload_in_flight": False, "train_in_flight": False}
+
+            def uploader(k: int = k, state: dict = state, stop: threading.Event = stop) -> None:
+                urng = random.Random(k)
+                with httpx.Client(base_url=srv.url, timeout=600) as c:
+                    i = 0
+                    while not stop.is_set():
+                        i += 1
+                        mine = sorted(n for n in acked if acked[n][0] is not None)
+                        replace = mine and urng.random() < 0.3
+                        name = urng.choice(mine) if replace else f"r{k}-{i}"
+                        data, scale = _vector_file(urng), round(urng.uniform(4, 8), 2)
+                        in_flight[name] = (data, scale)
+                        state["upload_in_flight"] = True
+                        try:
+                            r = c.post("/v1/steering/vectors", content=data, params={
+                                "name": name, "scale": scale, "replace": "true"})
+                        except httpx.HTTPError:
+                            return   # the server died with this upload in flight
+                        state["upload_in_flight"] = False
+                        if r.status_code != 201:
+                            errors.append(r.text)
+                            return
+                        acked[name] = in_flight.pop(name)
+                        state["uploads_acked"] += 1
+
+            def trainer(k: int = k, state: dict = state) -> None:
+                with httpx.Client(base_url=srv.url, timeout=600) as c:
+                    name = f"t{k}"
+                    in_flight[name] = None
+                    state["train_in_flight"] = True
+                    try:
+                        r = c.post("/v1/steering/vectors/train",
+                                   json={"name": name, **TRAIN_RECIPE})
+                    except httpx.HTTPError:
+                        return   # killed mid-training: absent, or complete if registered
+                    state["train_in_flight"] = False
+                    if r.status_code != 201:
+                        errors.append(r.text)
+                        return
+                    del in_flight[name]
+                    acked[name] = (None, 1.0)
+
+            threads = [threading.Thread(target=uploader, daemon=True),
+                       threading.Thread(target=trainer, daemon=True)]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(4.0, 12.0))
+            alive = srv.alive()
+            os.killpg(srv.proc.pid, signal.SIGKILL)   # the whole server, mid-flight
+            srv.proc.wait(timeout=60)
+            srv.proc = None
+            stop.set()
+            for t in threads:
+                t.join(timeout=120)
+            assert alive
+            rounds.append({"kill": k + 1, **got, **state})
+    finally:
+        srv.stop()
+    kills = [r for r in rounds if "kill" in r]
+    FIGURES["real_server"] = {"kills": len(kills), "rounds": rounds,
+                              "seconds": round(time.monotonic() - t0, 1)}
+    _save_figures()
+    assert len(kills) >= SERVER_KILLS
+    assert sum(r["upload_in_flight"] for r in kills) >= 1
+    assert sum(r["train_in_flight"] for r in kills) >= 1

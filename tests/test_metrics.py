@@ -383,3 +383,28 @@ def test_every_series_is_the_same_from_either_process(stack):
             seen.add(hashlib.sha256("\n".join(lines).encode()).hexdigest())
     assert len(seen) == 1
 
+
+
+def test_the_dashboard_queries_run_on_prometheus_and_name_served_metrics(stack):
+    """docs/grafana/vllm-steer.json: every panel's PromQL is valid (Prometheus's HTTP API
+    evaluates it), every ``vllm_steer:`` / ``vllm:`` series it names is served on
+    ``/metrics``, and the panels of this test's traffic show data."""
+    import json
+    import re
+
+    dash = json.loads((Path(__file__).resolve().parents[1] / "docs" / "grafana" /
+                       "vllm-steer.json").read_text())
+    served = {line.split("{")[0].split(" ")[0]
+              for line in httpx.get(f"{stack.url}/metrics", timeout=60).text.splitlines()
+              if line and not line.startswith("#")}
+    empty = []
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            expr = t["expr"].replace("$__rate_interval", "5m")
+            for name in re.findall(r"\b(vllm(?:_steer)?:[a-z_]+)", expr):
+                assert name in served, (p["title"], name)
+            if not stack.prom.query(expr):
+                empty.append(p["title"])
+    must_show = {"Requests by steering kind", "Probe readings and forks", "Store size",
+                 "Errors by route and status", "Vectors registered"}
+    assert not must_show & set(empty), empty
