@@ -1,6 +1,6 @@
 """The audit trail: one structured line per admin action (``server.auth.ADMIN`` routes).
 
-Each line is a JSON object on the ``vllm_steer.audit`` logger (the server's log), and
+Each line is a JSON object on this module's logger (the server's log), and
 also appended to ``$VLLMSTEER_AUDIT_LOG`` when set::
 
     {"audit":"vllm-steer","time":"2026-12-07T10:00:00.123Z","action":"replace",
@@ -28,7 +28,7 @@ from typing import Any
 from vllm_steer import envvars
 from vllm_steer.server.auth import Caller
 
-logger = logging.getLogger("vllm_steer.audit")
+logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 
