@@ -408,3 +408,85 @@ def test_the_dashboard_queries_run_on_prometheus_and_name_served_metrics(stack):
     must_show = {"Requests by steering kind", "Probe readings and forks", "Store size",
                  "Errors by route and status", "Vectors registered"}
     assert not must_show & set(empty), empty
+
+
+# -- tensor parallelism: per-rank gauges, requests counted once ------------------------------
+@pytest.fixture(scope="module")
+def tp_stack(default_model_dir, tmp_path_factory) -> Iterator[Stack]:
+    """A second server: a tiny random llama (the metrics do not depend on trained weights)
+    with ``--tensor-parallel-size 2``, and its own Prometheus."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    require_prometheus()
+    root = tmp_path_factory.mktemp("metrics-tp")
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      vocab_size=len(tok), max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "vectors").mkdir()
+    g = torch.Generator().manual_seed(1)
+    for name in ("a", "b"):
+        SteeringVector({i: torch.randn(256, generator=g) for i in range(4)}).save(
+            root / "vectors" / f"{name}.safetensors")
+    (root / "registry.yaml").write_text(
+        "vectors: {a: vectors/a.safetensors, b: vectors/b.safetensors}\n")
+    srv = Server(str(root / "model"), root / "registry.yaml", root / "server.log", None,
+                 extra_env={"VLLMSTEER_METRICS_INTERVAL_S": "1",
+                            "VLLMSTEER_HOME": str(root / "home")},
+                 extra_args=("--tensor-parallel-size", "2", "--served-model-name", MODEL,
+                             "--max-model-len", "1024"))
+    srv.start()
+    try:
+        with Prometheus(root / "prometheus", [f"127.0.0.1:{srv.port}"]) as prom:
+            yield Stack(srv, prom, root)
+    finally:
+        srv.stop()
+
+
+def test_tensor_parallel_ranks_report_the_same_slots_and_requests_count_once(tp_stack):
+    stack = tp_stack
+    snap = Snapshot(stack, {"add": q("vllm_steer:requests_by_kind_total", kind="add"),
+                            "steered": q("vllm_steer:requests_total", steering="steered")})
+    stop = threading.Event()
+    started = threading.Barrier(4, timeout=600)
+
+    def stream(name: str) -> None:
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 900,
+                "temperature": 0, "ignore_eos": True, "stream": True,
+                "steering": {"vectors": [{"name": name}]}}
+        with httpx.Client(timeout=600) as c, \
+                c.stream("POST", f"{stack.url}/v1/completions", json=body) as r:
+            first = True
+            for _ in r.iter_lines():
+                if first:
+                    started.wait()
+                    first = False
+                if stop.is_set():
+                    break
+
+    threads = [threading.Thread(target=stream, args=(n,), daemon=True) for n in "aab"]
+    for t in threads:
+        t.start()
+    try:
+        started.wait()
+        t0 = time.time()
+        got: dict[str, Any] = {}
+        while time.time() - t0 < 60:
+            t = stack.prom.scraped_after(time.time())
+            got = {r["metric"]["rank"]: float(r["value"][1])
+                   for r in stack.prom.query("vllm_steer:vectors_resident", at=t)}
+            if got == {"0": 2.0, "1": 2.0}:
+                break
+        assert got == {"0": 2.0, "1": 2.0}   # two programs on each of the two ranks
+        assert len(stack.prom.query("vllm_steer:slots")) == 2
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    d = snap.delta()
+    assert (d["add"], d["steered"]) == (3, 3), d   # once per request, not per rank

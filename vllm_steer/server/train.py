@@ -9,7 +9,9 @@ Body (JSON)::
      #    a shipped set name ("chat", "reasoning") or a list, and any other recipe key
      "replace": false, "scale": 1.0, "layers": [..], "op": "add", ...,  # as uploads
      #    (inline, "layers" is the recipe's: the layers trained)
-     "max_concurrent": 8}                 # capture requests in flight (1..1024)
+     "max_concurrent": 8,                 # capture requests in flight (1..1024)
+     "budget": {"engine_share": 0.25,     # over the operator's budget (docs/operations.md):
+                "burst_tokens": 256}}     #   share of time, computed tokens per burst
 
 The dataset is built with the served model's tokenizer and chat template, its prompts'
 last-token block outputs are read through the engine's hidden-state capture
@@ -59,7 +61,7 @@ DEFAULT_MAX_PROMPTS = 8192
 #: Recipe keys that do not apply to training on the served engine: reported, not used.
 NOT_APPLIED = ("model", "dtype", "batch_size", "output", "description")
 _REGISTRATION = {"name", "replace", "scale", "layers", "op", "strength", "value",
-                 "max_concurrent"}
+                 "max_concurrent", "budget"}
 #: Capture requests in flight by default: each adds its prompt's prefill to the engine's
 #: steps, so few keep the other traffic's inter-token latency low (bench train-route).
 DEFAULT_MAX_CONCURRENT = 8
@@ -78,12 +80,28 @@ def max_prompts() -> int:
     return max(value, 1)
 
 
-def capture_budget() -> CaptureBudget:
-    """The operator's budget for training on the served engine (``envvars``)."""
+def capture_budget(raw: Any = None) -> CaptureBudget:
+    """The operator's budget for training on the served engine (``envvars``), with the
+    request's ``budget`` fields (``engine_share``, ``burst_tokens``) over it."""
     try:
-        return CaptureBudget.from_environment()
+        base = CaptureBudget.from_environment()
     except ValueError as e:
         raise SteerHTTPError(500, str(e)) from None
+    if raw is None:
+        return base
+    if not isinstance(raw, dict):
+        raise SteerHTTPError(400, "must be an object {engine_share, burst_tokens}", "budget")
+    unknown = sorted(str(k) for k in raw if k not in ("engine_share", "burst_tokens"))
+    if unknown:
+        raise SteerHTTPError(400, "unknown field (known: burst_tokens, engine_share)",
+                             f"budget.{unknown[0]}")
+    share = raw.get("engine_share", base.engine_share)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+        raise SteerHTTPError(400, "must be a number in (0, 1]", "budget.engine_share")
+    burst = raw.get("burst_tokens", base.burst_tokens)
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise SteerHTTPError(400, "must be an integer >= 1", "budget.burst_tokens")
+    return CaptureBudget(float(share), burst)
 
 
 def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -173,6 +191,7 @@ async def _train(request: Request, rec: dict[str, Any], job: dict[str, float]
             or not 1 <= concurrent <= MAX_CONCURRENT_LIMIT:
         raise SteerHTTPError(400, f"must be an integer in [1, {MAX_CONCURRENT_LIMIT}]",
                              "max_concurrent")
+    budget = capture_budget(reg_fields.get("budget"))
     cfg = _config(recipe, prefix, name)
     try:
         picked = resolve_layers(cfg.layers, ctx.num_layers)
@@ -206,7 +225,6 @@ async def _train(request: Request, rec: dict[str, Any], job: dict[str, float]
     why = capture_refusal(engine)
     if why is not None:
         raise SteerHTTPError(503, f"this server cannot train: {why}")
-    budget = capture_budget()
     sent = {"requests": 0, "prompt_tokens": 0}
 
     def on_submit(prompt_tokens: int) -> None:
