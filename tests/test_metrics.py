@@ -437,9 +437,12 @@ def tp_stack(default_model_dir, tmp_path_factory) -> Iterator[Stack]:
         "vectors: {a: vectors/a.safetensors, b: vectors/b.safetensors}\n")
     srv = Server(str(root / "model"), root / "registry.yaml", root / "server.log", None,
                  extra_env={"VLLMSTEER_METRICS_INTERVAL_S": "1",
-                            "VLLMSTEER_HOME": str(root / "home")},
+                            "VLLMSTEER_HOME": str(root / "home"),
+                            # one core per worker (vLLM's CPU workers bind to NUMA nodes)
+                            "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
                  extra_args=("--tensor-parallel-size", "2", "--served-model-name", MODEL,
-                             "--max-model-len", "1024"))
+                             "--max-model-len", "1024"),
+                 start_timeout_s=900)   # two workers on busy cores start slowly
     srv.start()
     try:
         with Prometheus(root / "prometheus", [f"127.0.0.1:{srv.port}"]) as prom:
