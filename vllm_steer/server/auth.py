@@ -31,7 +31,6 @@ admin key works for inference too. A key is never logged: callers are named by t
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import secrets
 from collections.abc import Iterable, Mapping
@@ -206,11 +205,3 @@ def describe(ring: KeyRing) -> str:
     how = (f"{n} inference keys" if ring.inference_guarded else
            "inference open (no --api-key)")
     return f"steering admin keys {admins}; {how}"
-
-
-def caller_json(caller: Caller) -> dict[str, Any]:
-    return {"key_id": caller.key_id, "role": caller.role}
-
-
-def dumps(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, sort_keys=False, separators=(",", ":"))

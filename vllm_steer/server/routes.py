@@ -91,7 +91,8 @@ class SteeringEndpoints:
         ring = auth.from_environment().with_vllm_keys(api_keys(args))
         auth.check_inference_guard(ring)
         setattr(state, KEYS_STATE, ring)
-        logger.warning("vllm-steer: %s", auth.describe(ring))
+        (logger.info if ring.admin_configured else logger.warning)(
+            "vllm-steer: %s", auth.describe(ring))
         if engine_client is None:
             logger.warning("vllm-steer: no engine client; /v1/steering routes answer 503")
             return
