@@ -17,7 +17,8 @@ itself:
   ``engine_share`` of the time and most of the neighbours' steps carry none.
 
 The job takes longer instead (about ``1 / engine_share`` times as long on an idle
-engine). ``engine_share`` 1 turns the pacing off. vLLM-free.
+engine). ``engine_share`` 1 turns the pacing off: up to ``max_concurrent`` capture
+requests in flight all along, as the route did before it had a budget. vLLM-free.
 """
 
 from __future__ import annotations

@@ -92,7 +92,9 @@ async def run_captures_async(engine: Any, requests: Sequence[CaptureRequest], *,
     engine's RPC result)."""
     gate = asyncio.Semaphore(max_concurrent or len(requests) or 1)
     kwargs = {} if data_parallel_rank is None else {"data_parallel_rank": data_parallel_rank}
-    pacer = Pacer(budget, max_concurrent) if budget is not None else None
+    # engine share 1: no pacing, up to max_concurrent in flight all along (as before)
+    pacer = (Pacer(budget, max_concurrent) if budget is not None and budget.engine_share < 1
+             else None)
 
     async def one(item: tuple[CaptureRequest, str]) -> tuple[None, int]:
         r, cid = item
