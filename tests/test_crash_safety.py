@@ -160,6 +160,7 @@ def _started(root: Path, writer: int, seed: int) -> bool:
     return p.exists() and f'"run": {seed},' in p.read_text()
 
 
+@pytest.mark.slow
 def test_two_racing_writers_killed_at_random_points(tmp_path):
     root = tmp_path
     setup_root(root)
