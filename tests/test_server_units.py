@@ -148,7 +148,7 @@ def test_serve_env_enables_both_plugins_and_a_registry(tmp_path):
     from vllm_steer.server.serve_command import serve_env
 
     env = serve_env(None, {"VLLM_PLUGINS": "other"})
-    assert env["VLLM_PLUGINS"] == "other,vllm_steer,vllm_steer_routes"
+    assert env["VLLM_PLUGINS"] == "other,vllm_steer,vllm_steer_routes,vllm_steer_metrics"
     assert env["VLLMSTEER_REGISTRY"] == str(shipped_registry())  # never an empty registry
     env = serve_env(str(tmp_path / "r.yaml"), {"VLLMSTEER_REGISTRY": "/elsewhere.yaml"})
     assert env["VLLMSTEER_REGISTRY"] == str(tmp_path / "r.yaml")
@@ -207,7 +207,7 @@ def test_serve_passes_unknown_args_to_vllm(capsys, default_model_dir):
 
     assert main(["serve", "--print-command", "--port", "8001", "--max-model-len", "2048"]) == 0
     out = capsys.readouterr().out
-    assert "PYTHONSAFEPATH=1 VLLM_PLUGINS=vllm_steer,vllm_steer_routes" in out
+    assert "PYTHONSAFEPATH=1 VLLM_PLUGINS=vllm_steer,vllm_steer_routes,vllm_steer_metrics" in out
     assert " -P -m vllm_steer.server.vllm_cli serve " in out
     # the checkpoint's own dtype (vLLM's `auto` would run the fp32 model in bf16) ...
     assert f"vllm_steer.server.vllm_cli serve {default_model_dir} --dtype float32 " \

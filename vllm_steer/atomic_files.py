@@ -16,17 +16,28 @@ through these:
   Two runs building the same ``final`` never see each other's half-built directory.
 
 Temporary names start with ``.`` and end with ``.tmp`` (``TMP_SUFFIX``), so that a
-collection can recognise what a killed writer left behind.
+collection can recognise what a killed writer left behind. A writer holds an exclusive
+``flock`` on its temporary file from its creation until it is renamed or removed
+(``temp_file``, ``atomic_path``); the kernel drops the lock when the writer dies, so
+``sweep_temporaries`` deletes exactly the temporaries of dead writers, however young.
+
+The order that makes an acknowledged write durable (each step before the next):
+write the temporary file, ``fsync`` it, ``rename`` it over the final name, ``fsync`` the
+directory. A reader (or a restart after a crash) sees the old file or the new one, never
+a mix; once the call returned, the new one survives a power loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
+import stat
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
@@ -62,20 +73,32 @@ def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
+def temp_file(tmp: str | os.PathLike[str]) -> Iterator[Path]:
+    """Create the empty temporary file ``tmp`` (a fresh ``.….tmp`` name) and hold an
+    exclusive ``flock`` on it while the block runs, so ``sweep_temporaries`` leaves it
+    alone; it is removed on exit unless the block renamed it."""
+    tmp = Path(tmp)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to; on a normal exit it is synced
     and renamed over ``path`` (see the module docstring), on an exception removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    try:
+    with temp_file(temp_name(path)) as tmp:
         yield tmp
         with open(tmp, "rb+") as f:   # the writer may have written it by name
             os.fsync(f.fileno())
         publish(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
@@ -123,3 +146,43 @@ def _move_into_place(staged: Path, final: Path, replace: bool) -> None:
             os.rename(final, aside)
         shutil.rmtree(aside, ignore_errors=True)
     raise OSError(f"cannot move {staged} into place at {final}") from error
+
+
+#: A temporary file younger than this is never swept, locked or not: a live writer takes
+#: its lock a moment after creating the file.
+SWEEP_MIN_AGE_S = 1.0
+
+
+def sweep_temporaries(directory: str | os.PathLike[str], match: Callable[[str], bool],
+                      min_age_s: float = SWEEP_MIN_AGE_S) -> tuple[int, int]:
+    """Delete the temporary files in ``directory`` whose names ``match`` and whose writer
+    is gone (no ``flock`` held on them) and that are at least ``min_age_s`` old. Returns
+    ``(files deleted, bytes freed)``."""
+    deleted = freed = 0
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0, 0
+    now = time.time()
+    for name in names:
+        if not name.endswith(TMP_SUFFIX) or not match(name):
+            continue
+        p = os.path.join(directory, name)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+        except (FileNotFoundError, IsADirectoryError, OSError):
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < min_age_s:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue   # a live writer holds it
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+                deleted, freed = deleted + 1, freed + st.st_size
+        finally:
+            os.close(fd)
+    return deleted, freed

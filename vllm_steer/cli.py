@@ -78,13 +78,41 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "shipped in the package)")
     p.add_argument("--print-command", action="store_true",
                    help="print the environment and command instead of running them")
+    ops = p.add_argument_group("operations (docs/operations.md)")
+    ops.add_argument("--steering-admin-key", default=None, metavar="KEY",
+                     help="the key that alone may upload, replace, delete and train "
+                          "vectors and trigger collection (sets VLLMSTEER_ADMIN_KEY; "
+                          "prefer that variable or a keys file: arguments show in `ps`)")
+    ops.add_argument("--steering-keys", default=None, metavar="FILE",
+                     help="keys with ids and roles, YAML (sets VLLMSTEER_KEYS_FILE)")
+    ops.add_argument("--steering-inline-vectors", default=None, type=int, metavar="BYTES",
+                     help="let requests carry vectors inline (base64 files) up to BYTES "
+                          "each (sets VLLMSTEER_INLINE_VECTOR_MAX_BYTES; default: refused)")
+    ops.add_argument("--steering-train-share", default=None, type=float, metavar="S",
+                     help="share (0..1] of the engine's time a training job's capture "
+                          "requests may use (sets VLLMSTEER_TRAIN_ENGINE_SHARE; default "
+                          "0.25)")
+    ops.add_argument("--steering-train-burst-tokens", default=None, type=int, metavar="N",
+                     help="prompt tokens a training job sends to the engine at once (sets "
+                          "VLLMSTEER_TRAIN_BURST_TOKENS; default 256)")
 
     def run(args: argparse.Namespace) -> int:
         from vllm_steer import envvars
         from vllm_steer.default_model import resolve_model
         from vllm_steer.llm_factory import checkpoint_dtype
+        from vllm_steer.server import auth
 
         env = serve_env(args.registry)
+        for value, name in ((args.steering_admin_key, envvars.ADMIN_KEY),
+                            (args.steering_keys, envvars.KEYS_FILE),
+                            (args.steering_inline_vectors, envvars.INLINE_VECTOR_MAX_BYTES),
+                            (args.steering_train_share, envvars.TRAIN_ENGINE_SHARE),
+                            (args.steering_train_burst_tokens, envvars.TRAIN_BURST_TOKENS)):
+            if value is not None:
+                env[name] = str(value)
+        ring = auth.from_environment(env)   # a bad key or keys file fails here, before vLLM
+        if not ring.admin_configured:
+            print(f"vllm-steer: {auth.describe(ring)}", file=sys.stderr)
         model = resolve_model(args.model)
         extra = list(args.extra)
         dtype = checkpoint_dtype(model)
@@ -92,7 +120,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             extra = ["--dtype", dtype, *extra]
         argv = [*vllm_cli_argv(), "serve", model, *extra]
         if args.print_command:
-            keys = ("PYTHONSAFEPATH", "VLLM_PLUGINS", envvars.REGISTRY)
+            keys = ("PYTHONSAFEPATH", "VLLM_PLUGINS", envvars.REGISTRY, envvars.KEYS_FILE,
+                    envvars.INLINE_VECTOR_MAX_BYTES, envvars.TRAIN_ENGINE_SHARE,
+                    envvars.TRAIN_BURST_TOKENS)
             print(" ".join([*(f"{k}={shlex.quote(env[k])}" for k in keys if k in env),
                             *map(shlex.quote, argv)]))
             return 0

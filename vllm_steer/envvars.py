@@ -37,6 +37,22 @@ STORE_GRACE_S = "VLLMSTEER_STORE_GRACE_S"
 #: exists in the data home while the run lasts): lets a newer-than-tested vLLM load the
 #: plugin for the self-check before any stamp exists. Not for users.
 SELFCHECK_RUN = "VLLMSTEER_SELFCHECK_RUN"
+#: The steering admin key (``vllm-steer serve --steering-admin-key``; ``server.auth``).
+ADMIN_KEY = "VLLMSTEER_ADMIN_KEY"
+#: Keys with ids and roles, YAML or JSON (``vllm-steer serve --steering-keys``).
+KEYS_FILE = "VLLMSTEER_KEYS_FILE"
+#: Also append every audit line (admin actions) to this file (``server.audit``).
+AUDIT_LOG = "VLLMSTEER_AUDIT_LOG"
+#: Largest inline vector (bytes of the base64-decoded file) a request may carry; unset:
+#: inline vectors are refused (``vllm-steer serve --steering-inline-vectors BYTES``).
+INLINE_VECTOR_MAX_BYTES = "VLLMSTEER_INLINE_VECTOR_MAX_BYTES"
+#: Seconds between refreshes of the engine-side metrics (``server.metrics``).
+METRICS_INTERVAL_S = "VLLMSTEER_METRICS_INTERVAL_S"
+#: The training route's budget on the served engine (``extract.capture_budget``): the
+#: share of time its capture requests may be in flight, and the prompt tokens of one
+#: burst of them.
+TRAIN_ENGINE_SHARE = "VLLMSTEER_TRAIN_ENGINE_SHARE"
+TRAIN_BURST_TOKENS = "VLLMSTEER_TRAIN_BURST_TOKENS"
 #: Where benchmark results go (default: ``benchmarks/results`` in a source checkout).
 BENCH_RESULTS = "VLLMSTEER_BENCH_RESULTS"
 

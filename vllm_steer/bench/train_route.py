@@ -2,12 +2,14 @@
 
 A ``vllm-steer serve`` (eager) serves ``--clients`` streaming completion clients, each
 sending requests of ``--output-len`` tokens back to back. Each repetition has a quiet
-window (traffic only, ``--window`` seconds) and, per ``--max-concurrent`` value, a
-training window (a training job on the shipped ``happy`` recipe, trimmed to
-``--max-suffixes`` openers, with that many capture requests in flight, runs while the
-traffic continues), in shuffled order. Inter-token latency (ITL) = time between consecutive
-streamed chunks of one request; per window its median, p90 and p99, and per repetition
-the ratio training / quiet.
+window (traffic only, ``--window`` seconds) and, per ``--budgets`` value, a training
+window (a training job on the shipped ``happy`` recipe, trimmed to ``--max-suffixes``
+openers, with ``--max-concurrent`` capture requests in flight at most, runs while the
+traffic continues), in shuffled order. A budget is the job's ``engine_share``
+(``extract.capture_budget``): ``default`` is the server's (the operator's, default
+0.25), ``1`` turns the pacing off (the route before it had a budget). Inter-token latency
+(ITL) = time between consecutive streamed chunks of one request; per window its median,
+p90 and p99, and per repetition the ratio training / quiet.
 """
 
 from __future__ import annotations
@@ -87,9 +89,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-suffixes", type=int, default=64)
     p.add_argument("--window", type=float, default=30.0, help="quiet window, seconds")
-    p.add_argument("--max-concurrent", type=comma_list(int), default="8,1024",
-                   help="comma-separated max_concurrent values of the route, one training "
-                        "window each per repetition (1024: every capture request at once)")
+    p.add_argument("--max-concurrent", type=int, default=8,
+                   help="max_concurrent of the route's requests (capture requests in flight)")
+    p.add_argument("--budgets", type=comma_list(str), default="default,1",
+                   help="comma-separated engine shares of the training job, one training "
+                        "window each per repetition ('default': the server's)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,13 +120,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["workload"] = {"clients": args.clients, "output_len": args.output_len,
                            "recipe": "configs/vectors/happy.yaml",
                            "max_suffixes": args.max_suffixes, "quiet_window_s": args.window,
-                           "max_concurrent": args.max_concurrent}
+                           "max_concurrent": args.max_concurrent, "budgets": args.budgets}
         res["server_start_s"] = round(srv.startup_s, 1)
         load = LoadTracker()
         traffic = Traffic(url, args.clients, args.output_len)
         traffic.start()
         time.sleep(min(args.window, 10.0))   # warm-up: traffic reaches steady state
-        kinds = ["quiet", *(f"training@{m}" for m in args.max_concurrent)]
+        kinds = ["quiet", *(f"training@share={b}" for b in args.budgets)]
         rng = random.Random(3)
         order = [w for _ in range(args.reps) for w in rng.sample(kinds, len(kinds))]
         windows: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
@@ -133,9 +137,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if w == "quiet":
                     time.sleep(args.window)
                 else:
+                    share = w.split("=")[1]
                     body: dict[str, Any] = {"name": f"bench_{k}", "recipe": recipe,
                                             "replace": True,
-                                            "max_concurrent": int(w.split("@")[1])}
+                                            "max_concurrent": args.max_concurrent}
+                    if share != "default":
+                        body["budget"] = {"engine_share": float(share)}
                     r = c.post("/v1/steering/vectors/train", json=body)
                     r.raise_for_status()
                     trains[w].append(r.json()["training"])
@@ -145,8 +152,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if traffic is not None:
             traffic.finish()
         srv.stop()
-    res["training_reports"] = {w: [{k: tr[k] for k in ("num_prompts", "mean_separation",
-                                                        "seconds")} for tr in trs]
+    res["training_reports"] = {w: [{k: tr.get(k) for k in (
+        "num_prompts", "mean_separation", "seconds", "budget", "capture_requests")}
+        for tr in trs]
                                for w, trs in trains.items()}
     res["itl_quiet"] = _stats([x for a, b in windows["quiet"] for x in traffic.itl_between(a, b)])
     res["variants"] = {}

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vllm_steer.extract.capture_budget import CaptureBudget, Pacer
 from vllm_steer.extract.hidden import HiddenStateError, carriers, tokenize_prompts
 from vllm_steer.vllm_adapter.capture import take_captures, take_captures_async
 
@@ -77,27 +78,45 @@ def run_captures(llm: Any, requests: Sequence[CaptureRequest], *, chunk: int = D
 async def run_captures_async(engine: Any, requests: Sequence[CaptureRequest], *,
                              chunk: int = DEFAULT_CHUNK, max_concurrent: int | None = None,
                              on_progress: Callable[[int], None] | None = None,
-                             data_parallel_rank: int | None = None) -> list[dict[str, Any]]:
+                             data_parallel_rank: int | None = None,
+                             budget: CaptureBudget | None = None,
+                             on_submit: Callable[[int], None] | None = None
+                             ) -> list[dict[str, Any]]:
     """``run_captures`` on an ``EngineClient``, scheduled with whatever else the engine
     serves. ``max_concurrent`` bounds the capture requests in flight (each adds its
     prompt's prefill to the engine's steps, so fewer in flight means shorter steps for the
-    other traffic, at the cost of a slower job); captures are collected per ``chunk``.
+    other traffic, at the cost of a slower job); ``budget`` paces them further
+    (``extract.capture_budget``: bursts and a share of the engine's time); captures are
+    collected per ``chunk``. ``on_submit(prompt tokens)`` is called per request sent.
     Under data parallelism pass ``data_parallel_rank`` (vLLM returns only the first
     engine's RPC result)."""
     gate = asyncio.Semaphore(max_concurrent or len(requests) or 1)
     kwargs = {} if data_parallel_rank is None else {"data_parallel_rank": data_parallel_rank}
+    # engine share 1: no pacing, up to max_concurrent in flight all along (as before)
+    pacer = (Pacer(budget, max_concurrent) if budget is not None and budget.engine_share < 1
+             else None)
 
-    async def one(r: CaptureRequest, cid: str) -> None:
+    async def one(item: tuple[CaptureRequest, str]) -> tuple[None, int]:
+        r, cid = item
         async with gate:
-            async for _ in engine.generate({"prompt_token_ids": r.prompt}, r.params(cid), cid,
-                                           **kwargs):
-                pass
+            if on_submit is not None:
+                on_submit(len(r.prompt))
+            last = None
+            async for out in engine.generate({"prompt_token_ids": r.prompt}, r.params(cid),
+                                             cid, **kwargs):
+                last = out
+        cached = getattr(last, "num_cached_tokens", None) or 0
+        return None, len(r.prompt) - int(cached)
 
     out: list[dict[str, Any]] = []
     for lo in range(0, len(requests), chunk):
         part = requests[lo:lo + chunk]
         ids = _ids(len(part))
-        await asyncio.gather(*(one(r, cid) for r, cid in zip(part, ids, strict=True)))
+        items = list(zip(part, ids, strict=True))
+        if pacer is not None:
+            await pacer.run(items, lambda it: len(it[0].prompt), one)
+        else:
+            await asyncio.gather(*(one(it) for it in items))
         got = await take_captures_async(engine, ids)
         out.extend(got[cid] for cid in ids)
         if on_progress is not None:
@@ -232,10 +251,12 @@ async def read_last_token_engine_async(
     max_concurrent: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     data_parallel_rank: int | None = None,
+    budget: CaptureBudget | None = None,
+    on_submit: Callable[[int], None] | None = None,
 ) -> dict[int, torch.Tensor]:
     """``read_last_token_engine`` on an ``EngineClient`` (the server's training route);
-    ``max_concurrent``: see ``run_captures_async``. Tokenizing and assembling run in a
-    thread (the server's event loop keeps streaming)."""
+    ``max_concurrent``, ``budget``, ``on_submit``: see ``run_captures_async``. Tokenizing
+    and assembling run in a thread (the server's event loop keeps streaming)."""
     if not prompts:
         raise ValueError("no prompts to run")
     rows = await asyncio.to_thread(tokenize_prompts, tokenizer, prompts,
@@ -243,5 +264,6 @@ async def read_last_token_engine_async(
     plan = plan_last_token(rows, _checked(layers, num_layers))
     records = await run_captures_async(engine, plan.requests, max_concurrent=max_concurrent,
                                        on_progress=on_progress,
-                                       data_parallel_rank=data_parallel_rank)
+                                       data_parallel_rank=data_parallel_rank, budget=budget,
+                                       on_submit=on_submit)
     return await asyncio.to_thread(plan.assemble, records, prompts)

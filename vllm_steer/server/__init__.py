@@ -19,3 +19,5 @@ from __future__ import annotations
 #: Entry-point names, as listed in ``VLLM_PLUGINS``.
 GENERAL_PLUGIN = "vllm_steer"
 ENDPOINT_PLUGIN = "vllm_steer_routes"
+#: The ``vllm.stat_logger_plugins`` entry point (``vllm_adapter.stat_logger``).
+METRICS_PLUGIN = "vllm_steer_metrics"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import contextlib
 import logging
-import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
+from vllm_steer.server import audit, auth, metrics
+from vllm_steer.server.auth import ADMIN, INFERENCE, Caller, KeyRing
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.resolve import Resolver
 from vllm_steer.steering.store_gc import StoreCollector
@@ -66,7 +68,8 @@ class SteerHTTPError(Exception):
         self.headers = headers
 
 
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+          404: "NotFoundError",
           405: "MethodNotAllowedError", 409: "ConflictError",
           413: "RequestEntityTooLargeError", 500: "InternalServerError",
           503: "ServiceUnavailableError"}
@@ -90,16 +93,29 @@ class SteerRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
+        route = self.path
+
         async def run(request: Request) -> Response:
             try:
-                return await handler(request)
-            except (SteerHTTPError, HTTPException, RequestValidationError):
+                response = await handler(request)
+            except SteerHTTPError as e:
+                metrics.http_error(route, e.status)
+                raise
+            except HTTPException as e:
+                metrics.http_error(route, e.status_code)
+                raise
+            except RequestValidationError:
+                metrics.http_error(route, 400)   # vLLM answers these with 400
                 raise
             except Exception as e:
                 logging.getLogger("vllm_steer").exception(
                     "vllm-steer: %s %s failed", request.method, request.url.path)
+                metrics.http_error(route, 500)
                 return error_response(500, f"internal error in vllm-steer: "
                                            f"{type(e).__name__}: {e}")
+            if response.status_code >= 400:
+                metrics.http_error(route, response.status_code)
+            return response
 
         return run
 
@@ -121,26 +137,91 @@ def context(request: Request) -> ServerContext:
     return ctx
 
 
-def _api_tokens(request: Request) -> list[bytes]:
-    keys = api_keys(getattr(request.app.state, "args", None))
-    return [hashlib.sha256(k.encode()).digest() for k in keys]
+#: ``app.state`` attribute holding the server's ``auth.KeyRing`` (set by ``init_state``).
+KEYS_STATE = "vllm_steer_keys"
 
 
-async def require_api_key(request: Request) -> None:
-    """The same check as vLLM's ``--api-key`` middleware (which also guards ``/v1``).
+def keyring(request: Request) -> KeyRing:
+    """The app's keys: the admin and file keys plus vLLM's ``--api-key`` values."""
+    ring = getattr(request.app.state, KEYS_STATE, None)
+    if ring is None:   # routes mounted on an app whose plugin state was not initialised
+        ring = auth.from_environment().with_vllm_keys(
+            api_keys(getattr(request.app.state, "args", None)))
+        setattr(request.app.state, KEYS_STATE, ring)
+    return ring
 
-    Repeated here so the routes stay guarded however the app's middleware is arranged.
-    """
-    tokens = _api_tokens(request)
-    if not tokens:
-        return
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    digest = hashlib.sha256(value.encode()).digest()
-    ok = False
-    for t in tokens:
-        ok |= secrets.compare_digest(digest, t)
-    if scheme.lower() != "bearer" or not ok:
+
+def authorize(request: Request, role: str) -> Caller:
+    """The caller of ``request`` if it may use a route needing ``role`` (``auth``'s rules),
+    else ``SteerHTTPError`` 401 (no or unknown key) or 403 (a key without the role)."""
+    ring = keyring(request)
+    key = ring.match(auth.bearer_token(request.headers))
+    if role == ADMIN and ring.admin_configured:
+        if key is None:
+            raise SteerHTTPError(401, "this action needs the steering admin key "
+                                 "(Authorization: Bearer ...)", "authorization")
+        if key.role != ADMIN:
+            raise SteerHTTPError(403, f"the key {key.id!r} has the {key.role} role; "
+                                 "uploading, replacing, deleting, training and collecting "
+                                 "need an admin key", "authorization")
+        return Caller(key.id, key.role)
+    if ring.inference_guarded and key is None:
         raise SteerHTTPError(*UNAUTHORIZED)
+    return Caller(key.id, key.role) if key is not None else Caller(None, None)
+
+
+async def require_api_key(request: Request) -> Caller:
+    """An inference route: any known key when inference is guarded (vLLM's ``--api-key``),
+    the same check as vLLM's middleware, repeated so the routes stay guarded however the
+    app's middleware is arranged."""
+    return authorize(request, INFERENCE)
+
+
+def require_admin(action: str | Callable[[Request], str]
+                  ) -> Callable[[Request], Awaitable[Caller]]:
+    """The dependency of an admin route; a refused caller is written to the audit trail
+    under ``action`` (or ``action(request)``)."""
+
+    async def dependency(request: Request) -> Caller:
+        try:
+            return authorize(request, ADMIN)
+        except SteerHTTPError as e:
+            name = action if isinstance(action, str) else action(request)
+            key = keyring(request).match(auth.bearer_token(request.headers))
+            who = Caller(key.id, key.role) if key is not None else Caller(None, None)
+            audit.record(name, who, e.status, vector=request.path_params.get("name")
+                         or request.query_params.get("name"))
+            metrics.admin_action(name, e.status)
+            raise
+
+    return dependency
+
+
+@contextlib.contextmanager
+def audited(action: str, caller: Caller, vector: str | None = None
+            ) -> Iterator[dict[str, Any]]:
+    """One audit line and one ``admin_actions`` count for an admin action. The block may
+    refine ``rec`` (``action``, ``vector``, ``digest``, ``status``, more fields); an
+    exception's HTTP status is recorded (500 for a bug, 499 for a client gone)."""
+    rec: dict[str, Any] = {"action": action, "vector": vector, "digest": None, "status": 200}
+    try:
+        yield rec
+    except SteerHTTPError as e:
+        rec["status"] = e.status
+        raise
+    except HTTPException as e:
+        rec["status"] = e.status_code
+        raise
+    except asyncio.CancelledError:
+        rec["status"] = 499
+        raise
+    except BaseException:
+        rec["status"] = 500
+        raise
+    finally:
+        action, status = rec.pop("action"), rec.pop("status")
+        audit.record(action, caller, status, **rec)
+        metrics.admin_action(action, status)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

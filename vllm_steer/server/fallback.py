@@ -10,12 +10,12 @@ every remaining path and method under the prefix, so those requests get
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.routing import Match
 
-from vllm_steer.server.common import SteerHTTPError, SteerRoute
+from vllm_steer.server.common import SteerHTTPError, SteerRoute, require_api_key
 
-router = APIRouter(route_class=SteerRoute)
+router = APIRouter(route_class=SteerRoute, dependencies=[Depends(require_api_key)])
 PREFIX = "/v1/steering"
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -39,8 +39,9 @@ async def unmatched(request: Request, rest: str = "") -> None:
                              f"{request.url.path} (allowed: {', '.join(allowed)})", "method",
                              headers={"Allow": ", ".join(allowed)})
     raise SteerHTTPError(404, f"no route {request.url.path} (the steering routes are "
-                         f"{PREFIX}/vectors, {PREFIX}/vectors/{{name}}, {PREFIX}/stats and "
-                         f"{PREFIX}/probe)", "path")
+                         f"{PREFIX}/vectors, {PREFIX}/vectors/{{name}}, "
+                         f"{PREFIX}/vectors/train, {PREFIX}/store/collect, {PREFIX}/stats "
+                         f"and {PREFIX}/probe)", "path")
 
 
 router.add_api_route(PREFIX, unmatched, methods=_METHODS, include_in_schema=False)

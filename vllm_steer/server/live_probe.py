@@ -29,6 +29,7 @@ from typing import Any
 from vllm_steer.probe.choices import ProbeError
 from vllm_steer.probe.live_drivers import LiveRun, final_output
 from vllm_steer.probe.live_state import LiveProbe, LiveProbeConfig
+from vllm_steer.server import metrics
 from vllm_steer.server.requests import PROBE_KEY as BODY_KEY
 from vllm_steer.steering.spec import SpecError, parse_extra_args
 from vllm_steer.vllm_adapter import openai_serving
@@ -91,6 +92,8 @@ class ServerProbe:
             field = e.field if e.field.startswith(BODY_KEY) else f"{BODY_KEY}.{e.field}"
             raise validation_error(f"{field}: {str(e).split(': ', 1)[1]}", field) from None
         self.run: LiveRun | None = None
+        self.max_tokens: int | None = None
+        self.recorded = False
 
     @property
     def bound(self) -> bool:
@@ -118,7 +121,9 @@ class ServerProbe:
 
         self.run = LiveRun(self.probe, _counted(submit), request_id,
                            spec.to_dict() if spec else None)
+        self.max_tokens = sp.max_tokens
         LIVE["probed_requests"] += 1
+        metrics.PROBE_REQUESTS.inc()
         main = submit(prompt, sp, request_id, *args, **kwargs)
         return self.main(main, sp.output_kind == RequestOutputKind.CUMULATIVE, final_only)
 
@@ -144,6 +149,7 @@ class ServerProbe:
                    ) -> AsyncIterator[Any]:
         run = self.run
         latest: dict[int, Any] = {}
+        generated: dict[int, int] = {}   # tokens generated per choice (the metrics)
         last = None
         it = gen.__aiter__()
         try:
@@ -164,6 +170,8 @@ class ServerProbe:
                 last = out
                 for c in out.outputs:
                     latest[c.index] = c
+                    n = len(c.token_ids)
+                    generated[c.index] = n if cumulative else generated.get(c.index, 0) + n
                 if out.finished:
                     await run.wait_readings()   # the finish chunk comes after every reading
                     if final_only:
@@ -183,6 +191,19 @@ class ServerProbe:
         finally:
             await gen.aclose()
             await run.aclose()
+            self._record(generated)
+
+    def _record(self, generated: dict[int, int]) -> None:
+        """The request's probe metrics, once: readings delivered, early exits and the
+        tokens they saved (``max_tokens`` minus the tokens generated when it stopped)."""
+        if self.recorded or self.run is None:
+            return
+        self.recorded = True
+        stops = self.run.state.stops
+        saved = (sum(max(0, self.max_tokens - generated.get(i, 0)) for i in stops)
+                 if self.max_tokens is not None else 0)
+        metrics.probe_finished(sum(len(v) for v in self.run.readings.values()), len(stops),
+                               saved)
 
     # -- the response side ------------------------------------------------------------
     def _stop_json(self, index: int) -> dict[str, Any] | None:
@@ -288,11 +309,13 @@ def _counted(fork: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIter
     async def gen(*a: Any) -> AsyncIterator[Any]:
         LIVE["forks_in_flight"] += 1
         LIVE["forks_submitted"] += 1
+        metrics.fork_submitted(str(a[2]))   # (prompt, params, request id)
         try:
             async for o in fork(*a):
                 yield o
         finally:
             LIVE["forks_in_flight"] -= 1
+            metrics.fork_ended()
 
     return gen
 

@@ -6,19 +6,18 @@ works behind a path prefix (a reverse proxy that strips it, vLLM's ``--root-path
 not under ``/v1``, so it loads without the API key: it holds no data, and every call it
 makes carries the key the user types into it (a bearer token kept in the page's memory,
 never sent anywhere else or stored). ``/steer/config.json`` tells it whether a key is
-needed, so it asks for one before its first guarded call.
+needed, so it asks for one before its first guarded call, and whether a steering admin
+key is configured, so it asks for that one only when an upload or a delete needs it.
 """
 
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from vllm_steer.server.common import SteerHTTPError, SteerRoute
-from vllm_steer.vllm_adapter.openai_requests import api_keys
+from vllm_steer.server.common import SteerHTTPError, SteerRoute, keyring
 
 router = APIRouter(route_class=SteerRoute)
 PAGE = "/steer"
@@ -63,9 +62,11 @@ async def page_slash() -> Response:
 
 @router.get(PAGE + "/config.json", include_in_schema=False)
 async def page_config(request: Request) -> JSONResponse:
-    """What the page needs before its first call: whether the routes need a key."""
-    args: Any = getattr(request.app.state, "args", None)
-    return JSONResponse({"api_key_required": bool(api_keys(args))}, headers=HEADERS)
+    """What the page needs before its first call: whether the routes need a key, and
+    whether admin actions (upload, delete) need the steering admin key."""
+    ring = keyring(request)
+    return JSONResponse({"api_key_required": ring.inference_guarded,
+                         "admin_key_required": ring.admin_configured}, headers=HEADERS)
 
 
 @router.get(PAGE + "/{name}", include_in_schema=False)

@@ -13,7 +13,7 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from vllm_steer.probe.choices import ProbeError
@@ -21,11 +21,18 @@ from vllm_steer.probe.config import ProbeConfig
 from vllm_steer.probe.drivers import run_job_async
 from vllm_steer.probe.job import ProbeJob
 from vllm_steer.probe.prompts import build_prompt, chat_ids
-from vllm_steer.server.common import SteerHTTPError, SteerRoute, context, read_body
+from vllm_steer.server import metrics
+from vllm_steer.server.common import (
+    SteerHTTPError,
+    SteerRoute,
+    context,
+    read_body,
+    require_api_key,
+)
 from vllm_steer.steering.spec import SpecError, parse_spec
 from vllm_steer.vllm_adapter.engine import max_model_len
 
-router = APIRouter(route_class=SteerRoute)
+router = APIRouter(route_class=SteerRoute, dependencies=[Depends(require_api_key)])
 MAX_BODY = 1 << 20
 _PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
 _OTHER_KEYS = {"chat", "system", "open_thinking", "steering", "trajectory"}
@@ -150,6 +157,7 @@ async def steering_probe(request: Request) -> JSONResponse:
         (traj,) = await run_job_async(ctx.engine_client, job)
     except VLLMValidationError as e:
         raise SteerHTTPError(400, str(e), e.parameter) from None
+    metrics.PROBE_READINGS.labels(source="route").inc(len(traj.readings))
     return JSONResponse({"object": "steering.probe", "choices": list(job.choices.choices),
                          "variants": job.choices.to_json(tok), "probe": job.cfg.to_json(),
                          "trajectory": traj.to_json()})

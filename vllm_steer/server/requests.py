@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm_steer.server import metrics
 from vllm_steer.server.body import has_steering, merged_extra_args
+from vllm_steer.steering.kinds import kinds_of
 from vllm_steer.steering.spec import SpecError
 from vllm_steer.vllm_adapter import openai_requests, openai_serving
 from vllm_steer.vllm_adapter.frontend import prevalidate
@@ -18,17 +20,27 @@ from vllm_steer.vllm_adapter.openai_requests import validation_error
 PROBE_KEY = "probe"
 
 
+#: The path a refused request was sent to, by request model (the error metric's route).
+ROUTES = {"ChatCompletionRequest": "/v1/chat/completions",
+          "CompletionRequest": "/v1/completions", "ResponsesRequest": "/v1/responses"}
+
+
 def on_sampling_params(request: Any, params: Any) -> None:
     """Merge the body's steering into ``params.extra_args`` and validate it (raises
-    ``VLLMValidationError`` naming the field)."""
-    refuse_unserved_probe(request)
+    ``VLLMValidationError`` naming the field); count the request by steering kind."""
     try:
-        extra = merged_extra_args(request, params.extra_args)
-    except SpecError as e:
-        raise validation_error(str(e), e.field) from e
-    if extra is not params.extra_args:
-        params.extra_args = extra
-    prevalidate(params.extra_args)
+        refuse_unserved_probe(request)
+        try:
+            extra = merged_extra_args(request, params.extra_args)
+        except SpecError as e:
+            raise validation_error(str(e), e.field) from e
+        if extra is not params.extra_args:
+            params.extra_args = extra
+        spec, resolved = prevalidate(params.extra_args)
+    except Exception:
+        metrics.http_error(ROUTES.get(type(request).__name__, type(request).__name__), 400)
+        raise
+    metrics.count_request(kinds_of(spec, resolved))
 
 
 def on_beam_search(request: Any) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from vllm_steer import envvars, locations
-from vllm_steer.server import ENDPOINT_PLUGIN, GENERAL_PLUGIN
+from vllm_steer.server import ENDPOINT_PLUGIN, GENERAL_PLUGIN, METRICS_PLUGIN
 
 
 def vllm_cli_argv() -> list[str]:
@@ -47,13 +47,13 @@ def safe_path_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def serve_env(registry: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a steered ``vllm serve``: both plugins allow-listed in
+    """Environment for a steered ``vllm serve``: the plugins allow-listed in
     ``VLLM_PLUGINS``, ``VLLMSTEER_REGISTRY`` set (``registry``, else an existing value,
     else the registry shipped in the package), and Python's safe-path mode
     (``safe_path_env``)."""
     env = safe_path_env(dict(os.environ if base is None else base))
     plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]
-    for name in (GENERAL_PLUGIN, ENDPOINT_PLUGIN):
+    for name in (GENERAL_PLUGIN, ENDPOINT_PLUGIN, METRICS_PLUGIN):
         if name not in plugins:
             plugins.append(name)
     env["VLLM_PLUGINS"] = ",".join(plugins)

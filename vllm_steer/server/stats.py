@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from vllm_steer.server.common import SteerHTTPError, SteerRoute, context
+from vllm_steer.server.common import SteerHTTPError, SteerRoute, context, require_api_key
 from vllm_steer.server.live_probe import LIVE
 
-router = APIRouter(route_class=SteerRoute)
+router = APIRouter(route_class=SteerRoute, dependencies=[Depends(require_api_key)])
 RPC_TIMEOUT_S = 30.0
 
 

@@ -9,7 +9,9 @@ Body (JSON)::
      #    a shipped set name ("chat", "reasoning") or a list, and any other recipe key
      "replace": false, "scale": 1.0, "layers": [..], "op": "add", ...,  # as uploads
      #    (inline, "layers" is the recipe's: the layers trained)
-     "max_concurrent": 8}                 # capture requests in flight (1..1024)
+     "max_concurrent": 8,                 # capture requests in flight (1..1024)
+     "budget": {"engine_share": 0.25,     # over the operator's budget (docs/operations.md):
+                "burst_tokens": 256}}     #   share of time, computed tokens per burst
 
 The dataset is built with the served model's tokenizer and chat template, its prompts'
 last-token block outputs are read through the engine's hidden-state capture
@@ -31,15 +33,24 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from vllm_steer import envvars
+from vllm_steer.extract.capture_budget import CaptureBudget
 from vllm_steer.extract.dataset import DatasetError, PromptSets, build_dataset, config_from_mapping
-from vllm_steer.server import vectors
-from vllm_steer.server.common import SteerHTTPError, SteerRoute, context, read_body
+from vllm_steer.server import metrics, vectors
+from vllm_steer.server.auth import Caller
+from vllm_steer.server.common import (
+    SteerHTTPError,
+    SteerRoute,
+    audited,
+    context,
+    read_body,
+    require_admin,
+)
 from vllm_steer.vllm_adapter.capture import capture_refusal
 from vllm_steer.vllm_adapter.engine import data_parallel_size
 
@@ -50,7 +61,7 @@ DEFAULT_MAX_PROMPTS = 8192
 #: Recipe keys that do not apply to training on the served engine: reported, not used.
 NOT_APPLIED = ("model", "dtype", "batch_size", "output", "description")
 _REGISTRATION = {"name", "replace", "scale", "layers", "op", "strength", "value",
-                 "max_concurrent"}
+                 "max_concurrent", "budget"}
 #: Capture requests in flight by default: each adds its prompt's prefill to the engine's
 #: steps, so few keep the other traffic's inter-token latency low (bench train-route).
 DEFAULT_MAX_CONCURRENT = 8
@@ -67,6 +78,30 @@ def max_prompts() -> int:
     except ValueError:
         raise SteerHTTPError(500, f"{envvars.MAX_TRAIN_PROMPTS} is not an integer") from None
     return max(value, 1)
+
+
+def capture_budget(raw: Any = None) -> CaptureBudget:
+    """The operator's budget for training on the served engine (``envvars``), with the
+    request's ``budget`` fields (``engine_share``, ``burst_tokens``) over it."""
+    try:
+        base = CaptureBudget.from_environment()
+    except ValueError as e:
+        raise SteerHTTPError(500, str(e)) from None
+    if raw is None:
+        return base
+    if not isinstance(raw, dict):
+        raise SteerHTTPError(400, "must be an object {engine_share, burst_tokens}", "budget")
+    unknown = sorted(str(k) for k in raw if k not in ("engine_share", "burst_tokens"))
+    if unknown:
+        raise SteerHTTPError(400, "unknown field (known: burst_tokens, engine_share)",
+                             f"budget.{unknown[0]}")
+    share = raw.get("engine_share", base.engine_share)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+        raise SteerHTTPError(400, "must be a number in (0, 1]", "budget.engine_share")
+    burst = raw.get("burst_tokens", base.burst_tokens)
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise SteerHTTPError(400, "must be an integer >= 1", "budget.burst_tokens")
+    return CaptureBudget(float(share), burst)
 
 
 def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -117,7 +152,24 @@ def _dataset(ctx: Any, cfg: Any, prefix: str) -> Any:
 
 
 @router.post("/v1/steering/vectors/train")
-async def train_vector(request: Request) -> JSONResponse:
+async def train_vector(request: Request,
+                       caller: Annotated[Caller, Depends(require_admin("train"))]) -> JSONResponse:
+    job: dict[str, float] = {}
+    with audited("train", caller) as rec:
+        try:
+            response = await _train(request, rec, job)
+        except BaseException:
+            if "t0" in job:   # the job reached the engine and failed there or later
+                metrics.TRAIN_JOBS.labels(outcome="error").inc()
+                metrics.TRAIN_SECONDS.labels(phase="total").observe(
+                    time.perf_counter() - job["t0"])
+            raise
+        metrics.TRAIN_JOBS.labels(outcome="ok").inc()
+        return response
+
+
+async def _train(request: Request, rec: dict[str, Any], job: dict[str, float]
+                 ) -> JSONResponse:
     from vllm_steer.extract.engine_hidden import read_last_token_engine_async
     from vllm_steer.extract.train import (
         ModelInfo,
@@ -133,11 +185,13 @@ async def train_vector(request: Request) -> JSONResponse:
     r = vectors.parse_registration({"name": recipe.get("name"), **reg_fields}, ctx.num_layers,
                                    text=False)
     name, layers_default = r.name, r.layers
+    rec["vector"] = name
     concurrent = reg_fields.get("max_concurrent", DEFAULT_MAX_CONCURRENT)
     if isinstance(concurrent, bool) or not isinstance(concurrent, int) \
             or not 1 <= concurrent <= MAX_CONCURRENT_LIMIT:
         raise SteerHTTPError(400, f"must be an integer in [1, {MAX_CONCURRENT_LIMIT}]",
                              "max_concurrent")
+    budget = capture_budget(reg_fields.get("budget"))
     cfg = _config(recipe, prefix, name)
     try:
         picked = resolve_layers(cfg.layers, ctx.num_layers)
@@ -171,15 +225,24 @@ async def train_vector(request: Request) -> JSONResponse:
     why = capture_refusal(engine)
     if why is not None:
         raise SteerHTTPError(503, f"this server cannot train: {why}")
+    sent = {"requests": 0, "prompt_tokens": 0}
+
+    def on_submit(prompt_tokens: int) -> None:
+        sent["requests"] += 1
+        sent["prompt_tokens"] += prompt_tokens
+        metrics.CAPTURE_REQUESTS.inc()
+        metrics.CAPTURE_TOKENS.inc(prompt_tokens)
+
     if _lock is None:
         _lock = asyncio.Lock()
     async with _lock:
-        t0 = time.perf_counter()
+        t0 = job["t0"] = time.perf_counter()
         hidden = await read_last_token_engine_async(
             engine, ctx.resolver.tokenizer, prompts, picked, ctx.num_layers,
             add_special_tokens=ds.add_special_tokens, max_concurrent=concurrent,
             # vLLM returns only the first engine's RPC result under data parallelism
-            data_parallel_rank=0 if data_parallel_size(engine) > 1 else None)
+            data_parallel_rank=0 if data_parallel_size(engine) > 1 else None,
+            budget=budget, on_submit=on_submit)
         seconds_capture = time.perf_counter() - t0
     t1 = time.perf_counter()
     cfg_model = engine.model_config
@@ -189,14 +252,17 @@ async def train_vector(request: Request) -> JSONResponse:
     vector = await asyncio.to_thread(_fit_one_thread, fit_vector, ds, hidden, picked, info,
                                      method=cfg.method, normalize=cfg.normalize,
                                      direction_from_layer=cfg.direction_from_layer)
-    data = await asyncio.to_thread(_vector_bytes, vector)
     t2 = time.perf_counter()
-    entry = await asyncio.to_thread(vectors.register, ctx, r, data, None, "recipe")
+    done = await asyncio.to_thread(register_trained, ctx, r, vector)
     t3 = time.perf_counter()
+    rec.update(digest=done.digest, status=201, replaced=done.action == "replace")
+    for phase, seconds in (("capture", seconds_capture), ("fit", t2 - t1),
+                           ("register", t3 - t2), ("total", t3 - t0)):
+        metrics.TRAIN_SECONDS.labels(phase=phase).observe(seconds)
     sep = json.loads(vector.metadata.extra["separation"])
     not_applied = sorted(k for k in NOT_APPLIED if recipe.get(k) is not None)
     return vectors.respond({
-        **entry,
+        **done.info,
         "training": {
             "num_pairs": None if isinstance(ds, PromptSets) else len(ds),
             "num_prompts": len(prompts), "layers": picked, "method": cfg.method,
@@ -204,6 +270,9 @@ async def train_vector(request: Request) -> JSONResponse:
             "separation": {str(k): v for k, v in sep.items()},
             "mean_separation": round(sum(sep.values()) / len(sep), 6),
             "max_concurrent": concurrent,
+            "budget": budget.to_json(),
+            "capture_requests": sent["requests"],
+            "capture_prompt_tokens": sent["prompt_tokens"],
             "seconds": {"capture": round(seconds_capture, 3), "fit": round(t2 - t1, 3),
                         "register": round(t3 - t2, 3),
                         "total": round(time.perf_counter() - t0, 3)},
@@ -224,6 +293,12 @@ def _fit_one_thread(fit: Any, *args: Any, **kwargs: Any) -> Any:
         return fit(*args, **kwargs)
     finally:
         torch.set_num_threads(n)
+
+
+def register_trained(ctx: Any, r: vectors.Registration, vector: Any) -> vectors.Registered:
+    """Register a trained vector as an upload of its safetensors bytes (the same durable
+    path: ``vectors.register``). Blocking."""
+    return vectors.register(ctx, r, _vector_bytes(vector), None, "recipe")
 
 
 def _vector_bytes(vector: Any) -> bytes:

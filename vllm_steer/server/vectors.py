@@ -26,17 +26,28 @@ import base64
 import binascii
 import json
 import os
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from vllm_steer.atomic_files import TMP_SUFFIX, publish, write_durable
-from vllm_steer.server.common import ServerContext, SteerHTTPError, SteerRoute, context, read_body
-from vllm_steer.steering import store_gc
+from vllm_steer.atomic_files import publish, temp_file, write_durable
+from vllm_steer.server import audit, metrics
+from vllm_steer.server.auth import Caller
+from vllm_steer.server.common import (
+    ServerContext,
+    SteerHTTPError,
+    SteerRoute,
+    audited,
+    context,
+    read_body,
+    require_admin,
+    require_api_key,
+)
+from vllm_steer.steering import store_gc, uploads
 from vllm_steer.steering.registry import NAME_RE, RegistryEntry
 from vllm_steer.steering.values import (
     SpecError,
@@ -62,7 +73,8 @@ def attach(ctx: ServerContext) -> None:
     """Per-process set-up: drop a vector from the resolver's cache once no entry uses its
     file, whichever process made the change (bounded memory with many replacements), and
     collect the vector store now and after such changes (``steering.store_gc``)."""
-    ctx.collector = store_gc.attach(ctx.resolver)
+    ctx.collector = store_gc.attach(
+        ctx.resolver, on_run=lambda done: metrics.collected(done.deleted, done.freed_bytes))
 
 
 def require_shared(ctx: ServerContext) -> None:
@@ -181,43 +193,68 @@ def vector_info(ctx: ServerContext, entry: RegistryEntry) -> dict[str, Any]:
     return out
 
 
-def _store_upload(ctx: ServerContext, data: bytes, name: str,
-                  layers: tuple[int, ...] | None, field: str) -> Path:
-    """Write, parse and check an uploaded file; returns its final path in the upload dir."""
+@dataclass(frozen=True)
+class Registered:
+    """A registration done: the vector's info as the routes answer it, the admin action it
+    was (``upload``, ``replace`` or ``register`` for an allowed file) and the sha256 of
+    the stored file (``audit``)."""
+
+    info: dict[str, Any]
+    action: str
+    digest: str | None
+
+
+def _parsed_upload(ctx: ServerContext, tmp: Path, layers: tuple[int, ...] | None,
+                   field: str) -> str:
+    """Parse and check the written upload ``tmp`` against the model; its format."""
     try:
-        upload_dir = ctx.registry.ensure_upload_dir()
-        tmp = upload_dir / f".upload-{uuid.uuid4().hex}{TMP_SUFFIX}"
-        write_durable(tmp, data)
-    except OSError as e:
-        raise SteerHTTPError(500, f"cannot store the upload ({e.strerror})") from e
+        fmt = detect_format(tmp)
+        v = load_vector(tmp)
+    except VectorFileError as e:
+        raise SteerHTTPError(400, f"not a valid vector file: {e.problem}", field) from e
+    except SteeringVectorError as e:
+        raise SteerHTTPError(400, f"not a valid vector file: {e}", field) from e
+    except Exception as e:  # untrusted bytes: any parser failure is the client's
+        raise SteerHTTPError(400, f"not a valid vector file ({type(e).__name__})",
+                             field) from e
+    _check_against_model(v, ctx, layers, field)
+    return fmt
+
+
+def _commit(ctx: ServerContext, r: Registration, target: Path,
+            publish_upload: Callable[[], None] | None) -> RegistryEntry:
+    """``Registry.register`` with the routes' errors; a published upload whose
+    registration failed is removed."""
     try:
-        try:
-            fmt = detect_format(tmp)
-            v = load_vector(tmp)
-        except VectorFileError as e:
-            raise SteerHTTPError(400, f"not a valid vector file: {e.problem}", field) from e
-        except SteeringVectorError as e:
-            raise SteerHTTPError(400, f"not a valid vector file: {e}", field) from e
-        except Exception as e:  # untrusted bytes: any parser failure is the client's
-            raise SteerHTTPError(400, f"not a valid vector file ({type(e).__name__})",
-                                 field) from e
-        _check_against_model(v, ctx, layers, field)
-        final = upload_dir / f"{name}-{uuid.uuid4().hex[:12]}.{fmt}"
-        publish(tmp, final)
-        return final
-    finally:
-        tmp.unlink(missing_ok=True)
+        return ctx.registry.register(r.name, target, scale=r.scale, layers=r.layers,
+                                     replace=r.replace, before_commit=publish_upload, **r.ops)
+    except KeyError:
+        raise SteerHTTPError(409, f"vector {r.name!r} exists; pass replace=true to overwrite",
+                             "name") from None
+    except ValueError as e:
+        raise SteerHTTPError(400, str(e), "name") from e
+    except OSError as e:  # the overlay could not be written: nothing was registered
+        if publish_upload is not None:
+            target.unlink(missing_ok=True)
+        raise SteerHTTPError(500, f"cannot persist the registry ({e.strerror})") from e
 
 
 def register(ctx: ServerContext, r: Registration, data: bytes | None, path: str | None,
-             data_field: str) -> dict[str, Any]:
+             data_field: str) -> Registered:
     """Register ``data`` (stored in the upload dir) or the allowed file ``path`` as
-    ``r.name``; the vector's info as the routes answer it. Blocking (run in a thread)."""
-    name, scale, layers, ops, replace = r.name, r.scale, r.layers, r.ops, r.replace
+    ``r.name``. Blocking (run in a thread).
+
+    An upload is written to a temporary file (held with a lock while this runs) and
+    ``fsync``-ed, parsed and checked, then, under the registry's writers' lock, renamed to
+    its final name (directory ``fsync``-ed) and named in the overlay (written, ``fsync``-ed,
+    renamed, directory ``fsync``-ed): when this returns the registration survives a crash,
+    and a crash before leaves no trace once the next collection ran
+    (``Registry.collect_uploads``)."""
     reg = ctx.registry
-    if not replace and name in reg.entries:
-        raise SteerHTTPError(409, f"vector {name!r} exists; pass replace=true to overwrite",
+    if not r.replace and r.name in reg.entries:
+        raise SteerHTTPError(409, f"vector {r.name!r} exists; pass replace=true to overwrite",
                              "name")
+    replacing = r.name in reg.entries
     if path is not None:
         real = reg.is_allowed(path)
         try:
@@ -235,39 +272,33 @@ def register(ctx: ServerContext, r: Registration, data: bytes | None, path: str 
         except Exception as e:
             raise SteerHTTPError(400, f"not a valid vector file ({type(e).__name__})",
                                  "path") from e
-        _check_against_model(v, ctx, layers, "path")
-        target, uploaded = real, False
+        _check_against_model(v, ctx, r.layers, "path")
+        entry = _commit(ctx, r, real, None)
+        digest, action = audit.file_digest(real), "replace" if replacing else "register"
     else:
         assert data is not None
-        target = _store_upload(ctx, data, name, layers, data_field)
-        uploaded = True
-    try:
-        entry = reg.register(name, target, scale=scale, layers=layers, replace=replace, **ops)
-    except KeyError:
-        if uploaded:
-            target.unlink(missing_ok=True)
-        raise SteerHTTPError(409, f"vector {name!r} exists; pass replace=true to overwrite",
-                             "name") from None
-    except ValueError as e:
-        if uploaded:
-            target.unlink(missing_ok=True)
-        raise SteerHTTPError(400, str(e), "name") from e
-    except OSError as e:  # the overlay could not be written: nothing was registered
-        if uploaded:
-            target.unlink(missing_ok=True)
-        raise SteerHTTPError(500, f"cannot persist the registry ({e.strerror})") from e
-    return {**vector_info(ctx, entry), "persisted": reg.persistent}
+        try:
+            upload_dir = reg.ensure_upload_dir()
+            with temp_file(upload_dir / uploads.upload_temp_name()) as tmp:
+                write_durable(tmp, data)
+                fmt = _parsed_upload(ctx, tmp, r.layers, data_field)
+                final = upload_dir / uploads.stored_name(r.name, fmt)
+                entry = _commit(ctx, r, final, lambda: publish(tmp, final))
+        except OSError as e:   # creating or writing the file (_commit answers its own)
+            raise SteerHTTPError(500, f"cannot store the upload ({e.strerror})") from e
+        digest, action = audit.bytes_digest(data), "replace" if replacing else "upload"
+    return Registered({**vector_info(ctx, entry), "persisted": reg.persistent}, action, digest)
 
 
-def _unregister(ctx: ServerContext, name: str) -> None:
+def _unregister(ctx: ServerContext, name: str) -> RegistryEntry:
     try:
-        ctx.registry.unregister(name)
+        return ctx.registry.unregister(name)
     except OSError as e:  # the overlay could not be written: nothing was removed
         raise SteerHTTPError(500, f"cannot persist the registry ({e.strerror})") from e
 
 
 # -- routes ----------------------------------------------------------------------------
-@router.get("/v1/steering/vectors")
+@router.get("/v1/steering/vectors", dependencies=[Depends(require_api_key)])
 async def list_vectors(request: Request) -> JSONResponse:
     ctx = context(request)
     entries = list(ctx.registry.entries.values())
@@ -277,7 +308,7 @@ async def list_vectors(request: Request) -> JSONResponse:
                   "persistent": ctx.registry.persistent})
 
 
-@router.get("/v1/steering/vectors/{name}")
+@router.get("/v1/steering/vectors/{name}", dependencies=[Depends(require_api_key)])
 async def get_vector(name: str, request: Request) -> JSONResponse:
     ctx = context(request)
     entry = ctx.registry.entries.get(name)
@@ -286,8 +317,21 @@ async def get_vector(name: str, request: Request) -> JSONResponse:
     return respond(await asyncio.to_thread(vector_info, ctx, entry))
 
 
+def _upload_action(request: Request) -> str:
+    """What a refused registration asked for (the body is not read for a refused caller)."""
+    replace = request.query_params.get("replace", "").lower() in ("true", "1")
+    return "replace" if replace else "upload"
+
+
 @router.post("/v1/steering/vectors")
-async def register_vector(request: Request) -> JSONResponse:
+async def register_vector(request: Request,
+                          caller: Annotated[Caller, Depends(require_admin(_upload_action))]
+                          ) -> JSONResponse:
+    with audited(_upload_action(request), caller, request.query_params.get("name")) as rec:
+        return await _register_vector(request, rec)
+
+
+async def _register_vector(request: Request, rec: dict[str, Any]) -> JSONResponse:
     ctx = context(request)
     require_shared(ctx)
     limit = ctx.registry.max_upload_bytes
@@ -338,18 +382,24 @@ async def register_vector(request: Request) -> JSONResponse:
         data, path = await read_body(request, limit), None
         if not data:
             raise SteerHTTPError(400, "empty body: send the safetensors or GGUF file", "body")
+    rec["vector"] = params.get("name") if isinstance(params.get("name"), str) else None
     # query parameters are text; a JSON body has JSON types
     r = parse_registration(params, ctx.num_layers, text=not is_json)
-    info = await asyncio.to_thread(register, ctx, r, data, path, "data" if is_json else "body")
-    return respond(info, 201)
+    done = await asyncio.to_thread(register, ctx, r, data, path, "data" if is_json else "body")
+    rec.update(action=done.action, digest=done.digest, status=201)
+    return respond(done.info, 201)
 
 
 @router.delete("/v1/steering/vectors/{name}")
-async def delete_vector(name: str, request: Request) -> JSONResponse:
-    ctx = context(request)
-    require_shared(ctx)
-    try:
-        await asyncio.to_thread(_unregister, ctx, name)
-    except KeyError:
-        raise SteerHTTPError(404, f"unknown vector {name!r}", "name") from None
-    return respond({"id": name, "object": "steering.vector", "deleted": True})
+async def delete_vector(name: str, request: Request,
+                        caller: Annotated[Caller, Depends(require_admin("delete"))]
+                        ) -> JSONResponse:
+    with audited("delete", caller, name) as rec:
+        ctx = context(request)
+        require_shared(ctx)
+        try:
+            old = await asyncio.to_thread(_unregister, ctx, name)
+        except KeyError:
+            raise SteerHTTPError(404, f"unknown vector {name!r}", "name") from None
+        rec["digest"] = await asyncio.to_thread(audit.file_digest, old.path)
+        return respond({"id": name, "object": "steering.vector", "deleted": True})

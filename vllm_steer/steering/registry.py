@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vllm_steer import envvars
+from vllm_steer.atomic_files import SWEEP_MIN_AGE_S, sweep_temporaries
 from vllm_steer.steering import shared_file, uploads
 from vllm_steer.steering.allowed_paths import allowed_path
 from vllm_steer.steering.registry_file import (
@@ -185,13 +186,17 @@ class Registry:
     def register(self, name: str, path: str | os.PathLike[str], *, scale: float | None = None,
                  layers: tuple[int, ...] | None = None, op: str = "add",
                  strength: float | None = None, value: float | None = None,
-                 replace: bool = False) -> RegistryEntry:
+                 replace: bool = False,
+                 before_commit: Callable[[], None] | None = None) -> RegistryEntry:
         """Add (or with ``replace`` overwrite) ``name``. When this returns, the next lookup
-        in any process serving this registry sees it.
+        in any process serving this registry sees it, and a crash cannot lose it.
 
         Raises ``KeyError`` if ``name`` exists and not ``replace``, ``ValueError`` for a
         bad name. A replaced upload's file is retired (deleted ``retire_after_s`` later):
         requests already admitted carry the vector's content, not its path.
+        ``before_commit()`` runs under the writers' lock just before the overlay names
+        ``path`` (an upload is published there, so that ``collect_uploads``, holding the
+        same lock, can tell a killed writer's orphan from a live writer's file).
         """
         if not NAME_RE.match(name):
             raise ValueError(f"invalid vector name {name!r}: use letters, digits, '_', '.', "
@@ -206,6 +211,8 @@ class Registry:
         with self._mutating():
             if name in self._entries and not replace:
                 raise KeyError(name)
+            if before_commit is not None:
+                before_commit()
             entries = dict(self._entries)
             entries[name] = entry
             self._commit(entries, self.removed - {name})
@@ -250,6 +257,31 @@ class Registry:
         for k in expired:
             assert self.upload_dir is not None
             uploads.absolute(k, self.upload_dir).unlink(missing_ok=True)
+
+    def collect_uploads(self, min_age_s: float = SWEEP_MIN_AGE_S) -> tuple[int, int]:
+        """Delete what killed writers left in the upload dir: temporary files no live
+        writer holds (uploads being written, overlay versions), and stored uploads that no
+        entry names and that are not retired (a writer died after publishing the file and
+        before the overlay named it: uploads are published only under the writers' lock,
+        held here too). Returns ``(files deleted, bytes freed)``."""
+        upload_dir = self.upload_dir
+        if upload_dir is None or not upload_dir.is_dir():
+            return 0, 0
+        with self._mutating():
+            deleted, freed = sweep_temporaries(upload_dir, lambda n: n.startswith("."),
+                                               min_age_s)
+            keep = {e.path for e in self._entries.values()}
+            keep |= {uploads.absolute(k, upload_dir) for k in self._retired}
+            for p in list(upload_dir.iterdir()):
+                if not uploads.STORED_RE.match(p.name) or p.resolve() in keep:
+                    continue
+                try:
+                    size = p.stat().st_size
+                    p.unlink()
+                except FileNotFoundError:
+                    continue
+                deleted, freed = deleted + 1, freed + size
+        return deleted, freed
 
     def is_allowed(self, path: str | os.PathLike[str]) -> Path | None:
         """``allowed_paths.allowed_path`` for this registry's allowed dirs, relative paths

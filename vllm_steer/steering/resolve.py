@@ -10,7 +10,10 @@ cache salt and shares the prefix cache.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from vllm_steer import envvars
 from vllm_steer.steering.options import DEFAULT_MAX_PROJECTIONS
 from vllm_steer.steering.program import Part, Program, compose
 from vllm_steer.steering.registry import Registry
@@ -31,6 +35,23 @@ from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector import load as load_vector
 
 _COMPOSED_CACHE = 4096
+#: Inline vectors kept parsed (by content), per process.
+_INLINE_CACHE = 64
+
+
+def inline_limit(environ: dict[str, str] | None = None) -> int | None:
+    """``$VLLMSTEER_INLINE_VECTOR_MAX_BYTES`` (bytes, >= 1), else None (inline vectors off)."""
+    raw = envvars.get(envvars.INLINE_VECTOR_MAX_BYTES, environ)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{envvars.INLINE_VECTOR_MAX_BYTES}={raw!r}: must be a number of "
+                         "bytes >= 1")
+    return value
 
 
 @dataclass(frozen=True)
@@ -121,13 +142,15 @@ class Resolver:
     ``max_projections``: the engine's ablate/clamp capacity per layer (0: add only);
     ``transport``: ``store`` (vectors written once to the content-addressed store the
     workers read) or ``inline`` (sent with every request); ``store_root``: the store's
-    directory (default under the data home).
+    directory (default under the data home); ``inline_max_bytes``: the largest vector a
+    request may carry inline (``data``; None: refused, ``inline_limit``).
     """
 
     def __init__(self, registry: Registry, *, num_layers: int, hidden_size: int,
                  tokenizer: Any = None, thinking_supported: bool = True,
                  max_projections: int = DEFAULT_MAX_PROJECTIONS, transport: str = "store",
-                 store_root: str | Path | None = None) -> None:
+                 store_root: str | Path | None = None,
+                 inline_max_bytes: int | None = None) -> None:
         self.registry = registry
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -135,6 +158,9 @@ class Resolver:
         self.thinking_supported = thinking_supported
         self.max_projections = max_projections
         self.transport = transport
+        #: Largest inline vector (``data``) a spec may carry; None: inline vectors refused.
+        self.inline_max_bytes = inline_max_bytes
+        self._inline: OrderedDict[str, _File] = OrderedDict()
         self.store = VectorStore(Path(store_root) if store_root else default_store_root())
         self._lock = threading.Lock()
         self._files: dict[tuple[str, int, int], _File] = {}   # (path, mtime_ns, size) -> file
@@ -189,9 +215,58 @@ class Resolver:
                 continue
         return out
 
-    def vector_for(self, ref_name: str | None, ref_path: str | None, where: str
-                   ) -> tuple[_File, _Defaults]:
+    def _inline_file(self, data: str, where: str) -> _File:
+        """An inline vector (base64 file), parsed once per content (bounded cache)."""
+        limit = self.inline_max_bytes
+        if limit is None:
+            raise SpecError(where, "inline vectors are not enabled on this server (the "
+                            "operator allows them with `vllm-steer serve "
+                            "--steering-inline-vectors BYTES` or "
+                            f"{envvars.INLINE_VECTOR_MAX_BYTES})")
+        if len(data) > (limit + 2) // 3 * 4 + 4:
+            raise SpecError(where, f"inline vector larger than this server's limit of {limit} "
+                            "bytes")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise SpecError(where, "is not valid base64") from None
+        if len(raw) > limit:
+            raise SpecError(where, f"inline vector of {len(raw)} bytes; this server's limit "
+                            f"is {limit}")
+        sha = hashlib.sha256(raw).hexdigest()
+        with self._lock:
+            hit = self._inline.get(sha)
+            if hit is not None:
+                self._inline.move_to_end(sha)
+                return hit
+        with tempfile.TemporaryDirectory(prefix="vllm-steer-inline-") as d:
+            tmp = Path(d) / "vector"
+            tmp.write_bytes(raw)
+            try:
+                v = load_vector(tmp)
+            except SteeringVectorError as e:
+                raise SpecError(where, f"not a valid vector file: "
+                                f"{getattr(e, 'problem', None) or e}") from None
+            except Exception as e:  # untrusted bytes: any parser failure is the client's
+                raise SpecError(where, f"not a valid vector file ({type(e).__name__})") from None
+        try:
+            v.validate(hidden_size=self.hidden_size, num_layers=self.num_layers)
+        except SteeringVectorError as e:
+            raise SpecError(where, f"vector does not fit the served model: {e}") from None
+        dirs = {k: t.numpy().astype(np.float32, copy=False) for k, t in v.directions.items()}
+        cid = self.store.put(dirs) if self.transport == "store" else content_id(dirs)
+        hit = _File(("inline:" + sha, 0, len(raw)), v, dirs, cid)
+        with self._lock:
+            self._inline[sha] = hit
+            while len(self._inline) > _INLINE_CACHE:
+                self._inline.popitem(last=False)
+        return hit
+
+    def vector_for(self, ref_name: str | None, ref_path: str | None, where: str,
+                   ref_data: str | None = None) -> tuple[_File, _Defaults]:
         """The vector a spec entry names and the registry's defaults for it."""
+        if ref_data is not None:
+            return self._inline_file(ref_data, f"{where}.data"), _Defaults()
         if ref_name is not None:
             entry = self.registry.entries.get(ref_name)
             if entry is None:
@@ -220,7 +295,7 @@ class Resolver:
         files: dict[str, _File] = {}
         for i, ref in enumerate(spec.vectors):
             where = f"{prefix}vectors[{i}]"
-            f, d = self.vector_for(ref.name, ref.path, where)
+            f, d = self.vector_for(ref.name, ref.path, where, ref.data)
             if f.vector.hidden_size != self.hidden_size:
                 raise SpecError(where, f"vector hidden size {f.vector.hidden_size} does not "
                                        f"match the served model's hidden size {self.hidden_size}")

@@ -7,10 +7,12 @@ Accepted in ``SamplingParams.extra_args`` (and so in the OpenAI body's ``vllm_xa
   ``steer_layers=[8, 9]``, ``steer_apply_to="generated"``, ``steer_op="ablate"``,
   ``steer_strength=0.5``, ``steer_value=2.0``, ``steer_normalize=true``.
 
-Spec fields: ``vectors`` (list of ``{"name" | "path", "op", "scale" | "strength" |
-"value", "layers"}``; ``op`` is ``add`` (default: ``scale * v``), ``ablate`` (remove
-``strength`` in [0, 1] of the component along the unit direction) or ``clamp`` (set that
-component to ``value``)), ``normalize`` (restore each steered token's pre-steering norm),
+Spec fields: ``vectors`` (list of ``{"name" | "path" | "data", "op", "scale" |
+"strength" | "value", "layers"}``; ``data`` is a vector file (safetensors or GGUF) in
+base64, accepted only where the operator allows inline vectors (``steering.resolve``);
+``op`` is ``add`` (default: ``scale * v``), ``ablate`` (remove ``strength`` in [0, 1] of
+the component along the unit direction) or ``clamp`` (set that component to
+``value``)), ``normalize`` (restore each steered token's pre-steering norm),
 ``apply_to`` (``all | prompt | generated | thinking | answer``), ``start_position`` /
 ``end_position`` (absolute token positions: steer ``start <= pos < end``), and
 ``think_start`` / ``think_end`` (marker strings overriding the registry's).
@@ -53,12 +55,13 @@ WIRE_KEY = "_vllm_steer"
 
 _SPEC_KEYS = {"vectors", "apply_to", "start_position", "end_position", "think_start", "think_end",
               "normalize"}
-_VECTOR_KEYS = {"name", "path", "op", "scale", "strength", "value", "layers"}
+_VECTOR_KEYS = {"name", "path", "data", "op", "scale", "strength", "value", "layers"}
 
 
 @dataclass(frozen=True)
 class VectorRef:
-    """One vector in a spec: by registered ``name`` or by file ``path``, with its ``op``.
+    """One vector in a spec: by registered ``name``, by file ``path`` or inline (``data``,
+    a base64 vector file), with its ``op``.
 
     ``None`` means "the registry's default" (``op`` add, ``scale`` 1.0, ``strength`` 1.0,
     ``value`` 0.0, all its layers). ``scale`` is for ``add``, ``strength`` for ``ablate``,
@@ -72,6 +75,7 @@ class VectorRef:
     op: str | None = None
     strength: float | None = None
     value: float | None = None
+    data: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,8 @@ class SteeringSpec:
         optional fields that are set)."""
         vecs = []
         for v in self.vectors:
-            d: dict[str, Any] = {"name": v.name} if v.name is not None else {"path": v.path}
+            d: dict[str, Any] = ({"name": v.name} if v.name is not None else
+                                 {"path": v.path} if v.path is not None else {"data": v.data})
             for key in ("op", "scale", "strength", "value"):
                 if getattr(v, key) is not None:
                     d[key] = getattr(v, key)
@@ -280,13 +285,15 @@ def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
     if unknown:
         raise SpecError(f"{where}.{unknown[0]}",
                         f"unknown field (known: {', '.join(sorted(_VECTOR_KEYS))})")
-    name, path = v.get("name"), v.get("path")
-    if (name is None) == (path is None):
-        raise SpecError(where, "give exactly one of 'name' or 'path'")
+    name, path, data = v.get("name"), v.get("path"), v.get("data")
+    if sum(x is not None for x in (name, path, data)) != 1:
+        raise SpecError(where, "give exactly one of 'name', 'path' or 'data'")
     if name is not None and (not isinstance(name, str) or not name):
         raise SpecError("steer" if flat else f"{where}.name", "must be a non-empty string")
     if path is not None and (not isinstance(path, str) or not path):
         raise SpecError(f"{where}.path", "must be a non-empty string")
+    if data is not None and (not isinstance(data, str) or not data):
+        raise SpecError(f"{where}.data", "must be a non-empty base64 string (a vector file)")
     def fld(name: str) -> str:
         flat_key = next((k for k, n in _FLAT_VECTOR.items() if n == name), None)
         return flat_key if flat and flat_key else f"{where}.{name}"
@@ -302,7 +309,7 @@ def _parse_vector(v: Any, where: str, flat: bool) -> VectorRef:
     if layers is not None:
         layers = parse_layers(layers, fld("layers"), text=flat)
     return VectorRef(name=name, path=path, scale=scale, layers=layers, op=op,
-                     strength=strength, value=value)
+                     strength=strength, value=value, data=data)
 
 
 def _opt_int(x: Any, where: str) -> int | None:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_steer.atomic_files import write_atomic
+from vllm_steer.atomic_files import sweep_temporaries, write_atomic
 
 Directions = dict[int, np.ndarray]
 
@@ -197,12 +197,48 @@ class VectorStore:
 
     def collect(self, keep: Collection[str], grace_s: float) -> Collected:
         """Delete the vector files whose id is not in ``keep`` and whose lease (mtime) is
-        older than ``grace_s``, and writers' temporary files as old. Safe with frontends
-        and other collectors in any process (see the module docstring)."""
+        older than ``grace_s``, and every temporary file a killed writer left (whatever
+        its age: writers hold the lock shared while they write). Safe with frontends and
+        other collectors in any process (see the module docstring)."""
         cutoff = time.time() - grace_s
         out, candidates = self.scan(keep, cutoff)
         self.sweep(candidates, cutoff, out)
+        self.sweep_temporaries(out)
         return out
+
+    def sweep_temporaries(self, out: Collected) -> None:
+        """Under the lock held exclusively no writer is writing: the temporary files left
+        are those of writers that died (``atomic_files.sweep_temporaries``)."""
+        try:
+            subdirs = [d for d in self.root.iterdir() if d.is_dir() and len(d.name) == 2]
+        except FileNotFoundError:
+            return
+        with self._locked(fcntl.LOCK_EX):
+            for d in subdirs:
+                n, freed = sweep_temporaries(d, lambda name: bool(_TMP_RE.match(name)),
+                                             min_age_s=0.0)
+                out.deleted, out.freed_bytes = out.deleted + n, out.freed_bytes + freed
+
+    def usage(self) -> tuple[int, int]:
+        """``(vector files, bytes)`` in the store now (one directory walk)."""
+        files = size = 0
+        try:
+            subdirs = [d for d in os.scandir(self.root) if d.is_dir() and len(d.name) == 2]
+        except FileNotFoundError:
+            return 0, 0
+        for d in subdirs:
+            try:
+                entries = list(os.scandir(d.path))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if _FILE_RE.match(e.name):
+                    try:
+                        size += e.stat().st_size
+                        files += 1
+                    except FileNotFoundError:
+                        continue
+        return files, size
 
     def scan(self, keep: Collection[str], cutoff: float) -> tuple[Collected, list[Path]]:
         """The first phase of ``collect``, without the lock: the files to delete if their
@@ -221,14 +257,14 @@ class VectorStore:
                 continue
             for name in names:
                 is_vector = bool(_FILE_RE.match(name))
-                if not is_vector and not _TMP_RE.match(name):
-                    continue  # not ours: left alone
+                if not is_vector:
+                    continue  # temporaries: ``sweep_temporaries``; anything else: not ours
                 p = d / name
                 try:
                     st = p.stat()
                 except FileNotFoundError:
                     continue
-                if is_vector and name[:-4] in keep:
+                if name[:-4] in keep:
                     out.kept, out.kept_bytes = out.kept + 1, out.kept_bytes + st.st_size
                 elif st.st_mtime < cutoff:
                     candidates.append(p)

@@ -14,8 +14,11 @@ current in this process) as the ones to keep and the grace period from
   period schedules the next one for when the oldest of it is old enough, so the store
   ends with the registered contents only, also after the churn stopped.
 
-Several processes may collect the same store at once (the store's lock makes it safe).
-vLLM-free.
+Each collection also deletes what killed writers left in the registry's upload directory
+(``Registry.collect_uploads``: temporary files and published-but-unregistered uploads), so
+a server started after a crash collects them at once. Several processes may collect the
+same store at once (the store's and the registry's locks make it safe). ``on_run``
+listeners see every collection's result (the server's metrics). vLLM-free.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING
 from vllm_steer.steering.store import Collected, VectorStore, store_grace_s
 
 if TYPE_CHECKING:
+    from vllm_steer.steering.registry import Registry
     from vllm_steer.steering.resolve import Resolver
 
 logger = logging.getLogger("vllm_steer")
@@ -43,9 +47,13 @@ class StoreCollector:
     keep whatever their age (the registry's). ``last``: the last collection's result."""
 
     def __init__(self, store: VectorStore, referenced: Callable[[], set[str]],
-                 grace_s: float | None = None, interval_s: float | None = None) -> None:
+                 grace_s: float | None = None, interval_s: float | None = None,
+                 registry: Registry | None = None) -> None:
         self.store = store
         self.referenced = referenced
+        self.registry = registry
+        #: ``fn(collected)`` after every collection
+        self.on_run: list[Callable[[Collected], None]] = []
         self.grace_s = store_grace_s() if grace_s is None else float(grace_s)
         self.interval_s = (min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, self.grace_s / 2))
                            if interval_s is None else float(interval_s))
@@ -111,11 +119,16 @@ class StoreCollector:
                 self.request(done.next_s + 0.05)
 
     def run(self) -> Collected:
-        """One collection now, in this thread."""
+        """One collection now, in this thread: the store, then the upload directory."""
         done = self.store.collect(self.referenced(), self.grace_s)
+        if self.registry is not None:
+            n, freed = self.registry.collect_uploads()
+            done.deleted, done.freed_bytes = done.deleted + n, done.freed_bytes + freed
         self.last, self.runs = done, self.runs + 1
+        for fn in list(self.on_run):
+            fn(done)
         if done.deleted:
-            logger.info("vllm-steer: vector store %s: deleted %d unreferenced vectors "
+            logger.info("vllm-steer: vector store %s: deleted %d unreferenced files "
                         "(%.1f MiB); %d left (%d younger than the %.0f s grace period)",
                         self.store.root, done.deleted, done.freed_bytes / 2**20, done.kept,
                         done.pending, self.grace_s)
@@ -123,12 +136,15 @@ class StoreCollector:
 
 
 def attach(resolver: Resolver, grace_s: float | None = None,
-           interval_s: float | None = None) -> StoreCollector:
+           interval_s: float | None = None,
+           on_run: Callable[[Collected], None] | None = None) -> StoreCollector:
     """Collect ``resolver``'s store now and whenever a registry change (in any process)
     leaves a vector file unused; that file's cached vector is dropped first. What each
-    API-server process does when its routes start."""
+    API-server process does when its routes start. ``on_run``: see ``StoreCollector``."""
     collector = StoreCollector(resolver.store, resolver.registered_contents, grace_s,
-                               interval_s)
+                               interval_s, registry=resolver.registry)
+    if on_run is not None:
+        collector.on_run.append(on_run)
 
     def changed(paths: set[Path]) -> None:
         for p in paths:

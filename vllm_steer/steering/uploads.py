@@ -1,16 +1,33 @@
-"""The server's upload directory as the registry sees it: which entries' files it stored,
-how the overlay names them (relative to the directory), and when a file no entry uses
-any more may be deleted (retirement)."""
+"""The server's upload directory as the registry sees it: how stored files are named,
+which entries' files it stored, how the overlay names them (relative to the directory),
+and when a file no entry uses any more may be deleted (retirement)."""
 
 from __future__ import annotations
 
 import atexit
+import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from vllm_steer.atomic_files import TMP_SUFFIX
 from vllm_steer.steering.registry_file import RegistryEntry
+
+#: A stored upload: ``<vector name>-<12 hex>.<format>`` (``stored_name``).
+STORED_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}-[0-9a-f]{12}\.(?:safetensors|gguf)$")
+#: An upload being written: ``.upload-<32 hex>.tmp`` (``upload_temp_name``).
+UPLOAD_TEMP_PREFIX = ".upload-"
+
+
+def stored_name(name: str, fmt: str) -> str:
+    """A fresh file name for an upload of vector ``name`` in format ``fmt``."""
+    return f"{name}-{uuid.uuid4().hex[:12]}.{fmt}"
+
+
+def upload_temp_name() -> str:
+    return f"{UPLOAD_TEMP_PREFIX}{uuid.uuid4().hex}{TMP_SUFFIX}"
 
 
 def temporary_upload_dir() -> Path:

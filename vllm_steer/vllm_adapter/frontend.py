@@ -20,8 +20,8 @@ from typing import Any
 
 from vllm_steer.steering.options import EngineOptions
 from vllm_steer.steering.registry import load_registry
-from vllm_steer.steering.resolve import Resolver
-from vllm_steer.steering.spec import WIRE_KEY, SpecError, parse_extra_args
+from vllm_steer.steering.resolve import ResolvedSteering, Resolver, inline_limit
+from vllm_steer.steering.spec import WIRE_KEY, SpecError, SteeringSpec, parse_extra_args
 from vllm_steer.vllm_adapter import capture
 from vllm_steer.vllm_adapter.check import check_instance
 from vllm_steer.vllm_adapter.engine import engine_options
@@ -62,6 +62,7 @@ def get_resolver(processor: Any) -> Resolver:
                 max_projections=options.max_projections,
                 transport=options.resolved_transport(
                     cfg.parallel_config.distributed_executor_backend),
+                inline_max_bytes=inline_limit(),
             )
             processor._vllm_steer_resolver = res
     return res
@@ -110,17 +111,20 @@ def steer_request(processor: Any, request: Any) -> None:
     request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
 
 
-def prevalidate(extra_args: dict[str, Any] | None) -> None:
-    """Raise ``VLLMValidationError`` now if ``steer_request`` would refuse this steering.
+def prevalidate(extra_args: dict[str, Any] | None
+                ) -> tuple[SteeringSpec | None, ResolvedSteering | None]:
+    """Raise ``VLLMValidationError`` now if ``steer_request`` would refuse this steering;
+    else the parsed spec (None: unsteered) and its resolution (None without an active
+    processor).
 
     For the OpenAI server, whose streaming responses have already started (HTTP 200) when
     the engine first sees a request: called while the request body becomes sampling
-    parameters, so a bad spec gets its 400. No-op without an active processor.
+    parameters, so a bad spec gets its 400.
     """
     from vllm.exceptions import VLLMValidationError
 
     if not extra_args:
-        return
+        return None, None
     if WIRE_KEY in extra_args:
         raise VLLMValidationError(f"{WIRE_KEY} is reserved for vllm-steer", parameter=WIRE_KEY)
     capture.refuse_in_openai_body(extra_args)
@@ -128,8 +132,8 @@ def prevalidate(extra_args: dict[str, Any] | None) -> None:
     try:
         spec = parse_extra_args(extra_args)
         if spec is None or processor is None:
-            return
-        get_resolver(processor).resolve(spec, 0)
+            return spec, None
+        return spec, get_resolver(processor).resolve(spec, 0)
     except SpecError as e:
         raise VLLMValidationError(str(e), parameter=e.field) from e
 

@@ -7,11 +7,12 @@ edit ``extra_args`` or refuse with ``validation_error`` (HTTP 400 naming the fie
 a streaming response starts. The wrapped modules are imported at plugin load (the runner
 modules the plugin patches import most of them anyway; the rest costs ~15 ms).
 
-``install_auth_errors(prefix, unauthorized)`` (called when the routes are mounted) makes
-vLLM's ``--api-key`` middleware answer requests under ``prefix`` with ``unauthorized()``,
-an ASGI app: the middleware runs before any route and answers ``{"error": "Unauthorized"}``
-(a string, not the error object the routes answer with). Paths outside the prefix keep
-vLLM's answer.
+``install_auth(prefix, also_accept)`` (called when the routes are mounted) changes vLLM's
+``--api-key`` middleware, which runs before any route: requests under ``prefix`` pass
+through to the plugin's routes, which check the keys themselves (roles, OpenAI's error
+shape, the audit trail; vLLM would answer ``{"error": "Unauthorized"}``), and
+``also_accept(headers)`` names more keys the middleware lets through on every other path
+it guards (the plugin's admin and file keys).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-#: vLLM's ``--api-key`` middleware (``install_auth_errors``).
+#: vLLM's ``--api-key`` middleware (``install_auth``).
 AUTH_MIDDLEWARE = ("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware")
 #: module -> request classes whose sampling-parameter builders are wrapped.
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -35,9 +36,10 @@ SamplingHook = Callable[[Any, Any], None]
 #: ``(request model) -> None``; may raise.
 BeamHook = Callable[[Any], None]
 _lock = threading.Lock()
-#: Path prefixes whose unauthorized requests get ``_unauthorized()``.
+#: Path prefixes whose requests the middleware passes to the app unchecked.
 _auth_prefixes: set[str] = set()
-_unauthorized: Callable[[], Any] | None = None
+#: ``headers -> bool``: more keys vLLM's middleware accepts (``install_auth``).
+_also_accept: Callable[[Any], bool] | None = None
 
 
 def validation_error(message: str, field: str | None) -> Exception:
@@ -98,29 +100,41 @@ def _under(path: str, prefixes: set[str]) -> bool:
 def _wrap_auth_call(orig: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(orig)
     def __call__(self: Any, scope: Any, receive: Any, send: Any) -> Any:
-        if scope.get("type") == "http" and scope.get("method") != "OPTIONS":
+        if scope.get("type") == "http":
             path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
-            if _unauthorized is not None and _under(path, _auth_prefixes):
-                from starlette.datastructures import Headers
-
-                if not self.verify_token(Headers(scope=scope)):
-                    return _unauthorized()(scope, receive, send)
+            if _under(path, _auth_prefixes):
+                return self.app(scope, receive, send)   # the routes check the keys
         return orig(self, scope, receive, send)
 
     __call__._vllm_steer = True  # type: ignore[attr-defined]
     return __call__
 
 
-def install_auth_errors(prefix: str, unauthorized: Callable[[], Any]) -> None:
-    """Unauthorized requests under ``prefix`` are answered by the ASGI app
-    ``unauthorized()`` (idempotent; the symbol table checked the middleware's
-    ``__call__``/``verify_token``)."""
-    global _unauthorized
+def _wrap_verify(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def verify_token(self: Any, headers: Any) -> bool:
+        if orig(self, headers):
+            return True
+        return _also_accept is not None and bool(_also_accept(headers))
+
+    verify_token._vllm_steer = True  # type: ignore[attr-defined]
+    return verify_token
+
+
+def install_auth(prefix: str, also_accept: Callable[[Any], bool] | None = None) -> None:
+    """Requests under ``prefix`` reach the app without vLLM's key check (the routes there
+    check keys themselves); ``also_accept(headers)`` true lets a request through vLLM's
+    check elsewhere (idempotent; the symbol table checked the middleware's
+    ``__call__``/``verify_token``/``app``)."""
+    global _also_accept
     module_name, cls_name = AUTH_MIDDLEWARE
     with _lock:
         _auth_prefixes.add(prefix.rstrip("/"))
-        _unauthorized = unauthorized
+        _also_accept = also_accept
         cls = getattr(importlib.import_module(module_name), cls_name)
         fn = cls.__dict__["__call__"]
         if not getattr(fn, "_vllm_steer", False):
             cls.__call__ = _wrap_auth_call(fn)
+        verify = cls.__dict__["verify_token"]
+        if not getattr(verify, "_vllm_steer", False):
+            cls.verify_token = _wrap_verify(verify)

@@ -209,6 +209,9 @@ SYMBOLS: tuple[Symbol, ...] = (
            "routes' requests (training: pinned to data-parallel rank 0)",
            (Signature(("self", "prompt", "sampling_params", "request_id"),
                       ("data_parallel_rank",)),)),
+    Symbol("vllm.outputs:RequestOutput.num_cached_tokens", READ, "the training route's "
+           "capture budget: prompt tokens the engine computed (not served from the prefix "
+           "cache)", (Assigned(),)),
     Symbol("vllm.engine.protocol:EngineClient.vllm_config", READ, "data-parallel size "
            "(training route)", (Field(),)),
     Symbol("vllm.config.parallel:ParallelConfig.data_parallel_size", READ, "under data "
@@ -217,12 +220,38 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.envs:VLLM_API_KEY", READ, "the /v1/steering routes honour --api-key",
            (EnvVar(),)),
     Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware.__call__",
-           PATCHED, "answers a request under /v1/steering without a valid API key in "
-           "OpenAI's error shape (vLLM's own answer there is {\"error\": \"Unauthorized\"})",
+           PATCHED, "passes requests under /v1/steering to the plugin's routes, which check "
+           "the keys and roles themselves and answer in OpenAI's error shape (vLLM's own "
+           "answer there is {\"error\": \"Unauthorized\"})",
            (Signature(("self", "scope", "receive", "send")),)),
+    Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware.app",
+           READ, "the app a request under /v1/steering is passed to", (Assigned(),)),
     Symbol("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware."
-           "verify_token", CALLED, "the same key check as vLLM's, by vLLM's own code",
+           "verify_token", PATCHED, "the same key check as vLLM's, by vLLM's own code; also "
+           "accepts the steering admin and keys-file keys (server/auth.py)",
            (Signature(("self", "headers")),)),
+    # -- metrics (vllm_adapter/stat_logger.py; server/metrics.py; checked in the API process)
+    Symbol("vllm.plugins:STAT_LOGGER_PLUGINS_GROUP", READ, "the entry-point group "
+           "pyproject.toml registers vllm_steer_metrics under", (Exists(),), scope="api"),
+    Symbol("vllm.v1.metrics.loggers:StatLoggerBase.record", CALLED, "vLLM hands each batch's "
+           "finished requests to the plugin's stat logger (forks' cached prompt tokens)",
+           (Signature(("self", "scheduler_stats", "iteration_stats"),
+                      ("mm_cache_stats", "engine_idx")),), scope="api"),
+    Symbol("vllm.v1.metrics.loggers:StatLoggerBase.log_engine_initialized", CALLED,
+           "abstract: the plugin's stat logger defines it", (Signature(("self",)),),
+           scope="api"),
+    Symbol("vllm.v1.metrics.stats:IterationStats.finished_requests", READ, "the requests "
+           "finished in a batch", (Assigned(),), scope="api"),
+    *(Symbol(f"vllm.v1.metrics.stats:FinishedRequestStats.{f}", READ, why, (Field(),),
+             scope="api")
+      for f, why in (("request_id", "the external id: tells a probe's forks apart"),
+                     ("num_prompt_tokens", "forks' prompt tokens"),
+                     ("num_cached_tokens", "forks' prompt tokens served from the prefix "
+                      "cache"))),
+    Symbol("vllm.v1.metrics.prometheus:get_prometheus_registry", READ, "vLLM's /metrics "
+           "exposition (the default registry, or its multiprocess collector with several "
+           "API processes) serves the plugin's prometheus_client metrics", (Exists(),),
+           scope="api"),
     Symbol("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.attach_router", CALLED,
            "mounts the /v1/steering routes", (Signature(("self", "app")),)),
     Symbol("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.init_state", CALLED,

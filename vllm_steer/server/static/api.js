@@ -7,15 +7,22 @@
 export const BASE = new URL('../', import.meta.url);
 
 let apiKey = '';
+let adminKey = '';
 
 /** The key is kept here only (never in storage); '' sends no Authorization header. */
 export function setApiKey(key) { apiKey = key || ''; }
 
+/** The steering admin key, asked for only when an admin action (upload, delete) needs
+ * it; kept here only, sent only with those calls. */
+export function setAdminKey(key) { adminKey = key || ''; }
+export function hasAdminKey() { return !!adminKey; }
+
 export function url(path) { return new URL(path, BASE).href; }
 
-function headers(extra = {}) {
+function headers(extra = {}, admin = false) {
   const h = { ...extra };
-  if (apiKey) h.Authorization = `Bearer ${apiKey}`;
+  const key = admin && adminKey ? adminKey : apiKey;
+  if (key) h.Authorization = `Bearer ${key}`;
   return h;
 }
 
@@ -59,8 +66,8 @@ async function errorFrom(response) {
   return errorFromBody(response.status, body, response.statusText);
 }
 
-async function call(method, path, { json, bytes, signal, contentType } = {}) {
-  const init = { method, signal, headers: headers() };
+async function call(method, path, { json, bytes, signal, contentType, admin } = {}) {
+  const init = { method, signal, headers: headers({}, admin) };
   if (json !== undefined) {
     init.headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(json);

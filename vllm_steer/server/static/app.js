@@ -1,6 +1,7 @@
 // The playground's wiring: controls -> requests -> outputs, charts and errors.
 import {
-  ApiError, BASE, del, getJSON, postBytes, postJSON, setApiKey, streamChat, url,
+  ApiError, BASE, del, getJSON, hasAdminKey, postBytes, postJSON, setAdminKey, setApiKey,
+  streamChat, url,
 } from './api.js';
 import { drawChart } from './chart.js';
 import {
@@ -111,13 +112,14 @@ function describe(err) {
 async function start() {
   wireEvents();
   addRow(null); // a placeholder row until the vectors are known
-  let cfg = { api_key_required: false };
+  let cfg = { api_key_required: false, admin_key_required: false };
   try {
     cfg = await getJSON('steer/config.json');
   } catch (e) {
     setStatus('conn-status', `cannot read the page's config: ${describe(e)}`, 'error');
   }
   state.keyRequired = !!cfg.api_key_required;
+  state.adminRequired = !!cfg.admin_key_required;
   if (state.keyRequired) {
     $('key-form').hidden = false;
     setStatus('conn-status', 'this server needs its API key', '');
@@ -202,6 +204,46 @@ function renderVectors() {
   }));
 }
 
+// -- admin actions: the admin key is asked for only when one of them needs it ----------
+/** Run `action` (an upload or a delete) with the admin key: asked for first when the
+ * server needs one and the page has none; asked for again when the server refused it. */
+async function asAdmin(statusId, action) {
+  if (state.adminRequired && !hasAdminKey()) {
+    state.pendingAdmin = { statusId, action };
+    $('admin-form').hidden = false;
+    setStatus(statusId, 'this action needs the steering admin key', '');
+    $('admin-key').focus();
+    return;
+  }
+  try {
+    await action();
+  } catch (e) {
+    if (e instanceof ApiError && (e.status === 401 || e.status === 403) && state.adminRequired) {
+      setAdminKey('');
+      state.pendingAdmin = { statusId, action };
+      $('admin-form').hidden = false;
+      fieldError($('admin-key'), e.message);
+      setStatus(statusId, 'the server refused the admin key', 'error');
+      $('admin-key').focus();
+      return;
+    }
+    throw e;
+  }
+}
+
+function onAdminKey(ev) {
+  ev.preventDefault();
+  clearErrors($('admin-form'));
+  setAdminKey($('admin-key').value.trim());
+  $('admin-key').value = '';
+  const pending = state.pendingAdmin;
+  state.pendingAdmin = null;
+  if (pending) {
+    asAdmin(pending.statusId, pending.action).catch(
+      (e) => setStatus(pending.statusId, describe(e), 'error'));
+  }
+}
+
 async function deleteVector(name, button) {
   if (!button.classList.contains('confirm')) {
     button.classList.add('confirm');
@@ -218,12 +260,15 @@ async function deleteVector(name, button) {
   }
   button.disabled = true;
   try {
-    await del(`v1/steering/vectors/${encodeURIComponent(name)}`);
-    setStatus('vectors-status', `deleted ${name}`, 'ok');
-    await loadVectors();
+    await asAdmin('vectors-status', async () => {
+      await del(`v1/steering/vectors/${encodeURIComponent(name)}`, { admin: true });
+      setStatus('vectors-status', `deleted ${name}`, 'ok');
+      await loadVectors();
+    });
   } catch (e) {
-    button.disabled = false;
     setStatus('vectors-status', `delete ${name}: ${describe(e)}`, 'error');
+  } finally {
+    if (button.isConnected) button.disabled = false;
   }
   refresh();
 }
@@ -253,11 +298,14 @@ async function upload(ev) {
   setStatus('upload-status', 'uploading…');
   try {
     const bytes = file ? await file.arrayBuffer() : new ArrayBuffer(0);
-    const info = await postBytes(`v1/steering/vectors?${q}`, bytes);
-    setStatus('upload-status', `registered ${info.name} (${formatLayers(info.layers)})`, 'ok');
-    form.reset();
-    updateUploadParamLabel();
-    await loadVectors();
+    await asAdmin('upload-status', async () => {
+      const info = await postBytes(`v1/steering/vectors?${q}`, bytes, { admin: true });
+      setStatus('upload-status', `registered ${info.name} (${formatLayers(info.layers)})`,
+                'ok');
+      form.reset();
+      updateUploadParamLabel();
+      await loadVectors();
+    });
   } catch (e) {
     const shown = e instanceof ApiError ? showServerError(e, paramControls(form)) : null;
     setStatus('upload-status', shown ? 'refused: see the field above' : describe(e), 'error');
@@ -707,6 +755,7 @@ function wireEvents() {
     connect();
   });
   $('upload-form').addEventListener('submit', upload);
+  $('admin-form').addEventListener('submit', onAdminKey);
   $('up-op').addEventListener('change', updateUploadParamLabel);
   $('up-file').addEventListener('change', onFileChosen);
   $('add-row').addEventListener('click', () => {
