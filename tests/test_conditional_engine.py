@@ -78,7 +78,8 @@ def sp(steering=None, n_tokens=N_TOKENS, **kw):
     from vllm import SamplingParams
 
     kw.setdefault("logprobs", 0)
-    return SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True,
+    kw.setdefault("temperature", 0.0)
+    return SamplingParams(max_tokens=n_tokens, ignore_eos=True,
                           extra_args={"steering": steering} if steering is not None else None,
                           **kw)
 
@@ -175,7 +176,7 @@ def test_gated_generations_match_reference(setup, hf):
     other = [{"name": "v3", "scale": 2.0}]
     with_else = {"vectors": then, "else_vectors": other, "condition": cond(threshold=thr)}
     no_else = {"vectors": then, "condition": cond(threshold=thr)}
-    outs = gen(llm, ids, [sp(with_else)] * 4 + [sp(no_else)] * 4 + [sp()] * 4)
+    outs = gen(llm, ids * 3, [sp(with_else)] * 4 + [sp(no_else)] * 4 + [sp()] * 4)
     holds = [r[0]["holds"] for r in reports(llm, outs[:8])]
     assert holds == [ref_holds(r, thr, "above") for r in ref] * 2
     d_then = composed_dense(reg, [("v2", 1.5)])
@@ -202,7 +203,7 @@ def test_prompt_steering_is_read_by_the_condition(setup, hf):
     d_prompt = composed_dense(reg, [("v1", 3.0)])
     before = ref_score(model, p, L_MEAN, dirs[L_MEAN], "mean")
     after = ref_score(model, p, L_MEAN, dirs[L_MEAN], "mean", prompt_dense=d_prompt)
-    assert abs(before - after) > 1e-2
+    assert abs(before - after) > 2e-3   # far beyond SCORE_ATOL
     spec = {"vectors": [{"name": "v2"}], "prompt_vectors": [{"name": "v1", "scale": 3.0}],
             "condition": cond(threshold=min(before, after) - 0.05)}
     (out,) = gen(llm, [p], sp(spec))
@@ -276,18 +277,21 @@ def test_any_and_all_rules(setup, hf):
 
 
 def test_n_greater_than_one(setup, hf):
-    llm, reg, dirs = setup
+    """``n = 2`` (vLLM runs each choice as its own request): a report per choice, each
+    choice as its own request (seed + index) would be."""
+    llm, _, dirs = setup
     model, tok = hf
     p = encode(tok, PROMPTS[0])
     ref = ref_score(model, p, L_MEAN, dirs[L_MEAN], "mean")
     spec = {"vectors": [{"name": "v2"}], "condition": cond(threshold=ref - 0.01)}
-    (out,) = gen(llm, [p], sp(spec, n=2))
+    (out,) = gen(llm, [p], sp(spec, n=2, temperature=0.8, seed=5))
     rep = reports(llm, [out])[0]
     assert [r["index"] for r in rep] == [0, 1]
     for r in rep:
         assert r["holds"] and abs(r["conditions"][0]["score"] - ref) < SCORE_ATOL
-    want, _ = hf_greedy(model, p, composed_dense(reg, [("v2", 2.0)]), "generated", N_TOKENS)
-    assert tokens(out, 0) == tokens(out, 1) == want
+    for i in (0, 1):
+        (alone,) = gen(llm, [p], sp(spec, temperature=0.8, seed=5 + i))
+        assert tokens(out, i) == tokens(alone), i
 
 
 def test_replays_never_share_kv_across_decisions(setup, hf):

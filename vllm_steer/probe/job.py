@@ -28,10 +28,16 @@ from typing import Any
 
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
 from vllm_steer.probe.config import ProbeConfig
-from vllm_steer.probe.forks import fork_points, fork_spec, replay_spec, think_states
+from vllm_steer.probe.forks import (
+    decided_spec,
+    fork_points,
+    fork_spec,
+    replay_spec,
+    think_states,
+)
 from vllm_steer.probe.point import PointReader, ProbePoint, think_marker_ids
 from vllm_steer.probe.reading import Reading
-from vllm_steer.steering.spec import SpecError
+from vllm_steer.steering.spec import SpecError, parse_spec
 from vllm_steer.steering.think_tracker import ANSWER, THINK
 
 STAGES = ("trajectories", "forks", "gaps", "top")
@@ -48,9 +54,14 @@ class Trajectory:
     text: str = ""
     think_end_index: int | None = None
     readings: list[Reading] = field(default_factory=list)
+    #: The engine request that generated it (its conditions are collected by this id).
+    request_id: str = ""
+    #: A conditioned trajectory's report (``vllm_adapter.conditions``): the scores and
+    #: the decision its forks were steered by.
+    steering_condition: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "readings"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("readings", "request_id")}
         d["readings"] = [r.to_json() for r in self.readings]
         return d
 
@@ -75,7 +86,11 @@ class ProbeJob:
             raise ProbeError("steering", "give one steering spec (or None) per prompt")
         for i, spec in enumerate(steering):
             try:
-                replay_spec(spec, 0)
+                conditioned = spec is not None and parse_spec(spec).condition is not None
+                if conditioned and not generate:
+                    raise SpecError("steering.condition", "a probe without a trajectory has "
+                                    "no request whose prompt decides it: give 'decision'")
+                replay_spec(decided_spec(spec, True) if conditioned else spec, 0)
             except SpecError as e:
                 raise ProbeError(f"steering[{i}].{e.field}", str(e)) from e
         self.tok, self.cfg, self.generate = tokenizer, cfg, generate
@@ -140,11 +155,34 @@ class ProbeJob:
             reqs.append(({"prompt_token_ids": t.prompt_ids}, sp))
         return reqs
 
+    def undecided(self) -> list[str]:
+        """Request ids of the conditioned trajectories whose decision is not known yet
+        (the driver collects their reports and hands them to ``decide`` before forking)."""
+        return [t.request_id for t in self.trajs if t.steering is not None
+                and t.steering_condition is None and parse_spec(t.steering).condition
+                is not None]
+
+    def decide(self, reports: dict[str, list[dict[str, Any]]]) -> None:
+        """Steer each conditioned trajectory's forks by its request's decision (its first
+        choice's report); a trajectory whose decision is missing is an error."""
+        waiting = set(self.undecided())
+        for t in self.trajs:
+            if t.request_id not in waiting:
+                continue
+            got = reports.get(t.request_id)
+            if not got or got[0]["holds"] is None:
+                why = got[0].get("error") if got else "no report"
+                raise ProbeError("steering.condition", f"{t.label}: the condition was not "
+                                                       f"decided ({why})")
+            t.steering_condition = got[0]
+            t.steering = decided_spec(t.steering, got[0]["holds"])
+
     def _take_trajectories(self, outputs: list[Any]) -> None:
         if not self.generate:
             return
         eos = getattr(self.tok, "eos_token_id", None)
         for t, out in zip(self.trajs, outputs, strict=True):
+            t.request_id = str(out.request_id)
             ids = list(out.outputs[0].token_ids)
             if ids and ids[-1] == eos:
                 ids = ids[:-1]   # a fork after the end-of-sequence token means nothing

@@ -91,6 +91,10 @@ class ServerProbe:
             field = e.field if e.field.startswith(BODY_KEY) else f"{BODY_KEY}.{e.field}"
             raise validation_error(f"{field}: {str(e).split(': ', 1)[1]}", field) from None
         self.run: LiveRun | None = None
+        self.request_id = ""
+        #: Set by ``server.conditions.begin`` for a conditioned request: its reports (the
+        #: forks are steered by each choice's decision; the response carries them).
+        self.conditions: Any = None
 
     @property
     def bound(self) -> bool:
@@ -116,6 +120,9 @@ class ServerProbe:
         if final_only:
             sp.output_kind = RequestOutputKind.CUMULATIVE
 
+        self.request_id = request_id
+        if self.conditions is not None:
+            self.conditions.request_id = request_id
         self.run = LiveRun(self.probe, _counted(submit), request_id,
                            spec.to_dict() if spec else None)
         LIVE["probed_requests"] += 1
@@ -160,6 +167,11 @@ class ServerProbe:
                     out = nxt.result()
                 except StopAsyncIteration:
                     return
+                if self.conditions is not None and run.state.undecided(out):
+                    # the choice's prompt is computed: its forks need its decision
+                    new = run.state.undecided(out)
+                    await self.conditions.fetch(new)
+                    run.state.decide([r for i in new if (r := self.conditions.get(i))])
                 run.observe(out, cumulative)
                 last = out
                 for c in out.outputs:
@@ -197,6 +209,8 @@ class ServerProbe:
             stop = self._stop_json(i)
             if stop is not None:
                 choice.probe_stop = stop
+        if self.conditions is not None:
+            self.conditions.decorate(response)
         return response
 
     async def stream(self, sse: AsyncIterator[str], chat: bool) -> AsyncIterator[str]:
@@ -264,6 +278,8 @@ class ServerProbe:
                     if stop is not None:
                         c["probe_stop"] = stop
                         changed = True
+            if self.conditions is not None:
+                changed = self.conditions.decorate_chunk_obj(obj) or changed
             out.append("data: " + json.dumps(obj) if changed else event)
         return "\n\n".join(out), head
 

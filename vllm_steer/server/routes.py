@@ -18,8 +18,8 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from vllm_steer.server import (
     ENDPOINT_PLUGIN,
+    conditions,
     fallback,
-    live_probe,
     playground,
     probe,
     stats,
@@ -74,7 +74,8 @@ class SteeringEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        live_probe.install()   # the 'probe' field of the completion endpoints
+        # the 'probe' field and condition reports of the completion endpoints
+        conditions.install()
         app.include_router(build_router())
         app.include_router(playground.router)
         app.add_exception_handler(SteerHTTPError, handle_steer_error)
