@@ -414,3 +414,21 @@ def extract_condition(cfg: ConditionConfig, *, model_path: str | None = None,
             from vllm_steer.llm_factory import shutdown
 
             shutdown(started)
+
+
+async def read_prompt_states_engine_async(engine: Any, rows: Sequence[Sequence[int]],
+                                          layers: Sequence[int], aggregate: str, *,
+                                          max_concurrent: int | None = None,
+                                          data_parallel_rank: int | None = None
+                                          ) -> dict[int, torch.Tensor]:
+    """``read_prompt_states_engine`` on an ``EngineClient`` (the training route), while
+    the engine serves other traffic."""
+    from vllm_steer.extract.engine_hidden import CaptureRequest, run_captures_async
+
+    spec = {"layers": list(layers), "at": aggregate}
+    recs = await run_captures_async(engine, [CaptureRequest(list(r), spec) for r in rows],
+                                    max_concurrent=max_concurrent,
+                                    data_parallel_rank=data_parallel_rank)
+    vals = [np.asarray(r["values"], np.float32).reshape(len(layers), -1) for r in recs]
+    return {layer: torch.from_numpy(np.stack([v[j] for v in vals]))
+            for j, layer in enumerate(layers)}

@@ -4,7 +4,10 @@
 the drivers (``drivers``) submit each stage to ``vllm.LLM`` (sync) or an
 ``EngineClient`` (async, for the server), so both paths share every rule:
 
-1. ``trajectories``: one request per prompt (optionally steered, any ``apply_to``);
+1. ``trajectories``: one request per prompt (optionally steered, any ``apply_to``); a
+   conditioned trajectory's forks are steered by its request's decision (collected by
+   the driver between the stages; without trajectories a one-token request per
+   conditioned prompt decides it);
 2. ``forks``: at each fork point ``t`` (``forks.fork_points``: every N generated tokens
    and the end, never inside a marker) the *base* is ``prompt + generated[:t]`` + the
    think-end marker when the thinking section is open + the forcing suffix. The *head*
@@ -87,9 +90,6 @@ class ProbeJob:
         for i, spec in enumerate(steering):
             try:
                 conditioned = spec is not None and parse_spec(spec).condition is not None
-                if conditioned and not generate:
-                    raise SpecError("steering.condition", "a probe without a trajectory has "
-                                    "no request whose prompt decides it: give 'decision'")
                 replay_spec(decided_spec(spec, True) if conditioned else spec, 0)
             except SpecError as e:
                 raise ProbeError(f"steering[{i}].{e.field}", str(e)) from e
@@ -142,11 +142,19 @@ class ProbeJob:
          "gaps": self._take_gaps, "top": self._take_top}[stage](outputs)
 
     # -- 1. trajectories ---------------------------------------------------------------
+    def _conditioned(self, t: Trajectory) -> bool:
+        return t.steering is not None and parse_spec(t.steering).condition is not None
+
     def _trajectory_requests(self) -> list[tuple[dict[str, Any], Any]]:
         from vllm import SamplingParams
 
         if not self.generate:
-            return []
+            # no trajectory: a conditioned prompt is decided by a one-token request (its
+            # readings are then taken with that decision, as a trajectory's forks are)
+            return [({"prompt_token_ids": t.prompt_ids},
+                     SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                    extra_args={"steering": t.steering}))
+                    for t in self.trajs if self._conditioned(t)]
         reqs = []
         for t in self.trajs:
             sp = SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
@@ -179,6 +187,9 @@ class ProbeJob:
 
     def _take_trajectories(self, outputs: list[Any]) -> None:
         if not self.generate:
+            for t, out in zip([t for t in self.trajs if self._conditioned(t)], outputs,
+                              strict=True):
+                t.request_id = str(out.request_id)
             return
         eos = getattr(self.tok, "eos_token_id", None)
         for t, out in zip(self.trajs, outputs, strict=True):
