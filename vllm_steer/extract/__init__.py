@@ -3,8 +3,8 @@
 ``train(model, tokenizer, dataset, layers=..., method=...) -> SteeringVector`` (HF model,
 or a ``vllm.LLM`` serving engine); configs in ``configs/vectors/*.yaml``
 (``load_config`` / ``build_dataset`` / ``extract_from_config``); CLI ``vllm-steer extract``.
-Conditions (CAST): ``train_condition`` / ``extract_condition`` with ``load_condition_config``
-(recipes with ``kind: condition``).
+Conditions (CAST): ``train_condition`` / ``extract_condition`` (recipes with
+``kind: condition``).
 """
 
 from vllm_steer.extract.dataset import (
@@ -15,18 +15,12 @@ from vllm_steer.extract.dataset import (
     build_prompt_sets,
     load_config,
 )
-from vllm_steer.extract.condition import (
-    ConditionResult,
-    extract_condition,
-    load_condition_config,
-    train_condition,
-)
+from vllm_steer.extract.condition import extract_condition, train_condition
 from vllm_steer.extract.methods import METHODS
 from vllm_steer.extract.train import extract_from_config, load_model, separation_scores, train
 
 __all__ = [
     "METHODS",
-    "ConditionResult",
     "ContrastiveDataset",
     "DatasetError",
     "PromptSets",
@@ -34,7 +28,6 @@ __all__ = [
     "build_prompt_sets",
     "extract_condition",
     "extract_from_config",
-    "load_condition_config",
     "load_config",
     "load_model",
     "separation_scores",

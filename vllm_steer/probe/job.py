@@ -189,11 +189,11 @@ class ProbeJob:
         if not self.generate:
             for t, out in zip([t for t in self.trajs if self._conditioned(t)], outputs,
                               strict=True):
-                t.request_id = str(out.request_id)
+                t.request_id = str(getattr(out, "request_id", ""))
             return
         eos = getattr(self.tok, "eos_token_id", None)
         for t, out in zip(self.trajs, outputs, strict=True):
-            t.request_id = str(out.request_id)
+            t.request_id = str(getattr(out, "request_id", ""))
             ids = list(out.outputs[0].token_ids)
             if ids and ids[-1] == eos:
                 ids = ids[:-1]   # a fork after the end-of-sequence token means nothing

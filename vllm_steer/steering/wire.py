@@ -210,8 +210,12 @@ class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     # -- transport -------------------------------------------------------------------
     def to_extra_arg(self) -> dict[str, Any]:
-        """Builtins (dicts, lists, int/float/str/bytes) for ``extra_args``."""
-        return msgspec.to_builtins(self, builtin_types=(bytes,))
+        """Builtins (dicts, lists, int/float/str/bytes) for ``extra_args`` (an
+        unconditioned request's wire has no ``gate`` key: it stays as before)."""
+        out = msgspec.to_builtins(self, builtin_types=(bytes,))
+        if out.get("gate") is None:
+            out.pop("gate", None)
+        return out
 
     @classmethod
     def from_extra_arg(cls, raw: Any) -> WireSteering:
