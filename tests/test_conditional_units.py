@@ -226,6 +226,10 @@ DIRS = {layer: _g.normal(size=H) for layer in range(3)}
     ([(0, "mean", 0.05, "above"), (2, "last", 0.1, "below"), (1, "mean", 0.0, "above")],
      "any"),
     ([(0, "mean", 0.05, "above"), (0, "last", 0.1, "above")], "all"),
+    # one holds for sure (>= -1), one never (>= 1): all is False, any is True
+    ([(1, "mean", -1.0, "above"), (2, "last", 1.0, "above")], "all"),
+    ([(1, "mean", -1.0, "above"), (2, "last", 1.0, "above")], "any"),
+    ([(1, "mean", 1.0, "above"), (2, "last", 1.0, "above")], "any"),
 ])
 def test_table_decides_like_the_reference_across_chunks_and_neighbours(conds, mode):
     """Two conditioned requests and an unconditioned neighbour, prompts in uneven chunks
