@@ -4,6 +4,8 @@ forwards run it, scoring between steps), against the formula written in test cod
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -293,3 +295,76 @@ def test_cast_score_matches_the_formula():
     assert got == pytest.approx([cast_score_ref(a, b) for a, b in zip(h, v, strict=True)],
                                 abs=1e-12)
     assert float(cast_score(torch.zeros(4), torch.ones(4))) == 0.0
+
+
+# -- training: the search against an exhaustive check written here --------------------------
+
+def _f1(pred, label):
+    tp = sum(p and y for p, y in zip(pred, label, strict=True))
+    fp = sum(p and not y for p, y in zip(pred, label, strict=True))
+    fn = sum(y and not p for p, y in zip(pred, label, strict=True))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+@pytest.mark.parametrize("method,seed", [("mean_diff", 0), ("pca_center", 1), ("mean_diff", 2)])
+def test_search_returns_what_an_exhaustive_check_finds(method, seed):
+    """Three layers whose separation differs; the trained condition's layer, comparison,
+    threshold and F1s equal an exhaustive check over every (layer, comparison, threshold)
+    computed here (mean-difference directions here for mean_diff; the product's for PCA)."""
+    from vllm_steer.extract.condition import THRESHOLDS, fit_condition, split
+
+    rng = np.random.default_rng(seed)
+    n_pos, n_neg, hdim = 14, 12, 24
+    label = [True] * n_pos + [False] * n_neg
+    states = {}
+    for layer, sep in ((2, 0.2), (5, 1.5), (7, 0.8)):
+        d = rng.normal(size=hdim)
+        x = rng.normal(size=(n_pos + n_neg, hdim)) + 3.0 * rng.normal(size=hdim)
+        x[:n_pos] += sep * d
+        states[layer] = torch.tensor(x, dtype=torch.float32)
+    res = fit_condition(states, n_pos, method=method, aggregate="mean", holdout=0.3, seed=seed)
+    train, held = split(n_pos, n_neg, 0.3, seed)
+    best = None
+    for layer in sorted(states):
+        x = states[layer].double().numpy()
+        if method == "mean_diff":
+            v = x[train & np.array(label)].mean(0) - x[train & ~np.array(label)].mean(0)
+            assert np.allclose(v / np.linalg.norm(v), res.vector.directions[layer].numpy(),
+                               atol=1e-5)
+        else:
+            v = res.vector.directions[layer].double().numpy()
+        scores = [cast_score_ref(h, v) for h in x]
+        for compare in ("above", "below"):
+            for t in THRESHOLDS:
+                pred = [(s >= t) if compare == "above" else (s <= t)
+                        for s, k in zip(scores, train, strict=True) if k]
+                f = _f1(pred, [y for y, k in zip(label, train, strict=True) if k])
+                if best is None or f > best[3] + 1e-12:
+                    best = (layer, compare, t, f, scores)
+    layer, compare, t, f, scores = best
+    assert (res.layer, res.compare, res.threshold) == (layer, compare, t)
+    assert res.f1_train == pytest.approx(f, abs=1e-12)
+    pred = [(s >= t) if compare == "above" else (s <= t)
+            for s, k in zip(scores, held, strict=True) if k]
+    assert res.f1_heldout == pytest.approx(
+        _f1(pred, [y for y, k in zip(label, held, strict=True) if k]), abs=1e-12)
+    # the file carries the choice as the condition's defaults
+    d = json.loads(res.vector.metadata.extra["condition"])
+    assert (d["layer"], d["compare"], d["threshold"], d["aggregate"]) == (layer, compare, t,
+                                                                          "mean")
+
+
+def test_condition_recipes_are_checked_naming_the_field():
+    from vllm_steer.extract.condition import condition_config
+    from vllm_steer.extract.dataset import DatasetError
+
+    good = {"kind": "condition", "positive_prompts": ["a"], "negative_prompts": ["b"],
+            "style": "plain"}
+    assert condition_config(good, default_name="c").aggregate == "mean"
+    for bad, field in (({"aggregate": "max"}, "aggregate"), ({"method": "pca_diff"}, "method"),
+                       ({"holdout": 1.0}, "holdout"), ({"seed": "x"}, "seed"),
+                       ({"negative_prompts": None}, "negative_prompts"),
+                       ({"colour": 1}, "colour"), ({"kind": "vector"}, "kind")):
+        with pytest.raises(DatasetError) as e:
+            condition_config({**good, **bad}, default_name="c")
+        assert e.value.field == field, (bad, e.value.field)
