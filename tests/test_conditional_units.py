@@ -281,11 +281,17 @@ def test_decisions_vary_and_slots_are_reused():
                                            report=f"k{k}"), [DIRS[1].astype(np.float32)])
         run_chunks(table, {0: req}, [[(req, 0, 12)]],
                    lambda r, layer, pos: torch.tensor(x[layer][list(pos)], dtype=torch.float32))
-        table.remove(req.req_id)
-        (rep,) = table.take([f"k{k}"])[f"k{k}"]
+        if k == 0:   # collected while it runs: handed out once
+            (live,) = table.take(["k0"])["k0"]
+            table.remove(req.req_id)
+            assert table.take(["k0"]) == {} and not table.reports
+            rep = live
+        else:        # collected after it finished
+            table.remove(req.req_id)
+            (rep,) = table.take([f"k{k}"])[f"k{k}"]
         assert rep["holds"] is (k == 0)
         assert rep["conditions"][0]["score"] == pytest.approx(s, abs=1e-5)
-    assert table.take(["k0"]) == {}
+    assert table.take(["k0", "k1"]) == {}
 
 
 def test_cast_score_matches_the_formula():

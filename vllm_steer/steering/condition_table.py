@@ -61,6 +61,7 @@ class CondReq:
     done_upto: int = 0               # prompt positions below this are accumulated
     pending: bool = False            # prompt complete, not scored yet
     scored: bool = False
+    collected: bool = False          # its decided report was handed out while it ran
     error: str | None = None
     created: float = field(default_factory=time.monotonic)
 
@@ -159,7 +160,7 @@ class ConditionTable:
             return
         if req.pending:
             self.flush()
-        if req.report:
+        if req.report and not req.collected:
             self.reports.setdefault(req.report, []).append(self.report(req))
             self.reports.move_to_end(req.report)
             while len(self.reports) > self.max_reports:
@@ -260,7 +261,8 @@ class ConditionTable:
         return out
 
     def take(self, keys: list[str]) -> dict[str, list[dict[str, Any]]]:
-        """Reports by key: finished requests' (popped) and live requests' (current)."""
+        """Reports by key: finished requests' (popped) and live requests' (current; once
+        decided, handed out once: the request keeps no copy when it finishes)."""
         out: dict[str, list[dict[str, Any]]] = {}
         for key in keys:
             got = self.reports.pop(key, None)
@@ -269,7 +271,10 @@ class ConditionTable:
                 self.stats["reports_taken"] += 1
         live = [r for r in self.by_req.values() if r.report in keys]
         for r in live:
-            out.setdefault(r.report, []).append(self.report(r))
+            rep = self.report(r)
+            out.setdefault(r.report, []).append(rep)
+            # a decided report does not change: not kept again when the request finishes
+            r.collected = rep["holds"] is not None or r.error is not None
         return out
 
 
