@@ -322,3 +322,26 @@ def test_replays_never_share_kv_across_decisions(setup, hf):
     want, _ = hf_greedy(model, seq[:cut], composed_dense(reg, [("v3", 1.0)]), "all", 8,
                         start=len(p))
     assert tokens(b) == want
+
+
+def test_training_on_the_engine_equals_training_on_hf(setup, hf):
+    """``train_condition`` through the engine's capture and with HF forward passes: the
+    same directions, the same layer/comparison/threshold and F1s, for mean and last."""
+    from vllm_steer.extract import train_condition
+    from vllm_steer.extract.dataset import build_prompt_sets
+
+    llm, _, _ = setup
+    model, tok = hf
+    sets = build_prompt_sets(tok, PROMPTS[0::2] + [LONG[:300]], PROMPTS[1::2] + [LONG[300:600]])
+    for aggregate in ("mean", "last"):
+        got = train_condition(llm, tok, sets, [L_MEAN, L_LAST], method="mean_diff",
+                              aggregate=aggregate, holdout=0.25, seed=0, progress=False)
+        ref = train_condition(model, tok, sets, [L_MEAN, L_LAST], method="mean_diff",
+                              aggregate=aggregate, holdout=0.25, seed=0, progress=False)
+        for layer in (L_MEAN, L_LAST):
+            cos = torch.nn.functional.cosine_similarity(got.vector.directions[layer],
+                                                        ref.vector.directions[layer], dim=0)
+            assert float(cos) >= 0.9999, (aggregate, layer, float(cos))
+        assert (got.layer, got.compare, got.threshold) == (ref.layer, ref.compare,
+                                                          ref.threshold)
+        assert got.f1_train == ref.f1_train and got.f1_heldout == ref.f1_heldout

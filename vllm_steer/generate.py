@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 
@@ -73,6 +72,3 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                    "(default: eager, which starts faster)")
     p.set_defaults(func=run_generate)
 
-
-if __name__ == "__main__":
-    sys.exit(0)
