@@ -374,3 +374,21 @@ def test_condition_recipes_are_checked_naming_the_field():
         with pytest.raises(DatasetError) as e:
             condition_config({**good, **bad}, default_name="c")
         assert e.value.field == field, (bad, e.value.field)
+
+
+def test_a_forward_no_step_planned_accumulates_nothing():
+    """vLLM's dummy runs between steps (``RunnerSteering.quiesce`` clears the targets
+    first): the planned request's accumulator rows stay as the real forward left them."""
+    table = make_table()
+    req = table.add("r", gate_wire([(1, "mean", 0.0, "above")], split=6),
+                    [DIRS[1].astype(np.float32)])
+    table.begin_step()
+    table.plan(req, 0, 0, 4)
+    x = {layer: torch.randn(4, H) for layer in range(3)}
+    forward(table, x)
+    before = table.acc.clone()
+    table.clear_targets()
+    forward(table, {layer: torch.randn(8, H) for layer in range(3)})
+    rows = [table.acc_row(req.slot, 0, last) for last in (False, True)]
+    assert torch.equal(table.acc[rows], before[rows])
+    assert torch.allclose(table.acc[rows[0]], x[1].sum(0))

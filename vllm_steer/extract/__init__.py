@@ -7,6 +7,7 @@ Conditions (CAST): ``train_condition`` / ``extract_condition`` (recipes with
 ``kind: condition``).
 """
 
+from vllm_steer.extract.condition import extract_condition, train_condition
 from vllm_steer.extract.dataset import (
     ContrastiveDataset,
     DatasetError,
@@ -15,7 +16,6 @@ from vllm_steer.extract.dataset import (
     build_prompt_sets,
     load_config,
 )
-from vllm_steer.extract.condition import extract_condition, train_condition
 from vllm_steer.extract.methods import METHODS
 from vllm_steer.extract.train import extract_from_config, load_model, separation_scores, train
 

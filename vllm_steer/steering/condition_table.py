@@ -209,6 +209,14 @@ class ConditionTable:
             n = max(self._dirty.get(layer, 0), self._cleared.get(layer, 0))
             self.targets[layer][:n].copy_(self._targets_host[layer][:n], non_blocking=True)
 
+    def clear_targets(self) -> None:
+        """Every token adds to the trash row (before a forward no step planned)."""
+        for layer in range(self.num_layers):
+            self._targets_np[layer][:] = 0
+            if self.device.type != "cpu":
+                self.targets[layer].zero_()
+        self._dirty = {}
+
     @property
     def active(self) -> bool:
         """True when this step's forward accumulates anything."""

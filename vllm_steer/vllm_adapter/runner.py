@@ -9,7 +9,9 @@
   and ``rows`` are preallocated and only ever updated in place, so the compiled graph
   (and a CUDA graph) reads fresh values without any Python branch on tensor data.
 - ``_update_states``: acquire/release slot references as requests arrive and finish.
-- ``_prepare_inputs``: fill ``rows`` (one slot index per scheduled token) in place.
+- ``_prepare_inputs``: fill ``rows`` (one slot index per scheduled token) and the
+  condition targets in place;
+- ``_dummy_run``: clear them first (a dummy forward steers and accumulates nothing).
 
 vLLM's V2 model runner (``vllm/v1/worker/gpu/model_runner.py``) is not hooked: the plugin
 sets ``VLLM_USE_V2_MODEL_RUNNER=0`` and the frontend refuses steered requests when V2 is
@@ -239,6 +241,23 @@ class RunnerSteering:
         if cond is not None:
             cond.end_step()
 
+    def quiesce(self) -> None:
+        """Before a forward that no scheduler step planned (vLLM's dummy runs: warm-up,
+        profiling, CUDA-graph capture, an idle data-parallel rank): it steers, accumulates
+        and captures nothing, so the last step's rows and targets cannot leak into it."""
+        self._rows_np[:] = 0
+        if self.device.type != "cpu":
+            self.rows.zero_()
+        self._filled = 0
+        if self._gated:
+            self._tok_req[:self._gated] = 0
+            self._gated = 0
+        if self.conditions is not None:
+            self.conditions.clear_targets()
+        if self.capture is not None:
+            empty = np.zeros(0, dtype=np.int64)
+            self.capture.plan([], empty, empty)
+
     def _selected(self, st: _ReqSteer, i: int, first: int, n: int, token_ids: np.ndarray
                   ) -> slice | np.ndarray | None:
         """The chunk's tokens (indices into its ``n``) that ``st``'s rule steers, or None."""
@@ -312,6 +331,8 @@ def install() -> None:
         base._update_states = _wrap_update_states(base._update_states)
     if not _is_ours(base._prepare_inputs):
         base._prepare_inputs = _wrap_prepare_inputs(base._prepare_inputs)
+    if not _is_ours(base._dummy_run):
+        base._dummy_run = _wrap_dummy_run(base._dummy_run)
 
 
 def check_runner(runner: Any) -> None:
@@ -324,7 +345,7 @@ def check_runner(runner: Any) -> None:
                              f"is a {type(runner.sampler).__qualname__} whose forward is not "
                              "the patched Sampler.forward: a probe fork would overwrite other "
                              "requests' top-k log-probs in a mixed batch")
-    for name in ("_update_states", "_prepare_inputs"):
+    for name in ("_update_states", "_prepare_inputs", "_dummy_run"):
         if not _is_ours(getattr(type(runner), name, None)):
             raise VLLMDriftError(f"{type(runner).__module__}:{type(runner).__qualname__}.{name}",
                                  "is not the patched GPUModelRunner method (overridden by "
@@ -469,6 +490,17 @@ def _wrap_update_states(orig):
         return out
 
     return _mark(_update_states)
+
+
+def _wrap_dummy_run(orig):
+    @functools.wraps(orig)
+    def _dummy_run(self, *args, **kwargs):
+        steer: RunnerSteering | None = getattr(self, "_vllm_steer", None)
+        if steer is not None:
+            steer.quiesce()
+        return orig(self, *args, **kwargs)
+
+    return _mark(_dummy_run)
 
 
 def _wrap_prepare_inputs(orig):

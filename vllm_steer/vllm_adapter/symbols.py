@@ -69,6 +69,10 @@ SYMBOLS: tuple[Symbol, ...] = (
            "arrive and finish", (Signature(("self", "scheduler_output")),)),
     Symbol(f"{_RUNNER}._prepare_inputs", PATCHED, "fill the per-token slot rows before each "
            "forward", (Signature(("self", "scheduler_output", "num_scheduled_tokens")),)),
+    Symbol(f"{_RUNNER}._dummy_run", PATCHED, "a dummy forward (warm-up, profiling, CUDA-graph "
+           "capture, idle data-parallel rank) runs with the rows, condition targets and "
+           "capture plan cleared: the last step's cannot leak into it",
+           (Signature(("self", "num_tokens")),)),
     Symbol(f"{_RUNNER}.input_batch", READ, "request order and token positions of the batch",
            (Assigned(), Instance("runner", "input_batch"))),
     Symbol(f"{_RUNNER}.max_num_reqs", READ, "number of table slots (max_num_seqs + 1)",
