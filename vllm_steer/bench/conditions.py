@@ -191,7 +191,6 @@ def _goal(r: dict[str, Any]) -> str:
 _LABEL = {"cond-mean": "conditioned (mean, holds) / steered",
           "cond-last": "conditioned (last, holds) / steered",
           "mixed": "mixed batch / unsteered",
-          "unsteered@nocond": "unsteered, engine without conditions / with",
           "prefix-cond-mean": "shared prefix: mean condition / steered",
           "prefix-cond-last": "shared prefix: last condition / steered"}
 
@@ -212,6 +211,8 @@ def section(d: dict[str, Any]) -> list[str]:
         if not gr:
             continue
         for c, r in gr["ratios"].items():
+            if c == "unsteered@nocond":   # shown the other way round below
+                continue
             goal = _goal(r) if g in ("decision", "mixed") else "-"
             out.append(f"| {_LABEL.get(c, c)} | {cell(r, pct=True)} | {goal} | "
                        f"{cell(gr['cpu_ratios'].get(c), pct=True)} |")
