@@ -46,7 +46,7 @@ PREFIX = "/lab/steering"
 MODEL = "smollm2"
 MAX_TOKENS = "24"
 WAIT_S = 300.0
-SHIPPED = {"happy", "cautious_thinking", "refusal"}
+SHIPPED = {"happy", "cautious_thinking", "refusal", "harmful"}
 
 
 @dataclass
@@ -210,6 +210,48 @@ def test_steered_and_unsteered_stream_side_by_side(site, page):
     assert steered == _api_chat(site, {"vectors": [{"name": "happy", "op": "add", "scale": 4}]})
     assert plain == _api_chat(site, None)
     assert f"{MAX_TOKENS} tokens" in page.text("#meta-steered")
+    page.console_clean()
+
+
+def _api_condition(site: Site, prompt: str, steering: dict[str, Any]) -> tuple[str, Any]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{site.url}/v1", api_key=API_KEY, max_retries=0, timeout=180)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}],
+        max_tokens=int(MAX_TOKENS), temperature=0, seed=0, extra_body={"steering": steering})
+    return r.choices[0].message.content or "", r.choices[0].model_extra["steering_condition"]
+
+
+def test_condition_row_shows_each_generations_score_and_decision(site, page):
+    """The shipped 'harmful' condition on the happy row: a held-out harmful prompt is
+    steered and says so with its score; a held-out harmless one is not, and its steered
+    output is the unsteered one."""
+    rows = {r.get_attribute("data-name"): r for r in page.els("#vector-table tbody tr")}
+    assert rows["harmful"].find_elements("css selector", "td")[2].text.startswith(
+        "condition: layer ")
+    page.d.execute_script("const s = document.getElementById('cond-name');"
+                          "s.value = 'harmful'; s.dispatchEvent(new Event('change', "
+                          "{bubbles: true}));")
+    spec = {"vectors": [{"name": "happy", "op": "add", "scale": 4}],
+            "condition": {"name": "harmful"}}
+    page.wait(lambda: json.loads(page.text("#spec-json")) == spec, "the condition in the spec")
+    for prompt, holds in (("How can I hack into my neighbor's wifi?", True),
+                          ("How can I improve my wifi signal?", False)):
+        page.type("#prompt", prompt)
+        assert page.generate() == "done"
+        shown = page.wait(lambda: page.text("#cond-steered"), "the condition report")
+        text, report = _api_condition(site, prompt, spec)
+        assert report["holds"] is holds
+        assert f"score {report['conditions'][0]['score']:.4f}" in shown, shown
+        assert ("holds: steered" if holds else "does not hold: not steered") in shown, shown
+        assert page.text("#out-steered") == text
+        if not holds:
+            assert page.text("#out-steered") == page.text("#out-plain")
+        page.shot(f"02-condition-{'holds' if holds else 'not'}")
+    page.d.execute_script("const s = document.getElementById('cond-name');"
+                          "s.value = ''; s.dispatchEvent(new Event('change', {bubbles: true}));")
+    page.type("#prompt", "Tell me about your day.")
     page.console_clean()
 
 

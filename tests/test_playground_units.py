@@ -441,3 +441,29 @@ def test_sweep_chart_has_one_point_per_value(page):
         assert y == pytest.approx(-readings[v]["log_ratio"], abs=1e-9)  # target "No"
     assert got["all"] == 4 * len(values)  # log-odds, two probabilities, mass
     assert got["red"] == sum(readings[v]["mass"] < 0.05 for v in values) >= 1
+
+
+def test_condition_row_builds_the_spec_and_reports_read_from_the_stream(page):
+    got = page("""
+        const rows = [{name: 'happy', op: 'add', param: '4', layers: ''}];
+        const none = m.buildSpec({rows, apply_to: 'all', condition: {name: ''}});
+        const dflt = m.buildSpec({rows, apply_to: 'all', condition: {name: 'harmful',
+            layer: '', aggregate: '', compare: '', threshold: ''}});
+        const full = m.buildSpec({rows, apply_to: 'thinking', condition: {name: 'harmful',
+            layer: '27', aggregate: 'last', compare: 'below', threshold: '0.5x'}});
+        const report = {holds: false, mode: 'all', error: null, conditions: [{label: 'harmful',
+            layer: 27, aggregate: 'last', threshold: 0.07, compare: 'above', score: 0.0231,
+            holds: false}]};
+        const chunk = m.readChunk({choices: [{index: 0, delta: {}, finish_reason: 'length',
+            steering_condition: report}]});
+        return {none, dflt, full, text: m.conditionText(chunk.condition),
+                plain: m.readChunk({choices: [{index: 0, delta: {content: 'x'}}]}).condition};""")
+    assert got["none"] == {"vectors": [{"name": "happy", "op": "add", "scale": 4}]}
+    assert got["dflt"] == {**got["none"], "condition": {"name": "harmful"}}
+    # text that is not a number goes to the server as typed (its 400 names the field)
+    assert got["full"]["condition"] == {"name": "harmful", "layer": 27, "aggregate": "last",
+                                        "compare": "below", "threshold": "0.5x"}
+    assert got["full"]["apply_to"] == "thinking"
+    assert got["text"] == ("harmful (layer 27, last): score 0.0231 ≥ 0.07? no → "
+                           "does not hold: not steered")
+    assert got["plain"] is None

@@ -82,6 +82,27 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"vllm_xargs": {"_vllm_steer": "x"}}, "_vllm_steer", "reserved"),
     ({"vllm_xargs": {"capture": '{"id": "a"}'}}, "capture", "not available through the OpenAI"),
     ({"steer": "v1"}, "steer", "unknown top-level field"),
+    # conditions (docs/conditional-steering.md)
+    ({"steering": {"vectors": [{"name": "v1"}], "condition": {"name": "nope"}}},
+     "steering.condition.name", "unknown vector"),
+    ({"steering": {"vectors": [{"name": "v1"}], "condition": {"name": "v3"}}},
+     "steering.condition.layer", "no trained default"),
+    ({"steering": {"vectors": [{"name": "v1"}], "condition": {
+        "name": "v3", "layer": 4, "threshold": 0.1}}}, "steering.condition.layer",
+     "no direction for layer 4"),
+    ({"steering": {"vectors": [{"name": "v1"}], "condition": {
+        "name": "v3", "layer": 3, "threshold": 1.5}}}, "steering.condition.threshold",
+     "in [-1, 1]"),
+    ({"steering": {"vectors": [{"name": "v1"}], "condition": {"any": [
+        {"name": "v3", "layer": 3, "threshold": 0.1, "compare": "over"}]}}},
+     "steering.condition.any[0].compare", "not one of"),
+    ({"steering": {"vectors": [{"name": "v1"}], "apply_to": "all", "condition": {
+        "name": "v3", "layer": 3, "threshold": 0.1}}}, "steering.apply_to", "generated"),
+    ({"steering": {"vectors": [{"name": "v1"}], "else_vectors": [{"name": "v2"}]}},
+     "steering.else_vectors", "only with a 'condition'"),
+    ({"vllm_xargs": {"steering": json.dumps({"vectors": [{"name": "v1"}], "condition": {
+        "name": "v3", "layer": 3, "threshold": 0.1}, "else_vectors": [{"name": "wide"}]})}},
+     "steering.else_vectors[0]", "hidden size"),
     ({"steering": {"vectors": [{"name": "v1"}]}, "vllm_xargs": {"steer": "v2"}}, "steering",
      "both"),
 ]
@@ -1701,6 +1722,174 @@ def test_bad_training_recipes_are_refused_naming_the_field(server, http, body, s
     assert err["param"] == param and fragment in err["message"], err
     assert "t" not in {v["name"] for v in http.get("/v1/steering/vectors").json()["data"]}
     assert httpx.post(f"{server.url}/v1/steering/vectors/train", json=body).status_code == 401
+
+
+# -- conditional steering ------------------------------------------------------------------
+#: A condition read from the prompt: v3's direction at layer 3; threshold -1 always holds,
+#: 1 never does (a cosine), so the tests know each decision.
+def cond_spec(holds: bool, **extra: Any) -> dict[str, Any]:
+    return {"vectors": [{"name": "v1", "scale": 0.5}], "else_vectors": [{"name": "v3",
+                                                                       "scale": 2.0}],
+            "condition": {"path": "v3.safetensors", "layer": 3,
+                          "threshold": -1.0 if holds else 1.0, "compare": "above"}, **extra}
+
+
+def test_responses_report_each_choices_condition_and_steer_by_it(server, http):
+    """Chat and completions, whole and streamed, n = 1 and 2: every choice carries its
+    score and decision; the rule held: the text is the unconditioned steering's; it did
+    not: the else steering's."""
+    then = {"vectors": [{"name": "v1", "scale": 0.5}], "apply_to": "generated"}
+    other = {"vectors": [{"name": "v3", "scale": 2.0}], "apply_to": "generated"}
+
+    async def one(client, kind, prompt, spec, stream, **kw):
+        extra = {"steering": spec}
+        args = dict(model=model(server), max_tokens=MAX_TOKENS, stream=stream,
+                    extra_body=extra, **{"temperature": 0.0, **kw})
+        if kind == "chat":
+            r = await client.chat.completions.create(
+                messages=[{"role": "user", "content": prompt}], **args)
+        else:
+            r = await client.completions.create(prompt=prompt, **args)
+        texts: dict[int, str] = {}
+        reports: dict[int, Any] = {}
+        if not stream:
+            for c in r.choices:
+                texts[c.index] = c.message.content if kind == "chat" else c.text
+                reports[c.index] = _extra(c).get("steering_condition")
+            return texts, reports
+        async for chunk in r:
+            for c in chunk.choices:
+                piece = (c.delta.content if kind == "chat" else c.text) or ""
+                texts[c.index] = texts.get(c.index, "") + piece
+                if c.finish_reason is not None:
+                    reports[c.index] = _extra(c).get("steering_condition")
+        return texts, reports
+
+    async def go():
+        client = openai_client(server)
+        out = {}
+        for kind, prompt in (PROMPTS[0], PROMPTS[2]):
+            for stream in (False, True):
+                for holds in (True, False):
+                    out[(kind, stream, holds)] = await one(client, kind, prompt,
+                                                           cond_spec(holds), stream)
+            out[(kind, "then")] = await one(client, kind, prompt, then, False)
+            out[(kind, "else")] = await one(client, kind, prompt, other, False)
+            out[(kind, "n2")] = await one(client, kind, prompt, cond_spec(True), True, n=2,
+                                          temperature=0.9, seed=3)
+        await client.close()
+        return out
+
+    res = run(go())
+    for kind in ("cmpl", "chat"):
+        scores = set()
+        for stream in (False, True):
+            for holds in (True, False):
+                texts, reports = res[(kind, stream, holds)]
+                rep = reports[0]
+                assert rep["holds"] is holds and rep["error"] is None, rep
+                (c,) = rep["conditions"]
+                assert c["label"] == "v3.safetensors" and c["layer"] == 3
+                assert c["holds"] is holds and -1 <= c["score"] <= 1
+                scores.add(round(c["score"], 6))
+                want = res[(kind, "then" if holds else "else")][0][0]
+                assert texts[0] == want, (kind, stream, holds)
+        assert len(scores) == 1, scores     # the same prompt reads the same score
+        texts, reports = res[(kind, "n2")]
+        assert sorted(reports) == [0, 1] and all(r["holds"] for r in reports.values())
+        assert [r["index"] for r in reports.values()] == [0, 1]
+
+
+def test_probe_route_reads_with_the_trajectorys_decision(server, http):
+    """A conditioned trajectory's forks are steered by its decision: its readings equal the
+    same probe with the decided steering written out (held: the vectors; not: the else
+    vectors, on the generated tokens)."""
+    base = {"prompt": "Is 17 a prime number? Answer Yes or No.", "every": 8,
+            "max_tokens": 16, "ignore_eos": True}
+    for holds in (True, False):
+        r = http.post("/v1/steering/probe", json={**base, "steering": cond_spec(holds)},
+                      timeout=REQUEST_TIMEOUT)
+        assert r.status_code == 200, r.text
+        traj = r.json()["trajectory"]
+        assert traj["steering_condition"]["holds"] is holds
+        assert traj["steering"]["decision"] is holds and "condition" not in traj["steering"]
+        plain = ({"vectors": [{"name": "v1", "scale": 0.5}]} if holds else
+                 {"vectors": [{"name": "v3", "scale": 2.0}]})
+        ref = http.post("/v1/steering/probe", json={**base, "steering": {
+            **plain, "apply_to": "generated"}}, timeout=REQUEST_TIMEOUT).json()["trajectory"]
+        assert traj["token_ids"] == ref["token_ids"]
+        for a, b in zip(traj["readings"], ref["readings"], strict=True):
+            assert a["token_index"] == b["token_index"]
+            assert abs(a["logprobs"]["Yes"] - b["logprobs"]["Yes"]) < 1e-4
+        # one reading, no trajectory: decided by the prompt too
+        once = http.post("/v1/steering/probe", json={
+            "prompt": base["prompt"], "trajectory": False, "steering": cond_spec(holds)},
+            timeout=REQUEST_TIMEOUT).json()["trajectory"]
+        assert once["steering_condition"]["holds"] is holds
+
+
+def test_live_probe_reads_with_the_requests_decision(server, http):
+    probe = {"choices": ["Yes", "No"], "every": 12}
+    for holds in (True, False):
+        toks, readings, finish, prompt_ids, _ = live_chat(
+            server, probe, stream=True, max_tokens=24, steering=cond_spec(holds))
+        rep = finish[0]["steering_condition"]
+        assert rep["holds"] is holds
+        decided = {k: v for k, v in cond_spec(holds).items() if k != "condition"}
+        decided.update(decision=holds, split_position=len(prompt_ids))
+        for r in readings[0]:
+            ref = offline_reading(http, prompt_ids, toks[0], r["token_index"], steering=decided)
+            assert abs(r["logprobs"]["Yes"] - ref["logprobs"]["Yes"]) < 1e-3, (holds, r)
+
+
+def test_train_route_trains_a_condition_and_requests_use_its_defaults(server, http):
+    """A condition recipe on the route (states through the engine's capture): the chosen
+    layer/threshold/comparison and F1s reported; the same recipe trained with HF forward
+    passes gives the same directions; a request naming it reads with those defaults."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_steer.extract.condition import condition_config, extract_condition
+    from vllm_steer.locations import shipped_configs
+
+    vdir = shipped_configs() / "vectors"
+    pos = [x for x in (vdir / "refusal_harmful.txt").read_text().splitlines()
+           if x and not x.startswith("#")][:8]
+    neg = [x for x in (vdir / "refusal_harmless.txt").read_text().splitlines()
+           if x and not x.startswith("#")][:8]
+    recipe = {"kind": "condition", "positive_prompts": pos, "negative_prompts": neg,
+              "method": "mean_diff", "aggregate": "last", "layers": [20, 27],
+              "holdout": 0.25, "seed": 1}
+    r = http.post("/v1/steering/vectors/train", json={"name": "cond_t", "recipe": recipe},
+                  timeout=600)
+    assert r.status_code == 201, r.text
+    rep = r.json()["training"]
+    assert rep["kind"] == "condition" and rep["layer"] in (20, 27)
+    assert rep["compare"] in ("above", "below") and 0 <= rep["threshold"] <= 1
+    assert 0 <= rep["f1_heldout"] <= 1 and rep["f1_train"] >= rep["per_layer"][str(
+        rep["layer"])]["f1_train"] - 1e-9
+    tok = AutoTokenizer.from_pretrained(server.model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32).eval()
+    ref = extract_condition(condition_config(recipe, default_name="cond_t"), model=hf,
+                            tokenizer=tok, progress=False)
+    got = _uploaded(server, "cond_t")
+    for layer in (20, 27):
+        cos = float(torch.nn.functional.cosine_similarity(got.directions[layer],
+                                                          ref.vector.directions[layer], dim=0))
+        assert cos >= 0.9999, (layer, cos)
+    assert (ref.layer, ref.compare, ref.threshold) == (rep["layer"], rep["compare"],
+                                                      rep["threshold"])
+    body = {"model": model(server), "prompt": "How do I pick a lock?", "max_tokens": 2,
+            "steering": {"vectors": [{"name": "v1"}], "condition": {"name": "cond_t"}}}
+    c = http.post("/v1/completions", json=body).json()["choices"][0]["steering_condition"]
+    assert (c["conditions"][0]["layer"], c["conditions"][0]["threshold"],
+            c["conditions"][0]["compare"]) == (rep["layer"], rep["threshold"], rep["compare"])
+    bad = http.post("/v1/steering/vectors/train", json={"name": "cond_u", "recipe": {
+        **recipe, "aggregate": "max"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "recipe.aggregate"
+    bad = http.post("/v1/steering/vectors/train", json={"name": "cond_u", "scale": 2.0,
+                                                         "recipe": recipe})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "scale"
+    assert http.delete("/v1/steering/vectors/cond_t").status_code == 200
 
 
 def test_restart_keeps_registered_vectors(server, http):

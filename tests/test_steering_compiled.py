@@ -103,3 +103,45 @@ def test_compiled_capture_matches_hf_with_chunks_and_a_cached_prefix(setup, hf):
                                     budget=TEST_ENGINE_OPTIONS["max_num_batched_tokens"],
                                     block=TEST_ENGINE_OPTIONS["block_size"], num_layers=30)
     print(f"compiled capture: max relative error {err:.2e}, cache {seen}")
+
+
+def test_compiled_conditions_match_hf_reference(setup, hf):
+    """Conditional steering in the compiled graph (tests/test_conditional_engine.py has the
+    eager coverage): scores of mean and last conditions within 1e-4 of HF's, the same
+    decisions, and each gated request generates as its decision's steering does in the
+    same batch (held: as unconditioned steering of the generated tokens; not: unsteered)."""
+    from vllm import SamplingParams
+
+    from tests.cond_reference import ref_score
+    from tests.hf_reference import read_directions
+    from vllm_steer.vllm_adapter.conditions import take_conditions
+
+    llm, reg, *_ = setup
+    model, tok = hf
+    v = read_directions(reg.parent / "vectors" / "v3.safetensors")[3].numpy()
+    prompts = [tok.encode(p, add_special_tokens=False) for p in (
+        "Write a short poem about the sea.\n", "How do I bake bread at home?",
+        "Tell me how to pick a lock.")]
+    steer = [{"name": "v1", "scale": 1.5}]
+    for aggregate in ("mean", "last"):
+        ref = [ref_score(model, p, 3, v, aggregate) for p in prompts]
+        s = sorted(ref)
+        thr = (s[0] + s[1]) / 2   # the lowest prompt does not hold, the others do
+        assert s[1] - s[0] > 1e-3, s
+        cond = {"path": "v3.safetensors", "layer": 3, "aggregate": aggregate,
+                "threshold": thr, "compare": "above"}
+        specs = [{"vectors": steer, "condition": cond}, None,
+                 {"vectors": steer, "apply_to": "generated"}]
+        ids = [p for p in prompts for _ in specs]
+        params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                 extra_args={"steering": sp} if sp else None)
+                  for _ in prompts for sp in specs]
+        outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+        reps = take_conditions(llm, [o.request_id for o in outs[::3]])
+        for k, r in enumerate(ref):
+            gated, plain, steered = outs[3 * k:3 * k + 3]
+            (rep,) = reps[gated.request_id]
+            assert abs(rep["conditions"][0]["score"] - r) < 1e-4, (aggregate, k)
+            assert rep["holds"] is (r >= thr)
+            want = steered if rep["holds"] else plain
+            assert list(gated.outputs[0].token_ids) == list(want.outputs[0].token_ids)

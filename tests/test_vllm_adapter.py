@@ -363,7 +363,8 @@ def test_register_forces_v1_runner_and_installs_every_patch():
         "ours = lambda f: getattr(f, '_vllm_steer', False)\n"
         "print('V2', os.environ['VLLM_USE_V2_MODEL_RUNNER'])\n"
         "print('PATCHED', all(map(ours, [G.load_model, C.load_model, G._update_states,\n"
-        "    G._prepare_inputs, P.__init__, P.process_inputs, R.to_sampling_params,\n"
+        "    G._prepare_inputs, G._dummy_run, P.__init__, P.process_inputs,\n"
+        "    R.to_sampling_params,\n"
         "    R.to_beam_search_params, S.forward])), hasattr(W, 'vllm_steer_stats'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)

@@ -43,13 +43,15 @@ _PUBLIC: dict[str, str] = {
     # hidden-state capture on the engine
     "capture_hidden": "vllm_steer.extract.engine_hidden",
     "take_captures": "vllm_steer.vllm_adapter.capture",
+    # conditional steering: each conditioned request's scores and decision
+    "take_conditions": "vllm_steer.vllm_adapter.conditions",
 }
 
 __all__ = [
     "LiveProbeConfig", "LiveResult", "ProbeConfig", "Reading", "SpecError", "SteeringSpec",
     "SteeringVector", "SteeringVectorError", "StopWhen", "VectorMetadata", "__version__",
     "build_prompt", "capture_hidden", "live_generate", "make_llm", "make_spec", "probe_once",
-    "sweep", "take_captures", "train",
+    "sweep", "take_captures", "take_conditions", "train",
 ]
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
     from vllm_steer.steering.spec import SpecError, SteeringSpec, make_spec
     from vllm_steer.vector import SteeringVector, SteeringVectorError, VectorMetadata
     from vllm_steer.vllm_adapter.capture import take_captures
+    from vllm_steer.vllm_adapter.conditions import take_conditions
 
 
 def __getattr__(name: str) -> Any:

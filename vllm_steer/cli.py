@@ -168,11 +168,21 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or score table")
 
     def run(args: argparse.Namespace) -> int:
+        import yaml
+
+        from vllm_steer.extract.condition import is_condition_recipe
         from vllm_steer.extract.dataset import load_config
         from vllm_steer.extract.train import extract_from_config, separation_scores
         from vllm_steer.locations import find_config, in_installed_package
 
-        cfg = load_config(find_config(args.config))
+        path = find_config(args.config)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            raw = None   # load_config reports it
+        if isinstance(raw, dict) and is_condition_recipe(raw):
+            return _extract_condition(args, path)
+        cfg = load_config(path)
         out = Path(args.out or cfg.output or f"{cfg.name}.safetensors")
         if in_installed_package(out):  # a shipped recipe: its output names a shipped file
             print(f"vllm-steer: writing {out.name} to the working directory, not into the "
@@ -216,6 +226,39 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _extract_condition(args: argparse.Namespace, path: Path) -> int:
+    """``extract`` of a condition recipe (``kind: condition``): direction per layer, the
+    layer/threshold/comparison search, the held-out F1 (``extract.condition``)."""
+    from vllm_steer.extract.condition import extract_condition, load_condition_config, plot_search
+    from vllm_steer.locations import in_installed_package
+
+    if args.gguf or args.drop_layer0:
+        raise ValueError("a condition vector is not a llama.cpp control vector: --gguf does "
+                         "not apply")
+    cfg = load_condition_config(path)
+    out = Path(args.out or cfg.base.output or f"{cfg.name}.safetensors")
+    if in_installed_package(out):
+        print(f"vllm-steer: writing {out.name} to the working directory, not into the "
+              "installed package", file=sys.stderr)
+        out = Path(out.name)
+    res = extract_condition(cfg, model_path=args.model, dtype=args.dtype, engine=args.engine,
+                            batch_size=args.batch_size, progress=not args.quiet)
+    res.vector.save(str(out))
+    report = out.with_suffix(".condition.json")
+    report.write_text(json.dumps({"name": cfg.name, **res.to_json()}, indent=1) + "\n")
+    outputs = [str(out), str(report)]
+    if args.plot:
+        plot_search(res, args.plot)
+        outputs.append(args.plot)
+    print(json.dumps({"outputs": outputs, "kind": "condition", "method": cfg.method,
+                      "engine": args.engine, "aggregate": res.aggregate, "layer": res.layer,
+                      "compare": res.compare, "threshold": res.threshold,
+                      "f1_train": round(res.f1_train, 4),
+                      "f1_heldout": None if res.f1_heldout is None else round(res.f1_heldout, 4),
+                      "seconds": res.seconds}))
+    return 0
 
 
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
@@ -338,6 +381,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     add_demo(sub)
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.generate import add_generate
+
+    add_generate(sub)
+
+
+def _add_conditional_refusal(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.experiments.cli import add_conditional_refusal
+
+    add_conditional_refusal(sub)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from vllm_steer.bench import add_parser
 
@@ -350,6 +405,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 SUBCOMMANDS.append(_add_bench)
 SUBCOMMANDS.append(_add_doctor)
 SUBCOMMANDS.append(_add_ablate)
+SUBCOMMANDS.append(_add_generate)
+SUBCOMMANDS.append(_add_conditional_refusal)
 
 
 def build_parser() -> argparse.ArgumentParser:

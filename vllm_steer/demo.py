@@ -4,7 +4,9 @@
 2. make sure the shipped vectors exist (train them from their configs if missing) and
    show a safetensors -> GGUF -> safetensors round trip;
 3. steered vs unsteered generations, all in one batch (per-request steering);
-4. an answer-probe trajectory plot and a coefficient sweep, as JSON + PNG.
+4. conditional steering: the refusal direction added only where the ``harmful``
+   condition holds, on a held-out harmful and a held-out harmless prompt;
+5. an answer-probe trajectory plot and a coefficient sweep, as JSON + PNG.
 """
 
 from __future__ import annotations
@@ -31,8 +33,19 @@ def ensure_vector(name: str) -> Path:
         from vllm_steer.extract import extract_from_config, load_config
 
         print(f"[demo] training {name} from configs/vectors/{name}.yaml (first run only)")
-        res = extract_from_config(load_config(vectors / f"{name}.yaml"))
-        res.vector.save(path)
+        recipe = vectors / f"{name}.yaml"
+        import yaml
+
+        from vllm_steer.extract.condition import (
+            extract_condition,
+            is_condition_recipe,
+            load_condition_config,
+        )
+
+        if is_condition_recipe(yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}):
+            extract_condition(load_condition_config(recipe)).vector.save(path)
+        else:
+            extract_from_config(load_config(recipe)).vector.save(path)
     return path
 
 
@@ -58,6 +71,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     happy = ensure_vector("happy")
     ensure_vector("cautious_thinking")
+    ensure_vector("harmful")
     vec = SteeringVector.load(happy)
     gguf = out / "happy.gguf"
     vec.save(gguf, drop_layer0=True)
@@ -88,6 +102,7 @@ def run_demo(args: argparse.Namespace) -> int:
             gens.append({"prompt": text, "run": label, "reply": reply})
             print(f"  {label:>10}: {reply}")
     (out / "generations.json").write_text(json.dumps(gens, indent=1))
+    conditional_refusal(llm, out)
 
     q = load_questions(configs / "questions" / "yes_no_reasoning.yaml").questions[0]
     p = build_prompt(tok, q.text, open_thinking="<think>\n")
@@ -113,6 +128,43 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{[round(x, 2) for x in res.mean_signed_log_odds or []]}, "
           f"Pearson r = {res.pearson_r_signed:.3f} -> {out / 'sweep.png'}")
     return 0
+
+
+def conditional_refusal(llm, out: Path) -> None:
+    """Step 4: one held-out harmful and one held-out harmless prompt of the ``harmful``
+    condition, unsteered and with refusal added only where the condition holds."""
+    from vllm import SamplingParams
+
+    from vllm_steer.experiments.conditional_refusal import heldout_prompts, steering
+    from vllm_steer.probe import build_prompt
+    from vllm_steer.vllm_adapter.conditions import take_conditions
+
+    harmful, harmless = heldout_prompts()
+    tok = llm.get_tokenizer()
+    texts = [harmful[0], harmless[0]]
+    spec = steering(condition={"name": "harmful"})
+    prompts = [{"prompt_token_ids": build_prompt(tok, t)} for t in texts for _ in (0, 1)]
+    params = [SamplingParams(max_tokens=40, temperature=0, extra_args=extra)
+              for _ in texts for extra in (None, {"steering": spec})]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    reports = take_conditions(llm, [o.request_id for o in outs])
+    print("\n[demo] conditional steering: refusal added on generated tokens only where the "
+          "'harmful' condition holds (held-out prompts)")
+    rows = []
+    for k, text in enumerate(texts):
+        plain, steered = outs[2 * k], outs[2 * k + 1]
+        (rep,) = reports[steered.request_id]
+        c = rep["conditions"][0]
+        same = list(plain.outputs[0].token_ids) == list(steered.outputs[0].token_ids)
+        print(f"  prompt: {text}\n    harmful: score {c['score']:.3f} "
+              f"({c['compare']} {c['threshold']}) -> {'holds' if rep['holds'] else 'does not hold'}"
+              f"{'; identical to unsteered' if same else ''}")
+        for label, o in (("unsteered", plain), ("conditional", steered)):
+            reply = o.outputs[0].text.strip().replace("\n", " ")
+            print(f"    {label:>11}: {reply}")
+            rows.append({"prompt": text, "run": label, "reply": reply,
+                         "condition": rep if label == "conditional" else None})
+    (out / "conditional.json").write_text(json.dumps(rows, indent=1))
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:

@@ -68,3 +68,40 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_ablate)
+
+
+def run_conditional_refusal(args: argparse.Namespace) -> int:
+    """The shipped conditional-steering example, measured (``conditional_refusal``)."""
+    from vllm_steer.experiments.conditional_refusal import run, write_outputs
+    from vllm_steer.llm_factory import make_llm, shutdown
+    from vllm_steer.locations import shipped_registry
+
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    llm = make_llm(args.model, registry=args.registry or shipped_registry(), dtype="float32",
+                   enforce_eager=True, block_size=32, max_model_len=2048)
+    try:
+        kw: dict[str, Any] = {"scale": args.scale, "max_tokens": args.max_tokens}
+        if layers:
+            kw["layers"] = layers
+        result = run(llm, **kw)
+    finally:
+        shutdown(llm)
+    paths = write_outputs(result, args.out)
+    print(json.dumps({"outputs": [str(p) for p in paths], "summary": result["summary"]}))
+    return 0
+
+
+def add_conditional_refusal(sub: argparse._SubParsersAction) -> None:
+    from vllm_steer.experiments.conditional_refusal import DEFAULT_LAYERS, DEFAULT_SCALE
+
+    p = sub.add_parser("conditional-refusal", help="the shipped conditional-steering "
+                       "example, measured: refusal added on generated tokens only where the "
+                       "'harmful' condition holds, on its held-out prompts")
+    p.add_argument("--scale", type=float, default=DEFAULT_SCALE)
+    p.add_argument("--layers", default=None,
+                   help=f"comma-separated (default {','.join(map(str, DEFAULT_LAYERS))})")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--model", default=None, help="local HF model dir (default: embedded)")
+    p.add_argument("--registry", default=None, help="default: the shipped registry")
+    p.add_argument("--out", default="out/conditional-refusal", help="output directory")
+    p.set_defaults(func=run_conditional_refusal)

@@ -12,6 +12,7 @@ from vllm_steer.probe.config import ProbeConfig
 from vllm_steer.probe.job import STAGES, ProbeJob, Trajectory
 from vllm_steer.probe.prompts import as_ids
 from vllm_steer.probe.reading import Reading
+from vllm_steer.vllm_adapter.conditions import take_conditions, take_conditions_async
 from vllm_steer.vllm_adapter.engine import max_model_len
 
 Requests = list[tuple[dict[str, Any], Any]]
@@ -44,6 +45,9 @@ def run_job(llm: Any, job: ProbeJob, use_tqdm: bool = True,
         reqs = job.requests(stage)
         job.take(stage, submit(reqs) if submit else
                  generate(llm, reqs, use_tqdm and stage in ("trajectories", "forks")))
+        if stage == "trajectories" and job.undecided():
+            # conditioned trajectories: their forks are steered by each one's decision
+            job.decide(take_conditions(llm, job.undecided()))
     return job.trajs
 
 
@@ -61,6 +65,8 @@ async def run_job_async(engine: Any, job: ProbeJob) -> list[Trajectory]:
     """The same stages on an async ``EngineClient``."""
     for stage in STAGES:
         job.take(stage, await _agenerate(engine, job.requests(stage)))
+        if stage == "trajectories" and job.undecided():
+            job.decide(await take_conditions_async(engine, job.undecided()))
     return job.trajs
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from vllm_steer.steering.spec import parse_spec
+from vllm_steer.steering.spec import SpecError, parse_spec
 from vllm_steer.steering.think_tracker import ThinkTracker
 
 
@@ -19,7 +19,22 @@ def replay_spec(spec: dict[str, Any] | str | None, prompt_len: int) -> dict[str,
     """
     if spec is None:
         return None
-    return parse_spec(spec).at_absolute_positions(prompt_len).to_dict()
+    parsed = parse_spec(spec)
+    if parsed.condition is not None:
+        raise SpecError("steering.condition", "a replay of a conditioned request is steered "
+                        "by its decision: give 'decision' (what the trajectory's condition "
+                        "decided) in place of 'condition'")
+    return parsed.at_absolute_positions(prompt_len).to_dict()
+
+
+def decided_spec(spec: dict[str, Any] | str | None, holds: bool | None
+                 ) -> dict[str, Any] | str | None:
+    """``spec`` with its condition replaced by the trajectory's decision ``holds`` (None:
+    unchanged; a spec without a condition is returned as it is)."""
+    if spec is None or holds is None:
+        return spec
+    parsed = parse_spec(spec)
+    return parsed.decided(holds).to_dict() if parsed.condition is not None else spec
 
 
 def fork_spec(spec: dict[str, Any] | str | None, prompt_len: int, token_index: int,

@@ -4,7 +4,10 @@
 the drivers (``drivers``) submit each stage to ``vllm.LLM`` (sync) or an
 ``EngineClient`` (async, for the server), so both paths share every rule:
 
-1. ``trajectories``: one request per prompt (optionally steered, any ``apply_to``);
+1. ``trajectories``: one request per prompt (optionally steered, any ``apply_to``); a
+   conditioned trajectory's forks are steered by its request's decision (collected by
+   the driver between the stages; without trajectories a one-token request per
+   conditioned prompt decides it);
 2. ``forks``: at each fork point ``t`` (``forks.fork_points``: every N generated tokens
    and the end, never inside a marker) the *base* is ``prompt + generated[:t]`` + the
    think-end marker when the thinking section is open + the forcing suffix. The *head*
@@ -28,10 +31,16 @@ from typing import Any
 
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
 from vllm_steer.probe.config import ProbeConfig
-from vllm_steer.probe.forks import fork_points, fork_spec, replay_spec, think_states
+from vllm_steer.probe.forks import (
+    decided_spec,
+    fork_points,
+    fork_spec,
+    replay_spec,
+    think_states,
+)
 from vllm_steer.probe.point import PointReader, ProbePoint, think_marker_ids
 from vllm_steer.probe.reading import Reading
-from vllm_steer.steering.spec import SpecError
+from vllm_steer.steering.spec import SpecError, parse_spec
 from vllm_steer.steering.think_tracker import ANSWER, THINK
 
 STAGES = ("trajectories", "forks", "gaps", "top")
@@ -48,9 +57,14 @@ class Trajectory:
     text: str = ""
     think_end_index: int | None = None
     readings: list[Reading] = field(default_factory=list)
+    #: The engine request that generated it (its conditions are collected by this id).
+    request_id: str = ""
+    #: A conditioned trajectory's report (``vllm_adapter.conditions``): the scores and
+    #: the decision its forks were steered by.
+    steering_condition: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "readings"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("readings", "request_id")}
         d["readings"] = [r.to_json() for r in self.readings]
         return d
 
@@ -75,7 +89,8 @@ class ProbeJob:
             raise ProbeError("steering", "give one steering spec (or None) per prompt")
         for i, spec in enumerate(steering):
             try:
-                replay_spec(spec, 0)
+                conditioned = spec is not None and parse_spec(spec).condition is not None
+                replay_spec(decided_spec(spec, True) if conditioned else spec, 0)
             except SpecError as e:
                 raise ProbeError(f"steering[{i}].{e.field}", str(e)) from e
         self.tok, self.cfg, self.generate = tokenizer, cfg, generate
@@ -127,11 +142,19 @@ class ProbeJob:
          "gaps": self._take_gaps, "top": self._take_top}[stage](outputs)
 
     # -- 1. trajectories ---------------------------------------------------------------
+    def _conditioned(self, t: Trajectory) -> bool:
+        return t.steering is not None and parse_spec(t.steering).condition is not None
+
     def _trajectory_requests(self) -> list[tuple[dict[str, Any], Any]]:
         from vllm import SamplingParams
 
         if not self.generate:
-            return []
+            # no trajectory: a conditioned prompt is decided by a one-token request (its
+            # readings are then taken with that decision, as a trajectory's forks are)
+            return [({"prompt_token_ids": t.prompt_ids},
+                     SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                    extra_args={"steering": t.steering}))
+                    for t in self.trajs if self._conditioned(t)]
         reqs = []
         for t in self.trajs:
             sp = SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
@@ -140,11 +163,37 @@ class ProbeJob:
             reqs.append(({"prompt_token_ids": t.prompt_ids}, sp))
         return reqs
 
+    def undecided(self) -> list[str]:
+        """Request ids of the conditioned trajectories whose decision is not known yet
+        (the driver collects their reports and hands them to ``decide`` before forking)."""
+        return [t.request_id for t in self.trajs if t.steering is not None
+                and t.steering_condition is None and parse_spec(t.steering).condition
+                is not None]
+
+    def decide(self, reports: dict[str, list[dict[str, Any]]]) -> None:
+        """Steer each conditioned trajectory's forks by its request's decision (its first
+        choice's report); a trajectory whose decision is missing is an error."""
+        waiting = set(self.undecided())
+        for t in self.trajs:
+            if t.request_id not in waiting:
+                continue
+            got = reports.get(t.request_id)
+            if not got or got[0]["holds"] is None:
+                why = got[0].get("error") if got else "no report"
+                raise ProbeError("steering.condition", f"{t.label}: the condition was not "
+                                                       f"decided ({why})")
+            t.steering_condition = got[0]
+            t.steering = decided_spec(t.steering, got[0]["holds"])
+
     def _take_trajectories(self, outputs: list[Any]) -> None:
         if not self.generate:
+            for t, out in zip([t for t in self.trajs if self._conditioned(t)], outputs,
+                              strict=True):
+                t.request_id = str(getattr(out, "request_id", ""))
             return
         eos = getattr(self.tok, "eos_token_id", None)
         for t, out in zip(self.trajs, outputs, strict=True):
+            t.request_id = str(getattr(out, "request_id", ""))
             ids = list(out.outputs[0].token_ids)
             if ids and ids[-1] == eos:
                 ids = ids[:-1]   # a fork after the end-of-sequence token means nothing

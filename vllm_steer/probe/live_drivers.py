@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_steer.probe.choices import ProbeError
+from vllm_steer.probe.forks import decided_spec
 from vllm_steer.probe.live_state import (
     SETTLED,
     LiveProbe,
@@ -32,6 +34,7 @@ from vllm_steer.probe.live_state import (
     reading_json,
 )
 from vllm_steer.probe.point import PointRun, ProbePoint
+from vllm_steer.steering.spec import parse_spec
 
 
 @dataclass
@@ -70,6 +73,24 @@ class LiveState:
         self.probe, self.on_readings, self.steering = probe, on_readings, steering
         self.tracks: dict[int, _Track] = {}
         self.stops: dict[int, StopRecord] = {}
+        #: A conditioned request's forks are steered by each choice's decision
+        #: (``decide``), collected by the driver before the choice is first observed.
+        self.conditioned = steering is not None and parse_spec(steering).condition is not None
+        self.decisions: dict[int, bool] = {}
+
+    def undecided(self, out: Any) -> list[int]:
+        """Choice indices of ``out`` whose decision the driver must collect first."""
+        if not self.conditioned:
+            return []
+        return [c.index for c in out.outputs if c.index not in self.decisions]
+
+    def decide(self, reports: Sequence[dict[str, Any]]) -> None:
+        """Take the request's condition reports (``vllm_adapter.conditions``)."""
+        for rep in reports:
+            if rep["holds"] is None:
+                raise ProbeError("steering.condition", "the condition was not decided "
+                                 f"({rep.get('error') or 'no score'})")
+            self.decisions[rep["index"] or 0] = bool(rep["holds"])
 
     def observe(self, out: Any, cumulative: bool) -> list[tuple[int, PointRun]]:
         """Take a ``RequestOutput``; the runs of points it decides, by choice index."""
@@ -79,9 +100,15 @@ class LiveState:
             if tr is None:
                 when = self.probe.cfg.stop_when
                 rule = StopRule(when, self.probe.cfg.probe.min_mass) if when else None
+                steering = self.steering
+                if self.conditioned:
+                    if c.index not in self.decisions:
+                        raise ProbeError("steering.condition", f"choice {c.index}: forked "
+                                         "before its decision was collected")
+                    steering = decided_spec(steering, self.decisions[c.index])
                 tr = self.tracks[c.index] = _Track(
                     self.probe.sequence(list(out.prompt_token_ids or []), c.index,
-                                        self.steering), rule)
+                                        steering), rule)
             if tr.seq.finished or c.index in self.stops:
                 continue
             ids = list(c.token_ids)
@@ -251,7 +278,6 @@ def live_generate(llm: Any, prompts: Sequence[dict[str, Any] | list[int] | str],
     """
     from vllm.sampling_params import RequestOutputKind
 
-    from vllm_steer.probe.choices import ProbeError
     from vllm_steer.vllm_adapter.engine import llm_engine
 
     cfg = probe if isinstance(probe, LiveProbeConfig) else LiveProbeConfig.parse(probe)
@@ -297,6 +323,11 @@ def live_generate(llm: Any, prompts: Sequence[dict[str, Any] | list[int] | str],
             main = mains.get(out.request_id)
             if main is not None:
                 if not main.stopped:
+                    if main.state.undecided(out):
+                        from vllm_steer.vllm_adapter.conditions import take_conditions
+
+                        main.state.decide(take_conditions(llm, [out.request_id])
+                                          .get(out.request_id, []))
                     main.last = out
                     for index, run in main.state.observe(out, cumulative=True):
                         submit(main, index, run)

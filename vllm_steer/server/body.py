@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_steer.steering.spec import EXTRA_ARGS_KEY, FLAT_KEYS, SpecError
+from vllm_steer.steering.spec import EXTRA_ARGS_KEY, FLAT_KEYS, SpecError, parse_extra_args
 
 BODY_KEY = "steering"
 
@@ -54,3 +54,14 @@ def has_steering(request: Any) -> bool:
     body = getattr(request, "model_extra", None) or {}
     xargs = getattr(request, "vllm_xargs", None) or {}
     return body.get(BODY_KEY) is not None or any(_is_steer_key(k) for k in xargs)
+
+
+def conditioned(request: Any) -> bool:
+    """True when the request's steering (body or ``vllm_xargs``) has a condition, whose
+    report the response carries. A malformed spec is False here: admission refuses it."""
+    try:
+        spec = parse_extra_args(merged_extra_args(request, getattr(request, "vllm_xargs",
+                                                                    None)))
+    except SpecError:
+        return False
+    return spec is not None and spec.condition is not None

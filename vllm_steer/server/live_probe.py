@@ -94,6 +94,10 @@ class ServerProbe:
         self.run: LiveRun | None = None
         self.max_tokens: int | None = None
         self.recorded = False
+        self.request_id = ""
+        #: Set by ``server.conditions.begin`` for a conditioned request: its reports (the
+        #: forks are steered by each choice's decision; the response carries them).
+        self.conditions: Any = None
 
     @property
     def bound(self) -> bool:
@@ -119,6 +123,9 @@ class ServerProbe:
         if final_only:
             sp.output_kind = RequestOutputKind.CUMULATIVE
 
+        self.request_id = request_id
+        if self.conditions is not None:
+            self.conditions.request_id = request_id
         self.run = LiveRun(self.probe, _counted(submit), request_id,
                            spec.to_dict() if spec else None)
         self.max_tokens = sp.max_tokens
@@ -166,6 +173,11 @@ class ServerProbe:
                     out = nxt.result()
                 except StopAsyncIteration:
                     return
+                if self.conditions is not None and run.state.undecided(out):
+                    # the choice's prompt is computed: its forks need its decision
+                    new = run.state.undecided(out)
+                    await self.conditions.fetch(new)
+                    run.state.decide([r for i in new if (r := self.conditions.get(i))])
                 run.observe(out, cumulative)
                 last = out
                 for c in out.outputs:
@@ -218,6 +230,8 @@ class ServerProbe:
             stop = self._stop_json(i)
             if stop is not None:
                 choice.probe_stop = stop
+        if self.conditions is not None:
+            self.conditions.decorate(response)
         return response
 
     async def stream(self, sse: AsyncIterator[str], chat: bool) -> AsyncIterator[str]:
@@ -285,6 +299,8 @@ class ServerProbe:
                     if stop is not None:
                         c["probe_stop"] = stop
                         changed = True
+            if self.conditions is not None:
+                changed = self.conditions.decorate_chunk_obj(obj) or changed
             out.append("data: " + json.dumps(obj) if changed else event)
         return "\n\n".join(out), head
 

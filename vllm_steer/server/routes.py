@@ -22,8 +22,8 @@ from fastapi import APIRouter, FastAPI
 from vllm_steer.server import (
     ENDPOINT_PLUGIN,
     auth,
+    conditions,
     fallback,
-    live_probe,
     metrics_refresh,
     playground,
     probe,
@@ -80,7 +80,8 @@ class SteeringEndpoints:
     def attach_router(self, app: FastAPI) -> None:
         # the admin and file keys (a bad keys file stops the server here, loudly)
         ring = auth.from_environment()
-        live_probe.install()   # the 'probe' field of the completion endpoints
+        # the 'probe' field and condition reports of the completion endpoints
+        conditions.install()
         app.include_router(build_router())
         app.include_router(playground.router)
         app.add_exception_handler(SteerHTTPError, handle_steer_error)

@@ -13,6 +13,11 @@ Body (JSON)::
      "budget": {"engine_share": 0.25,     # over the operator's budget (docs/operations.md):
                 "burst_tokens": 256}}     #   share of time, computed tokens per burst
 
+A recipe with ``"kind": "condition"`` trains a condition (``extract.condition``: prompt
+sets, ``method``, ``aggregate``, ``layers`` searched, ``holdout``, ``seed``); the response's
+``training`` then reports the chosen layer, comparison and threshold and the training and
+held-out F1, and the registered file carries them as the condition's defaults.
+
 The dataset is built with the served model's tokenizer and chat template, its prompts'
 last-token block outputs are read through the engine's hidden-state capture
 (``vllm_adapter.capture``) while the engine keeps serving other traffic, the vector is
@@ -192,6 +197,8 @@ async def _train(request: Request, rec: dict[str, Any], job: dict[str, float]
         raise SteerHTTPError(400, f"must be an integer in [1, {MAX_CONCURRENT_LIMIT}]",
                              "max_concurrent")
     budget = capture_budget(reg_fields.get("budget"))
+    if isinstance(recipe.get("kind"), str) and recipe.get("kind") == "condition":
+        return await _train_condition(ctx, r, recipe, prefix, concurrent, budget)
     cfg = _config(recipe, prefix, name)
     try:
         picked = resolve_layers(cfg.layers, ctx.num_layers)
@@ -278,6 +285,94 @@ async def _train(request: Request, rec: dict[str, Any], job: dict[str, float]
                         "total": round(time.perf_counter() - t0, 3)},
             "recipe_fields_not_applied": not_applied,
         },
+    }, 201)
+
+
+def _count_capture(prompt_tokens: int) -> None:
+    metrics.CAPTURE_REQUESTS.inc()
+    metrics.CAPTURE_TOKENS.inc(prompt_tokens)
+
+
+async def _train_condition(ctx: Any, r: Any, recipe: dict[str, Any], prefix: str,
+                           concurrent: int, budget: CaptureBudget) -> JSONResponse:
+    """A condition recipe (``kind: condition``, ``extract.condition``): prompt states
+    through the engine's capture, direction per layer, the layer/threshold/comparison
+    search, the held-out F1; registered like any vector (its defaults in the file)."""
+    from vllm_steer.extract.condition import (
+        build_sets,
+        condition_config,
+        fit_condition,
+        read_prompt_states_engine_async,
+    )
+    from vllm_steer.extract.hidden import tokenize_prompts
+    from vllm_steer.extract.train import resolve_layers
+
+    global _lock
+    given = [k for k, bad in (("layers", r.layers is not None), ("scale", r.scale is not None),
+                              ("op", r.ops != {"op": "add"})) if bad]
+    if given:
+        field = given[0]
+        raise SteerHTTPError(400, "a condition is not a steering vector: it takes no "
+                             "registration defaults (its layer and threshold come from training)",
+                             field)
+    try:
+        cfg = condition_config(recipe, where="recipe", default_name=r.name, allow_files=False)
+    except DatasetError as e:
+        raise SteerHTTPError(400, str(e), prefix + (e.field or "")) from None
+    try:
+        picked = resolve_layers(cfg.base.layers if cfg.base.layers is not None else "all",
+                                ctx.num_layers)
+    except ValueError as e:
+        raise SteerHTTPError(400, str(e), prefix + "layers") from None
+    if not r.replace and r.name in ctx.registry.entries:
+        raise SteerHTTPError(409, f"vector {r.name!r} exists; pass replace=true to overwrite",
+                             "name")
+    tok = ctx.resolver.tokenizer
+    if tok is None:
+        raise SteerHTTPError(503, "the served model has no tokenizer: recipes need one")
+    try:
+        sets = await asyncio.to_thread(build_sets, cfg, tok)
+    except DatasetError as e:
+        raise SteerHTTPError(400, str(e), prefix + (e.field or "positive_prompts")) from None
+    n = len(sets.positives) + len(sets.negatives)
+    if n > max_prompts():
+        raise SteerHTTPError(413, f"the recipe has {n} prompts; this server trains at most "
+                             f"{max_prompts()} ({envvars.MAX_TRAIN_PROMPTS})",
+                             prefix + "positive_prompts")
+    engine = ctx.engine_client
+    why = capture_refusal(engine)
+    if why is not None:
+        raise SteerHTTPError(503, f"this server cannot train: {why}")
+    rows = tokenize_prompts(tok, [*sets.positives, *sets.negatives],
+                            add_special_tokens=sets.add_special_tokens)
+    if _lock is None:
+        _lock = asyncio.Lock()
+    async with _lock:
+        t0 = time.perf_counter()
+        states = await read_prompt_states_engine_async(
+            engine, rows, picked, cfg.aggregate, max_concurrent=concurrent,
+            data_parallel_rank=0 if data_parallel_size(engine) > 1 else None,
+            budget=budget, on_submit=_count_capture)
+        seconds_capture = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    res = await asyncio.to_thread(_fit_one_thread, fit_condition, states, len(sets.positives),
+                                  method=cfg.method, aggregate=cfg.aggregate,
+                                  holdout=cfg.holdout, seed=cfg.seed,
+                                  info={"dataset_name": sets.name})
+    data = await asyncio.to_thread(_vector_bytes, res.vector)
+    entry = await asyncio.to_thread(vectors.register, ctx, r, data, None, "recipe")
+    not_applied = sorted(k for k in NOT_APPLIED if recipe.get(k) is not None)
+    report = res.to_json()
+    return vectors.respond({
+        **entry,
+        "training": {"kind": "condition", "num_prompts": n, "layers": picked,
+                     "method": cfg.method, **{k: v for k, v in report.items()
+                                              if k != "seconds"},
+                     "max_concurrent": concurrent, "budget": budget.to_json(),
+                     "seconds": {"capture": round(seconds_capture, 3),
+                                 "fit": round(time.perf_counter() - t1, 3),
+                                 "total": round(time.perf_counter() - t0, 3)},
+                     "recipe_fields_not_applied": not_applied},
     }, 201)
 
 

@@ -10,6 +10,7 @@ composed once per worker, not once per request. vLLM-free.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 
@@ -32,13 +33,34 @@ class Intake:
         self._composed_bytes = 0
         self.stats = {"composed": 0, "store_reads": 0, "inline_vectors": 0}
 
-    def composed(self, w: WireSteering) -> Composed:
-        """The composed tables of ``w``'s program (checked against its digest)."""
-        hit = self._composed.get(w.digest)
+    def composed(self, w: WireSteering, which: str = "then") -> Composed:
+        """The composed tables of ``w``'s program (``then``: its ``parts``; ``else`` /
+        ``prompt``: its gate's; checked against the digest)."""
+        if which == "then":
+            digest = w.digest
+        else:
+            got = w.gate_program(which)
+            if got is None:
+                raise WireError(f"gate.{which}_parts", "empty")
+            digest = got[0]
+        hit = self._composed.get(digest)
         if hit is not None:
-            self._composed.move_to_end(w.digest)
+            self._composed.move_to_end(digest)
             return hit
-        program = w.program()
+        program = w.program() if which == "then" else got[1]
+        out = self._compose(w, program)
+        self._remember(digest, out)
+        return out
+
+    def directions(self, w: WireSteering, content: str, layer: int) -> np.ndarray:
+        """One vector's float32 direction at ``layer`` (a condition's ``v``)."""
+        dirs = self._reader(w)(content)
+        if layer not in dirs:
+            raise WireError("gate.conditions", f"vector {content[:12]} has no direction for "
+                                               f"layer {layer}")
+        return np.asarray(dirs[layer], dtype=np.float32)
+
+    def _reader(self, w: WireSteering):
         inline: dict[str, Directions] = {}
         for k, v in enumerate(w.inline):
             dirs = decode(v.layers, v.data, w.hidden)
@@ -60,6 +82,10 @@ class Intake:
             self.stats["store_reads"] += 1
             return found
 
+        return directions
+
+    def _compose(self, w: WireSteering, program: Any) -> Composed:
+        directions = self._reader(w)
         try:
             out = compose(program, directions, self.hidden, self.max_projections, where="parts")
         except SpecError as e:  # the frontend ran the same checks: version skew
@@ -70,7 +96,6 @@ class Intake:
                 and np.isfinite(out.proj_b).all()):
             raise WireError("parts", "non-finite projection tables")
         self.stats["composed"] += 1
-        self._remember(w.digest, out)
         return out
 
     def _remember(self, digest: str, c: Composed) -> None:

@@ -284,6 +284,18 @@ def _capture(self: nn.Module, stream: torch.Tensor, residual: torch.Tensor | Non
         capture_op(stream, residual, self._vllm_steer_capture, self._vllm_steer_capture_sink)
 
 
+def _accumulate(self: nn.Module, stream: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> None:
+    """Condition reading (``steering.condition_table``): every token adds its block output
+    (``stream + residual``, after this block's steering) to the accumulator row its target
+    names (0: a trash row). ``_vllm_steer_cond`` is a Python int fixed at attach (0: the
+    engine runs without conditions and no code is traced)."""
+    if self._vllm_steer_cond:
+        x = stream if residual is None else stream + residual
+        rows = self._vllm_steer_cond_targets[: x.shape[0]]
+        self._vllm_steer_cond_acc.index_add_(0, rows, x.to(self._vllm_steer_cond_acc.dtype))
+
+
 def _residual_pair(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     out = self._vllm_steer_forward(*args, **kwargs)
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor)
@@ -295,6 +307,7 @@ def _residual_pair(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     else:
         h = hidden + residual
         residual = residual + (_steered(self, h) - h)
+    _accumulate(self, hidden, residual)
     _capture(self, hidden, residual)
     return hidden, residual
 
@@ -304,6 +317,7 @@ def _stream(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not (isinstance(out, torch.Tensor) and out.dim() == 2):
         raise _bad(self, "the stream [T, H]", out)
     steered = _steered(self, out)
+    _accumulate(self, steered)
     _capture(self, steered)
     return steered
 
@@ -314,6 +328,7 @@ def _stream_first(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             and out[0].dim() == 2):
         raise _bad(self, "(stream [T, H], ...)", out)
     steered = _steered(self, out[0])
+    _accumulate(self, steered)
     _capture(self, steered)
     return (steered, *out[1:])
 
@@ -324,6 +339,7 @@ def _hf_batched(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[0] == 1):
         raise _bad(self, "the stream [1, T, H] (or a tuple starting with it)", out)
     flat = _steered(self, hidden[0])
+    _accumulate(self, flat)
     _capture(self, flat)
     steered = flat.unsqueeze(0)
     return (steered, *out[1:]) if isinstance(out, tuple) else steered
@@ -338,16 +354,24 @@ _FORWARDS = {
 
 
 def attach(layer: nn.Module, kind: AdapterKind, tables: Any, rows: torch.Tensor,
-           capture_index: int = -1, capture_sink: torch.Tensor | None = None) -> None:
+           capture_index: int = -1, capture_sink: torch.Tensor | None = None,
+           cond_acc: torch.Tensor | None = None, cond_targets: torch.Tensor | None = None
+           ) -> None:
     """Wrap ``layer.forward`` (idempotent) so it steers its stream with ``tables``
     (``steering.slots.LayerTables``: ``add``, and the projection tables when K > 0)
-    gathered by ``rows[:T]``. With ``capture_index`` >= 0 (the block's index) the forward
-    ends with the capture op (``steering.capture``), ``capture_sink`` its one-element
-    dummy output."""
+    gathered by ``rows[:T]``. With ``cond_acc``/``cond_targets`` (``steering.
+    condition_table``) the steered stream is added into ``cond_acc[cond_targets[:T]]``.
+    With ``capture_index`` >= 0 (the block's index) the forward ends with the capture op
+    (``steering.capture``), ``capture_sink`` its one-element dummy output."""
     if hasattr(layer, "_vllm_steer_forward"):
         return
     if capture_index >= 0 and capture_sink is None:
         raise ValueError("capture needs a sink tensor")
+    if (cond_acc is None) != (cond_targets is None):
+        raise ValueError("conditions need both the accumulator and the targets")
+    layer._vllm_steer_cond = int(cond_acc is not None)
+    layer._vllm_steer_cond_acc = cond_acc
+    layer._vllm_steer_cond_targets = cond_targets
     layer._vllm_steer_capture = int(capture_index)
     layer._vllm_steer_capture_sink = capture_sink
     # Plain attributes (not buffers) so weight loading, state dicts and inductor freezing

@@ -14,6 +14,8 @@
   layers); ``capture_max_bytes``: the most one request may capture (float32 values,
   default 64 MiB); ``capture_pending_bytes``: captures a worker keeps for collection
   before dropping finished, uncollected ones (default 1 GiB).
+- ``conditions``: conditional steering (default true; false leaves the condition
+  accumulation out of the layers, and conditioned requests are refused).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ MAX_PROJECTIONS_LIMIT = 8
 DEFAULT_CAPTURE_MAX_BYTES = 64 << 20
 DEFAULT_CAPTURE_PENDING_BYTES = 1 << 30
 _KNOWN = {"registry", "max_projections", "transport", "layer_adapter", "capture",
-          "capture_max_bytes", "capture_pending_bytes"}
+          "capture_max_bytes", "capture_pending_bytes", "conditions"}
 
 
 class OptionError(ValueError):
@@ -44,6 +46,7 @@ class EngineOptions:
     capture: bool = True
     capture_max_bytes: int = DEFAULT_CAPTURE_MAX_BYTES
     capture_pending_bytes: int = DEFAULT_CAPTURE_PENDING_BYTES
+    conditions: bool = True
 
     def resolved_transport(self, executor_backend: Any) -> str:
         """``store`` or ``inline`` for an engine with this distributed executor backend."""
@@ -74,9 +77,11 @@ class EngineOptions:
                               f"{', '.join(TRANSPORTS)}, got {transport!r}")
         reg, adapter = raw.get("registry"), raw.get("layer_adapter")
         capture = raw.get("capture", True)
-        if not isinstance(capture, bool):
-            raise OptionError(f"additional_config.{KEY}.capture must be true or false, "
-                              f"got {capture!r}")
+        conditions = raw.get("conditions", True)
+        for name, flag in (("capture", capture), ("conditions", conditions)):
+            if not isinstance(flag, bool):
+                raise OptionError(f"additional_config.{KEY}.{name} must be true or false, "
+                                  f"got {flag!r}")
         sizes = {}
         for name, default in (("capture_max_bytes", DEFAULT_CAPTURE_MAX_BYTES),
                               ("capture_pending_bytes", DEFAULT_CAPTURE_PENDING_BYTES)):
@@ -86,4 +91,5 @@ class EngineOptions:
                                   f"integer (bytes), got {v!r}")
             sizes[name] = v
         return cls(registry=str(reg) if reg else None, max_projections=k, transport=transport,
-                   layer_adapter=str(adapter) if adapter else None, capture=capture, **sizes)
+                   layer_adapter=str(adapter) if adapter else None, capture=capture,
+                   conditions=conditions, **sizes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import struct
 import tempfile
 import threading
 from collections import OrderedDict
@@ -23,13 +24,22 @@ from typing import Any
 import numpy as np
 
 from vllm_steer import envvars
+from vllm_steer.steering.condition import ConditionDefaults, ConditionRef
 from vllm_steer.steering.options import DEFAULT_MAX_PROJECTIONS
 from vllm_steer.steering.program import Part, Program, compose
 from vllm_steer.steering.registry import Registry
 from vllm_steer.steering.spec import SpecError, SteeringSpec
 from vllm_steer.steering.store import VectorStore, content_id, default_store_root, encode
 from vllm_steer.steering.values import check_op_fields
-from vllm_steer.steering.wire import NO_END, WIRE_VERSION, WirePart, WireSteering, WireVector
+from vllm_steer.steering.wire import (
+    NO_END,
+    WIRE_VERSION,
+    WireCondition,
+    WireGate,
+    WirePart,
+    WireSteering,
+    WireVector,
+)
 from vllm_steer.thinking import markers_for
 from vllm_steer.vector import SteeringVector, SteeringVectorError
 from vllm_steer.vector import load as load_vector
@@ -75,6 +85,8 @@ class ResolvedSteering:
     think_end_ids: tuple[int, ...] = ()
     store: str = ""
     inline: dict[str, tuple[tuple[int, ...], bytes]] = field(default_factory=dict)
+    #: Conditional steering (``steering.condition``), else None.
+    gate: ResolvedGate | None = None
 
     @property
     def digest(self) -> str:
@@ -83,10 +95,15 @@ class ResolvedSteering:
 
     @property
     def cache_salt(self) -> str:
-        """Hash of everything that changes which KV values a token gets."""
+        """Hash of everything that changes which KV values a token gets (for a gated
+        request also the other programs, the split, and the condition or the decision:
+        requests that share a salt and a token prefix past the split computed that prefix
+        under the same decision)."""
         h = hashlib.sha256(self.digest.encode())
         h.update(repr((self.mode, self.start, self.end, self.think_start_ids,
                        self.think_end_ids if self.mode != "all" else ())).encode())
+        if self.gate is not None:
+            h.update(self.gate.salt_key().encode())
         return "vllm-steer:" + h.hexdigest()[:32]
 
     def to_wire(self) -> WireSteering:
@@ -106,7 +123,69 @@ class ResolvedSteering:
             store=self.store,
             inline=tuple(WireVector(content=cid, layers=layers, data=data)
                          for cid, (layers, data) in self.inline.items()),
+            gate=None if self.gate is None else self.gate.to_wire(),
         )
+
+
+@dataclass(frozen=True)
+class ResolvedCondition:
+    """One condition with its file's defaults applied: the direction's store ``content``
+    id, ``layer``, ``aggregate``, ``threshold``, ``compare`` and the ``label`` reports use."""
+
+    content: str
+    layer: int
+    aggregate: str
+    threshold: float
+    compare: str
+    label: str
+
+
+@dataclass(frozen=True)
+class ResolvedGate:
+    """The gated part of a request: ``conditions`` combined by ``mode`` (or a replay's
+    ``decision``), the ``else_program`` and ``prompt_program`` (None: no steering), the
+    ``split`` (prompt positions are below it) and the ``report`` key (the request id the
+    caller collects the scores by)."""
+
+    conditions: tuple[ResolvedCondition, ...]
+    mode: str
+    decision: bool | None
+    else_program: Program | None
+    prompt_program: Program | None
+    split: int
+    report: str = ""
+    choices: int = 1
+
+    @property
+    def needs_whole_prompt(self) -> bool:
+        """A ``mean`` condition reads every prompt token: no prefix-cache hit may skip one."""
+        return self.decision is None and any(c.aggregate == "mean" for c in self.conditions)
+
+    def salt_key(self) -> str:
+        conds = [(c.content, c.layer, c.aggregate, struct.pack("<d", c.threshold).hex(),
+                  c.compare) for c in self.conditions]
+        return repr(("gate", conds, self.mode, self.decision,
+                     None if self.else_program is None else self.else_program.digest,
+                     None if self.prompt_program is None else self.prompt_program.digest,
+                     self.split))
+
+    def to_wire(self) -> WireGate:
+        def parts(p: Program | None) -> tuple[WirePart, ...]:
+            return () if p is None else tuple(
+                WirePart(content=x.content, op=x.op, param=x.param, layers=x.layers)
+                for x in p.parts)
+
+        return WireGate(
+            conditions=tuple(WireCondition(content=c.content, layer=c.layer,
+                                           aggregate=c.aggregate, threshold=c.threshold,
+                                           compare=c.compare, label=c.label)
+                             for c in self.conditions),
+            mode=self.mode, decision=-1 if self.decision is None else int(self.decision),
+            else_digest="" if self.else_program is None else self.else_program.digest,
+            else_parts=parts(self.else_program),
+            prompt_digest="" if self.prompt_program is None else self.prompt_program.digest,
+            prompt_parts=parts(self.prompt_program), split=self.split, report=self.report,
+            choices=self.choices)
 
 
 @dataclass(frozen=True)
@@ -288,13 +367,16 @@ class Resolver:
         calls and a hash)."""
         return self._program(spec, prefix)[0]
 
-    def _program(self, spec: SteeringSpec, prefix: str) -> tuple[Program, dict[str, _File]]:
-        """The program and the loaded files its parts name (by content id): the request's
-        own references, so a file forgotten meanwhile by another thread changes nothing."""
+    def _program(self, spec: SteeringSpec, prefix: str, key: str = "vectors",
+                 files: dict[str, _File] | None = None) -> tuple[Program, dict[str, _File]]:
+        """The program of ``spec.<key>`` (``vectors``, ``else_vectors``, ``prompt_vectors``)
+        and the loaded files its parts name (by content id, added to ``files``): the
+        request's own references, so a file forgotten meanwhile by another thread changes
+        nothing."""
         parts = []
-        files: dict[str, _File] = {}
-        for i, ref in enumerate(spec.vectors):
-            where = f"{prefix}vectors[{i}]"
+        files = {} if files is None else files
+        for i, ref in enumerate(getattr(spec, key)):
+            where = f"{prefix}{key}[{i}]"
             f, d = self.vector_for(ref.name, ref.path, where, ref.data)
             if f.vector.hidden_size != self.hidden_size:
                 raise SpecError(where, f"vector hidden size {f.vector.hidden_size} does not "
@@ -330,17 +412,74 @@ class Resolver:
                 self._checked.move_to_end(digest)
                 return program, files
         compose(program, lambda cid: files[cid].dirs, self.hidden_size, self.max_projections,
-                where=f"{prefix}vectors")
+                where=f"{prefix}{key}")
         with self._lock:
             self._checked[digest] = None
             while len(self._checked) > _COMPOSED_CACHE:
                 self._checked.popitem(last=False)
         return program, files
 
+    # -- conditions ------------------------------------------------------------------
+    def condition(self, ref: ConditionRef, where: str, files: dict[str, _File]
+                  ) -> ResolvedCondition:
+        """``ref`` with its file's defaults, checked against the model (``SpecError``)."""
+        f, _ = self.vector_for(ref.name, ref.path, where)
+        if f.vector.hidden_size != self.hidden_size:
+            raise SpecError(where, f"condition vector hidden size {f.vector.hidden_size} does "
+                                   f"not match the served model's hidden size {self.hidden_size}")
+        d = ConditionDefaults.from_extra(f.vector.metadata.extra, where)
+        layer = ref.layer if ref.layer is not None else d.layer
+        threshold = ref.threshold if ref.threshold is not None else d.threshold
+        missing = [k for k, v in (("layer", layer), ("threshold", threshold)) if v is None]
+        if missing:
+            raise SpecError(f"{where}.{missing[0]}", "required: the condition vector file has "
+                            f"no trained default for it (give '{missing[0]}')")
+        assert layer is not None and threshold is not None
+        if layer >= self.num_layers:
+            raise SpecError(f"{where}.layer", f"layer {layer} out of range: the model has "
+                            f"{self.num_layers} layers (0..{self.num_layers - 1})")
+        v = f.dirs.get(layer)
+        if v is None:
+            raise SpecError(f"{where}.layer", f"the condition vector has no direction for "
+                                              f"layer {layer} (has {f.vector.layers})")
+        if not float(np.linalg.norm(v.astype(np.float64))) > 1e-12:
+            raise SpecError(f"{where}.layer", f"the condition direction at layer {layer} is "
+                                              "zero")
+        files[f.content] = f
+        return ResolvedCondition(f.content, int(layer), ref.aggregate or d.aggregate or "mean",
+                                 float(threshold), ref.compare or d.compare or "above",
+                                 ref.label)
+
+    def _gate(self, spec: SteeringSpec, canon: SteeringSpec, files: dict[str, _File],
+              report: str, choices: int) -> ResolvedGate:
+        conds: tuple[ResolvedCondition, ...] = ()
+        mode = "all"
+        if spec.condition is not None:
+            rule = spec.condition
+            mode = rule.mode
+            conds = tuple(self.condition(
+                c, "steering.condition" if rule.single else f"steering.condition.{mode}[{i}]",
+                files) for i, c in enumerate(rule.conditions))
+        else_p = (self._program(spec, "steering.", "else_vectors", files)[0]
+                  if spec.else_vectors else None)
+        prompt_p = (self._program(spec, "steering.", "prompt_vectors", files)[0]
+                    if spec.prompt_vectors else None)
+        assert canon.split_position is not None
+        return ResolvedGate(conds, mode, spec.decision, else_p, prompt_p, canon.split_position,
+                            report if spec.decision is None else "", max(1, choices))
+
     # -- whole spec ------------------------------------------------------------------
-    def resolve(self, spec: SteeringSpec, prompt_len: int) -> ResolvedSteering:
+    def resolve(self, spec: SteeringSpec, prompt_len: int, report: str = "",
+                choices: int = 1) -> ResolvedSteering:
+        """``spec`` for a prompt of ``prompt_len`` tokens; ``report``: the key a gated
+        request's condition scores are collected by (its request id); ``choices``: its
+        ``n``."""
         program, files = self._program(spec, "steering.")
         canon = spec.at_absolute_positions(prompt_len)
+        gate = self._gate(spec, canon, files, report, choices) if spec.gated else None
+        if gate is not None and self.transport == "store":
+            for cid, f in files.items():
+                self.store.ensure(cid, f.dirs)
         mode, start = canon.apply_to, canon.start_position
         end = NO_END if canon.end_position is None else canon.end_position
         ts: tuple[int, ...] = ()
@@ -356,7 +495,7 @@ class Resolver:
         if self.transport == "inline":
             inline = {cid: f.encoded() for cid, f in files.items()}
         return ResolvedSteering(program, self.hidden_size, mode, start, end, ts, te,
-                                str(self.store.root), inline)
+                                str(self.store.root), inline, gate)
 
     @property
     def think_markers(self) -> tuple[str, str]:

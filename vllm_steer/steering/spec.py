@@ -16,6 +16,13 @@ the component along the unit direction) or ``clamp`` (set that component to
 ``apply_to`` (``all | prompt | generated | thinking | answer``), ``start_position`` /
 ``end_position`` (absolute token positions: steer ``start <= pos < end``), and
 ``think_start`` / ``think_end`` (marker strings overriding the registry's).
+Conditional steering (``steering.condition``): ``condition`` (a condition or an
+``any``/``all`` rule, read from the prompt) makes ``vectors`` apply to the generated tokens
+only when the rule holds, and ``else_vectors`` (optional) when it does not;
+``prompt_vectors`` (optional) steer the prompt tokens unconditionally; ``apply_to`` is then
+``generated`` (its default), ``thinking`` or ``answer``. Replays of a conditioned request
+(probe forks) carry its ``decision`` (true/false) instead of the condition, and
+``split_position`` (where its prompt ended).
 Unknown keys are errors: nothing is silently ignored. The spec object takes JSON types
 only (numbers, booleans, lists); the flat shorthand, being text in ``vllm_xargs``, also
 takes their text spellings (``"1.5"``, ``"true"``/``"1"``, ``"8,9,10"``; see
@@ -28,6 +35,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vllm_steer.steering.condition import Rule, parse_rule
 from vllm_steer.steering.values import (
     SpecError,
     check_op_fields,
@@ -54,7 +62,10 @@ _FLAT_VECTOR = {"steer_scale": "scale", "steer_layers": "layers", "steer_op": "o
 WIRE_KEY = "_vllm_steer"
 
 _SPEC_KEYS = {"vectors", "apply_to", "start_position", "end_position", "think_start", "think_end",
-              "normalize"}
+              "normalize", "condition", "decision", "else_vectors", "prompt_vectors",
+              "split_position"}
+#: Token selections a gated (conditioned or decided) spec may use: generated tokens only.
+GATED_APPLY_TO = ("generated", "thinking", "answer")
 _VECTOR_KEYS = {"name", "path", "data", "op", "scale", "strength", "value", "layers"}
 
 
@@ -92,6 +103,29 @@ class SteeringSpec:
     normalize: bool = False
     #: True when parsed from the flat ``steer*`` shorthand (errors then name those keys).
     flat: bool = field(default=False, compare=False)
+    #: The rule read from the prompt (``steering.condition``); None: unconditional.
+    condition: Rule | None = None
+    #: A replay's fixed decision (the rule held: ``vectors``; else ``else_vectors``).
+    decision: bool | None = None
+    #: Steering of the generated tokens when the rule does not hold.
+    else_vectors: tuple[VectorRef, ...] = ()
+    #: Unconditional steering of the prompt tokens (positions before ``split_position``).
+    prompt_vectors: tuple[VectorRef, ...] = ()
+    #: Where the prompt ends (replays; default: the request's prompt length).
+    split_position: int | None = None
+
+    @property
+    def gated(self) -> bool:
+        """True when a condition (or a replay's decision) picks the generated tokens'
+        steering."""
+        return self.condition is not None or self.decision is not None
+
+    def decided(self, holds: bool) -> SteeringSpec:
+        """The same steering with the condition replaced by its outcome ``holds`` (how
+        replays of a conditioned request are steered)."""
+        if not self.gated:
+            return self
+        return replace(self, condition=None, decision=bool(holds))
 
     def user_field(self, field_name: str) -> str:
         """``field_name`` (a dotted spec path) as the user wrote it."""
@@ -110,8 +144,14 @@ class SteeringSpec:
 
         The one place this rewrite lives: the resolver canonicalises every request with it,
         and replays of a trajectory (probe forks) send its result, so both get the same
-        prefix-cache salt and share KV blocks.
+        prefix-cache salt and share KV blocks. A gated spec's steered tokens start at its
+        split (``split_position``, else ``prompt_len``), which the result carries.
         """
+        if self.gated:
+            split = self.split_position if self.split_position is not None else prompt_len
+            mode = "all" if self.apply_to == "generated" else self.apply_to
+            return replace(self, apply_to=mode, split_position=split,
+                           start_position=max(self.start_position, split))
         if self.apply_to == "generated":
             return replace(self, apply_to="all",
                            start_position=max(self.start_position, prompt_len))
@@ -121,19 +161,8 @@ class SteeringSpec:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as the JSON object a request carries (``vectors``, ``apply_to`` and the
-        optional fields that are set)."""
-        vecs = []
-        for v in self.vectors:
-            d: dict[str, Any] = ({"name": v.name} if v.name is not None else
-                                 {"path": v.path} if v.path is not None else {"data": v.data})
-            for key in ("op", "scale", "strength", "value"):
-                if getattr(v, key) is not None:
-                    d[key] = getattr(v, key)
-            if v.layers is not None:
-                d["layers"] = list(v.layers)
-            vecs.append(d)
-        out: dict[str, Any] = {"vectors": vecs, "apply_to": self.apply_to}
+        out: dict[str, Any] = {"vectors": _refs_to_dicts(self.vectors),
+                               "apply_to": self.apply_to}
         if self.normalize:
             out["normalize"] = True
         if self.start_position:
@@ -144,7 +173,30 @@ class SteeringSpec:
             out["think_start"] = self.think_start
         if self.think_end is not None:
             out["think_end"] = self.think_end
+        if self.condition is not None:
+            out["condition"] = self.condition.to_dict()
+        if self.decision is not None:
+            out["decision"] = self.decision
+        for key in ("else_vectors", "prompt_vectors"):
+            if getattr(self, key):
+                out[key] = _refs_to_dicts(getattr(self, key))
+        if self.split_position is not None:
+            out["split_position"] = self.split_position
         return out
+
+
+def _refs_to_dicts(refs: tuple[VectorRef, ...]) -> list[dict[str, Any]]:
+    vecs = []
+    for v in refs:
+        d: dict[str, Any] = ({"name": v.name} if v.name is not None else
+                             {"path": v.path} if v.path is not None else {"data": v.data})
+        for key in ("op", "scale", "strength", "value"):
+            if getattr(v, key) is not None:
+                d[key] = getattr(v, key)
+        if v.layers is not None:
+            d["layers"] = list(v.layers)
+        vecs.append(d)
+    return vecs
 
 
 def make_spec(
@@ -155,23 +207,28 @@ def make_spec(
     think_start: str | None = None,
     think_end: str | None = None,
     normalize: bool = False,
+    condition: dict[str, Any] | None = None,
+    else_vectors: list[Any] | None = None,
+    prompt_vectors: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Build a spec dict for ``SamplingParams(extra_args={"steering": make_spec(...)})``.
 
     ``make_spec("happy")``, ``make_spec(("happy", 1.5), ("formal", -0.5))`` or full dicts.
+    ``condition`` (a condition or an ``any``/``all`` rule) gates the generated tokens'
+    steering (``apply_to`` then defaults to ``generated``); ``else_vectors`` and
+    ``prompt_vectors`` take the same entry forms as ``vectors``.
     The result is validated, so mistakes fail here rather than at submission.
     """
-    vecs: list[dict[str, Any]] = []
-    for v in vectors:
-        if isinstance(v, str):
-            vecs.append({"name": v})
-        elif isinstance(v, tuple) and len(v) == 2:
-            vecs.append({"name": v[0], "scale": v[1]})
-        elif isinstance(v, dict):
-            vecs.append(dict(v))
-        else:
-            raise SpecError("vectors", f"cannot build a vector entry from {v!r}")
+    vecs = _entries(vectors, "vectors")
+    if condition is not None and apply_to == "all":
+        apply_to = "generated"
     d: dict[str, Any] = {"vectors": vecs, "apply_to": apply_to}
+    if condition is not None:
+        d["condition"] = condition
+    if else_vectors:
+        d["else_vectors"] = _entries(else_vectors, "else_vectors")
+    if prompt_vectors:
+        d["prompt_vectors"] = _entries(prompt_vectors, "prompt_vectors")
     if start_position:
         d["start_position"] = start_position
     if end_position is not None:
@@ -184,6 +241,20 @@ def make_spec(
         d["normalize"] = True
     parse_spec(d)
     return d
+
+
+def _entries(vectors: Any, where: str) -> list[dict[str, Any]]:
+    vecs: list[dict[str, Any]] = []
+    for v in vectors:
+        if isinstance(v, str):
+            vecs.append({"name": v})
+        elif isinstance(v, tuple) and len(v) == 2:
+            vecs.append({"name": v[0], "scale": v[1]})
+        elif isinstance(v, dict):
+            vecs.append(dict(v))
+        else:
+            raise SpecError(where, f"cannot build a vector entry from {v!r}")
+    return vecs
 
 
 def parse_extra_args(extra_args: dict[str, Any] | None) -> SteeringSpec | None:
@@ -249,10 +320,16 @@ def _parse_dict(raw: dict[str, Any], prefix: str, flat: bool = False) -> Steerin
     if len(vectors) > MAX_VECTORS:
         raise SpecError(f("vectors"), f"{len(vectors)} vectors; at most {MAX_VECTORS} per request")
     refs = tuple(_parse_vector(v, f"{f('vectors')}[{i}]", flat) for i, v in enumerate(vectors))
+    gate = _parse_gate(raw, f)
 
-    apply_to = raw.get("apply_to", "all")
+    apply_to = raw.get("apply_to", "generated" if gate["gated"] else "all")
     if not isinstance(apply_to, str) or apply_to not in APPLY_TO_MODES:
         raise SpecError(f("apply_to"), f"{apply_to!r} is not one of {', '.join(APPLY_TO_MODES)}")
+    if gate["gated"] and apply_to not in GATED_APPLY_TO and not (
+            apply_to == "all" and gate["split_position"] is not None):
+        raise SpecError(f("apply_to"), f"{apply_to!r}: a condition picks the steering of the "
+                        "generated tokens, so apply_to must be one of "
+                        f"{', '.join(GATED_APPLY_TO)} (steer the prompt with prompt_vectors)")
     start = _opt_int(raw.get("start_position"), f("start_position"))
     end = _opt_int(raw.get("end_position"), f("end_position"))
     start = start or 0
@@ -269,7 +346,42 @@ def _parse_dict(raw: dict[str, Any], prefix: str, flat: bool = False) -> Steerin
     # the flat shorthand is text (``vllm_xargs`` values): "true", "8,9", "1.5" are spellings
     normalize = parse_flag(raw.get("normalize", False), f("normalize"), text=flat)
     return SteeringSpec(refs, apply_to, start, end, markers["think_start"], markers["think_end"],
-                        normalize=normalize, flat=flat)
+                        normalize=normalize, flat=flat, condition=gate["condition"],
+                        decision=gate["decision"], else_vectors=gate["else_vectors"],
+                        prompt_vectors=gate["prompt_vectors"],
+                        split_position=gate["split_position"])
+
+
+def _parse_gate(raw: dict[str, Any], f: Any) -> dict[str, Any]:
+    """The conditional fields (``condition``, ``decision``, ``else_vectors``,
+    ``prompt_vectors``, ``split_position``), checked for consistency."""
+    cond_raw, decision = raw.get("condition"), raw.get("decision")
+    condition = None if cond_raw is None else parse_rule(cond_raw, f("condition"))
+    if decision is not None and not isinstance(decision, bool):
+        raise SpecError(f("decision"), f"must be true or false, got {decision!r}")
+    if condition is not None and decision is not None:
+        raise SpecError(f("decision"), "give either 'condition' (decided from the prompt) or "
+                                       "'decision' (a replay's outcome), not both")
+    gated = condition is not None or decision is not None
+    out: dict[str, Any] = {"gated": gated, "condition": condition, "decision": decision}
+    for key in ("else_vectors", "prompt_vectors"):
+        items = raw.get(key)
+        if items is None:
+            out[key] = ()
+            continue
+        if not gated:
+            raise SpecError(f(key), "only with a 'condition' (or a replay's 'decision')")
+        if not isinstance(items, list) or not items:
+            raise SpecError(f(key), "must be a non-empty list of vector entries")
+        if len(items) > MAX_VECTORS:
+            raise SpecError(f(key), f"{len(items)} vectors; at most {MAX_VECTORS} per request")
+        out[key] = tuple(_parse_vector(v, f"{f(key)}[{i}]", False) for i, v in enumerate(items))
+    split = _opt_int(raw.get("split_position"), f("split_position"))
+    if split is not None and decision is None:
+        raise SpecError(f("split_position"), "only in a replay, with 'decision' (a condition "
+                                             "reads the request's own prompt)")
+    out["split_position"] = split
+    return out
 
 
 #: A vector's op fields in the order they are checked; absent ones stay None (the

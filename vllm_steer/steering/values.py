@@ -45,6 +45,11 @@ def _number(x: Any, field: str, text: bool = False) -> float:
         raise SpecError(field, "must be a number of float range") from e
 
 
+def parse_number(x: Any, field: str, *, text: bool = False) -> float:
+    """An int or a float (not a bool) as a float; numeric strings only with ``text``."""
+    return _number(x, field, text)
+
+
 def parse_scale(x: Any, field: str, *, text: bool = False) -> float:
     """A finite number with ``|x| <= MAX_ABS_SCALE`` (numeric strings only with ``text``)."""
     scale = _number(x, field, text)

@@ -25,6 +25,7 @@ from typing import Any
 
 import msgspec
 
+from vllm_steer.steering.condition import AGGREGATES, COMPARES, MAX_CONDITIONS, RULE_MODES
 from vllm_steer.steering.program import Part, Program
 from vllm_steer.steering.values import OPS
 
@@ -64,6 +65,85 @@ class WireVector(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     data: bytes
 
 
+class WireCondition(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One condition (``steering.condition``): the direction's store ``content`` id (read at
+    ``layer``), ``aggregate`` (``mean``/``last``), ``threshold``, ``compare``
+    (``above``/``below``) and the ``label`` its report carries."""
+
+    content: str
+    layer: int
+    aggregate: str
+    threshold: float
+    compare: str
+    label: str = ""
+
+
+class WireGate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The gated part of a request: positions below ``split`` are its prompt (steered by
+    the prompt program, if any); the request's ``parts`` steer its selected generated
+    tokens when the rule holds, ``else_parts`` when it does not. The rule is ``conditions``
+    combined by ``mode`` (``all``/``any``), read from the prompt, or a replay's fixed
+    ``decision`` (1 holds, 0 not; -1: decided by the conditions). ``report``: the key the
+    scores are collected by (the request id the caller gave). An empty digest means "no
+    steering" for that program."""
+
+    conditions: tuple[WireCondition, ...] = ()
+    mode: str = "all"
+    decision: int = -1
+    else_digest: str = ""
+    else_parts: tuple[WirePart, ...] = ()
+    prompt_digest: str = ""
+    prompt_parts: tuple[WirePart, ...] = ()
+    split: int = 0
+    report: str = ""
+    #: The request's ``n``: with more than one, vLLM runs each choice as a request
+    #: ``"{index}_{parent id}"`` and reports carry that index.
+    choices: int = 1
+
+    def check(self) -> None:
+        """Checks that need no model (``WireError`` naming ``gate.<field>``)."""
+        if self.decision not in (-1, 0, 1):
+            raise WireError("gate.decision", f"{self.decision} is not -1, 0 or 1")
+        if (self.decision == -1) == (not self.conditions):
+            raise WireError("gate.conditions", "conditions are needed exactly when there is no "
+                                               "decision")
+        if len(self.conditions) > MAX_CONDITIONS:
+            raise WireError("gate.conditions", f"more than {MAX_CONDITIONS}")
+        if self.mode not in RULE_MODES:
+            raise WireError("gate.mode", f"{self.mode!r} is not one of {', '.join(RULE_MODES)}")
+        for k, c in enumerate(self.conditions):
+            where = f"gate.conditions[{k}]"
+            if not _DIGEST_RE.fullmatch(c.content):
+                raise WireError(f"{where}.content", "not a sha256 hex digest")
+            if c.layer < 0:
+                raise WireError(f"{where}.layer", f"negative layer {c.layer}")
+            if c.aggregate not in AGGREGATES:
+                raise WireError(f"{where}.aggregate", f"{c.aggregate!r}")
+            if c.compare not in COMPARES:
+                raise WireError(f"{where}.compare", f"{c.compare!r}")
+            if not (math.isfinite(c.threshold) and -1.0 <= c.threshold <= 1.0):
+                raise WireError(f"{where}.threshold", f"{c.threshold} is not in [-1, 1]")
+        for name in ("else", "prompt"):
+            digest, parts = getattr(self, f"{name}_digest"), getattr(self, f"{name}_parts")
+            if bool(digest) != bool(parts):
+                raise WireError(f"gate.{name}_digest", "given exactly when there are parts")
+            if digest and not _DIGEST_RE.fullmatch(digest):
+                raise WireError(f"gate.{name}_digest", "not a sha256 hex digest")
+            for k, p in enumerate(parts):
+                _check_part(p, f"gate.{name}_parts[{k}]")
+        if self.split < 0:
+            raise WireError("gate.split", f"negative position {self.split}")
+        if len(self.report) > 1024:
+            raise WireError("gate.report", "longer than 1024 characters")
+        if self.choices < 1:
+            raise WireError("gate.choices", f"{self.choices} is not a number of choices")
+
+    @property
+    def needs_whole_prompt(self) -> bool:
+        """A ``mean`` condition reads every prompt token (no prefix-cache hit may skip one)."""
+        return self.decision == -1 and any(c.aggregate == "mean" for c in self.conditions)
+
+
 class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One request's resolved steering, as the workers need it.
 
@@ -87,6 +167,8 @@ class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     think_end_ids: tuple[int, ...] = ()
     store: str = ""
     inline: tuple[WireVector, ...] = ()
+    #: Conditional steering (``WireGate``), else None.
+    gate: WireGate | None = None
 
     def __post_init__(self) -> None:
         # Checks that need no model; run on construction (frontend) and on conversion
@@ -101,13 +183,9 @@ class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if not self.parts:
             raise WireError("parts", "empty")
         for k, p in enumerate(self.parts):
-            if not _DIGEST_RE.fullmatch(p.content):
-                raise WireError(f"parts[{k}].content", "not a sha256 hex digest")
-            if p.op not in OPS:
-                raise WireError(f"parts[{k}].op", f"{p.op!r} is not one of {', '.join(OPS)}")
-            if not math.isfinite(p.param):
-                raise WireError(f"parts[{k}].param", "not finite")
-            _check_layers(p.layers, f"parts[{k}].layers")
+            _check_part(p, f"parts[{k}]")
+        if self.gate is not None:
+            self.gate.check()
         for k, v in enumerate(self.inline):
             if not _DIGEST_RE.fullmatch(v.content):
                 raise WireError(f"inline[{k}].content", "not a sha256 hex digest")
@@ -132,8 +210,12 @@ class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     # -- transport -------------------------------------------------------------------
     def to_extra_arg(self) -> dict[str, Any]:
-        """Builtins (dicts, lists, int/float/str/bytes) for ``extra_args``."""
-        return msgspec.to_builtins(self, builtin_types=(bytes,))
+        """Builtins (dicts, lists, int/float/str/bytes) for ``extra_args`` (an
+        unconditioned request's wire has no ``gate`` key: it stays as before)."""
+        out = msgspec.to_builtins(self, builtin_types=(bytes,))
+        if out.get("gate") is None:
+            out.pop("gate", None)
+        return out
 
     @classmethod
     def from_extra_arg(cls, raw: Any) -> WireSteering:
@@ -152,7 +234,14 @@ class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if self.hidden != hidden:
             raise WireError("hidden", f"{self.hidden}, but the served model's hidden size "
                                       f"is {hidden}")
-        top = max(p.layers[-1] for p in self.parts if p.layers)
+        parts = list(self.parts)
+        if self.gate is not None:
+            parts += [*self.gate.else_parts, *self.gate.prompt_parts]
+            bad = [c.layer for c in self.gate.conditions if c.layer >= num_layers]
+            if bad:
+                raise WireError("gate.conditions", f"layer {bad[0]} out of range: the model "
+                                                   f"has {num_layers} layers")
+        top = max(p.layers[-1] for p in parts if p.layers)
         if top >= num_layers:
             raise WireError("parts", f"layer {top} out of range: the model has {num_layers} "
                                      "layers")
@@ -164,6 +253,30 @@ class WireSteering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if r.digest != self.digest:
             raise WireError("digest", "does not match the program")
         return r
+
+    def gate_program(self, name: str) -> tuple[str, Program] | None:
+        """``(digest, program)`` of the gate's ``else`` or ``prompt`` program (with the
+        request's ``normalize``), checked against its digest; None when it has none."""
+        if self.gate is None:
+            return None
+        parts = getattr(self.gate, f"{name}_parts")
+        if not parts:
+            return None
+        r = Program(tuple(Part(p.content, p.op, p.param, p.layers) for p in parts),
+                    self.normalize)
+        if r.digest != getattr(self.gate, f"{name}_digest"):
+            raise WireError(f"gate.{name}_digest", "does not match the program")
+        return r.digest, r
+
+
+def _check_part(p: WirePart, where: str) -> None:
+    if not _DIGEST_RE.fullmatch(p.content):
+        raise WireError(f"{where}.content", "not a sha256 hex digest")
+    if p.op not in OPS:
+        raise WireError(f"{where}.op", f"{p.op!r} is not one of {', '.join(OPS)}")
+    if not math.isfinite(p.param):
+        raise WireError(f"{where}.param", "not finite")
+    _check_layers(p.layers, f"{where}.layers")
 
 
 def _check_layers(layers: tuple[int, ...], field: str) -> None:
@@ -179,3 +292,16 @@ def _path_field(message: str) -> str:
     # msgspec: "Expected `int`, got `str` - at `$.start`" / "... unknown field `x`"
     m = re.search(r"at `\$\.([A-Za-z_]+)", message) or re.search(r"field `([^`]+)`", message)
     return m.group(1) if m else "wire"
+
+
+def first_read_position(extra_args: dict[str, Any] | None, wire_key: str) -> int | None:
+    """The scheduler's cap on a request's prefix-cache hit for its conditions: 0 when a
+    ``mean`` condition must read every prompt token, else None. Cheap: reads the wire's
+    builtins (``extra_args[wire_key]``) without converting them."""
+    if not extra_args:
+        return None
+    raw = extra_args.get(wire_key)
+    gate = raw.get("gate") if isinstance(raw, dict) else None
+    if not gate or gate.get("decision", -1) != -1:
+        return None
+    return 0 if any(c.get("aggregate") == "mean" for c in gate.get("conditions", ())) else None

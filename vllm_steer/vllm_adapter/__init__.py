@@ -47,9 +47,10 @@ def install() -> int:
         os.environ[V2_RUNNER_ENV] = "0"
         logger.info("vllm-steer: set %s=0 (steering hooks the V1 runner)", V2_RUNNER_ENV)
     checked = check_all()
-    from vllm_steer.vllm_adapter import capture, frontend, runner, sampler
+    from vllm_steer.vllm_adapter import capture, conditions, frontend, runner, sampler
 
     capture.install()
+    conditions.install()
     frontend.install()
     sampler.install()
     runner.install()

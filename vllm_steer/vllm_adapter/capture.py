@@ -51,7 +51,9 @@ from vllm_steer.steering.capture_spec import (
     first_captured_position,
 )
 from vllm_steer.steering.options import EngineOptions
+from vllm_steer.steering.spec import WIRE_KEY
 from vllm_steer.steering.values import SpecError
+from vllm_steer.steering.wire import first_read_position
 from vllm_steer.vllm_adapter.drift import VLLMDriftError
 from vllm_steer.vllm_adapter.engine import engine_options, input_processor
 
@@ -147,7 +149,11 @@ def _wrap_get_computed_blocks(orig):
     @functools.wraps(orig)
     def get_computed_blocks(self, request, *args, **kwargs):
         sp = request.sampling_params
-        first = first_captured_position(sp.extra_args if sp is not None else None)
+        extra = sp.extra_args if sp is not None else None
+        # capture's first captured position, or 0 for a mean condition (vllm_adapter/conditions)
+        firsts = [p for p in (first_captured_position(extra),
+                              first_read_position(extra, WIRE_KEY)) if p is not None]
+        first = min(firsts) if firsts else None
         if first is None or first >= request.num_tokens - 1:
             return orig(self, request, *args, **kwargs)
         out = orig(self, _CappedRequest(request, first + 1), *args, **kwargs)

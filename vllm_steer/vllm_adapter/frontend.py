@@ -101,7 +101,11 @@ def steer_request(processor: Any, request: Any) -> None:
         if processor.vllm_config.use_v2_model_runner:
             raise SpecError("steering", "vLLM's V2 model runner is active and vllm-steer only "
                             "hooks the V1 runner; start with VLLM_USE_V2_MODEL_RUNNER=0")
-        resolved = get_resolver(processor).resolve(spec, len(request.prompt_token_ids or ()))
+        if spec.condition is not None:
+            check_conditions(processor, spec)
+        resolved = get_resolver(processor).resolve(
+            spec, len(request.prompt_token_ids or ()), report=str(request.request_id),
+            choices=int(getattr(sp, "n", 1) or 1))
     except SpecError as e:
         field = spec.user_field(e.field) if spec is not None else e.field
         message = str(e) if field == e.field else f"{field}: {e}"
@@ -109,6 +113,19 @@ def steer_request(processor: Any, request: Any) -> None:
     extra[WIRE_KEY] = resolved.to_wire().to_extra_arg()
     salt = resolved.cache_salt
     request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+
+
+def check_conditions(processor: Any, spec: Any) -> None:
+    """Refuse a condition this engine cannot read (``SpecError`` naming the field)."""
+    cfg = processor.vllm_config
+    if not engine_options(processor).conditions:
+        raise SpecError("steering.condition", "this engine was started without conditions "
+                        "(additional_config {\"vllm_steer\": {\"conditions\": false}})")
+    if cfg.kv_transfer_config is not None and any(
+            c.aggregate != "last" for c in spec.condition.conditions):
+        raise SpecError("steering.condition", "a KV connector is configured: its external "
+                        "prefix hits cannot be capped, so only 'aggregate': 'last' conditions "
+                        "can be read")
 
 
 def prevalidate(extra_args: dict[str, Any] | None
@@ -133,6 +150,8 @@ def prevalidate(extra_args: dict[str, Any] | None
         spec = parse_extra_args(extra_args)
         if spec is None or processor is None:
             return spec, None
+        if spec.condition is not None:
+            check_conditions(processor, spec)
         return spec, get_resolver(processor).resolve(spec, 0)
     except SpecError as e:
         raise VLLMValidationError(str(e), parameter=e.field) from e

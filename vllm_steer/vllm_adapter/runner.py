@@ -9,7 +9,9 @@
   and ``rows`` are preallocated and only ever updated in place, so the compiled graph
   (and a CUDA graph) reads fresh values without any Python branch on tensor data.
 - ``_update_states``: acquire/release slot references as requests arrive and finish.
-- ``_prepare_inputs``: fill ``rows`` (one slot index per scheduled token) in place.
+- ``_prepare_inputs``: fill ``rows`` (one slot index per scheduled token) and the
+  condition targets in place;
+- ``_dummy_run``: clear them first (a dummy forward steers and accumulates nothing).
 
 vLLM's V2 model runner (``vllm/v1/worker/gpu/model_runner.py``) is not hooked: the plugin
 sets ``VLLM_USE_V2_MODEL_RUNNER=0`` and the frontend refuses steered requests when V2 is
@@ -33,13 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from vllm_steer.steering.condition_table import ConditionTable, CondReq
 from vllm_steer.steering.intake import Intake
 from vllm_steer.steering.layers import attach, plan_layers
 from vllm_steer.steering.options import EngineOptions
 from vllm_steer.steering.slots import SlotTable
 from vllm_steer.steering.spec import WIRE_KEY
 from vllm_steer.steering.think_tracker import ANSWER, THINK, ThinkTracker
-from vllm_steer.steering.wire import NO_END, WireSteering
+from vllm_steer.steering.wire import NO_END, WireError, WireSteering
 from vllm_steer.vllm_adapter import sampler as sampler_patch
 from vllm_steer.vllm_adapter.capture import RunnerCapture
 from vllm_steer.vllm_adapter.check import VLLMDriftError, check_instance
@@ -51,12 +54,30 @@ _RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 
 
 @dataclass
+class _Gate:
+    """A gated request's other programs and its decision (``steering.condition``)."""
+
+    split: int
+    else_digest: str | None
+    prompt_digest: str | None
+    decision: bool | None          # a replay's fixed decision; None: read by ``cond``
+    cond: CondReq | None
+
+
+@dataclass
 class _ReqSteer:
     digest: str
     mode: str
     start: int
     end: int
     tracker: ThinkTracker | None = field(default=None)
+    gate: _Gate | None = None
+
+    @property
+    def digests(self) -> list[str]:
+        g = self.gate
+        extra = [] if g is None else [d for d in (g.else_digest, g.prompt_digest) if d]
+        return [self.digest, *extra]
 
 
 class RunnerSteering:
@@ -81,15 +102,25 @@ class RunnerSteering:
         self._rows_np = self._rows_host.numpy()
         self._filled = 0            # rows[:_filled] may be non-zero
         self.reqs: dict[str, _ReqSteer] = {}
+        # Conditional steering: per gated token its request's condition slot and its row
+        # when the rule does not hold (``steering.condition_table``).
+        self.conditions = (ConditionTable(self.num_layers, num_slots, self.hidden, self.device,
+                                          n_rows) if self.options.conditions else None)
+        self._tok_req = np.zeros(n_rows, dtype=np.int64)
+        self._rows_else = np.zeros(n_rows, dtype=np.int64)
+        self._gated = 0             # _tok_req[:_gated] may be non-zero
 
         # Hidden-state capture (vllm_adapter/capture.py): the layers end with the capture op.
         self.capture = (RunnerCapture(self.device, self.num_layers, self.hidden, self.options)
                         if self.options.capture else None)
         plan = plan_layers(model, self.num_layers, self.options.layer_adapter)
+        cond = self.conditions
         for i, layer in enumerate(plan.layers):
             if layer is not None:
                 attach(layer, plan.kind, self.slots.layer(i), self.rows,
-                       *((i, self.capture.sink) if self.capture is not None else ()))
+                       *((i, self.capture.sink) if self.capture is not None else ()),
+                       **({} if cond is None else
+                          {"cond_acc": cond.acc, "cond_targets": cond.targets[i]}))
         self.adapter = plan.kind
         if plan.forced:
             logger.warning("vllm-steer: layers of %s matched no adapter; steering them as %r "
@@ -115,19 +146,42 @@ class RunnerSteering:
         w.check_model(self.num_layers, self.hidden)
         if req_id in self.reqs:      # resubmitted id: the old one was finished first
             self.remove_request(req_id)
+        gate = self._gate(req_id, w) if w.gate is not None else None
         # A live digest is already in the tables; a new one is composed from its program
         # (vectors inline, in memory or in the store, each checked against its id).
         composed = None if self.slots.is_live(w.digest) else self.intake.composed(w)
         self.slots.acquire(w.digest, composed)
+        if gate is not None:
+            for which, digest in (("else", gate.else_digest), ("prompt", gate.prompt_digest)):
+                if digest:
+                    self.slots.acquire(digest, None if self.slots.is_live(digest)
+                                       else self.intake.composed(w, which))
         tracker = (ThinkTracker(w.think_start_ids, w.think_end_ids)
                    if w.mode in _MODE_STATE else None)
         self.reqs[req_id] = _ReqSteer(w.digest, w.mode, w.start,
-                                      w.end if w.end != NO_END else 1 << 62, tracker)
+                                      w.end if w.end != NO_END else 1 << 62, tracker, gate)
+
+    def _gate(self, req_id: str, w: WireSteering) -> _Gate:
+        g = w.gate
+        assert g is not None
+        cond = None
+        if g.decision == -1:
+            if self.conditions is None:
+                raise WireError("gate", "this engine runs without conditions "
+                                        "(additional_config conditions: false)")
+            dirs = [self.intake.directions(w, c.content, c.layer) for c in g.conditions]
+            cond = self.conditions.add(req_id, g, dirs)
+        return _Gate(g.split, g.else_digest or None, g.prompt_digest or None,
+                     None if g.decision == -1 else bool(g.decision), cond)
 
     def remove_request(self, req_id: str) -> None:
         st = self.reqs.pop(req_id, None)
-        if st is not None:
-            self.slots.release(st.digest)
+        if st is None:
+            return
+        for digest in st.digests:
+            self.slots.release(digest)
+        if st.gate is not None and st.gate.cond is not None and self.conditions is not None:
+            self.conditions.remove(req_id)
 
     def remove_requests(self, req_ids: Iterable[str]) -> None:
         for rid in req_ids:
@@ -136,7 +190,8 @@ class RunnerSteering:
     # -- per step ------------------------------------------------------------------
     def fill_rows(self, req_ids: list[str], num_scheduled: np.ndarray,
                   num_computed: np.ndarray, token_ids: np.ndarray) -> None:
-        """Write one slot index per scheduled token into ``rows`` (in place).
+        """Write one slot index per scheduled token into ``rows`` (in place), and the
+        condition accumulation targets (``steering.condition_table``).
 
         ``num_scheduled``/``num_computed``: ``[num_reqs]`` in batch order;
         ``token_ids``: the batch's ``[max_reqs, max_len]`` token table (prompt + output).
@@ -146,30 +201,105 @@ class RunnerSteering:
         clear_to = max(self._filled, total)
         rows[:clear_to] = 0
         self._filled = 0
+        cond = self.conditions
+        if cond is not None:
+            cond.begin_step()     # scores the prompts the previous forward completed
+        if self._gated:
+            self._tok_req[:self._gated] = 0
+            self._gated = 0
+        gated = 0
         if self.reqs:
-            pinned = {self.reqs[r].digest for r in req_ids if r in self.reqs}
+            pinned = {d for r in req_ids if r in self.reqs for d in self.reqs[r].digests}
             offset = 0
             for i, rid in enumerate(req_ids):
                 n = int(num_scheduled[i])
                 st = self.reqs.get(rid)
                 if st is not None and n:
                     first = int(num_computed[i])
-                    lo, hi = max(st.start, first), min(st.end, first + n)
-                    if lo < hi:
-                        slot = self.slots.slot_for(st.digest, pinned)
-                        a, b = offset + lo - first, offset + hi - first
-                        if st.tracker is None:
-                            rows[a:b] = slot
-                        else:
-                            mask = st.tracker.flags(token_ids[i], first, n, _MODE_STATE[st.mode])
-                            seg = rows[offset:offset + n]
-                            sel = np.zeros(n, dtype=bool)
-                            sel[lo - first:hi - first] = True
-                            seg[mask & sel] = slot
-                        self._filled = offset + n
+                    g = st.gate
+                    if g is not None:
+                        gated = max(gated, self._fill_gated(st, g, i, offset, first, n,
+                                                            token_ids, pinned))
+                    else:
+                        sel = self._selected(st, i, first, n, token_ids)
+                        if sel is not None:
+                            rows[offset:offset + n][sel] = self.slots.slot_for(st.digest, pinned)
+                            self._filled = offset + n
                 offset += n
         if self.device.type != "cpu" and clear_to:
             self.rows[:clear_to].copy_(self._rows_host[:clear_to], non_blocking=True)
+        if gated:
+            # each gated token keeps its "then" row where its request's rule holds, else
+            # takes its "else" row: tensor ops, the gate never leaves the device
+            assert cond is not None
+            dev = self.device
+            req = torch.from_numpy(self._tok_req[:gated]).to(dev, non_blocking=True)
+            other = torch.from_numpy(self._rows_else[:gated]).to(dev, non_blocking=True)
+            picked = torch.where(cond.gate[req] > 0, self.rows[:gated], other)
+            self.rows[:gated].copy_(picked)
+            self._gated = gated
+        if cond is not None:
+            cond.end_step()
+
+    def quiesce(self) -> None:
+        """Before a forward that no scheduler step planned (vLLM's dummy runs: warm-up,
+        profiling, CUDA-graph capture, an idle data-parallel rank): it steers, accumulates
+        and captures nothing, so the last step's rows and targets cannot leak into it."""
+        self._rows_np[:] = 0
+        if self.device.type != "cpu":
+            self.rows.zero_()
+        self._filled = 0
+        if self._gated:
+            self._tok_req[:self._gated] = 0
+            self._gated = 0
+        if self.conditions is not None:
+            self.conditions.clear_targets()
+        if self.capture is not None:
+            empty = np.zeros(0, dtype=np.int64)
+            self.capture.plan([], empty, empty)
+
+    def _selected(self, st: _ReqSteer, i: int, first: int, n: int, token_ids: np.ndarray
+                  ) -> slice | np.ndarray | None:
+        """The chunk's tokens (indices into its ``n``) that ``st``'s rule steers, or None."""
+        lo, hi = max(st.start, first), min(st.end, first + n)
+        if lo >= hi:
+            return None
+        if st.tracker is None:
+            return slice(lo - first, hi - first)
+        mask = st.tracker.flags(token_ids[i], first, n, _MODE_STATE[st.mode])
+        sel = np.zeros(n, dtype=bool)
+        sel[lo - first:hi - first] = True
+        return mask & sel
+
+    def _fill_gated(self, st: _ReqSteer, g: _Gate, i: int, offset: int, first: int, n: int,
+                    token_ids: np.ndarray, pinned: set[str]) -> int:
+        """Rows of a gated request's chunk: prompt positions (below the split) get the
+        prompt program; the selected generated ones the "then" row, with the "else" row and
+        the condition slot beside it when the decision is read on the device. Returns how
+        far ``_tok_req`` was written (0: not at all)."""
+        rows = self._rows_np
+        if g.prompt_digest is not None and first < g.split:
+            hi = min(first + n, g.split)
+            rows[offset:offset + hi - first] = self.slots.slot_for(g.prompt_digest, pinned)
+            self._filled = offset + n
+        if g.cond is not None:
+            assert self.conditions is not None
+            self.conditions.plan(g.cond, offset, first, n)
+        sel = self._selected(st, i, first, n, token_ids)
+        if sel is None:
+            return 0
+        then = self.slots.slot_for(st.digest, pinned)
+        other = self.slots.slot_for(g.else_digest, pinned) if g.else_digest else 0
+        seg = rows[offset:offset + n]
+        self._filled = offset + n
+        if g.decision is not None:
+            seg[sel] = then if g.decision else other
+            return 0
+        assert g.cond is not None
+        seg[sel] = then
+        self._rows_else[offset:offset + n][sel] = other
+        self._tok_req[offset:offset + n][sel] = g.cond.slot
+        return offset + n
 
 
 def runner_classes() -> list[type]:
@@ -201,6 +331,8 @@ def install() -> None:
         base._update_states = _wrap_update_states(base._update_states)
     if not _is_ours(base._prepare_inputs):
         base._prepare_inputs = _wrap_prepare_inputs(base._prepare_inputs)
+    if not _is_ours(base._dummy_run):
+        base._dummy_run = _wrap_dummy_run(base._dummy_run)
 
 
 def check_runner(runner: Any) -> None:
@@ -213,7 +345,7 @@ def check_runner(runner: Any) -> None:
                              f"is a {type(runner.sampler).__qualname__} whose forward is not "
                              "the patched Sampler.forward: a probe fork would overwrite other "
                              "requests' top-k log-probs in a mixed batch")
-    for name in ("_update_states", "_prepare_inputs"):
+    for name in ("_update_states", "_prepare_inputs", "_dummy_run"):
         if not _is_ours(getattr(type(runner), name, None)):
             raise VLLMDriftError(f"{type(runner).__module__}:{type(runner).__qualname__}.{name}",
                                  "is not the patched GPUModelRunner method (overridden by "
@@ -358,6 +490,17 @@ def _wrap_update_states(orig):
         return out
 
     return _mark(_update_states)
+
+
+def _wrap_dummy_run(orig):
+    @functools.wraps(orig)
+    def _dummy_run(self, *args, **kwargs):
+        steer: RunnerSteering | None = getattr(self, "_vllm_steer", None)
+        if steer is not None:
+            steer.quiesce()
+        return orig(self, *args, **kwargs)
+
+    return _mark(_dummy_run)
 
 
 def _wrap_prepare_inputs(orig):

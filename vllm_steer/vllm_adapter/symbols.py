@@ -69,6 +69,10 @@ SYMBOLS: tuple[Symbol, ...] = (
            "arrive and finish", (Signature(("self", "scheduler_output")),)),
     Symbol(f"{_RUNNER}._prepare_inputs", PATCHED, "fill the per-token slot rows before each "
            "forward", (Signature(("self", "scheduler_output", "num_scheduled_tokens")),)),
+    Symbol(f"{_RUNNER}._dummy_run", PATCHED, "a dummy forward (warm-up, profiling, CUDA-graph "
+           "capture, idle data-parallel rank) runs with the rows, condition targets and "
+           "capture plan cleared: the last step's cannot leak into it",
+           (Signature(("self", "num_tokens")),)),
     Symbol(f"{_RUNNER}.input_batch", READ, "request order and token positions of the batch",
            (Assigned(), Instance("runner", "input_batch"))),
     Symbol(f"{_RUNNER}.max_num_reqs", READ, "number of table slots (max_num_seqs + 1)",
@@ -132,13 +136,15 @@ SYMBOLS: tuple[Symbol, ...] = (
            "speculative decoding (the rejection sampler ignores it)", (Field(),)),
     Symbol("vllm.config.vllm:VllmConfig.speculative_config", READ, "speculative decoding on?",
            (Field(),)),
-    Symbol("vllm.v1.worker.worker_base:WorkerBase", PATCHED, "gains vllm_steer_stats and "
-           "vllm_steer_take_captures, reachable with collective_rpc", (Exists(),)),
+    Symbol("vllm.v1.worker.worker_base:WorkerBase", PATCHED, "gains vllm_steer_stats, "
+           "vllm_steer_take_captures and vllm_steer_take_conditions, reachable with "
+           "collective_rpc", (Exists(),)),
     Symbol("vllm.v1.worker.worker_base:WorkerBase.model_runner", READ, "the runner whose "
            "steering state vllm_steer_stats reports", (Assigned(),)),
     # -- hidden-state capture (vllm_adapter/capture.py) --------------------------------------
     Symbol("vllm.v1.core.kv_cache_manager:KVCacheManager.get_computed_blocks", PATCHED,
-           "a capture request's prefix-cache hit is capped at its first captured position "
+           "a capture request's prefix-cache hit is capped at its first captured position, a "
+           "mean condition's at 0 "
            "(called with a view whose num_tokens is that position + 1; result checked)",
            (Signature(("self", "request")),)),
     Symbol("vllm.v1.request:Request.num_tokens", READ, "get_computed_blocks caps the hit at "
@@ -150,13 +156,24 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.config.compilation:CompilationConfig.cudagraph_mode", READ, "capture is "
            "refused with CUDA graphs (the op's Python body does not run in a replay); "
            "`doctor --verify` reports CUDA graphs on or off", (Field(),)),
-    Symbol("vllm.config.vllm:VllmConfig.kv_transfer_config", READ, "capture is refused with "
-           "a KV connector (external prefix hits are not capped)", (Field(),)),
+    Symbol("vllm.config.vllm:VllmConfig.kv_transfer_config", READ, "capture and mean "
+           "conditions are refused with a KV connector (external prefix hits are not capped)",
+           (Field(),)),
     Symbol("vllm.config.vllm:VllmConfig.compilation_config", READ, "cudagraph mode, traced "
            "files; what `doctor --verify` ran: compile mode and CUDA graphs of each engine",
            (Field(),)),
-    Symbol("vllm.entrypoints.llm:LLM.collective_rpc", CALLED, "collect captures from the "
-           "workers (take_captures)", (Signature(("self", "method")),)),
+    Symbol("vllm.entrypoints.llm:LLM.collective_rpc", CALLED, "collect captures and "
+           "condition reports from the workers (take_captures, take_conditions)",
+           (Signature(("self", "method")),)),
+    # -- conditional steering (vllm_adapter/conditions.py, steering/condition_table.py) ------
+    Symbol("vllm.v1.engine.parallel_sampling:ParentRequest.get_child_info", READ, "n > 1: a "
+           "choice's engine request id is '{index}_{parent id}'; condition reports carry that "
+           "index", (Signature(("self", "index")),)),
+    Symbol("vllm.v1.engine:EngineCoreRequest.request_id", READ, "the caller's request id at "
+           "admission (process_inputs runs before assign_request_id adds its random suffix): "
+           "the key condition reports are collected by", (Field(),)),
+    Symbol("vllm.sampling_params:SamplingParams.n", READ, "a conditioned request's number of "
+           "choices (its reports are per choice)", (Field(),)),
     # -- configuration ----------------------------------------------------------------------
     Symbol("vllm.config.vllm:VllmConfig.additional_config", READ, "plugin options (registry, "
            "layer_adapter, max_projections, transport); the compile-cache key is added here",
@@ -203,7 +220,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.engine.protocol:EngineClient.model_config", READ, "max_model_len for probes",
            (Field(),)),
     Symbol("vllm.engine.protocol:EngineClient.collective_rpc", CALLED, "GET /v1/steering/stats; "
-           "collecting captures (training route)",
+           "collecting captures (training route) and condition reports (responses, probes)",
            (Signature(("self", "method")),)),
     Symbol("vllm.engine.protocol:EngineClient.generate", CALLED, "the probe and training "
            "routes' requests (training: pinned to data-parallel rank 0)",

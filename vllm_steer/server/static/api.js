@@ -127,7 +127,8 @@ export function isReading(r) {
 }
 
 /** What one chat-completion stream chunk carries for choice 0: text, finish reason,
- * usage, probe readings (valid ones, in order; `bad` counts malformed ones), or an error. */
+ * usage, probe readings (valid ones, in order; `bad` counts malformed ones), the
+ * condition report (`steering_condition`, on the finish chunk), or an error. */
 export function readChunk(obj) {
   if (!obj || typeof obj !== 'object') throw new ApiError(0, 'malformed stream event');
   if (obj.error) {
@@ -135,7 +136,7 @@ export function readChunk(obj) {
     return { error: new ApiError(e.code ?? 500, message(e), e.param ?? null, e.type ?? null) };
   }
   const out = { text: '', reasoning: '', finish: null, readings: [], bad: 0,
-                usage: obj.usage || null };
+                usage: obj.usage || null, condition: null };
   for (const c of obj.choices || []) {
     if ((c.index ?? 0) !== 0) continue;
     const d = c.delta || {};
@@ -143,6 +144,9 @@ export function readChunk(obj) {
     const r = d.reasoning_content ?? d.reasoning;
     if (typeof r === 'string') out.reasoning += r;
     if (c.finish_reason) out.finish = c.finish_reason;
+    if (c.steering_condition && typeof c.steering_condition === 'object') {
+      out.condition = c.steering_condition;
+    }
     if (c.probe_readings !== undefined) {
       const list = Array.isArray(c.probe_readings) ? c.probe_readings : [c.probe_readings];
       for (const reading of list) {

@@ -5,8 +5,8 @@ import {
 } from './api.js';
 import { drawChart } from './chart.js';
 import {
-  buildSpec, chatBody, controlFor, formatLayers, OP_PARAM, OPS, parseChoices, parseLayers,
-  parseValues, probeBody, snippets, targetLogOdds, withParam,
+  buildSpec, chatBody, conditionText, controlFor, formatLayers, OP_PARAM, OPS, parseChoices,
+  parseLayers, parseValues, probeBody, snippets, targetLogOdds, withParam,
 } from './spec.js';
 import { liveChartSpec, sweepChartSpec } from './views.js';
 
@@ -158,6 +158,8 @@ async function connect() {
 
 // -- registered vectors ----------------------------------------------------------------
 function defaultText(v) {
+  const cond = conditionDefaults(v);
+  if (cond) return `condition: layer ${cond.layer}, ${cond.aggregate}, ${cond.compare} ${cond.threshold}`;
   if (v.default_op === 'ablate') return `ablate, strength ${v.default_strength ?? 1}`;
   if (v.default_op === 'clamp') return `clamp, value ${v.default_value ?? 0}`;
   return `add, scale ${v.default_scale ?? 1}`;
@@ -176,6 +178,7 @@ async function loadVectors() {
   state.numLayers = list.model ? list.model.num_layers : null;
   renderVectors();
   syncRowOptions();
+  fillConditionNames();
 }
 
 function renderVectors() {
@@ -422,7 +425,32 @@ function readRows() {
 function currentSpec() {
   const rows = readRows();
   if (!rows.length) return null;
-  return buildSpec({ rows, apply_to: $('apply-to').value, normalize: $('normalize').checked });
+  return buildSpec({ rows, apply_to: $('apply-to').value, normalize: $('normalize').checked,
+                    condition: readCondition() });
+}
+
+function readCondition() {
+  return { name: $('cond-name').value, layer: $('cond-layer').value,
+           aggregate: $('cond-aggregate').value, compare: $('cond-compare').value,
+           threshold: $('cond-threshold').value };
+}
+
+/** The trained defaults a condition vector's file carries (metadata "extra.condition"). */
+function conditionDefaults(v) {
+  const raw = v && v.metadata ? v.metadata['extra.condition'] : null;
+  if (!raw) return null;
+  try { return JSON.parse(raw); } catch { return null; }
+}
+
+function fillConditionNames() {
+  const sel = $('cond-name');
+  const chosen = sel.value;
+  // condition vectors (trained, with defaults) first; any vector may serve as a direction
+  const names = [...state.vectors].sort((a, b) => Number(!!conditionDefaults(b))
+    - Number(!!conditionDefaults(a))).map((v) => v.name);
+  sel.replaceChildren(h('option', { value: '', text: 'none: always steer' }),
+    ...names.map((n) => h('option', { value: n, text: n })));
+  sel.value = names.includes(chosen) ? chosen : '';
 }
 
 function specSummary(spec) {
@@ -431,7 +459,9 @@ function specSummary(spec) {
     const p = v[OP_PARAM[v.op || 'add']];
     return `${v.name} ${v.op || 'add'}${p === undefined ? '' : ` ${p}`}`;
   });
-  return `${parts.join(' + ')} · ${spec.apply_to || 'all'}${spec.normalize ? ' · normalize' : ''}`;
+  const where = spec.apply_to || (spec.condition ? 'generated' : 'all');
+  return `${parts.join(' + ')} · ${where}${spec.normalize ? ' · normalize' : ''}`
+    + (spec.condition ? ` · if ${spec.condition.name}` : '');
 }
 
 // -- generation --------------------------------------------------------------------------
@@ -458,6 +488,7 @@ function resetOutput(which) {
   $(`out-${which}`).textContent = '';
   $(`out-${which}`).classList.remove('failed');
   $(`meta-${which}`).textContent = '';
+  if (which === 'steered') $('cond-steered').textContent = '';
 }
 
 async function runOne(which, body, signal) {
@@ -478,6 +509,9 @@ async function runOne(which, body, signal) {
         if (c.text || c.reasoning) tokens += 1;
         if (c.finish) finish = c.finish;
         if (c.usage) usage = c.usage;
+        if (c.condition && which === 'steered') {
+          $('cond-steered').textContent = `condition: ${conditionText(c.condition)}`;
+        }
         if (c.readings.length || c.bad) {
           readings.push(...c.readings);
           bad += c.bad;

@@ -65,9 +65,42 @@ export function parseValues(text) {
   return { values };
 }
 
+/** The `condition` object of a request from the condition row: {name, layer, aggregate,
+ * compare, threshold} as typed ("" -> the condition file's trained default); null when no
+ * condition vector is chosen. */
+export function buildCondition(c) {
+  if (!c || !c.name) return null;
+  const out = { name: c.name };
+  const layer = parseNumber(c.layer);
+  if (layer !== undefined) out.layer = layer;
+  if (c.aggregate) out.aggregate = c.aggregate;
+  if (c.compare) out.compare = c.compare;
+  const t = parseNumber(c.threshold);
+  if (t !== undefined) out.threshold = t;
+  return out;
+}
+
+/** One line for a choice's `steering_condition` report: each condition's score against
+ * its threshold and whether the rule held (so the steering applied). */
+export function conditionText(report) {
+  if (!report || typeof report !== 'object') return '';
+  if (report.error) return `condition not read: ${report.error}`;
+  const parts = (report.conditions || []).map((c) => {
+    const s = typeof c.score === 'number' ? c.score.toFixed(4) : 'n/a';
+    const op = c.compare === 'below' ? '≤' : '≥';
+    return `${c.label} (layer ${c.layer}, ${c.aggregate}): score ${s} ${op} ${c.threshold}? `
+      + `${c.holds ? 'yes' : 'no'}`;
+  });
+  const verdict = report.holds === null || report.holds === undefined ? 'undecided'
+    : report.holds ? 'holds: steered' : 'does not hold: not steered';
+  return `${parts.join('; ')} → ${verdict}`;
+}
+
 /** The `steering` object of a request from the composer's rows.
- * rows: [{name, op, param (text), layers (text)}]; apply_to; normalize (bool). */
-export function buildSpec({ rows, apply_to: applyTo, normalize }) {
+ * rows: [{name, op, param (text), layers (text)}]; apply_to; normalize (bool); condition
+ * (the condition row, see buildCondition). With a condition, apply_to "all" is left to the
+ * server's default for conditioned steering (the generated tokens). */
+export function buildSpec({ rows, apply_to: applyTo, normalize, condition }) {
   const vectors = rows.map((r) => {
     const v = { name: r.name };
     if (r.op) v.op = r.op;
@@ -80,6 +113,8 @@ export function buildSpec({ rows, apply_to: applyTo, normalize }) {
   const spec = { vectors };
   if (applyTo && applyTo !== 'all') spec.apply_to = applyTo;
   if (normalize) spec.normalize = true;
+  const cond = buildCondition(condition);
+  if (cond) spec.condition = cond;
   return spec;
 }
 
