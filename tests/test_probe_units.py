@@ -254,19 +254,33 @@ def test_multi_token_readings_sum_token_logprobs_and_fill_cache_gaps(tok, fork_s
                                                                       add_special_tokens=False))])])
     reqs = job.requests("forks")
     cs = job.choices
-    forked = [v for vs in cs.variants for v in vs if len(v) > 1 or fork_single]
-    assert len(reqs) == len(job.points) * (1 + len(forked))
+    # one fork per read context: each multi-token variant minus its last token (and each
+    # single-token variant on its own fork when asked), plus the head
+    contexts = sorted({tuple(v[:-1]) for vs in cs.variants for v in vs if len(v) > 1})
+    singles = [(v[0],) for vs in cs.variants for v in vs if len(v) == 1] if fork_single else []
+    per_point = 1 + len(contexts) + len(singles)
+    assert len(reqs) == len(job.points) * per_point
     for i, (p, sp) in enumerate(reqs):
-        pt = job.points[i // (1 + len(forked))]
-        if i % (1 + len(forked)) == 0:
+        pt = job.points[i // per_point]
+        j = i % per_point
+        if j == 0:
             assert p["prompt_token_ids"] == pt.base and sp.logprob_token_ids == cs.head_ids
-        else:
-            v = forked[i % (1 + len(forked)) - 1]
-            assert p["prompt_token_ids"] == pt.base + list(v)
+            continue
+        ctx = (contexts + singles)[j - 1]
+        assert p["prompt_token_ids"] == pt.base + list(ctx)
+        if j <= len(contexts):   # reads every variant's last token after ctx at once
+            assert sp.logprob_token_ids == sorted({v[-1] for vs in cs.variants for v in vs
+                                                   if len(v) > 1 and tuple(v[:-1]) == ctx})
+        if len(ctx) > 1 or j > len(contexts):   # its own tokens through prompt log-probs
             assert sp.prompt_logprobs == 0 and sp.skip_reading_prefix_cache is False
-    # every third variant fork found its first two choice tokens in the prefix cache
-    hits = {i: len(p["prompt_token_ids"]) - len(forked[(i % (1 + len(forked))) - 1]) + 1
-            for i, (p, _) in enumerate(reqs) if i % (1 + len(forked)) and i % 3 == 0}
+        else:
+            assert sp.prompt_logprobs is None
+    # every third read-context fork of two or more tokens found base + its first token in
+    # the prefix cache: the row of its second token was not computed
+    hits = {i: len(reqs[i][0]["prompt_token_ids"]) - len(contexts[i % per_point - 1]) + 1
+            for i in range(len(reqs)) if 0 < i % per_point <= len(contexts)
+            and len(contexts[i % per_point - 1]) > 1 and i % 3 == 0}
+    assert hits
     job.take("forks", _fake_outputs(job, reqs, hits))
     gaps = job.requests("gaps")
     assert gaps, "the cache hits must leave rows that no fork computed"
@@ -281,7 +295,7 @@ def test_multi_token_readings_sum_token_logprobs_and_fill_cache_gaps(tok, fork_s
         assert r.logprobs == pytest.approx(per, abs=1e-9)
         assert r.mass == pytest.approx(sum(math.exp(x) for x in per.values()))
         assert sum(r.probs.values()) == pytest.approx(1.0) and r.log_ratio is None
-        assert r.requests >= 1 + len(forked)
+        assert r.requests >= per_point
 
 
 def test_fork_spec_steers_the_suffix_only_when_asked():

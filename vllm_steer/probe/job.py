@@ -28,9 +28,10 @@ from typing import Any
 
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
 from vllm_steer.probe.config import ProbeConfig
-from vllm_steer.probe.forks import fork_points, fork_spec, replay_spec, think_states
+from vllm_steer.probe.forks import align_mode, fork_spec, place_point, replay_spec, think_states
 from vllm_steer.probe.point import PointReader, ProbePoint, think_marker_ids
 from vllm_steer.probe.reading import Reading
+from vllm_steer.probe.triggers import Candidate, plan_candidates
 from vllm_steer.steering.spec import SpecError
 from vllm_steer.steering.think_tracker import ANSWER, THINK
 
@@ -65,7 +66,8 @@ class ProbeJob:
     def __init__(self, tokenizer: Any, prompts: list[list[int]],
                  steering: list[dict[str, Any] | str | None], cfg: ProbeConfig, *,
                  labels: list[str] | None = None, generate: bool = True,
-                 max_model_len: int | None = None, fork_single_tokens: bool = False) -> None:
+                 max_model_len: int | None = None, fork_single_tokens: bool = False,
+                 block_size: int | None = None) -> None:
         cfg.validate()
         if not prompts:
             raise ProbeError("prompts", "at least one prompt is needed")
@@ -91,6 +93,10 @@ class ProbeJob:
                 raise ProbeError("suffix", f"{cfg.suffix!r} tokenizes to nothing")
         self.ts, self.te = think_marker_ids(tokenizer, cfg.think_start, cfg.think_end)
         self.max_model_len = max_model_len
+        self.align = align_mode(cfg.align, any(self.choices.multi_token) or fork_single_tokens)
+        if self.align != "none" and generate and not block_size:
+            raise ProbeError("align", "needs the engine's KV block size")
+        self.block_size = block_size
         if max_model_len is not None:
             self._check_context(prompts, max_model_len)
         labels = labels or [f"trajectory {i}" for i in range(len(prompts))]
@@ -163,15 +169,31 @@ class ProbeJob:
                 if states[i] == THINK and states[i + 1] == ANSWER:
                     t.think_end_index = i + 1   # where thinking closed, for the plot
                     break
-            points = fork_points(seq, n_prompt, self.cfg.every, (self.ts, self.te)) \
-                if self.generate else [0]
-            for p in points:
+            if self.generate:
+                cands = plan_candidates(t.token_ids, self.cfg.trigger, self.cfg.every,
+                                        self.cfg.markers, self.cfg.min_spacing, self.tok,
+                                        t.prompt_ids)
+            else:
+                cands = [Candidate(0, "once")]
+            seen: set[int] = set()
+            for c in cands:
+                p = place_point(seq, n_prompt, c, (self.ts, self.te), self.align,
+                                self.block_size, lambda q, st=states: self._tail(st[q]))
+                if p in seen:
+                    continue
+                seen.add(p)
                 thinking = states[p] == THINK
                 base = seq[:n_prompt + p] + (list(self.te) if thinking else []) \
                     + self.suffix_ids
                 spec = fork_spec(t.steering, n_prompt, p, self.cfg.steer_suffix)
-                self.points.append(ProbePoint(k, p, thinking, base, spec))
+                self.points.append(ProbePoint(k, p, thinking, base, spec, trigger=c.kind,
+                                              marker=c.marker, trigger_index=c.index))
+        self.points.sort(key=lambda pt: (pt.traj, pt.token_index))
         return self.points
+
+    def _tail(self, state: int) -> int:
+        """Tokens a fork appends after its prefix (think-end when open, the suffix)."""
+        return (len(self.te) if state == THINK else 0) + len(self.suffix_ids)
 
     def _point_requests(self, rnd: str, points: list[ProbePoint]
                         ) -> list[tuple[dict[str, Any], Any]]:

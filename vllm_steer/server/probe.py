@@ -23,7 +23,7 @@ from vllm_steer.probe.job import ProbeJob
 from vllm_steer.probe.prompts import build_prompt, chat_ids
 from vllm_steer.server.common import SteerHTTPError, SteerRoute, context, read_body
 from vllm_steer.steering.spec import SpecError, parse_spec
-from vllm_steer.vllm_adapter.engine import max_model_len
+from vllm_steer.vllm_adapter.engine import block_size, max_model_len
 
 router = APIRouter(route_class=SteerRoute)
 MAX_BODY = 1 << 20
@@ -32,7 +32,8 @@ _OTHER_KEYS = {"chat", "system", "open_thinking", "steering", "trajectory"}
 #: ``ProbeConfig``'s fields, validated there (one place for probe settings).
 _CFG_KEYS = {f.name for f in fields(ProbeConfig)}
 #: Config fields that only shape the trajectory (an error with ``"trajectory": false``).
-_TRAJECTORY_ONLY = ("every", "max_tokens", "temperature", "seed", "ignore_eos")
+_TRAJECTORY_ONLY = ("every", "max_tokens", "temperature", "seed", "ignore_eos", "trigger",
+                    "markers", "min_spacing", "align")
 _KNOWN = set(_PROMPT_KEYS) | _OTHER_KEYS | _CFG_KEYS
 
 
@@ -110,7 +111,8 @@ def _steering(body: dict[str, Any]) -> dict[str, Any] | None:
         raise SteerHTTPError(400, str(e), e.field) from None
 
 
-def parse_probe_body(raw: bytes, tok: Any, max_model_len: int | None) -> ProbeJob:
+def parse_probe_body(raw: bytes, tok: Any, max_model_len: int | None,
+                     block_size: int | None = None) -> ProbeJob:
     """Validate the body into a ``ProbeJob`` (raises ``SteerHTTPError`` naming the field)."""
     try:
         body = json.loads(raw)
@@ -131,7 +133,7 @@ def parse_probe_body(raw: bytes, tok: Any, max_model_len: int | None) -> ProbeJo
         steering = _steering(body)
         ids = _prompt_ids(body, tok)
         return ProbeJob(tok, [ids], [steering], cfg, generate=trajectory,
-                        max_model_len=max_model_len)
+                        max_model_len=max_model_len, block_size=block_size)
     except ProbeError as e:
         raise SteerHTTPError(400, str(e), e.field) from None
 
@@ -145,7 +147,8 @@ async def steering_probe(request: Request) -> JSONResponse:
     if tok is None:
         raise SteerHTTPError(503, "the server has no tokenizer; probes need one")
     max_len = max_model_len(ctx.engine_client)
-    job = parse_probe_body(await read_body(request, MAX_BODY), tok, max_len)
+    job = parse_probe_body(await read_body(request, MAX_BODY), tok, max_len,
+                           block_size(ctx.engine_client))
     try:
         (traj,) = await run_job_async(ctx.engine_client, job)
     except VLLMValidationError as e:
