@@ -61,9 +61,9 @@ class ProbeConfig:
     forks exactly there; ``"prefix"`` / ``"base"`` move each trigger's fork back to where
     the sequence prefix / the whole fork base ends on a KV block (computes only what the
     cache cannot supply, reading up to a block earlier); ``"block"``: ``"base"`` for
-    multi-token choices, else ``"prefix"``. ``suffix``: forcing text appended at each fork (``None``,
-    one-shot readings only: read right after the prompt); ``max_tokens``: trajectory
-    length; ``min_mass``: readings whose choices hold less probability are flagged and
+    multi-token choices, else ``"prefix"``. ``suffix``: forcing text appended at each
+    fork (``None``, one-shot readings only: read right after the prompt); ``max_tokens``:
+    trajectory length; ``min_mass``: readings whose choices hold less probability are flagged and
     re-asked for their ``top_k_flagged`` top tokens (0: not re-asked);
     ``think_start``/``think_end``: the thinking-section markers (a fork inside an open
     section appends ``think_end``; None: the tokenizer's own, see ``vllm_steer.thinking``);

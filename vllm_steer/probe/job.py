@@ -61,13 +61,15 @@ class ProbeJob:
 
     ``fork_single_tokens=True`` reads single-token variants on their own forks through
     prompt log-probs too (the multi-token path), to check that both paths agree.
+    ``block_size``: the engine's KV block size (``cfg.align`` needs it); ``cache_salt``:
+    given to every request (trajectories and forks share blocks only with each other).
     """
 
     def __init__(self, tokenizer: Any, prompts: list[list[int]],
                  steering: list[dict[str, Any] | str | None], cfg: ProbeConfig, *,
                  labels: list[str] | None = None, generate: bool = True,
                  max_model_len: int | None = None, fork_single_tokens: bool = False,
-                 block_size: int | None = None) -> None:
+                 block_size: int | None = None, cache_salt: str | None = None) -> None:
         cfg.validate()
         if not prompts:
             raise ProbeError("prompts", "at least one prompt is needed")
@@ -97,6 +99,7 @@ class ProbeJob:
         if self.align != "none" and generate and not block_size:
             raise ProbeError("align", "needs the engine's KV block size")
         self.block_size = block_size
+        self.cache_salt = cache_salt
         if max_model_len is not None:
             self._check_context(prompts, max_model_len)
         labels = labels or [f"trajectory {i}" for i in range(len(prompts))]
@@ -143,7 +146,10 @@ class ProbeJob:
             sp = SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
                                 seed=self.cfg.seed, ignore_eos=self.cfg.ignore_eos,
                                 extra_args={"steering": t.steering} if t.steering else None)
-            reqs.append(({"prompt_token_ids": t.prompt_ids}, sp))
+            prompt: dict[str, Any] = {"prompt_token_ids": t.prompt_ids}
+            if self.cache_salt is not None:
+                prompt["cache_salt"] = self.cache_salt
+            reqs.append((prompt, sp))
         return reqs
 
     def _take_trajectories(self, outputs: list[Any]) -> None:
@@ -187,7 +193,8 @@ class ProbeJob:
                     + self.suffix_ids
                 spec = fork_spec(t.steering, n_prompt, p, self.cfg.steer_suffix)
                 self.points.append(ProbePoint(k, p, thinking, base, spec, trigger=c.kind,
-                                              marker=c.marker, trigger_index=c.index))
+                                              marker=c.marker, trigger_index=c.index,
+                                              cache_salt=self.cache_salt))
         self.points.sort(key=lambda pt: (pt.traj, pt.token_index))
         return self.points
 
