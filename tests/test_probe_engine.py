@@ -307,7 +307,7 @@ def test_happy_sweep_moves_log_ratio_monotonically(setup):
 @pytest.mark.parametrize("choices, extra", [
     (["Yes", "No"], {}), (["20", "30", "40", "50"], {}),
     (["Yes", "No"], {"trigger": "steps", "every": 24, "align": "block"}),
-    (["20", "30", "40", "50"], {"trigger": "steps", "align": "block"})],
+    (["20", "30", "40", "50"], {"trigger": "steps", "every": None, "align": "block"})],
     ids=["yes-no", "20-50", "yes-no-steps-aligned", "20-50-steps-aligned"])
 def test_live_readings_equal_the_offline_probe_of_the_same_trajectory(setup, choices, extra):
     """Forks submitted while the requests generate (two prompts, n=2 sampled) read what
@@ -436,7 +436,7 @@ def test_multi_token_readings_at_shared_bases_match_hf_reference(setup, hf_model
     tok = llm.get_tokenizer()
     question, choices = MULTI[0]
     p = build_prompt(tok, question, open_thinking="<think>\n")
-    cfg = ProbeConfig(choices=choices, every=16, max_tokens=64, ignore_eos=True, align=align)
+    cfg = ProbeConfig(choices=choices, every=32, max_tokens=96, ignore_eos=True, align=align)
     job = ProbeJob(tok, [p], [STEERED], cfg, block_size=BLOCK)
     (traj,) = run_job(llm, job, use_tqdm=False)
     variants = {c: reference_variants(tok, c) for c in choices}

@@ -1331,7 +1331,7 @@ def _counter(server, name: str, source: str | None = None) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     total = 0.0
     for line in text.splitlines():
-        if not line.startswith(name + "{") or line.startswith("#"):
+        if not line.startswith((name + "{", name + "_total{")):
             continue
         if source is not None and f'source="{source}"' not in line:
             continue
@@ -1339,41 +1339,53 @@ def _counter(server, name: str, source: str | None = None) -> float:
     return total
 
 
+def _server_block_size(http) -> int:
+    """The served engine's KV block size, as the probe route reports it."""
+    r = http.post("/v1/steering/probe", json={"prompt": "Hi", "trajectory": False},
+                  timeout=REQUEST_TIMEOUT)
+    assert r.status_code == 200, r.text
+    return int(r.json()["block_size"])
+
+
 @pytest.mark.parametrize("align", ["prefix", "none"])
-def test_computed_tokens_per_reading_from_vllm_counters(server, server_tok, align):
+def test_computed_tokens_per_reading_from_vllm_counters(server, http, server_tok, align):
     """What a probed request costs in prompt tokens, from vLLM's own server counters
     (``vllm:prompt_tokens_by_source{source="local_compute"}``): the request's prompt (its
     own cache salt: nothing shared with earlier requests) plus each reading's computed
     tokens, nothing else. Prefix-aligned forks compute only the think-end marker and the
     suffix; exact ones also recompute their partial last block. The forks carry the
-    request's salt (else they would recompute everything)."""
+    request's salt (else they would share nothing with it and recompute everything)."""
+    block = _server_block_size(http)
     probe = {"choices": ["Yes", "No"], "every": 16, "align": align}
     salt = f"computed-{align}-{time.time_ns()}"
     before = _counter(server, "vllm:prompt_tokens_by_source", "local_compute")
     toks, readings, _, prompt_ids, _ = live_chat(
-        server, probe, stream=False, max_tokens=64,
+        server, probe, stream=False, max_tokens=2 * block + 16,
         body_extra={"cache_salt": salt}, steering=None)
     rs = readings[0]
     sfx = len(server_tok.encode("\nThe final answer is", add_special_tokens=False))
     te = len(server_tok.encode("</think>", add_special_tokens=False))
+    want = len(prompt_ids) + sum(r["computed_tokens"] for r in rs)
     got = None
     for _ in range(20):   # the counters follow the engine's steps
         got = _counter(server, "vllm:prompt_tokens_by_source", "local_compute") - before
-        if got >= len(prompt_ids) + sum(r["computed_tokens"] for r in rs):
+        if got >= want:
             break
         time.sleep(0.5)
-    assert got == len(prompt_ids) + sum(r["computed_tokens"] for r in rs), (got, rs)
+    assert got == want, (got, want, rs)
+    assert rs[-1]["token_index"] == len(toks[0])   # the end is read (moved back: never)
     inner = [r for r in rs if r["trigger"] not in ("start", "end")]
     assert len(inner) >= 2
     for r in inner:
         tail = sfx + (te if r["in_thinking"] else 0)
-        partial = (len(prompt_ids) + r["token_index"]) % 32
+        partial = (len(prompt_ids) + r["token_index"]) % block
+        assert r["cached_tokens"] == len(prompt_ids) + r["token_index"] - partial
         if align == "prefix":
             assert partial == 0 and r["computed_tokens"] == tail, r
         else:
             assert r["computed_tokens"] == partial + tail, r
     if align == "none":
-        assert any((len(prompt_ids) + r["token_index"]) % 32 for r in inner)
+        assert any((len(prompt_ids) + r["token_index"]) % block for r in inner)
 
 
 def test_live_probe_reads_each_choice_of_n(server, http):

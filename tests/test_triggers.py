@@ -119,13 +119,33 @@ def test_min_spacing_and_the_every_fallback(tok):
     assert all(b - a <= 8 for a, b in zip(sorted(kinds), sorted(kinds)[1:], strict=False))
 
 
+def test_the_end_is_read_when_a_fallback_lands_on_it_and_moves_back(tok):
+    """A fallback candidate exactly at the end, moved back onto a block, must not take
+    the end reading's place: the end is always a candidate of its own."""
+    from types import SimpleNamespace
+
+    from vllm_steer.probe.job import ProbeJob
+
+    prompt = list(range(300, 341))   # 41 tokens: block boundaries at 23, 55, ...
+    gen = list(range(400, 464))      # 64 tokens: the fallback at 64 is the end
+    job = ProbeJob(tok, [prompt], [None], ProbeConfig(every=16, max_tokens=64, align="prefix"),
+                   block_size=32)
+    job.take("trajectories", [SimpleNamespace(outputs=[SimpleNamespace(token_ids=gen)])])
+    pts = [(p.token_index, p.trigger, p.trigger_index) for p in job.plan()]
+    assert pts == [(0, "start", 0), (23, "every", 32), (55, "every", 64), (64, "end", 64)]
+    exact = ProbeJob(tok, [prompt], [None], ProbeConfig(every=16, max_tokens=64))
+    exact.take("trajectories", [SimpleNamespace(outputs=[SimpleNamespace(token_ids=gen)])])
+    assert [(p.token_index, p.trigger) for p in exact.plan()] == \
+        [(0, "start"), (16, "every"), (32, "every"), (48, "every"), (64, "every")]
+
+
 def test_every_trigger_is_the_old_plan(tok):
     ids = list(range(200, 237))
     got = plan_candidates(ids, "every", 8, None, 0)
     assert [(c.index, c.kind) for c in got] == [(0, "start"), (8, "every"), (16, "every"),
                                                 (24, "every"), (32, "every"), (37, "end")]
     assert [c.index for c in plan_candidates(ids[:32], "every", 8, None, 0)] == \
-        [0, 8, 16, 24, 32]
+        [0, 8, 16, 24, 32, 32]   # the end too (it is deduplicated where it is placed)
 
 
 def test_text_index_offsets_survive_characters_split_across_tokens(tok, r1_tok):

@@ -93,7 +93,8 @@ def _metrics(url: str) -> dict[str, float]:
     for key, name, source in COUNTERS:
         total = 0.0
         for line in text.splitlines():
-            if line.startswith(name + "{") and (source is None or f'source="{source}"' in line):
+            if line.startswith((name + "{", name + "_total{")) and (
+                    source is None or f'source="{source}"' in line):
                 total += float(line.rsplit(" ", 1)[1])
         out[key] = total
     return out

@@ -233,9 +233,10 @@ class PointPlanner:
                 continue
             break
         if self.finished and not self._end_done:
+            # always: a candidate already at the end may be moved back by its placement
+            # (an exact one keeps its point and label; the end adds no second fork there)
             self._end_done = True
-            if self._prev != self.n:   # (a candidate already at the end keeps its label)
-                self._emit(Candidate(self.n, "end"))
+            self._emit(Candidate(self.n, "end"))
 
 
 def plan_candidates(ids: Sequence[int], trigger: str, every: int | None,

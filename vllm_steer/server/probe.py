@@ -147,12 +147,12 @@ async def steering_probe(request: Request) -> JSONResponse:
     if tok is None:
         raise SteerHTTPError(503, "the server has no tokenizer; probes need one")
     max_len = max_model_len(ctx.engine_client)
-    job = parse_probe_body(await read_body(request, MAX_BODY), tok, max_len,
-                           block_size(ctx.engine_client))
+    blocks = block_size(ctx.engine_client)
+    job = parse_probe_body(await read_body(request, MAX_BODY), tok, max_len, blocks)
     try:
         (traj,) = await run_job_async(ctx.engine_client, job)
     except VLLMValidationError as e:
         raise SteerHTTPError(400, str(e), e.parameter) from None
     return JSONResponse({"object": "steering.probe", "choices": list(job.choices.choices),
                          "variants": job.choices.to_json(tok), "probe": job.cfg.to_json(),
-                         "trajectory": traj.to_json()})
+                         "block_size": blocks, "trajectory": traj.to_json()})
