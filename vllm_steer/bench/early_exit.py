@@ -160,20 +160,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "readings_per_question": sum(len(r["readings"]) for r in rows) / len(rows)}
     verify = []
     kind0 = args.triggers[0]
+    rows0 = by_trigger[kind0]["rows"]
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     for th, k in args.verify:
-        for r in tqdm(by_trigger[kind0]["rows"], desc=f"verify {th}/{k}"):
-            want = simulate(r["readings"], th, k, DEFAULT_MIN_MASS)
-            prompt = build_prompt(tok, r["question"], open_thinking="<think>\n")
-            sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-            (res,) = live_generate(llm, [prompt], sp, {
-                "choices": r["choices"], **trigger_probe(kind0, args),
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, r in enumerate(rows0):
+            groups.setdefault(tuple(r["choices"]), []).append(i)
+        got: dict[int, Any] = {}
+        for choices, idx in tqdm(groups.items(), desc=f"verify {th}/{k}"):
+            prompts = [build_prompt(tok, rows0[i]["question"], open_thinking="<think>\n")
+                       for i in idx]
+            res = live_generate(llm, prompts, sp, {
+                "choices": list(choices), **trigger_probe(kind0, args),
                 "stop_when": {"threshold": th, "consecutive": k}})
-            got = res.stops.get(0)
+            got.update(zip(idx, res, strict=True))
+        for i, r in enumerate(rows0):
+            stop = got[i].stops.get(0)
             verify.append({"threshold": th, "consecutive": k, "question": r["question"],
-                           "simulated": want,
-                           "engine": None if got is None else [got.point.token_index,
-                                                               got.choice],
-                           "generated": len(res.output.outputs[0].token_ids)})
+                           "simulated": simulate(r["readings"], th, k, DEFAULT_MIN_MASS),
+                           "engine": None if stop is None else [stop.point.token_index,
+                                                                stop.choice],
+                           "generated": len(got[i].output.outputs[0].token_ids)})
     predictor = None
     if args.predictor:
         predictor = predictor_agreement(llm, by_trigger[kind0]["rows"], args.predictor_layers)
@@ -207,6 +214,14 @@ def _fit_logistic(x: Any, y: Any, steps: int = 300, l2: float = 1e-2) -> Any:
 
     opt.step(closure)
     return w.detach()
+
+
+def _corr(a: Any, b: Any) -> float | None:
+    import numpy as np
+
+    if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def predictor_agreement(llm: Any, rows: list[dict[str, Any]], layers: list[int],
@@ -267,7 +282,7 @@ def predictor_agreement(llm: Any, rows: list[dict[str, Any]], layers: list[int],
             "agreement": float(agree.mean()),
             "confident_share": float(conf.float().mean()),
             "confident_agreement": float(agree[conf].mean()) if conf.any() else None,
-            "corr_with_fork_prob": float(np.corrcoef(pred.numpy(), np.array(probs))[0, 1]),
+            "corr_with_fork_prob": _corr(pred.numpy(), np.array(probs)),
             "majority_baseline": float(max(y.mean(), 1 - y.mean()))}
     return out
 
@@ -393,9 +408,11 @@ def early_exit_section(d: dict[str, Any]) -> list[str]:
         for layer, x in p["layers"].items():
             ca = "n/a" if x["confident_agreement"] is None else \
                 f"{100 * x['confident_agreement']:.0f}%"
+            corr = "n/a" if x["corr_with_fork_prob"] is None else \
+                f"{x['corr_with_fork_prob']:.2f}"
             out.append(f"| {layer} | {100 * x['agreement']:.0f}% | "
-                       f"{100 * x['confident_share']:.0f}% | {ca} | "
-                       f"{x['corr_with_fork_prob']:.2f} | {100 * x['majority_baseline']:.0f}% |")
+                       f"{100 * x['confident_share']:.0f}% | {ca} | {corr} | "
+                       f"{100 * x['majority_baseline']:.0f}% |")
     out.append("")
     return out
 

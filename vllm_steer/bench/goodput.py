@@ -126,6 +126,7 @@ async def _ask(client: Any, item: dict[str, Any], probe: dict[str, Any] | None, 
             "prompt_ids": list((r.model_extra or {}).get("prompt_token_ids") or []),
             "token_ids": list(ex.get("token_ids") or []), "answer": answer,
             "stopped_at": stop["token_index"] if stop else None,
+            "finish_reason": c.finish_reason,
             "readings": len(readings),
             "fork_tokens": sum(x["computed_tokens"] for x in readings),
             "triggers": [x.get("trigger") for x in readings]}
@@ -188,7 +189,9 @@ def _summary(items: list[dict[str, Any]], run: dict[str, Any],
         "computed_per_answer": (c["prompt_computed"] + c["generated"]) / n,
         "fork_tokens_per_answer": sum(r["fork_tokens"] for r in reqs) / n,
         "readings_per_answer": sum(r["readings"] for r in reqs) / n,
-        "stopped_early": sum(r["stopped_at"] is not None for r in reqs) / n,
+        # settled before the request would have ended by itself
+        "stopped_early": sum(r["stopped_at"] is not None and r["finish_reason"] == "stop"
+                             and r["stopped_at"] < r["generated"] for r in reqs) / n,
         "accuracy": (sum(a is not None and normalize(a) == normalize(e) for a, e in graded)
                      / len(graded)) if graded else None,
         "agreement_with_plain": sum(
