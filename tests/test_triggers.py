@@ -63,6 +63,20 @@ def test_blank_line_split_across_tokens_fires_after_it(tok):
                                    (len(ids), "end", None)]
 
 
+def test_a_marker_ending_inside_a_token_fires_after_that_token(tok):
+    """The newline marker inside the one-token blank line: after the token, never
+    before it (a fork cannot split a token)."""
+    ids, at = build(enc(tok, "Odd."), [1116], enc(tok, "Prime."))
+    assert steps(ids, tok, markers=["\n"]) == [(0, "start", None), (at[2], "step", "\n"),
+                                               (len(ids), "end", None)]
+    # and a word marker starting inside a token fires before that token
+    ids, at = build(enc(tok, "Odd."), enc(tok, " Waiting"), enc(tok, " now."))
+    assert steps(ids, tok, markers=["ting"]) == [(0, "start", None), (len(ids), "end", None)]
+    assert steps(ids, tok, markers=["aiting"]) == [(0, "start", None), (len(ids), "end", None)]
+    assert steps(ids, tok, markers=["now"]) == [(0, "start", None), (at[2], "step", "now"),
+                                               (len(ids), "end", None)]   # " now": one token
+
+
 def test_word_markers_fire_before_the_word_split_or_not(tok):
     assert len(enc(tok, "Hmm")) == 2    # 'H', 'mm': matched on text, not on token ids
     ids, at = build(enc(tok, "So 17 is odd."), enc(tok, " Hmm"), enc(tok, ", 17 = 1 x 17."),
