@@ -426,10 +426,11 @@ def test_aligned_forks_compute_only_what_the_cache_cannot_supply(setup, choices,
         assert any((len(p) + r.token_index) % BLOCK for r in inner)   # partial blocks
 
 
-@pytest.mark.parametrize("align", ["none", "base"])
-def test_multi_token_readings_at_shared_bases_match_hf_reference(setup, hf_model, align):
-    """Multi-token readings through read-context forks (all submitted together, sharing the
-    base through the cache when it ends on a block) equal the HF chain rule."""
+def test_multi_token_readings_at_shared_bases_match_hf_reference(setup, hf_model):
+    """Multi-token readings through read-context forks submitted together, sharing the
+    base through the cache (it ends on a block), equal the HF chain rule (exact forks:
+    ``test_multi_token_readings_match_hf_reference``)."""
+    align = "base"
     from tests.probe_reference import fork_context, hf_choice_logprobs, reference_variants
 
     llm, reg = setup

@@ -85,6 +85,25 @@ def variants(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
     return out
 
 
+def _cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds so far of the server's processes: the API server (front end: HTTP,
+    detokenizing, the live probes' Python) and the engine (core and workers)."""
+    import psutil
+
+    if pid is None:
+        return {}
+    root = psutil.Process(pid)
+    out = {"api_server": 0.0, "engine": 0.0}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            name = " ".join(p.cmdline()[:1]) + p.name()
+        except psutil.Error:
+            continue
+        out["engine" if "VLLM::" in name else "api_server"] += t.user + t.system
+    return out
+
+
 def _metrics(url: str) -> dict[str, float]:
     import httpx
 
@@ -133,7 +152,7 @@ async def _ask(client: Any, item: dict[str, Any], probe: dict[str, Any] | None, 
 
 
 async def _run(url: str, items: list[dict[str, Any]], probe: dict[str, Any] | None,
-               concurrency: int, max_tokens: int) -> dict[str, Any]:
+               concurrency: int, max_tokens: int, pid: int | None = None) -> dict[str, Any]:
     from openai import AsyncOpenAI
 
     salt = f"goodput-{uuid.uuid4().hex}"
@@ -148,14 +167,16 @@ async def _run(url: str, items: list[dict[str, Any]], probe: dict[str, Any] | No
                 i = queue.get_nowait()
                 out[i] = await _ask(client, items[i], probe, salt, max_tokens)
 
-        before = _metrics(url)
+        before, cpu0 = _metrics(url), _cpu(pid)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = max(o["done"] for o in out) - t0
+        cpu1 = _cpu(pid)
         await asyncio.sleep(1.0)   # the counters follow the engine's last steps
         after = _metrics(url)
     return {"seconds": seconds, "answers_per_s": len(items) / seconds,
-            "counters": {k: after[k] - before[k] for k in after}, "requests": out}
+            "counters": {k: after[k] - before[k] for k in after},
+            "cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu1}, "requests": out}
 
 
 def _plain_answers(url: str, items: list[dict[str, Any]], run: dict[str, Any]) -> None:
@@ -181,7 +202,10 @@ def _summary(items: list[dict[str, Any]], run: dict[str, Any],
               if it["expected"] is not None]
     lat = sorted(r["latency_s"] for r in reqs)
     c = run["counters"]
+    cpu = run.get("cpu_s") or {}
     return {
+        "api_cpu_s_per_answer": cpu.get("api_server", 0.0) / n,
+        "engine_cpu_s_per_answer": cpu.get("engine", 0.0) / n,
         "answers_per_s": run["answers_per_s"],
         "generated_per_answer": sum(r["generated"] for r in reqs) / n,
         "prompt_computed_per_answer": c["prompt_computed"] / n,
@@ -205,10 +229,11 @@ def _summary(items: list[dict[str, Any]], run: dict[str, Any],
 METRICS = ("answers_per_s", "generated_per_answer", "computed_per_answer",
            "fork_tokens_per_answer", "accuracy", "agreement_with_plain", "latency_p50_s",
            "latency_p90_s", "stopped_early", "prompt_computed_per_answer",
-           "prompt_cached_per_answer", "readings_per_answer")
+           "prompt_cached_per_answer", "readings_per_answer", "api_cpu_s_per_answer",
+           "engine_cpu_s_per_answer")
 
 
-def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure(url: str, args: argparse.Namespace, pid: int | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     items = load_items(args.questions, args.limit)
@@ -222,7 +247,7 @@ def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
     for rep, key in tqdm(order, desc="goodput runs"):
         v, c = key.rsplit("@", 1)
         runs.setdefault(key, {})[rep] = asyncio.run(
-            _run(url, items, vs[v], int(c), args.max_tokens))
+            _run(url, items, vs[v], int(c), args.max_tokens, pid))
     for key, reps in runs.items():
         if key.startswith("plain@"):
             for run in tqdm(reps.values(), desc="plain answers (untimed)"):
@@ -290,7 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with bench_server(WORK_DIR / f"goodput_server{tag}.log",
                       extra_args=("--block-size", str(args.block_size))) as srv:
         res["server_command"] = " ".join(srv.argv)
-        res.update(measure(srv.url, args))
+        res.update(measure(srv.url, args, srv.proc.pid if srv.proc else None))
     plot(res, RESULTS_DIR / f"{args.result}.png")
     return res
 
@@ -356,7 +381,17 @@ def goodput_section(d: dict[str, Any]) -> list[str]:
                        f"{cell(x['latency_p50_s'], digits=2)} | "
                        f"{cell(x['latency_p90_s'], digits=2)} |")
         plain = per.get("plain", {}).get("answers_per_s", {})
-        out += ["", f"plain: {cell(plain, digits=3)} answers/s.", ""]
+        out += ["", f"plain: {cell(plain, digits=3)} answers/s. Where the time goes (CPU "
+                "seconds per answer: the API server process, with the live probes' Python; "
+                "the engine core and worker), and the computed tokens per answer relative to "
+                "plain:", "", "| variant | API server CPU s | engine CPU s | computed tokens vs "
+                "plain |", "|---|---|---|---|"]
+        for v, x in per.items():
+            if "api_cpu_s_per_answer" in x:
+                out.append(f"| {v} | {cell(x['api_cpu_s_per_answer'])} | "
+                           f"{cell(x['engine_cpu_s_per_answer'])} | "
+                           f"{cell(x['computed_ratio'])} |")
+        out.append("")
     return out
 
 
