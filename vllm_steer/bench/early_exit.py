@@ -328,7 +328,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N questions of each set")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--triggers", nargs="+", choices=TRIGGER_KINDS, default=list(TRIGGER_KINDS))
-    p.add_argument("--every", type=int, default=8, help="spacing of trigger 'every'")
+    p.add_argument("--every", type=int, default=16, help="spacing of trigger 'every'")
     p.add_argument("--steps-every", type=int, default=64,
                    help="fallback of trigger 'steps' (a reading at least every N tokens)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 0.95])
