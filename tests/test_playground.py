@@ -280,12 +280,13 @@ def test_sweep_draws_one_point_per_value(site, page):
     page.console_clean()
 
 
-def _api_live_readings(site: Site, steering: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _api_live_readings(site: Site, steering: dict[str, Any] | None,
+                       probe: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The readings the official client streams for the page's live-probe settings."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{site.url}/v1", api_key=API_KEY, max_retries=0, timeout=180)
-    body: dict[str, Any] = {"probe": {"choices": ["Yes", "No"], "every": 8}}
+    body: dict[str, Any] = {"probe": probe or {"choices": ["Yes", "No"], "every": 8}}
     if steering:
         body["steering"] = steering
     stream = client.chat.completions.create(
@@ -313,6 +314,34 @@ def test_live_probe_chart_fills_in_from_the_stream(site, page):
         assert xs == [r["token_index"] for r in readings]
         assert f"{len(readings)} probe readings" in page.text(f"#meta-{which}")
     page.shot("03-live-probe")
+    page.click("#live-on")
+    page.console_clean()
+
+
+def test_live_probe_at_reasoning_steps_marks_each_trigger(site, page):
+    """"Fork at: reasoning steps": the page asks for step triggers (N tokens becomes the
+    fallback) and each marker of the chart says what triggered its reading, as the API
+    streams them."""
+    from selenium.webdriver.support.ui import Select
+
+    page.click("#live-on")
+    Select(page.el("#live-trigger")).select_by_value("steps")
+    assert page.text("#live-every-label") == "At least every N tokens"
+    page.type("#live-every", "16")
+    page.type("#max-tokens", MAX_TOKENS)
+    status = page.generate()
+    assert status == "done", page.text("#live-status")
+    readings = _api_live_readings(site, None, {"choices": ["Yes", "No"], "trigger": "steps",
+                                               "every": 16})
+    pts = sorted(page.els("#live-chart circle.live-unsteered"),
+                 key=lambda p: float(p.get_attribute("data-x")))
+    assert [(float(p.get_attribute("data-x")), p.get_attribute("data-note")) for p in pts] == \
+        [(r["token_index"], f"step {json.dumps(r['marker'])}" if r["trigger"] == "step"
+          else r["trigger"]) for r in readings]
+    assert {"start", "end"} <= {r["trigger"] for r in readings}
+    page.shot("03b-live-probe-steps")
+    Select(page.el("#live-trigger")).select_by_value("every")
+    page.type("#live-every", "8")
     page.click("#live-on")
     page.console_clean()
 

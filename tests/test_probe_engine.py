@@ -327,11 +327,15 @@ def test_happy_sweep_moves_log_ratio_monotonically(setup):
 
 
 # -- live probes through the Python API (probe/live_run.live_generate) -----------------------
-@pytest.mark.parametrize("choices", [["Yes", "No"], ["20", "30", "40", "50"]],
-                         ids=["yes-no", "20-50"])
-def test_live_readings_equal_the_offline_probe_of_the_same_trajectory(setup, choices):
+@pytest.mark.parametrize("choices, extra", [
+    (["Yes", "No"], {}), (["20", "30", "40", "50"], {}),
+    (["Yes", "No"], {"trigger": "steps", "every": 24, "align": "block"}),
+    (["20", "30", "40", "50"], {"trigger": "steps", "every": None, "align": "block"})],
+    ids=["yes-no", "20-50", "yes-no-steps-aligned", "20-50-steps-aligned"])
+def test_live_readings_equal_the_offline_probe_of_the_same_trajectory(setup, choices, extra):
     """Forks submitted while the requests generate (two prompts, n=2 sampled) read what
-    the offline probe reads on the finished trajectories, at a suffix cost."""
+    the offline probe reads on the finished trajectories (the same points: every N tokens
+    or reasoning steps, exact or aligned), at a suffix cost."""
     from vllm import SamplingParams
 
     from vllm_steer.probe.live_drivers import live_generate
@@ -339,29 +343,39 @@ def test_live_readings_equal_the_offline_probe_of_the_same_trajectory(setup, cho
     llm, _ = setup
     tok = llm.get_tokenizer()
     p = build_prompt(tok, QUESTION, open_thinking="<think>\n")
-    sp = SamplingParams(max_tokens=40, temperature=0.8, seed=3, n=2, ignore_eos=True)
-    res = live_generate(llm, [p, p[:-1]], sp, {"choices": choices, "every": 8},
-                        steering=STEERED)
+    steps = extra.get("trigger") == "steps"
+    n_tok = 96 if steps else 40
+    sp = SamplingParams(max_tokens=n_tok, temperature=0.8, seed=3, n=2, ignore_eos=True)
+    probe_cfg = {"choices": choices, "every": 8, **extra}
+    res = live_generate(llm, [p, p[:-1]], sp, probe_cfg, steering=STEERED)
     te = len(tok.encode("</think>", add_special_tokens=False))
     sfx = len(tok.encode("\nThe final answer is", add_special_tokens=False))
+    triggers = set()
     for r, prompt in zip(res, [p, p[:-1]], strict=True):
         assert sorted(r.readings) == [0, 1] and not r.stops
         for c in r.output.outputs:
             gen = list(c.token_ids)
             live = r.readings[c.index]
-            assert [x["token_index"] for x in live] == [0, 8, 16, 24, 32, 40]
-            job = ProbeJob(tok, [prompt], [STEERED], ProbeConfig(choices=choices, every=8,
-                                                                 max_tokens=40))
+            if not steps:
+                assert [x["token_index"] for x in live] == [0, 8, 16, 24, 32, 40]
+            job = ProbeJob(tok, [prompt], [STEERED], ProbeConfig(**probe_cfg, max_tokens=n_tok),
+                           block_size=BLOCK)
             job.take("trajectories", [SimpleNamespace(outputs=[SimpleNamespace(
                 token_ids=gen)])])
             (traj,) = run_job(llm, job, use_tqdm=False, stages=STAGES[1:])
+            assert len(live) == len(traj.readings)
             for a, b in zip(live, traj.readings, strict=True):
                 assert a["token_index"] == b.token_index and a["in_thinking"] == b.in_thinking
+                assert (a["trigger"], a["marker"], a["trigger_index"]) == \
+                    (b.trigger, b.marker, b.trigger_index)
+                triggers.add(a["trigger"])
                 for ch in choices:
                     assert abs(a["logprobs"][ch] - b.logprobs[ch]) < 1e-3, (a, ch)
                 longest = job.choices.max_len
                 assert a["computed_tokens"] <= a["requests"] * (BLOCK - 1 + te + sfx + longest)
             assert max(x["cached_tokens"] for x in live) >= BLOCK   # the live prefix, cached
+    if steps:   # sampled text with blank lines: steps fired (and the fallback, for Yes/No)
+        assert "step" in triggers, triggers
 
 
 def test_live_early_exit_appends_the_settled_answer(setup):
@@ -391,3 +405,69 @@ def test_live_early_exit_appends_the_settled_answer(setup):
     assert tok.decode(rec.answer_ids).endswith(rec.choice)
     assert list(out.token_ids)[:first["token_index"]] == \
         list(full.output.outputs[0].token_ids)[:first["token_index"]]
+
+
+# -- fork placement: computed tokens from vLLM's counters ---------------------------------------
+def _tail_tokens(tok, thinking: bool, suffix: str) -> int:
+    return (len(tok.encode("</think>", add_special_tokens=False)) if thinking else 0) \
+        + len(tok.encode(suffix, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("choices, align", [(["Yes", "No"], "prefix"),
+                                            (["20", "30", "40", "50"], "base"),
+                                            (["Yes", "No"], "none")],
+                         ids=["yes-no-prefix", "20-50-base", "yes-no-exact"])
+def test_aligned_forks_compute_only_what_the_cache_cannot_supply(setup, choices, align):
+    """Each reading's prompt tokens computed, from vLLM's per-request ``num_cached_tokens``:
+    a prefix-aligned Yes/No fork computes its think-end marker and suffix only; a
+    base-aligned multi-token reading computes its base's last block once (the first fork
+    scheduled) and each read-context fork only its context tokens (the others find the base
+    in the cache, in the same engine step). Exact forks recompute the partial last block."""
+    llm, _ = setup
+    tok = llm.get_tokenizer()
+    p = build_prompt(tok, QUESTION, open_thinking="<think>\n")
+    llm.reset_prefix_cache()
+    cfg = ProbeConfig(choices=choices, every=16, max_tokens=128, ignore_eos=True, align=align)
+    job = ProbeJob(tok, [p], [STEERED], cfg, block_size=BLOCK)
+    (traj,) = run_job(llm, job, use_tqdm=False)
+    inner = [r for r in traj.readings if r.trigger not in ("start", "end")]
+    assert len(inner) >= 3
+    paths = sum(len(ctx) for ctx, _ in job.reader.paths)
+    for r in inner:
+        tail = _tail_tokens(tok, r.in_thinking, cfg.suffix)
+        partial = (len(p) + r.token_index) % BLOCK
+        if align == "prefix":
+            assert partial == 0 and r.requests == 1 and r.computed_tokens == tail, r
+        elif align == "base":
+            assert (len(p) + r.token_index + tail) % BLOCK == 0
+            assert r.requests == 1 + len(job.reader.paths)
+            assert r.computed_tokens == partial + tail + paths, r
+        else:
+            assert r.computed_tokens == partial + tail, r
+        assert r.trigger_index >= r.token_index > r.trigger_index - BLOCK
+    if align == "none":
+        assert any((len(p) + r.token_index) % BLOCK for r in inner)   # partial blocks
+
+
+def test_multi_token_readings_at_shared_bases_match_hf_reference(setup, hf_model):
+    """Multi-token readings through read-context forks submitted together, sharing the
+    base through the cache (it ends on a block), equal the HF chain rule (exact forks:
+    ``test_multi_token_readings_match_hf_reference``)."""
+    align = "base"
+    from tests.probe_reference import fork_context, hf_choice_logprobs, reference_variants
+
+    llm, reg = setup
+    tok = llm.get_tokenizer()
+    question, choices = MULTI[0]
+    p = build_prompt(tok, question, open_thinking="<think>\n")
+    cfg = ProbeConfig(choices=choices, every=32, max_tokens=96, ignore_eos=True, align=align)
+    job = ProbeJob(tok, [p], [STEERED], cfg, block_size=BLOCK)
+    (traj,) = run_job(llm, job, use_tqdm=False)
+    variants = {c: reference_variants(tok, c) for c in choices}
+    dense = composed_dense(reg, [("v1", 0.7)])
+    assert len(traj.readings) >= 4
+    for r in traj.readings:
+        ctx = fork_context(tok, p, traj.token_ids, r.token_index, cfg.suffix)
+        ref = hf_choice_logprobs(hf_model, ctx, variants, dense, start=len(p))
+        for c in choices:
+            assert abs(r.logprobs[c] - ref[c]) < 1e-3, (align, r.token_index, c)

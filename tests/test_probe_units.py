@@ -254,22 +254,39 @@ def test_multi_token_readings_sum_token_logprobs_and_fill_cache_gaps(tok, fork_s
                                                                       add_special_tokens=False))])])
     reqs = job.requests("forks")
     cs = job.choices
-    forked = [v for vs in cs.variants for v in vs if len(v) > 1 or fork_single]
-    assert len(reqs) == len(job.points) * (1 + len(forked))
+    # one fork per read context: each multi-token variant minus its last token (and each
+    # single-token variant on its own fork when asked), plus the head
+    contexts = sorted({tuple(v[:-1]) for vs in cs.variants for v in vs if len(v) > 1})
+    singles = [(v[0],) for vs in cs.variants for v in vs if len(v) == 1] if fork_single else []
+    per_point = 1 + len(contexts) + len(singles)
+    assert len(reqs) == len(job.points) * per_point
     for i, (p, sp) in enumerate(reqs):
-        pt = job.points[i // (1 + len(forked))]
-        if i % (1 + len(forked)) == 0:
+        pt = job.points[i // per_point]
+        j = i % per_point
+        if j == 0:
             assert p["prompt_token_ids"] == pt.base and sp.logprob_token_ids == cs.head_ids
-        else:
-            v = forked[i % (1 + len(forked)) - 1]
-            assert p["prompt_token_ids"] == pt.base + list(v)
+            continue
+        ctx = (contexts + singles)[j - 1]
+        assert p["prompt_token_ids"] == pt.base + list(ctx)
+        if j <= len(contexts):   # reads every variant's last token after ctx at once
+            assert sp.logprob_token_ids == sorted({v[-1] for vs in cs.variants for v in vs
+                                                   if len(v) > 1 and tuple(v[:-1]) == ctx})
+        if len(ctx) > 1 or j > len(contexts):   # its own tokens through prompt log-probs
             assert sp.prompt_logprobs == 0 and sp.skip_reading_prefix_cache is False
-    # every third variant fork found its first two choice tokens in the prefix cache
-    hits = {i: len(p["prompt_token_ids"]) - len(forked[(i % (1 + len(forked))) - 1]) + 1
-            for i, (p, _) in enumerate(reqs) if i % (1 + len(forked)) and i % 3 == 0}
+        else:
+            assert sp.prompt_logprobs is None
+    # every third read-context fork of two or more tokens found base + its first token in
+    # the prefix cache: the row of its second token was not computed
+    hits = {i: len(reqs[i][0]["prompt_token_ids"]) - len(contexts[i % per_point - 1]) + 1
+            for i in range(len(reqs)) if 0 < i % per_point <= len(contexts)
+            and len(contexts[i % per_point - 1]) > 1 and i % 3 == 0}
+    assert hits
     job.take("forks", _fake_outputs(job, reqs, hits))
     gaps = job.requests("gaps")
-    assert gaps, "the cache hits must leave rows that no fork computed"
+    # exactly the rows the cache hits left unread: each hit fork's second token, read at
+    # the end of base + its first token (one request per point and context)
+    missing = {(i // per_point, tuple(contexts[i % per_point - 1][:1])) for i in hits}
+    assert len(gaps) == len(missing), "the cache hits must leave exactly these rows unread"
     job.take("gaps", _fake_outputs(job, gaps, {}))
     (traj,) = job.trajs
     assert [r.token_index for r in traj.readings] == [0, 2, 4]
@@ -281,7 +298,7 @@ def test_multi_token_readings_sum_token_logprobs_and_fill_cache_gaps(tok, fork_s
         assert r.logprobs == pytest.approx(per, abs=1e-9)
         assert r.mass == pytest.approx(sum(math.exp(x) for x in per.values()))
         assert sum(r.probs.values()) == pytest.approx(1.0) and r.log_ratio is None
-        assert r.requests >= 1 + len(forked)
+        assert r.requests >= per_point
 
 
 def test_fork_spec_steers_the_suffix_only_when_asked():
@@ -341,6 +358,94 @@ def test_question_files_take_per_question_choices(tmp_path):
     with pytest.raises(ProbeError) as ei:
         load_questions(f)
     assert ei.value.field == "questions[0].expected"
+
+
+def test_shipped_question_sets_have_checkable_answers():
+    """Every shipped question has ``expected``; the sets whose ``expected`` is the correct
+    answer are graded, persona sets (the answer a persona gives) are not. The checkable
+    sets' answers are right (recomputed here from the question text), each question
+    appears once, and yes/no sets are balanced."""
+    import re
+
+    from vllm_steer.locations import shipped_configs
+    from vllm_steer.probe.questions import load_questions
+
+    kinds = {}
+    for f in sorted((shipped_configs() / "questions").glob("*.yaml")):
+        qs = load_questions(f)
+        kinds[f.stem] = qs.expected_kind
+        assert all(q.expected is not None for q in qs.questions), f.stem
+        assert len({q.text for q in qs.questions}) == len(qs.questions), f.stem
+    assert kinds["mood_yes_no"] == kinds["mood_four_way"] == "persona"
+    graded = {k for k, v in kinds.items() if v == "truth"}
+    assert {"arithmetic", "comparisons", "primality", "arithmetic_choice",
+            "yes_no_reasoning", "multiple_choice"} <= graded
+
+    def prime(n: int) -> bool:
+        return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+
+    def truth(text: str) -> str:
+        if m := re.match(r"Is (\d+) (?:\+|plus) (\d+) equal to (\d+)\?", text):
+            a, b, c = map(int, m.groups())
+            return "Yes" if a + b == c else "No"
+        if m := re.match(r"Is (\d+) (greater|larger|less|smaller) than (\d+)\?", text):
+            a, word, b = int(m[1]), m[2], int(m[3])
+            return "Yes" if (a > b if word in ("greater", "larger") else a < b) else "No"
+        if m := re.match(r"Is (\d+) a prime number\?", text):
+            return "Yes" if prime(int(m[1])) else "No"
+        if m := re.match(r"What is (\d+) (times|plus) (\d+)\?", text):
+            a, op, b = int(m[1]), m[2], int(m[3])
+            return str(a * b if op == "times" else a + b)
+        raise AssertionError(text)
+
+    for name in ("arithmetic", "comparisons", "primality", "arithmetic_choice"):
+        qs = load_questions(shipped_configs() / "questions" / f"{name}.yaml")
+        assert len(qs.questions) >= 24
+        for q in qs.questions:
+            assert q.expected == truth(q.text), q.text
+            assert q.expected in q.choices
+        if q.choices == ("Yes", "No"):
+            yes = sum(q.expected == "Yes" for q in qs.questions)
+            assert yes == len(qs.questions) - yes
+
+
+def test_accuracy_is_against_expected_not_the_models_answers(tmp_path):
+    """``accuracy`` compares answers with ``expected`` (case and leading space ignored);
+    the early-exit grid scores only graded questions, with the early answer where the rule
+    fires and the full-length answer elsewhere."""
+    from types import SimpleNamespace
+
+    from vllm_steer.bench.early_exit import grid
+    from vllm_steer.probe.questions import Question, accuracy, load_questions
+
+    qs = [Question("a", ("Yes", "No"), "Yes"), Question("b", ("Yes", "No"), "No"),
+          Question("c", ("Yes", "No"), None)]
+    assert accuracy(["yes", " Yes", "No"], qs) == 0.5
+    assert accuracy([None, "No", "Yes"], qs) == 0.5
+    assert accuracy(["No", "No"], qs[2:] * 2) is None
+    f = tmp_path / "q.yaml"
+    f.write_text("expected_kind: opinion\nquestions:\n  - {question: q, expected: 'Yes'}\n")
+    with pytest.raises(ProbeError) as ei:
+        load_questions(f)
+    assert ei.value.field == "expected_kind"
+
+    def reading(t: int, p_yes: float) -> dict:
+        return {"token_index": t, "probs": {"Yes": p_yes, "No": 1 - p_yes}, "mass": 0.5,
+                "logprobs": {"Yes": math.log(0.5 * p_yes), "No": math.log(0.5 * (1 - p_yes))},
+                "normalized": {"Yes": math.log(p_yes), "No": math.log(1 - p_yes)},
+                "in_thinking": True, "log_ratio": None, "low_mass": False}
+
+    # full-length answers: Yes, No; the model's answer is never the reference
+    rows = [{"expected": "No", "tokens": 40, "full_answer": "Yes",
+             "readings": [reading(0, 0.2), reading(8, 0.3), reading(40, 0.9)]},
+            {"expected": "No", "tokens": 40, "full_answer": "No",
+             "readings": [reading(0, 0.95), reading(8, 0.4), reading(40, 0.1)]},
+            {"expected": None, "tokens": 40, "full_answer": "No",
+             "readings": [reading(0, 0.5), reading(40, 0.1)]}]
+    args = SimpleNamespace(thresholds=[0.75], consecutive=[1])
+    (g,) = grid(rows, args)
+    # row 0 stops at 0 on No (right), row 1 at 0 on Yes (wrong), row 2 ungraded
+    assert (g["fired"], g["accuracy"], g["agreement_overall"]) == (3, 0.5, 1 / 3)
 
 
 def _reading(probs: dict[str, float], mass: float, t: int):

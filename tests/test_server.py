@@ -1216,7 +1216,8 @@ def _extra(obj) -> dict[str, Any]:
     return dict(getattr(obj, "model_extra", None) or {})
 
 
-def live_chat(server, probe, *, stream, n=1, max_tokens=40, steering=LIVE_STEER, **kw):
+def live_chat(server, probe, *, stream, n=1, max_tokens=40, steering=LIVE_STEER, body_extra=None,
+              question=LIVE_Q, **kw):
     """A probed chat completion through the official client: per choice index its token
     ids, readings and finish-chunk extras; the prompt's token ids; and (streamed) the
     order things arrived in: ``("tokens", count so far)`` / ``("reading", token_index)``."""
@@ -1224,11 +1225,11 @@ def live_chat(server, probe, *, stream, n=1, max_tokens=40, steering=LIVE_STEER,
 
     client = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
                     timeout=REQUEST_TIMEOUT)
-    body = {"probe": probe, "ignore_eos": True, "return_token_ids": True}
+    body = {"probe": probe, "ignore_eos": True, "return_token_ids": True, **(body_extra or {})}
     if steering is not None:
         body["steering"] = steering
     r = client.chat.completions.create(
-        model=model(server), messages=[{"role": "user", "content": LIVE_Q}], n=n,
+        model=model(server), messages=[{"role": "user", "content": question}], n=n,
         max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), stream=stream,
         extra_body=body, **kw)
     toks: dict[int, list[int]] = {}
@@ -1297,6 +1298,115 @@ def test_live_probe_streams_readings_equal_to_the_offline_probe(server, http):
     assert [r["token_index"] for r in readings2[0]] == [r["token_index"] for r in rs]
     for a, b in zip(readings2[0], rs, strict=True):
         assert abs(a["logprobs"]["Yes"] - b["logprobs"]["Yes"]) < 1e-4
+
+
+STEP_Q = ("Is 91 a prime number? Think step by step, writing each step as its own "
+          "paragraph, then answer Yes or No.")
+
+
+def _offline_plan(server_tok, prompt_ids, gen, probe):
+    """The offline probe's points for this trajectory (``ProbeJob.plan``: the same
+    triggers and placement, engine-free)."""
+    from types import SimpleNamespace
+
+    from vllm_steer.probe import ProbeConfig
+    from vllm_steer.probe.job import ProbeJob
+
+    job = ProbeJob(server_tok, [list(prompt_ids)], [None],
+                   ProbeConfig.from_dict({**probe, "max_tokens": len(gen) or 1}), block_size=32)
+    job.take("trajectories", [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(gen))])])
+    return job.plan()
+
+
+@pytest.fixture(scope="module")
+def server_tok(server):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(server.model_dir)
+
+
+def test_live_step_triggers_equal_the_offline_probe(server, http, server_tok):
+    """Reasoning-step triggers on the served stream: each reading says which trigger
+    fired, the points are the offline plan of the same trajectory (steps found in the
+    decoded text, with a fallback every 24 tokens), and each reading equals the offline
+    probe's reading there."""
+    probe = {"choices": ["Yes", "No"], "trigger": "steps", "every": 24}
+    toks, readings, finish, prompt_ids, _ = live_chat(server, probe, stream=True,
+                                                      max_tokens=72, question=STEP_Q)
+    gen, rs = toks[0], readings[0]
+    want = _offline_plan(server_tok, prompt_ids, gen, probe)
+    assert [(r["token_index"], r["trigger"], r["marker"]) for r in rs] == \
+        [(p.token_index, p.trigger, p.marker) for p in want]
+    kinds = {r["trigger"] for r in rs}
+    assert {"start", "step", "end"} <= kinds, [(r["token_index"], r["trigger"]) for r in rs]
+    text = server_tok.decode(gen)
+    assert text.count("\n\n") >= sum(r["trigger"] == "step" for r in rs)
+    for r in rs:
+        ref = offline_reading(http, prompt_ids, gen, r["token_index"])
+        assert r["in_thinking"] == ref["in_thinking"]
+        for c in ("Yes", "No"):
+            assert abs(r["logprobs"][c] - ref["logprobs"][c]) < 1e-3, (r["token_index"], c)
+
+
+def _counter(server, name: str, source: str | None = None) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith((name + "{", name + "_total{")):
+            continue
+        if source is not None and f'source="{source}"' not in line:
+            continue
+        total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _server_block_size(http) -> int:
+    """The served engine's KV block size, as the probe route reports it."""
+    r = http.post("/v1/steering/probe", json={"prompt": "Hi", "trajectory": False},
+                  timeout=REQUEST_TIMEOUT)
+    assert r.status_code == 200, r.text
+    return int(r.json()["block_size"])
+
+
+@pytest.mark.parametrize("align", ["prefix", "none"])
+def test_computed_tokens_per_reading_from_vllm_counters(server, http, server_tok, align):
+    """What a probed request costs in prompt tokens, from vLLM's own server counters
+    (``vllm:prompt_tokens_by_source{source="local_compute"}``): the request's prompt (its
+    own cache salt: nothing shared with earlier requests) plus each reading's computed
+    tokens, nothing else. Prefix-aligned forks compute only the think-end marker and the
+    suffix; exact ones also recompute their partial last block. The forks carry the
+    request's salt (else they would share nothing with it and recompute everything)."""
+    block = _server_block_size(http)
+    probe = {"choices": ["Yes", "No"], "every": 16, "align": align}
+    salt = f"computed-{align}-{time.time_ns()}"
+    before = _counter(server, "vllm:prompt_tokens_by_source", "local_compute")
+    toks, readings, _, prompt_ids, _ = live_chat(
+        server, probe, stream=False, max_tokens=2 * block + 16,
+        body_extra={"cache_salt": salt}, steering=None)
+    rs = readings[0]
+    sfx = len(server_tok.encode("\nThe final answer is", add_special_tokens=False))
+    te = len(server_tok.encode("</think>", add_special_tokens=False))
+    want = len(prompt_ids) + sum(r["computed_tokens"] for r in rs)
+    got = None
+    for _ in range(20):   # the counters follow the engine's steps
+        got = _counter(server, "vllm:prompt_tokens_by_source", "local_compute") - before
+        if got >= want:
+            break
+        time.sleep(0.5)
+    assert got == want, (got, want, rs)
+    assert rs[-1]["token_index"] == len(toks[0])   # the end is read (moved back: never)
+    inner = [r for r in rs if r["trigger"] not in ("start", "end")]
+    assert len(inner) >= 2
+    for r in inner:
+        tail = sfx + (te if r["in_thinking"] else 0)
+        partial = (len(prompt_ids) + r["token_index"]) % block
+        assert r["cached_tokens"] == len(prompt_ids) + r["token_index"] - partial
+        if align == "prefix":
+            assert partial == 0 and r["computed_tokens"] == tail, r
+        else:
+            assert r["computed_tokens"] == partial + tail, r
+    if align == "none":
+        assert any((len(prompt_ids) + r["token_index"]) % block for r in inner)
 
 
 def test_live_probe_reads_each_choice_of_n(server, http):

@@ -9,8 +9,9 @@ from vllm_steer.bench.harness import Benchmark
 
 #: Modules of ``vllm_steer.bench`` that define a ``BENCHMARK`` (each has a thin caller,
 #: ``benchmarks/MODULE.py``, in the repository).
-MODULES = ("overhead", "probe_forks", "memory", "vs_hf", "extract", "serving", "live_probe",
-           "early_exit", "wire", "train_route", "profile_steer", "conditions")
+MODULES = ("overhead", "probe_forks", "reading_cost", "memory", "vs_hf", "extract", "serving",
+           "live_probe", "early_exit", "goodput", "wire", "train_route", "profile_steer",
+           "conditions")
 
 
 def benchmarks() -> dict[str, Benchmark]:

@@ -9,9 +9,14 @@ from typing import Any
 
 from vllm_steer.probe.choices import ProbeError
 from vllm_steer.probe.reading import DEFAULT_MIN_MASS
+from vllm_steer.probe.triggers import MAX_MARKER_CHARS, MAX_MARKERS, TRIGGERS
 
 #: vLLM's default ``max_logprobs``: the most top tokens a flagged reading can ask for.
 MAX_TOP_K = 20
+#: ``every`` when ``trigger`` is ``"every"`` and none is given.
+DEFAULT_EVERY = 16
+#: Fork placement (``forks.place_point``): exact, or back onto a KV-block boundary.
+ALIGNS = ("none", "prefix", "base", "block")
 
 
 def check_int(v: Any, name: str, lo: int, hi: int | None = None) -> None:
@@ -47,10 +52,18 @@ def _text(v: Any, name: str, *, nullable: bool = False) -> None:
 class ProbeConfig:
     """How to probe.
 
-    ``choices``: answer strings (single- or multi-token, see ``choices``); ``every``: fork
-    spacing in generated tokens; ``suffix``: forcing text appended at each fork (``None``,
-    one-shot readings only: read right after the prompt); ``max_tokens``: trajectory
-    length; ``min_mass``: readings whose choices hold less probability are flagged and
+    ``choices``: answer strings (single- or multi-token, see ``choices``); ``trigger``:
+    where to fork (``triggers``): ``"every"`` ``every`` generated tokens (default 16), or
+    ``"steps"``: where the decoded text reaches a reasoning step (``markers``; None: the
+    defaults, ``triggers.DEFAULT_MARKERS``), skipping steps closer than ``min_spacing``
+    tokens to the previous reading, with ``every`` (None: none) as an "at least every N
+    tokens" fallback; the start and the end are read either way. ``align``: ``"none"``
+    forks exactly there; ``"prefix"`` / ``"base"`` move each trigger's fork back to where
+    the sequence prefix / the whole fork base ends on a KV block (computes only what the
+    cache cannot supply, reading up to a block earlier); ``"block"``: ``"base"`` for
+    multi-token choices, else ``"prefix"``. ``suffix``: forcing text appended at each
+    fork (``None``, one-shot readings only: read right after the prompt); ``max_tokens``:
+    trajectory length; ``min_mass``: readings whose choices hold less probability are flagged and
     re-asked for their ``top_k_flagged`` top tokens (0: not re-asked);
     ``think_start``/``think_end``: the thinking-section markers (a fork inside an open
     section appends ``think_end``; None: the tokenizer's own, see ``vllm_steer.thinking``);
@@ -63,7 +76,7 @@ class ProbeConfig:
     """
 
     choices: list[str] = field(default_factory=lambda: ["Yes", "No"])
-    every: int = 16
+    every: int | None = None
     suffix: str | None = "\nThe final answer is"
     max_tokens: int = 256
     min_mass: float = DEFAULT_MIN_MASS
@@ -74,6 +87,14 @@ class ProbeConfig:
     top_k_flagged: int = 5
     ignore_eos: bool = False
     steer_suffix: bool = True
+    trigger: str = "every"
+    markers: list[str] | None = None
+    min_spacing: int = 0
+    align: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.every is None and self.trigger == "every":
+            self.every = DEFAULT_EVERY
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "") -> ProbeConfig:
@@ -97,7 +118,24 @@ class ProbeConfig:
         if not isinstance(self.choices, list | tuple) or not self.choices or not all(
                 isinstance(c, str) for c in self.choices):
             raise ProbeError("choices", "must be a non-empty list of strings")
-        check_int(self.every, "every", 1)
+        if self.trigger not in TRIGGERS:
+            raise ProbeError("trigger", f"{self.trigger!r} is not one of {', '.join(TRIGGERS)}")
+        if self.every is not None or self.trigger == "every":
+            check_int(self.every, "every", 1)
+        if self.markers is not None:
+            if self.trigger != "steps":
+                raise ProbeError("markers", "only applies to trigger 'steps'")
+            if not isinstance(self.markers, list | tuple) or not self.markers or len(
+                    self.markers) > MAX_MARKERS or not all(
+                    isinstance(m, str) and 0 < len(m) <= MAX_MARKER_CHARS
+                    for m in self.markers):
+                raise ProbeError("markers", f"must be a list of 1 to {MAX_MARKERS} non-empty "
+                                 f"strings of at most {MAX_MARKER_CHARS} characters")
+        check_int(self.min_spacing, "min_spacing", 0)
+        if self.min_spacing and self.trigger != "steps":
+            raise ProbeError("min_spacing", "only applies to trigger 'steps'")
+        if self.align not in ALIGNS:
+            raise ProbeError("align", f"{self.align!r} is not one of {', '.join(ALIGNS)}")
         if self.suffix is not None and not isinstance(self.suffix, str):
             raise ProbeError("suffix", "must be a string or null")
         if self.suffix == "":

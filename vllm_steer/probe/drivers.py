@@ -13,7 +13,7 @@ from vllm_steer.probe.job import STAGES, ProbeJob, Trajectory
 from vllm_steer.probe.prompts import as_ids
 from vllm_steer.probe.reading import Reading
 from vllm_steer.vllm_adapter.conditions import take_conditions, take_conditions_async
-from vllm_steer.vllm_adapter.engine import max_model_len
+from vllm_steer.vllm_adapter.engine import block_size, max_model_len
 
 Requests = list[tuple[dict[str, Any], Any]]
 
@@ -22,8 +22,6 @@ def _steering_list(steering: Any, n: int) -> list[Any]:
     if isinstance(steering, list):
         return steering
     return [steering] * n
-
-
 
 
 def generate(llm: Any, reqs: Requests, use_tqdm: bool = False) -> list[Any]:
@@ -73,14 +71,17 @@ async def run_job_async(engine: Any, job: ProbeJob) -> list[Trajectory]:
 def probe(llm: Any, prompts: list[str | list[int]], steering: Any = None,
           cfg: ProbeConfig | None = None, labels: list[str] | None = None,
           use_tqdm: bool = True) -> list[Trajectory]:
-    """Generate one trajectory per prompt and read the answer every ``cfg.every`` tokens.
+    """Generate one trajectory per prompt and read the answer at its triggers (every
+    ``cfg.every`` tokens, or reasoning steps: ``cfg.trigger``).
 
     ``prompts``: token-id lists or raw strings (use ``build_prompt`` for chat models);
     ``steering``: one spec for all, or a list with one spec (or None) per prompt.
     """
     tok = llm.get_tokenizer()
+    cfg = cfg or ProbeConfig()
     job = ProbeJob(tok, as_ids(tok, prompts), _steering_list(steering, len(prompts)),
-                   cfg or ProbeConfig(), labels=labels, max_model_len=max_model_len(llm))
+                   cfg, labels=labels, max_model_len=max_model_len(llm),
+                   block_size=None if cfg.align == "none" else block_size(llm))
     return run_job(llm, job, use_tqdm)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from vllm_steer.probe.triggers import Candidate
 from vllm_steer.steering.spec import SpecError, parse_spec
 from vllm_steer.steering.think_tracker import ThinkTracker
 
@@ -74,18 +75,56 @@ def marker_overlap(seq: Sequence[int], pos: int, markers: Sequence[Sequence[int]
     return best
 
 
+def move_out_of_markers(seq: Sequence[int], pos: int, prompt_len: int,
+                        markers: Sequence[Sequence[int]]) -> int:
+    """Generated-token index ``pos`` moved back to the start of any multi-token marker it
+    would cut (a fork inside ``</think>`` would read ``...</</think>`` + suffix)."""
+    while pos > 0 and (back := marker_overlap(seq, prompt_len + pos, markers)):
+        pos = max(0, pos - back)
+    return pos
+
+
 def fork_points(seq: Sequence[int], prompt_len: int, every: int,
                 markers: Sequence[Sequence[int]]) -> list[int]:
     """Generated-token indices to fork at: ``0, every, 2*every, ...`` and the end, each
-    moved back to the start of any multi-token marker it would cut (a fork inside
-    ``</think>`` would read ``...</</think>`` + suffix)."""
+    moved back to the start of any multi-token marker it would cut."""
     n = len(seq) - prompt_len
-    points = set()
-    for p in sorted(set(range(0, n + 1, every)) | {n}):
-        while p > 0 and (back := marker_overlap(seq, prompt_len + p, markers)):
-            p = max(0, p - back)
-        points.add(p)
-    return sorted(points)
+    return sorted({move_out_of_markers(seq, p, prompt_len, markers)
+                   for p in sorted(set(range(0, n + 1, every)) | {n})})
+
+
+def align_mode(align: str, multi_token: bool) -> str:
+    """``ProbeConfig.align`` resolved: ``"block"`` is ``"base"`` for choice sets with
+    multi-token variants (their forks share the base through the cache) and ``"prefix"``
+    otherwise."""
+    if align == "block":
+        return "base" if multi_token else "prefix"
+    return align
+
+
+def place_point(seq: Sequence[int], prompt_len: int, cand: Candidate,
+                markers: Sequence[Sequence[int]], align: str, block_size: int | None,
+                tail_len: Callable[[int], int]) -> int:
+    """Where a trigger's fork goes: ``cand.index`` moved out of any marker it cuts, then
+    (``align`` ``"prefix"``/``"base"``, not for the start and end readings) back to the
+    last point at or before it where the prefix (``prompt_len + p``), or the whole base
+    (``+ tail_len(p)``: the think-end marker when the section is open there, and the
+    suffix), ends on a KV-block boundary and no marker is cut; 0 when there is none.
+
+    Only full blocks are shared through vLLM's prefix cache: a prefix-aligned fork
+    computes only its think-end marker, suffix and choice tokens; a base-aligned one lets
+    every request of a multi-token reading share the base."""
+    p = move_out_of_markers(seq, cand.index, prompt_len, markers)
+    if align == "none" or cand.kind in ("start", "end", "once"):
+        return p
+    if not block_size:
+        raise ValueError("align needs the engine's KV block size")
+    for q in range(p, -1, -1):
+        extra = tail_len(q) if align == "base" else 0
+        if (prompt_len + q + extra) % block_size == 0 and \
+                not marker_overlap(seq, prompt_len + q, markers):
+            return q
+    return 0
 
 
 def think_states(seq: Sequence[int], prompt_len: int, think_start: Sequence[int],

@@ -32,14 +32,16 @@ from typing import Any
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
 from vllm_steer.probe.config import ProbeConfig
 from vllm_steer.probe.forks import (
+    align_mode,
     decided_spec,
-    fork_points,
     fork_spec,
+    place_point,
     replay_spec,
     think_states,
 )
 from vllm_steer.probe.point import PointReader, ProbePoint, think_marker_ids
 from vllm_steer.probe.reading import Reading
+from vllm_steer.probe.triggers import Candidate, plan_candidates
 from vllm_steer.steering.spec import SpecError, parse_spec
 from vllm_steer.steering.think_tracker import ANSWER, THINK
 
@@ -74,12 +76,15 @@ class ProbeJob:
 
     ``fork_single_tokens=True`` reads single-token variants on their own forks through
     prompt log-probs too (the multi-token path), to check that both paths agree.
+    ``block_size``: the engine's KV block size (``cfg.align`` needs it); ``cache_salt``:
+    given to every request (trajectories and forks share blocks only with each other).
     """
 
     def __init__(self, tokenizer: Any, prompts: list[list[int]],
                  steering: list[dict[str, Any] | str | None], cfg: ProbeConfig, *,
                  labels: list[str] | None = None, generate: bool = True,
-                 max_model_len: int | None = None, fork_single_tokens: bool = False) -> None:
+                 max_model_len: int | None = None, fork_single_tokens: bool = False,
+                 block_size: int | None = None, cache_salt: str | None = None) -> None:
         cfg.validate()
         if not prompts:
             raise ProbeError("prompts", "at least one prompt is needed")
@@ -106,6 +111,11 @@ class ProbeJob:
                 raise ProbeError("suffix", f"{cfg.suffix!r} tokenizes to nothing")
         self.ts, self.te = think_marker_ids(tokenizer, cfg.think_start, cfg.think_end)
         self.max_model_len = max_model_len
+        self.align = align_mode(cfg.align, any(self.choices.multi_token) or fork_single_tokens)
+        if self.align != "none" and generate and not block_size:
+            raise ProbeError("align", "needs the engine's KV block size")
+        self.block_size = block_size
+        self.cache_salt = cache_salt
         if max_model_len is not None:
             self._check_context(prompts, max_model_len)
         labels = labels or [f"trajectory {i}" for i in range(len(prompts))]
@@ -160,7 +170,10 @@ class ProbeJob:
             sp = SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
                                 seed=self.cfg.seed, ignore_eos=self.cfg.ignore_eos,
                                 extra_args={"steering": t.steering} if t.steering else None)
-            reqs.append(({"prompt_token_ids": t.prompt_ids}, sp))
+            prompt: dict[str, Any] = {"prompt_token_ids": t.prompt_ids}
+            if self.cache_salt is not None:
+                prompt["cache_salt"] = self.cache_salt
+            reqs.append((prompt, sp))
         return reqs
 
     def undecided(self) -> list[str]:
@@ -212,15 +225,32 @@ class ProbeJob:
                 if states[i] == THINK and states[i + 1] == ANSWER:
                     t.think_end_index = i + 1   # where thinking closed, for the plot
                     break
-            points = fork_points(seq, n_prompt, self.cfg.every, (self.ts, self.te)) \
-                if self.generate else [0]
-            for p in points:
+            if self.generate:
+                cands = plan_candidates(t.token_ids, self.cfg.trigger, self.cfg.every,
+                                        self.cfg.markers, self.cfg.min_spacing, self.tok,
+                                        t.prompt_ids)
+            else:
+                cands = [Candidate(0, "once")]
+            seen: set[int] = set()
+            for c in cands:
+                p = place_point(seq, n_prompt, c, (self.ts, self.te), self.align,
+                                self.block_size, lambda q, st=states: self._tail(st[q]))
+                if p in seen:
+                    continue
+                seen.add(p)
                 thinking = states[p] == THINK
                 base = seq[:n_prompt + p] + (list(self.te) if thinking else []) \
                     + self.suffix_ids
                 spec = fork_spec(t.steering, n_prompt, p, self.cfg.steer_suffix)
-                self.points.append(ProbePoint(k, p, thinking, base, spec))
+                self.points.append(ProbePoint(k, p, thinking, base, spec, trigger=c.kind,
+                                              marker=c.marker, trigger_index=c.index,
+                                              cache_salt=self.cache_salt))
+        self.points.sort(key=lambda pt: (pt.traj, pt.token_index))
         return self.points
+
+    def _tail(self, state: int) -> int:
+        """Tokens a fork appends after its prefix (think-end when open, the suffix)."""
+        return (len(self.te) if state == THINK else 0) + len(self.suffix_ids)
 
     def _point_requests(self, rnd: str, points: list[ProbePoint]
                         ) -> list[tuple[dict[str, Any], Any]]:

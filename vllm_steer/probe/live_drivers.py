@@ -69,8 +69,10 @@ class LiveState:
     each batch of points delivered in order; ``stops`` holds the early exits decided."""
 
     def __init__(self, probe: LiveProbe, on_readings: Callable[[int, list[ProbePoint]], None],
-                 steering: dict[str, Any] | str | None = None) -> None:
+                 steering: dict[str, Any] | str | None = None,
+                 cache_salt: str | None = None) -> None:
         self.probe, self.on_readings, self.steering = probe, on_readings, steering
+        self.cache_salt = cache_salt
         self.tracks: dict[int, _Track] = {}
         self.stops: dict[int, StopRecord] = {}
         #: A conditioned request's forks are steered by each choice's decision
@@ -108,7 +110,7 @@ class LiveState:
                     steering = decided_spec(steering, self.decisions[c.index])
                 tr = self.tracks[c.index] = _Track(
                     self.probe.sequence(list(out.prompt_token_ids or []), c.index,
-                                        steering), rule)
+                                        steering, self.cache_salt), rule)
             if tr.seq.finished or c.index in self.stops:
                 continue
             ids = list(c.token_ids)
@@ -140,15 +142,17 @@ class LiveRun:
 
     ``generate(prompt, sp, request_id)`` is the engine's (unwrapped) async generator;
     ``events`` receives ``(index, [reading JSON, ...])`` in token order per index;
-    ``settled`` is set when any choice stops early (``state.stops``).
+    ``settled`` is set when any choice stops early (``state.stops``). ``cache_salt``: the
+    request's own (its forks carry it, so that they share its prefix-cache blocks).
     """
 
     def __init__(self, probe: LiveProbe, generate: Callable[..., AsyncIterator[Any]],
-                 request_id: str, steering: dict[str, Any] | str | None = None) -> None:
+                 request_id: str, steering: dict[str, Any] | str | None = None,
+                 cache_salt: str | None = None) -> None:
         self.probe, self._generate, self.request_id = probe, generate, request_id
         self.events: asyncio.Queue[tuple[int, list[dict[str, Any]]]] = asyncio.Queue()
         self.readings: dict[int, list[dict[str, Any]]] = {}
-        self.state = LiveState(probe, self._on_readings, steering)
+        self.state = LiveState(probe, self._on_readings, steering, cache_salt)
         self.settled = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.error: BaseException | None = None
@@ -269,8 +273,9 @@ class _Round:
 def live_generate(llm: Any, prompts: Sequence[dict[str, Any] | list[int] | str],
                   sampling_params: Any, probe: LiveProbeConfig | dict[str, Any],
                   steering: dict[str, Any] | str | None = None) -> list[LiveResult]:
-    """Generate ``prompts`` on ``vllm.LLM`` with live probes: every ``every`` generated
-    tokens the sequence is forked on the same engine while it goes on generating.
+    """Generate ``prompts`` on ``vllm.LLM`` with live probes: at each trigger (every
+    ``every`` generated tokens, or reasoning steps) the sequence is forked on the same
+    engine while it goes on generating.
 
     ``sampling_params``: one ``SamplingParams`` for all prompts (``n`` > 1 allowed;
     ``stop_when`` needs ``n == 1``); ``steering``: the requests' steering spec (it also
@@ -278,13 +283,14 @@ def live_generate(llm: Any, prompts: Sequence[dict[str, Any] | list[int] | str],
     """
     from vllm.sampling_params import RequestOutputKind
 
-    from vllm_steer.vllm_adapter.engine import llm_engine
+    from vllm_steer.probe.choices import ProbeError
+    from vllm_steer.vllm_adapter.engine import block_size, llm_engine
 
     cfg = probe if isinstance(probe, LiveProbeConfig) else LiveProbeConfig.parse(probe)
     if cfg.stop_when is not None and sampling_params.n != 1:
         raise ProbeError("probe.stop_when", "early exit needs n == 1")
     tok = llm.get_tokenizer()
-    live = LiveProbe(tok, cfg)
+    live = LiveProbe(tok, cfg, block_size(llm))
     engine = llm_engine(llm)
     sp = sampling_params.clone()
     sp.output_kind = RequestOutputKind.CUMULATIVE   # the driver needs every step's tokens
@@ -316,7 +322,8 @@ def live_generate(llm: Any, prompts: Sequence[dict[str, Any] | list[int] | str],
         def on_readings(index: int, pts: list[ProbePoint], out=readings) -> None:
             out.setdefault(index, []).extend(reading_json(q.reading, index) for q in pts)
 
-        mains[f"main-{tag}-{k}"] = _Main(LiveState(live, on_readings, steering), readings)
+        mains[f"main-{tag}-{k}"] = _Main(LiveState(live, on_readings, steering,
+                                                   prompt.get("cache_salt")), readings)
         engine.add_request(f"main-{tag}-{k}", prompt, sp.clone())
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -5,11 +5,13 @@ async ``EngineClient``, the OpenAI server) feeds each choice's tokens to a
 ``LiveSequence``, submits the ``PointRun`` rounds it hands out, and gives readings back in
 token order; ``StopRule`` decides early exit.
 
-Fork points are the offline probe's (``forks.fork_points``): generated-token index 0,
-``every``, 2·``every``, ... and the end, each moved back to the start of a marker it
-would cut. Live, a point is decided once ``len(longest marker) - 1`` tokens follow it
-(whether it cuts a marker depends on them) or the sequence has ended, so live and offline
-forks of one trajectory are the same requests.
+Fork points are the offline probe's: the candidates of ``triggers.PointPlanner`` (index
+0, every ``every`` tokens or each reasoning step, the end), placed by
+``forks.place_point`` (moved back out of a marker they would cut; optionally onto a
+KV-block boundary). Live, a candidate is decided once the tokens after it cannot change
+it (``len(longest thinking marker) - 1`` tokens for the marker rule, and the planner's
+own text horizon for steps) or the sequence has ended, so live and offline forks of one
+trajectory are the same requests.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import numpy as np
 
 from vllm_steer.probe.choices import ChoiceSet, ProbeError
 from vllm_steer.probe.config import ProbeConfig, check_bool, check_int, check_number
-from vllm_steer.probe.forks import fork_spec, marker_overlap
+from vllm_steer.probe.forks import align_mode, fork_spec, place_point
 from vllm_steer.probe.point import PointReader, PointRun, ProbePoint, think_marker_ids
 from vllm_steer.probe.reading import Reading
+from vllm_steer.probe.triggers import Candidate, PointPlanner
 from vllm_steer.steering.think_tracker import THINK, ThinkTracker
 
 #: ``ProbeConfig`` fields a live probe takes; the others shape an offline trajectory and
 #: come from the request itself (its max_tokens, temperature, seed, ignore_eos).
 LIVE_FIELDS = ("choices", "every", "suffix", "min_mass", "think_start", "think_end",
-               "steer_suffix", "top_k_flagged")
+               "steer_suffix", "top_k_flagged", "trigger", "markers", "min_spacing", "align")
 #: Why a request stopped early (``stop_reason`` of the choice, with ``finish_reason`` stop).
 SETTLED = "vllm_steer:probe_settled"
 
@@ -130,9 +133,11 @@ def _choice_set(tokenizer: Any, choices: tuple[str, ...]) -> ChoiceSet:
 
 class LiveProbe:
     """What every sequence probed with one config shares: the reader, suffix and markers.
-    Building it checks the config against the tokenizer (choices, suffix, markers)."""
+    Building it checks the config against the tokenizer (choices, suffix, markers).
+    ``block_size``: the engine's KV block size (needed when ``align`` is not ``"none"``)."""
 
-    def __init__(self, tokenizer: Any, cfg: LiveProbeConfig) -> None:
+    def __init__(self, tokenizer: Any, cfg: LiveProbeConfig,
+                 block_size: int | None = None) -> None:
         p = cfg.probe
         self.cfg, self.tok = cfg, tokenizer
         self.choices = _choice_set(tokenizer, tuple(p.choices))
@@ -143,15 +148,26 @@ class LiveProbe:
         self.ts, self.te = think_marker_ids(tokenizer, p.think_start, p.think_end, "probe.")
         self.lookahead = max(len(self.ts), len(self.te)) - 1
         self.eos = getattr(tokenizer, "eos_token_id", None)
+        self.align = align_mode(p.align, any(self.choices.multi_token))
+        if self.align != "none" and not block_size:
+            raise ProbeError("probe.align", "needs the engine's KV block size")
+        self.block_size = block_size
+
+    def planner(self, prompt_ids: list[int]) -> PointPlanner:
+        p = self.cfg.probe
+        return PointPlanner(p.trigger, p.every, p.markers, p.min_spacing, self.tok,
+                            prompt_ids, lookahead=self.lookahead)
 
     def extra_tokens(self) -> int:
         """Tokens a fork adds past the sequence, and the one it generates."""
         return len(self.te) + len(self.suffix_ids) + self.choices.max_len + 1
 
     def sequence(self, prompt_ids: list[int], index: int = 0,
-                 steering: dict[str, Any] | str | None = None) -> LiveSequence:
-        """A choice's sequence; ``steering``: the request's spec (forks replay it)."""
-        return LiveSequence(self, list(prompt_ids), index, steering)
+                 steering: dict[str, Any] | str | None = None,
+                 cache_salt: str | None = None) -> LiveSequence:
+        """A choice's sequence; ``steering``: the request's spec (forks replay it);
+        ``cache_salt``: the request's (forks carry it, to share its blocks)."""
+        return LiveSequence(self, list(prompt_ids), index, steering, cache_salt)
 
 
 @dataclass
@@ -163,13 +179,15 @@ class LiveSequence:
     prompt_ids: list[int]
     index: int = 0
     steering: dict[str, Any] | str | None = None
+    cache_salt: str | None = None
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
     decided: set[int] = field(default_factory=set)
     points: dict[int, ProbePoint] = field(default_factory=dict)
     delivered: int = 0   # readings handed out, in token order
     _order: list[int] = field(default_factory=list)
-    _next: int = 0   # the next multiple of ``every`` to decide
+    _planner: PointPlanner | None = None
+    _fed: int = 0   # tokens given to the planner
     _tracker: ThinkTracker | None = None
     _states: list[int] = field(default_factory=list)
 
@@ -200,38 +218,44 @@ class LiveSequence:
         return self._decide()
 
     def _decide(self) -> list[PointRun]:
-        n = len(self.tokens)
-        every = self.probe.cfg.probe.every
-        last = n if self.finished else n - self.probe.lookahead
-        cands = []
-        while self._next <= last:   # each candidate is looked at once
-            cands.append(self._next)
-            self._next += every
-        if self.finished and n not in cands:
-            cands.append(n)
+        if self._planner is None:
+            self._planner = self.probe.planner(self.prompt_ids)
+        if self._fed < len(self.tokens):
+            self._planner.feed(self.tokens[self._fed:])
+            self._fed = len(self.tokens)
+        if self.finished and not self._planner.finished:
+            self._planner.close()
+        cands = self._planner.take()
         if not cands:
             return []
         seq = self.prompt_ids + self.tokens
         markers = (self.probe.ts, self.probe.te)
+        n0 = len(self.prompt_ids)
         runs = []
-        for c in sorted(cands):
-            p = c
-            while p > 0 and (back := marker_overlap(seq, len(self.prompt_ids) + p, markers)):
-                p = max(0, p - back)
+        for c in cands:
+            p = place_point(seq, n0, c, markers, self.probe.align, self.probe.block_size,
+                            self._tail)
             if p in self.decided:
                 continue
             self.decided.add(p)
-            runs.append(PointRun(self.probe.reader, self._point(p)))
+            runs.append(PointRun(self.probe.reader, self._point(p, c)))
         self._order = sorted(self.decided)
         return runs
 
-    def _point(self, p: int) -> ProbePoint:
+    def _tail(self, i: int) -> int:
+        return (len(self.probe.te) if self._state(i) == THINK else 0) \
+            + len(self.probe.suffix_ids)
+
+    def _point(self, p: int, cand: Candidate | None = None) -> ProbePoint:
         thinking = self._state(p) == THINK
         n0 = len(self.prompt_ids)
         base = self.prompt_ids + self.tokens[:p] + (list(self.probe.te) if thinking else []) \
             + self.probe.suffix_ids
         spec = fork_spec(self.steering, n0, p, self.probe.cfg.probe.steer_suffix)
-        return ProbePoint(self.index, p, thinking, base, spec)
+        cand = cand or Candidate(p, "every")
+        return ProbePoint(self.index, p, thinking, base, spec, trigger=cand.kind,
+                          marker=cand.marker, trigger_index=cand.index,
+                          cache_salt=self.cache_salt)
 
     def add(self, pt: ProbePoint) -> list[ProbePoint]:
         """Record a point whose reading is complete; the points now deliverable in token

@@ -19,15 +19,21 @@ from vllm_steer.probe.reading import Reading
 _BARS = "▁▂▃▄▅▆▇█"
 
 
+def trigger_label(r: dict[str, Any]) -> str:
+    """What placed a reading: ``step 'Wait'``, ``every``, ``start``, ``end``."""
+    kind = r.get("trigger") or "every"
+    return f"step {r['marker']!r}" if kind == "step" and r.get("marker") else kind
+
+
 def status_line(r: dict[str, Any], history: list[float], first: str) -> str:
-    """``t=  48 thinking P(Yes)=0.82 ▁▂▄▆█ mass 0.91``: the latest reading and the
-    trend of the first choice's probability."""
+    """``t=  48 thinking step '\\n\\n' P(Yes)=0.82 ▁▂▄▆█ mass 0.91``: the latest reading,
+    what triggered it, and the trend of the first choice's probability."""
     spark = "".join(_BARS[min(7, int(p * 8))] for p in history[-24:])
     probs = " ".join(f"P({c})={p:.2f}" for c, p in r["probs"].items())
     where = "thinking" if r["in_thinking"] else "answer  "
     flag = " LOW MASS" if r["low_mass"] else ""
-    return (f"t={r['token_index']:5d} {where} {probs} {spark} P({first}) "
-            f"mass {r['mass']:.2f}{flag}")
+    return (f"t={r['token_index']:5d} {where} {trigger_label(r):12s} {probs} {spark} "
+            f"P({first}) mass {r['mass']:.2f}{flag}")
 
 
 def monitor(base_url: str, model: str | None, message: str, probe: dict[str, Any], *,
@@ -108,7 +114,19 @@ def add_monitor(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default="EMPTY")
     p.add_argument("--model", default=None, help="default: the server's first model")
     p.add_argument("--choices", default="Yes,No", help="comma-separated answer choices")
-    p.add_argument("--every", type=int, default=16)
+    p.add_argument("--every", type=int, default=None,
+                   help="fork every N tokens (default 16); with --trigger steps: a reading "
+                        "at least every N tokens (default: none)")
+    p.add_argument("--trigger", choices=("every", "steps"), default="every",
+                   help="fork every N tokens, or at reasoning steps (blank lines, 'Wait', "
+                        "...: see --markers)")
+    p.add_argument("--markers", default=None,
+                   help="step markers as a JSON list (default: the probe's, for reasoning "
+                        "models), e.g. '[\"\\n\\n\", \"Wait\"]'")
+    p.add_argument("--min-spacing", type=int, default=None,
+                   help="skip steps closer than N tokens to the previous reading")
+    p.add_argument("--align", choices=("none", "prefix", "base", "block"), default=None,
+                   help="move forks back onto KV-block boundaries (cheaper readings)")
     p.add_argument("--suffix", default=None, help="forcing suffix (default: the probe's)")
     p.add_argument("--probe", default=None,
                    help="the whole probe object as JSON (overrides --choices/--every/...)")
@@ -124,10 +142,15 @@ def add_monitor(sub: argparse._SubParsersAction) -> None:
         if args.probe is not None:
             probe = json.loads(args.probe)
         else:
-            probe = {"choices": [c.strip() for c in args.choices.split(",") if c.strip()],
-                     "every": args.every}
-            if args.suffix is not None:
-                probe["suffix"] = args.suffix
+            probe = {"choices": [c.strip() for c in args.choices.split(",") if c.strip()]}
+            if args.trigger != "every":
+                probe["trigger"] = args.trigger
+            for key, value in (("every", args.every), ("suffix", args.suffix),
+                               ("min_spacing", args.min_spacing), ("align", args.align),
+                               ("markers", json.loads(args.markers) if args.markers
+                                else None)):
+                if value is not None:
+                    probe[key] = value
         if args.stop_when is not None:
             probe["stop_when"] = json.loads(args.stop_when)
         res = monitor(args.url, args.model, args.message, probe, api_key=args.api_key,

@@ -5,9 +5,16 @@ when the thinking section is open, plus the forcing suffix: its *base*). It is r
 up to three rounds, each a list of ``(prompt, SamplingParams)`` requests:
 
 1. ``forks``: the *head* fork (the base, ``max_tokens=1``, ``logprob_token_ids`` = the
-   first token of every variant: for single-token choices the whole reading) and one fork
-   per multi-token variant (base + its tokens, read through prompt log-probs; prompt
-   log-probs turn prefix-cache reads off in vLLM by default, forks turn them back on);
+   first token of every variant: for single-token choices the whole reading) and, for
+   multi-token choices, one fork per *read context*: each distinct variant minus its last
+   token (``" 20"`` = ``' ', '2', '0'`` is read on base + ``' 2'``). A read-context fork
+   reads every last token that follows its context with ``logprob_token_ids`` (all at
+   once) and the tokens of its own context through prompt log-probs (only where it has
+   two or more tokens; prompt log-probs turn prefix-cache reads off in vLLM by default,
+   forks turn them back on). All forks of a point are submitted together: when the base
+   ends on a KV block (``align`` ``"base"``) the first one scheduled computes it and the
+   others find it in the cache, in the same engine step (vLLM caches a block when it is
+   allocated);
 2. ``gaps``: vLLM computes prompt log-probs only for the tokens it computes, so a choice
    token whose row a fork took from the prefix cache has none; if no other fork computed
    that (context, token) it is read at the last position of a request ending with the
@@ -65,26 +72,46 @@ class ProbePoint:
     computed_tokens: int = 0
     head_cached: int = 0
     reading: Reading | None = None
+    trigger: str = "every"
+    marker: str | None = None
+    trigger_index: int | None = None
+    cache_salt: str | None = None
 
 
 class PointReader:
     """Requests and readings of probe points for one choice set and config.
 
     ``fork_single_tokens=True`` reads single-token variants on their own forks through
-    prompt log-probs too (the multi-token path), to check that both paths agree.
-    Each ``*_requests`` method returns ``(requests, tags)``; the matching ``take_*`` gets
-    the tags back with the ``RequestOutput``s, in the same order.
+    prompt log-probs too (a fork of base + the token each), to check that both paths
+    agree. Each ``*_requests`` method returns ``(requests, tags)``; the matching
+    ``take_*`` gets the tags back with the ``RequestOutput``s, in the same order.
     """
 
     def __init__(self, tokenizer: Any, choices: ChoiceSet, cfg: ProbeConfig,
                  fork_single_tokens: bool = False) -> None:
         self.tok, self.choices, self.cfg = tokenizer, choices, cfg
-        self.forked = [v for vs in choices.variants for v in vs
-                       if len(v) > 1 or fork_single_tokens]
+        needed: dict[tuple[int, ...], set[int]] = {}
+        for vs in choices.variants:
+            for v in vs:
+                if len(v) > 1:
+                    needed.setdefault(tuple(v[:-1]), set()).add(v[-1])
+        #: ``(context, last tokens read at its end)`` per read-context fork
+        self.paths: list[tuple[tuple[int, ...], list[int]]] = [
+            (ctx, sorted(ids)) for ctx, ids in sorted(needed.items())]
+        if fork_single_tokens:   # base + the token, read at its last prompt position
+            self.paths += [((v[0],), []) for vs in choices.variants for v in vs
+                           if len(v) == 1]
 
     @staticmethod
     def _extra(pt: ProbePoint) -> dict[str, Any] | None:
         return {"steering": pt.spec} if pt.spec else None
+
+    @staticmethod
+    def _prompt(pt: ProbePoint, ids: list[int]) -> dict[str, Any]:
+        p: dict[str, Any] = {"prompt_token_ids": ids}
+        if pt.cache_salt is not None:   # the sequence's own salt: forks share its blocks
+            p["cache_salt"] = pt.cache_salt
+        return p
 
     @staticmethod
     def _count(pt: ProbePoint, out: Any) -> int:
@@ -98,37 +125,50 @@ class PointReader:
         from vllm import SamplingParams
 
         extra = self._extra(pt)
-        reqs = [({"prompt_token_ids": pt.base},
+        reqs = [(self._prompt(pt, pt.base),
                  SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                 logprob_token_ids=self.choices.head_ids, extra_args=extra))]
         tags: list[Any] = [None]
-        for v in self.forked:
-            tags.append(v)
-            # skip_reading_prefix_cache: vLLM's default for prompt log-probs is True,
-            # which would recompute the whole prefix for every fork.
-            reqs.append(({"prompt_token_ids": pt.base + list(v)},
+        for ctx, last in self.paths:
+            tags.append((ctx, last))
+            # prompt log-probs only where the context's own tokens are read (two or more,
+            # or a single-token variant read on its own fork); skip_reading_prefix_cache:
+            # vLLM's default for prompt log-probs is True, which would recompute the whole
+            # prefix for every fork.
+            lp = dict(prompt_logprobs=0, skip_reading_prefix_cache=False) \
+                if len(ctx) > 1 or not last else {}
+            ids = dict(logprob_token_ids=last) if last else {}
+            reqs.append((self._prompt(pt, pt.base + list(ctx)),
                          SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
-                                        prompt_logprobs=0, skip_reading_prefix_cache=False,
-                                        extra_args=extra)))
+                                        extra_args=extra, **lp, **ids)))
         return reqs, tags
 
     def take_forks(self, pt: ProbePoint, tags: Sequence[Any], outputs: Sequence[Any]) -> None:
         pairs = list(zip(tags, outputs, strict=True))
-        # Variant forks first: their rows are the multi-token path's own reading; the head
-        # fills first tokens no fork computed (and all of single-token choices).
-        for v, out in pairs:
-            if v is None:
+        # Read-context forks first: their rows are the multi-token path's own reading; the
+        # head fills first tokens no fork computed (and all of single-token choices).
+        n = len(pt.base)
+        for tag, out in pairs:
+            if tag is None:
                 continue
+            ctx, last = tag
             cached = self._count(pt, out)
             rows = out.prompt_logprobs
-            n = len(pt.base)
-            for j, tid in enumerate(v):
-                # prompt_logprobs[n + j] is read from the hidden state at n + j - 1; positions
-                # below ``cached`` came from the prefix cache and were not computed.
-                if n + j - 1 >= cached:
-                    pt.table.setdefault(tuple(v[:j]), {})[tid] = rows[n + j][tid].logprob
-        for v, out in pairs:
-            if v is not None:
+            if rows is not None:
+                for j, tid in enumerate(ctx):
+                    # prompt_logprobs[n + j] is read from the hidden state at n + j - 1;
+                    # positions below ``cached`` came from the prefix cache (not computed).
+                    if n + j - 1 >= cached:
+                        pt.table.setdefault(tuple(ctx[:j]), {})[tid] = rows[n + j][tid].logprob
+            if last:
+                lp = out.outputs[0].logprobs[0]
+                row = pt.table.setdefault(tuple(ctx), {})
+                for tid in last:
+                    if tid not in lp:
+                        raise RuntimeError(f"engine returned no logprob for token {tid}")
+                    row[tid] = lp[tid].logprob
+        for tag, out in pairs:
+            if tag is not None:
                 continue
             pt.head_cached = self._count(pt, out)
             lp = out.outputs[0].logprobs[0]
@@ -155,7 +195,7 @@ class PointReader:
         reqs, tags = [], []
         for ctx, ids in self.missing(pt).items():
             tags.append((ctx, ids))
-            reqs.append(({"prompt_token_ids": pt.base + list(ctx)},
+            reqs.append((self._prompt(pt, pt.base + list(ctx)),
                          SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                         logprob_token_ids=ids, extra_args=self._extra(pt))))
         return reqs, tags
@@ -178,7 +218,8 @@ class PointReader:
             self.choices.choices, lps, token_index=pt.token_index,
             in_thinking=pt.in_thinking, min_mass=self.cfg.min_mass,
             cached_tokens=pt.head_cached, requests=pt.requests,
-            computed_tokens=pt.computed_tokens)
+            computed_tokens=pt.computed_tokens, trigger=pt.trigger, marker=pt.marker,
+            trigger_index=pt.trigger_index)
         return pt.reading
 
     # -- 3. top tokens of a flagged reading ------------------------------------------
@@ -190,7 +231,7 @@ class PointReader:
 
         if not self.flagged(pt):
             return [], []
-        return [({"prompt_token_ids": pt.base},
+        return [(self._prompt(pt, pt.base),
                  SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.cfg.top_k_flagged,
                                 extra_args=self._extra(pt)))], [None]
 

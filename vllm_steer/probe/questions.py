@@ -4,6 +4,9 @@ Format::
 
     choices: ["Yes", "No"]           # default choices (any number, single- or multi-token)
     target: "Yes"                    # optional: the choice a sweep scores (default: first)
+    expected_kind: truth             # truth (default): ``expected`` is the correct answer,
+                                     # scored as accuracy; persona: the answer a persona
+                                     # would give (a sweep's sign), never scored as accuracy
     instruction: "Answer with {choices}."   # appended after a space; {choices} -> "Yes or No"
     questions:
       - {question: "Is 17 prime?", expected: "Yes"}
@@ -30,10 +33,19 @@ class Question:
     expected: str | None
 
 
+EXPECTED_KINDS = ("truth", "persona")
+
+
 @dataclass(frozen=True)
 class QuestionSet:
     questions: tuple[Question, ...]
     target: str | None
+    expected_kind: str = "truth"
+
+    @property
+    def graded(self) -> bool:
+        """Whether ``expected`` is the correct answer (accuracy can be computed)."""
+        return self.expected_kind == "truth"
 
     @property
     def texts(self) -> list[str]:
@@ -101,4 +113,18 @@ def load_questions(path: str | Path) -> QuestionSet:
         text = f"{q['question']} {instr.replace('{choices}', _listing(choices))}".strip()
         out.append(Question(text, choices, expected))
     target = raw.get("target")
-    return QuestionSet(tuple(out), None if target is None else str(target))
+    kind = raw.get("expected_kind", "truth")
+    if kind not in EXPECTED_KINDS:
+        raise ProbeError("expected_kind", f"{path}: {kind!r} is not one of "
+                         f"{', '.join(EXPECTED_KINDS)}")
+    return QuestionSet(tuple(out), None if target is None else str(target), kind)
+
+
+def accuracy(answers: list[str | None], questions: list[Question]) -> float | None:
+    """Fraction of ``answers`` equal to their question's ``expected`` (matched like choices:
+    case and leading whitespace ignored); None when no question has one."""
+    pairs = [(a, q.expected) for a, q in zip(answers, questions, strict=True)
+             if q.expected is not None]
+    if not pairs:
+        return None
+    return sum(a is not None and normalize(a) == normalize(e) for a, e in pairs) / len(pairs)

@@ -31,7 +31,11 @@ class Reading:
     model would not answer with any of them, and the reading means little).
     ``cached_tokens``: prefix-cache hits of the point's head fork; ``requests`` and
     ``computed_tokens``: engine requests and prompt tokens computed (not cached) for this
-    point over all its forks.
+    point over all its forks (vLLM's ``num_cached_tokens`` of each). ``trigger``: what
+    placed the reading (``start``, ``every``, ``step``, ``end``; ``once`` for a one-shot
+    reading), ``marker``: the step's marker text, ``trigger_index``: where the trigger
+    fired (``token_index`` is where the fork went: earlier when moved out of a thinking
+    marker or onto a KV-block boundary).
     """
 
     token_index: int
@@ -46,6 +50,9 @@ class Reading:
     cached_tokens: int = 0
     requests: int = 1
     computed_tokens: int = 0
+    trigger: str = "every"
+    marker: str | None = None
+    trigger_index: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -71,7 +78,8 @@ class Reading:
 def make_reading(choices: Sequence[str], variant_logprobs: Sequence[Sequence[float]], *,
                  token_index: int, in_thinking: bool, min_mass: float = DEFAULT_MIN_MASS,
                  cached_tokens: int = 0, requests: int = 1,
-                 computed_tokens: int = 0) -> Reading:
+                 computed_tokens: int = 0, trigger: str = "every", marker: str | None = None,
+                 trigger_index: int | None = None) -> Reading:
     """Fold ``variant_logprobs[k][v]`` (log P of variant ``v`` of choice ``k``) into a
     ``Reading``."""
     per = {c: logsumexp(list(lps)) for c, lps in zip(choices, variant_logprobs, strict=True)}
@@ -86,4 +94,5 @@ def make_reading(choices: Sequence[str], variant_logprobs: Sequence[Sequence[flo
             ratio = a - b
     return Reading(token_index, in_thinking, per, norm, probs, ratio, mass, mass < min_mass,
                    cached_tokens=cached_tokens, requests=requests,
-                   computed_tokens=computed_tokens)
+                   computed_tokens=computed_tokens, trigger=trigger, marker=marker,
+                   trigger_index=token_index if trigger_index is None else trigger_index)

@@ -33,7 +33,7 @@ from vllm_steer.server import metrics
 from vllm_steer.server.requests import PROBE_KEY as BODY_KEY
 from vllm_steer.steering.spec import SpecError, parse_extra_args
 from vllm_steer.vllm_adapter import openai_serving
-from vllm_steer.vllm_adapter.engine import input_processor, max_model_len
+from vllm_steer.vllm_adapter.engine import block_size, input_processor, max_model_len
 from vllm_steer.vllm_adapter.frontend import get_resolver
 from vllm_steer.vllm_adapter.openai_requests import validation_error
 
@@ -87,7 +87,7 @@ class ServerProbe:
             raise validation_error("probe: the server has no tokenizer", BODY_KEY)
         self.max_model_len = max_model_len(engine_client)
         try:
-            self.probe = LiveProbe(self.tok, cfg)
+            self.probe = LiveProbe(self.tok, cfg, block_size(engine_client))
         except ProbeError as e:
             field = e.field if e.field.startswith(BODY_KEY) else f"{BODY_KEY}.{e.field}"
             raise validation_error(f"{field}: {str(e).split(': ', 1)[1]}", field) from None
@@ -126,8 +126,9 @@ class ServerProbe:
         self.request_id = request_id
         if self.conditions is not None:
             self.conditions.request_id = request_id
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         self.run = LiveRun(self.probe, _counted(submit), request_id,
-                           spec.to_dict() if spec else None)
+                           spec.to_dict() if spec else None, salt)
         self.max_tokens = sp.max_tokens
         LIVE["probed_requests"] += 1
         metrics.PROBE_REQUESTS.inc()

@@ -30,7 +30,7 @@ from vllm_steer.server.common import (
     require_api_key,
 )
 from vllm_steer.steering.spec import SpecError, parse_spec
-from vllm_steer.vllm_adapter.engine import max_model_len
+from vllm_steer.vllm_adapter.engine import block_size, max_model_len
 
 router = APIRouter(route_class=SteerRoute, dependencies=[Depends(require_api_key)])
 MAX_BODY = 1 << 20
@@ -39,7 +39,8 @@ _OTHER_KEYS = {"chat", "system", "open_thinking", "steering", "trajectory"}
 #: ``ProbeConfig``'s fields, validated there (one place for probe settings).
 _CFG_KEYS = {f.name for f in fields(ProbeConfig)}
 #: Config fields that only shape the trajectory (an error with ``"trajectory": false``).
-_TRAJECTORY_ONLY = ("every", "max_tokens", "temperature", "seed", "ignore_eos")
+_TRAJECTORY_ONLY = ("every", "max_tokens", "temperature", "seed", "ignore_eos", "trigger",
+                    "markers", "min_spacing", "align")
 _KNOWN = set(_PROMPT_KEYS) | _OTHER_KEYS | _CFG_KEYS
 
 
@@ -117,7 +118,8 @@ def _steering(body: dict[str, Any]) -> dict[str, Any] | None:
         raise SteerHTTPError(400, str(e), e.field) from None
 
 
-def parse_probe_body(raw: bytes, tok: Any, max_model_len: int | None) -> ProbeJob:
+def parse_probe_body(raw: bytes, tok: Any, max_model_len: int | None,
+                     block_size: int | None = None) -> ProbeJob:
     """Validate the body into a ``ProbeJob`` (raises ``SteerHTTPError`` naming the field)."""
     try:
         body = json.loads(raw)
@@ -138,7 +140,7 @@ def parse_probe_body(raw: bytes, tok: Any, max_model_len: int | None) -> ProbeJo
         steering = _steering(body)
         ids = _prompt_ids(body, tok)
         return ProbeJob(tok, [ids], [steering], cfg, generate=trajectory,
-                        max_model_len=max_model_len)
+                        max_model_len=max_model_len, block_size=block_size)
     except ProbeError as e:
         raise SteerHTTPError(400, str(e), e.field) from None
 
@@ -152,7 +154,8 @@ async def steering_probe(request: Request) -> JSONResponse:
     if tok is None:
         raise SteerHTTPError(503, "the server has no tokenizer; probes need one")
     max_len = max_model_len(ctx.engine_client)
-    job = parse_probe_body(await read_body(request, MAX_BODY), tok, max_len)
+    blocks = block_size(ctx.engine_client)
+    job = parse_probe_body(await read_body(request, MAX_BODY), tok, max_len, blocks)
     try:
         (traj,) = await run_job_async(ctx.engine_client, job)
     except VLLMValidationError as e:
@@ -160,4 +163,4 @@ async def steering_probe(request: Request) -> JSONResponse:
     metrics.PROBE_READINGS.labels(source="route").inc(len(traj.readings))
     return JSONResponse({"object": "steering.probe", "choices": list(job.choices.choices),
                          "variants": job.choices.to_json(tok), "probe": job.cfg.to_json(),
-                         "trajectory": traj.to_json()})
+                         "block_size": blocks, "trajectory": traj.to_json()})

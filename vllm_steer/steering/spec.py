@@ -161,6 +161,8 @@ class SteeringSpec:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as the JSON object a request carries (``vectors``, ``apply_to`` and the
+        optional fields that are set, conditions included)."""
         out: dict[str, Any] = {"vectors": _refs_to_dicts(self.vectors),
                                "apply_to": self.apply_to}
         if self.normalize:

@@ -40,6 +40,19 @@ def max_model_len(engine: Any) -> int:
     return int(cfg.max_model_len)
 
 
+def block_size(engine: Any) -> int:
+    """The KV-cache block size (tokens) of a ``vllm.LLM`` or an ``EngineClient``: only
+    full blocks are shared through the prefix cache, which is where probe forks go when
+    they are aligned."""
+    if hasattr(engine, "llm_engine"):
+        cfg = _attr(_attr(engine, "llm_engine", "vllm.entrypoints.llm:LLM.llm_engine"),
+                    "vllm_config", "vllm.v1.engine.llm_engine:LLMEngine.vllm_config")
+    else:
+        cfg = _attr(engine, "vllm_config", "vllm.engine.protocol:EngineClient.vllm_config")
+    cache = _attr(cfg, "cache_config", "vllm.config.vllm:VllmConfig.cache_config")
+    return int(_attr(cache, "block_size", "vllm.config.cache:CacheConfig.block_size"))
+
+
 def data_parallel_size(engine_client: Any) -> int:
     """Data-parallel engines behind an ``EngineClient`` (its ``vllm_config``)."""
     cfg = _attr(engine_client, "vllm_config", "vllm.engine.protocol:EngineClient.vllm_config")

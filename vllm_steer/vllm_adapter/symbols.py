@@ -230,7 +230,15 @@ SYMBOLS: tuple[Symbol, ...] = (
            "capture budget: prompt tokens the engine computed (not served from the prefix "
            "cache)", (Assigned(),)),
     Symbol("vllm.engine.protocol:EngineClient.vllm_config", READ, "data-parallel size "
-           "(training route)", (Field(),)),
+           "(training route); KV block size (aligned probe forks)", (Field(),)),
+    Symbol("vllm.config.vllm:VllmConfig.cache_config", READ, "KV block size of the engine "
+           "(probe forks aligned to blocks)", (Field(),)),
+    Symbol("vllm.config.cache:CacheConfig.block_size", READ, "only full blocks are shared "
+           "through the prefix cache: where aligned probe forks go", (Field(),)),
+    Symbol("vllm.outputs:RequestOutput.num_cached_tokens", READ, "prompt tokens a probe fork "
+           "took from the prefix cache (its reading's computed_tokens)", (Assigned(),)),
+    Symbol("vllm.inputs:TokensPrompt.cache_salt", READ, "a probed request's salt goes on "
+           "its forks (they share its prefix-cache blocks)", (Field(),)),
     Symbol("vllm.config.parallel:ParallelConfig.data_parallel_size", READ, "under data "
            "parallelism capture requests go to one engine (collective_rpc answers with the "
            "first engine's result only)", (Field(),)),
@@ -282,7 +290,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.entrypoints.llm:LLM.model_config", READ, "max_model_len for probes",
            (Assigned(),)),
     Symbol("vllm.v1.engine.llm_engine:LLMEngine.vllm_config", READ, "engine settings in "
-           "benchmark records", (Assigned(),)),
+           "benchmark records; KV block size (aligned probe forks)", (Assigned(),)),
     Symbol("vllm.v1.engine.llm_engine:LLMEngine.add_request", CALLED, "live probes on "
            "vllm.LLM: the request and its forks (probe/live_drivers.py)",
            (Signature(("self", "request_id", "prompt", "params")),)),

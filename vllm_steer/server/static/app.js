@@ -480,8 +480,16 @@ function liveProbeConfig() {
   if (!$('live-on').checked || state.liveProbe === 'unavailable') return null;
   const every = $('live-every').value.trim();
   const cfg = { choices: parseChoices($('live-choices').value) };
+  // 'steps': fork where the text reaches a reasoning step (blank line, "Wait", ...);
+  // N tokens is then the "at least every N tokens" fallback (empty: none)
+  if ($('live-trigger').value === 'steps') cfg.trigger = 'steps';
   if (every) cfg.every = Number.isFinite(Number(every)) ? Number(every) : every;
   return cfg;
+}
+
+function triggerLabel() {
+  $('live-every-label').textContent = $('live-trigger').value === 'steps'
+    ? 'At least every N tokens' : 'Every N tokens';
 }
 
 function resetOutput(which) {
@@ -808,6 +816,7 @@ function wireEvents() {
   $('live-on').addEventListener('change', () => {
     $('live-figure').hidden = !$('live-on').checked || !state.live.steered.length;
   });
+  $('live-trigger').addEventListener('change', triggerLabel);
   $('sweep-form').addEventListener('submit', runSweep);
   for (const id of ['curl', 'python', 'probe']) {
     $(`tab-${id}`).addEventListener('click', () => selectTab(id));

@@ -67,9 +67,10 @@ function extent(values, pad = 0.08) {
  *        legend?: [{label, color, dashed?}], empty?: string,
  *        panels: [{title, log?: bool, yDomain?: [a, b], hlines?: [{y, label}],
  *                  series: [{label, color, dashed?, faint?, markers?: bool, cls?: string,
- *                            lowBelow?: number, points: [[x, y|null], ...]}]}]}
+ *                            lowBelow?: number, points: [[x, y|null, note?], ...]}]}]}
  * Each point of a series with `markers` is a <circle class="pt {cls}" data-x data-y>
- * (red when below the series' `lowBelow`). `bare`: no ticks (an empty chart).
+ * (red when below the series' `lowBelow`); a point's `note` (e.g. what triggered a
+ * reading) goes in its tooltip and its `data-note`. `bare`: no ticks (an empty chart).
  */
 export function drawChart(svg, spec) {
   svg.classList.toggle('bare', !!spec.bare);
@@ -156,16 +157,19 @@ export function drawChart(svg, spec) {
                      'stroke-dasharray': s.dashed ? '5 4' : 'none', class: 'series' }, g);
       }
       if (s.markers) {
-        for (const [x, y] of s.points) {
+        for (const [x, y, note] of s.points) {
           const ok = y !== null && Number.isFinite(y) && (!log || y > 0);
           const low = ok && s.lowBelow !== undefined && y < s.lowBelow;
-          const c = el('circle', { cx: sx(x), cy: ok ? clip(y) : top + panelH, r: ok ? 3.6 : 3,
-                                   fill: !ok ? '#fff' : low ? LOW : s.color,
-                                   stroke: low ? LOW : s.color,
-                                   'stroke-width': 1.5,
-                                   class: `pt ${s.cls || ''}`.trim(),
-                                   'data-x': x, 'data-y': ok ? y : 'null' }, g);
+          const attrs = { cx: sx(x), cy: ok ? clip(y) : top + panelH, r: ok ? 3.6 : 3,
+                          fill: !ok ? '#fff' : low ? LOW : s.color,
+                          stroke: low ? LOW : s.color,
+                          'stroke-width': 1.5,
+                          class: `pt ${s.cls || ''}`.trim(),
+                          'data-x': x, 'data-y': ok ? y : 'null' };
+          if (note) attrs['data-note'] = note;
+          const c = el('circle', attrs, g);
           el('title', {}, c).textContent = `${s.label}: ${ok ? fmt(y) : 'n/a'} at ${fmt(x)}`
+            + (note ? ` (${note})` : '')
             + (low ? ' (below min_mass: the model would hardly answer with any choice)' : '');
         }
       }

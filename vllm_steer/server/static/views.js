@@ -7,6 +7,13 @@ export const MIN_MASS = 0.05;
 
 const color = (k) => PALETTE[k % PALETTE.length];
 
+/** What placed a live reading: "step \"Wait\"", "every", "start", "end" (older servers
+ * send no trigger: "every"). */
+export function triggerNote(r) {
+  const kind = r.trigger || 'every';
+  return kind === 'step' && r.marker ? `step ${JSON.stringify(r.marker)}` : kind;
+}
+
 /**
  * The live answer-confidence chart: x = generated-token index of each reading.
  * runs: {steered: [READING...], plain: [READING...]} (READING: one element of a probe's
@@ -40,7 +47,7 @@ export function liveChartSpec({ runs, choices, target, maxTokens }) {
     panels: [
       { title: `log-odds of ${target}`, series: list.map(([label, rs, col, faint]) => ({
         label, color: col, dashed: faint, faint, markers: true, cls: `live-${label}`,
-        points: rs.map((r) => [r.token_index, targetLogOdds(r, target)]) })) },
+        points: rs.map((r) => [r.token_index, targetLogOdds(r, target), triggerNote(r)]) })) },
       { title: 'probability among the choices', yDomain: [0, 1], series: probSeries },
       { title: 'mass of the choices (log)', log: true, hlines: [{ y: MIN_MASS, label: 'min_mass' }],
         series: list.map(([label, rs, col, faint]) => ({
