@@ -94,17 +94,31 @@ def _builder(out: str, tag: int, rounds: int) -> None:
 
 def test_concurrent_replacers_never_show_a_half_built_directory(tmp_path):
     """Two processes rebuild the same directory (``prepare_default_model(force=True)``
-    twice at once); a reader sees it absent or whole, never one part without the other."""
+    twice at once); the directory at ``out`` is absent or whole, never one part without
+    the other. (A listing that the swap overtook, of a copy renamed aside and being removed
+    while it was read, is of the old copy, not of ``out``: it is counted apart.)"""
     out = tmp_path / "model"
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_builder, args=(str(out), k, 40)) for k in range(2)]
     for p in procs:
         p.start()
-    seen = torn = 0
+    seen = torn = overtaken = 0
     while any(p.is_alive() for p in procs):
         try:
-            names = set(os.listdir(out))
+            fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
+            continue
+        try:
+            listed = os.fstat(fd).st_ino
+            names = set(os.listdir(fd))
+        finally:
+            os.close(fd)
+        try:
+            still_there = os.stat(out).st_ino == listed
+        except FileNotFoundError:
+            still_there = False
+        if not still_there:
+            overtaken += 1
             continue
         seen += 1
         if names and names != {"part1", "part2"}:

@@ -73,7 +73,8 @@ def test_page_routes_answer_without_a_key(monkeypatch):
         assert r.status_code == 200, name
         assert r.headers["content-type"] == media
         assert r.content == (STATIC / name).read_bytes()
-    assert client.get("/steer/config.json").json() == {"api_key_required": True}
+    assert client.get("/steer/config.json").json() == {"api_key_required": True,
+                                                            "admin_key_required": False}
     r = client.get("/steer/../registry.yaml")
     assert r.status_code == 404
     r = client.get("/steer/secret.py")
@@ -85,7 +86,7 @@ def test_page_routes_answer_without_a_key(monkeypatch):
 def test_config_says_when_no_key_is_needed(monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     assert TestClient(make_app()).get("/steer/config.json").json() == \
-        {"api_key_required": False}
+        {"api_key_required": False, "admin_key_required": False}
 
 
 def test_page_under_vllm_root_path():

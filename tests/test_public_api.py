@@ -107,7 +107,7 @@ def test_the_version_is_the_projects():
 
 def test_the_subpackages_export_a_few_names():
     sizes = {pkg: len(importlib.import_module(pkg).__all__) for pkg in PUBLIC_PACKAGES}
-    assert all(n <= 13 for n in sizes.values()), sizes
+    assert all(n <= 15 for n in sizes.values()), sizes
 
 
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(REPO)))

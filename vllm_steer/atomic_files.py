@@ -115,7 +115,8 @@ def staged_dir(final: str | os.PathLike[str], *, replace: bool = False) -> Itera
     ``replace=False``: when ``final`` exists by then (another run finished first), it is
     kept and the staged copy dropped. ``replace=True``: the staged copy replaces it (the
     old one is renamed aside, then removed), so ``final`` is never a half-built
-    directory; it may be absent for a moment in between.
+    directory; it may be absent for a moment in between. A reader that opened the old copy
+    just before it was renamed aside may see it emptied while it reads.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         sp = SamplingParams(max_tokens=16,
                             extra_args={"steering": {"vectors": [{"name": "big",
                                                                    "scale": scale}]}})
-        req = SimpleNamespace(sampling_params=sp, prompt_token_ids=prompt, cache_salt=None)
+        req = SimpleNamespace(sampling_params=sp, prompt_token_ids=prompt, cache_salt=None,
+                              request_id="wire")
         t0 = time.perf_counter()
         steer_request(proc, req)
         t1 = time.perf_counter()
@@ -111,7 +112,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     plain = []
     for _ in range(args.requests):  # the same path for unsteered requests (the floor)
         sp = SamplingParams(max_tokens=16)
-        req = SimpleNamespace(sampling_params=sp, prompt_token_ids=prompt, cache_salt=None)
+        req = SimpleNamespace(sampling_params=sp, prompt_token_ids=prompt, cache_salt=None,
+                              request_id="wire")
         t0 = time.perf_counter()
         steer_request(proc, req)
         send(sp)

@@ -226,9 +226,6 @@ SYMBOLS: tuple[Symbol, ...] = (
            "routes' requests (training: pinned to data-parallel rank 0)",
            (Signature(("self", "prompt", "sampling_params", "request_id"),
                       ("data_parallel_rank",)),)),
-    Symbol("vllm.outputs:RequestOutput.num_cached_tokens", READ, "the training route's "
-           "capture budget: prompt tokens the engine computed (not served from the prefix "
-           "cache)", (Assigned(),)),
     Symbol("vllm.engine.protocol:EngineClient.vllm_config", READ, "data-parallel size "
            "(training route); KV block size (aligned probe forks)", (Field(),)),
     Symbol("vllm.config.vllm:VllmConfig.cache_config", READ, "KV block size of the engine "
@@ -236,7 +233,8 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.config.cache:CacheConfig.block_size", READ, "only full blocks are shared "
            "through the prefix cache: where aligned probe forks go", (Field(),)),
     Symbol("vllm.outputs:RequestOutput.num_cached_tokens", READ, "prompt tokens a probe fork "
-           "took from the prefix cache (its reading's computed_tokens)", (Assigned(),)),
+           "took from the prefix cache (its reading's computed_tokens); the training route's "
+           "capture budget (prompt tokens the engine computed)", (Assigned(),)),
     Symbol("vllm.inputs:TokensPrompt.cache_salt", READ, "a probed request's salt goes on "
            "its forks (they share its prefix-cache blocks)", (Field(),)),
     Symbol("vllm.config.parallel:ParallelConfig.data_parallel_size", READ, "under data "
