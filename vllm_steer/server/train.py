@@ -198,7 +198,7 @@ async def _train(request: Request, rec: dict[str, Any], job: dict[str, float]
                              "max_concurrent")
     budget = capture_budget(reg_fields.get("budget"))
     if isinstance(recipe.get("kind"), str) and recipe.get("kind") == "condition":
-        return await _train_condition(ctx, r, recipe, prefix, concurrent, budget)
+        return await _train_condition(ctx, r, recipe, prefix, concurrent, budget, rec, job)
     cfg = _config(recipe, prefix, name)
     try:
         picked = resolve_layers(cfg.layers, ctx.num_layers)
@@ -294,7 +294,8 @@ def _count_capture(prompt_tokens: int) -> None:
 
 
 async def _train_condition(ctx: Any, r: Any, recipe: dict[str, Any], prefix: str,
-                           concurrent: int, budget: CaptureBudget) -> JSONResponse:
+                           concurrent: int, budget: CaptureBudget, rec: dict[str, Any],
+                           job: dict[str, float]) -> JSONResponse:
     """A condition recipe (``kind: condition``, ``extract.condition``): prompt states
     through the engine's capture, direction per layer, the layer/threshold/comparison
     search, the held-out F1; registered like any vector (its defaults in the file)."""
@@ -348,7 +349,7 @@ async def _train_condition(ctx: Any, r: Any, recipe: dict[str, Any], prefix: str
     if _lock is None:
         _lock = asyncio.Lock()
     async with _lock:
-        t0 = time.perf_counter()
+        t0 = job["t0"] = time.perf_counter()
         states = await read_prompt_states_engine_async(
             engine, rows, picked, cfg.aggregate, max_concurrent=concurrent,
             data_parallel_rank=0 if data_parallel_size(engine) > 1 else None,
@@ -360,11 +361,17 @@ async def _train_condition(ctx: Any, r: Any, recipe: dict[str, Any], prefix: str
                                   holdout=cfg.holdout, seed=cfg.seed,
                                   info={"dataset_name": sets.name})
     data = await asyncio.to_thread(_vector_bytes, res.vector)
-    entry = await asyncio.to_thread(vectors.register, ctx, r, data, None, "recipe")
+    t2 = time.perf_counter()
+    done = await asyncio.to_thread(vectors.register, ctx, r, data, None, "recipe")
+    t3 = time.perf_counter()
+    rec.update(digest=done.digest, status=201, replaced=done.action == "replace")
+    for phase, seconds in (("capture", seconds_capture), ("fit", t2 - t1),
+                           ("register", t3 - t2), ("total", t3 - t0)):
+        metrics.TRAIN_SECONDS.labels(phase=phase).observe(seconds)
     not_applied = sorted(k for k in NOT_APPLIED if recipe.get(k) is not None)
     report = res.to_json()
     return vectors.respond({
-        **entry,
+        **done.info,
         "training": {"kind": "condition", "num_prompts": n, "layers": picked,
                      "method": cfg.method, **{k: v for k, v in report.items()
                                               if k != "seconds"},
