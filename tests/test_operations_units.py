@@ -359,3 +359,48 @@ def test_serve_says_when_there_is_no_admin_key_and_passes_the_options(capsys, mo
     assert "no steering admin key" not in err and ADMIN not in out   # never printed
     assert main(["serve", "--print-command", "--steering-admin-key", "short"]) == 2
     assert "VLLMSTEER_ADMIN_KEY" in capsys.readouterr().err
+
+
+def test_metrics_refresh_asks_the_workers_only_after_activity(monkeypatch):
+    """An idle process does not ask the workers every interval (each RPC holds vLLM's
+    workers in a busy-wait for a second): only after a request was admitted or engine
+    outputs arrived, or after ``IDLE_REFRESH_S``."""
+    from types import SimpleNamespace
+
+    from vllm_steer.server import metrics, metrics_refresh
+    from vllm_steer.vllm_adapter import stat_logger
+
+    calls: list[float] = []
+
+    class Engine:
+        async def collective_rpc(self, method: str) -> list[dict]:
+            assert method == "vllm_steer_stats"
+            calls.append(time.monotonic())
+            return [None]
+
+    store = SimpleNamespace(usage=lambda: (0, 0))
+    ctx = SimpleNamespace(registry=SimpleNamespace(entries={}),
+                          resolver=SimpleNamespace(store=store), engine_client=Engine())
+    monkeypatch.setattr(metrics, "set_workers", lambda stats: None)
+
+    async def run(seconds: float, during=None) -> int:
+        before = len(calls)
+        task = asyncio.ensure_future(metrics_refresh.refresh_loop(ctx, 0.01))
+        try:
+            await asyncio.sleep(seconds / 2)
+            if during is not None:
+                during()
+            await asyncio.sleep(seconds / 2)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return len(calls) - before
+
+    monkeypatch.setattr(metrics_refresh, "IDLE_REFRESH_S", 3600.0)
+    assert asyncio.run(run(0.3)) == 1                  # once at start, then idle
+    outputs = lambda: setattr(stat_logger, "batches", stat_logger.batches + 1)  # noqa: E731
+    assert asyncio.run(run(0.3, outputs)) == 2         # start + the engine's outputs
+    assert asyncio.run(run(0.3, lambda: metrics.count_request(()))) == 2   # admission
+    monkeypatch.setattr(metrics_refresh, "IDLE_REFRESH_S", 0.05)
+    assert asyncio.run(run(0.4)) >= 4                  # idle, but re-asked now and then

@@ -109,11 +109,20 @@ SLOT_TABLE_BYTES = Gauge("vllm_steer:slot_table_bytes", "Bytes of a worker's ste
 _forks: OrderedDict[str, None] = OrderedDict()
 _forks_lock = threading.Lock()
 _MAX_FORKS = 65536
+#: Requests this process admitted (``metrics_refresh`` re-reads the workers' gauges only
+#: after activity, or after its ``IDLE_REFRESH_S``).
+_activity = [0]
+
+
+def activity() -> int:
+    """How many requests this process admitted so far."""
+    return _activity[0]
 
 
 # -- recording (called by the modules named in the docstring) ------------------------
 def count_request(kinds: Iterable[str]) -> None:
     """One OpenAI request; ``kinds``: its steering kinds (empty: unsteered)."""
+    _activity[0] += 1
     kinds = tuple(kinds)
     REQUESTS.labels(steering="steered" if kinds else "none").inc()
     for k in kinds or ("none",):

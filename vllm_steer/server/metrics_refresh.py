@@ -1,13 +1,23 @@
 """The engine-side gauges of ``server.metrics``, refreshed by a task in each API-server
 process: the registry's vectors, the store's size and the workers' slot usage (through
 ``collective_rpc("vllm_steer_stats")``, the method the general plugin installs), every
-``$VLLMSTEER_METRICS_INTERVAL_S`` seconds (default 5)."""
+``$VLLMSTEER_METRICS_INTERVAL_S`` seconds (default 5).
+
+The workers are asked only when this process admitted a request or received engine
+outputs (``vllm_adapter.stat_logger.batches``) since it last asked them, or
+``IDLE_REFRESH_S`` after that: each RPC leaves vLLM's workers in their message queue's
+busy-wait for a second, so asking an idle engine every 5 s held a fifth of a core. The
+workers' gauges change only while requests run; with several API processes they keep the
+most recent process's values, the one that saw the traffic.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import time
 
 from vllm_steer import envvars
 from vllm_steer.server import metrics
@@ -16,6 +26,8 @@ from vllm_steer.server.common import ServerContext
 logger = logging.getLogger("vllm_steer")
 DEFAULT_INTERVAL_S = 5.0
 RPC_TIMEOUT_S = 30.0
+#: Seconds after which an idle process asks the workers again.
+IDLE_REFRESH_S = 60.0
 
 
 def interval_s() -> float:
@@ -41,18 +53,27 @@ def refresh_shared(ctx: ServerContext) -> None:
     metrics.STORE_BYTES.set(size)
 
 
-async def refresh_once(ctx: ServerContext) -> None:
+async def refresh_once(ctx: ServerContext, workers: bool = True) -> None:
+    """The registry's and store's gauges; the workers' too when ``workers``."""
     await asyncio.to_thread(refresh_shared, ctx)
-    workers = await asyncio.wait_for(ctx.engine_client.collective_rpc("vllm_steer_stats"),
-                                     RPC_TIMEOUT_S)
-    metrics.set_workers(list(workers))
+    if workers:
+        stats = await asyncio.wait_for(ctx.engine_client.collective_rpc("vllm_steer_stats"),
+                                       RPC_TIMEOUT_S)
+        metrics.set_workers(list(stats))
 
 
 async def refresh_loop(ctx: ServerContext, every_s: float) -> None:
+    from vllm_steer.vllm_adapter import stat_logger
+
     failed = False
+    seen, asked = None, -math.inf   # activity when the workers were last asked, and when
     while True:
         try:
-            await refresh_once(ctx)
+            now, act = time.monotonic(), (metrics.activity(), stat_logger.batches)
+            ask = act != seen or now - asked >= IDLE_REFRESH_S
+            await refresh_once(ctx, workers=ask)
+            if ask:
+                seen, asked = act, now
             failed = False
         except asyncio.CancelledError:
             raise

@@ -23,6 +23,8 @@ FinishedHook = Callable[[str, int, int], None]
 _hooks: list[FinishedHook] = []
 #: Loggers vLLM built in this process (0: the entry point is not enabled here).
 instances = 0
+#: Batches of engine outputs recorded in this process (changes while its requests run).
+batches = 0
 
 
 def add_finished_hook(fn: FinishedHook) -> None:
@@ -41,7 +43,11 @@ class SteeringStatLogger(StatLoggerBase):
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
-        if iteration_stats is None or not _hooks:
+        global batches
+        if iteration_stats is None:
+            return
+        batches += 1
+        if not _hooks:
             return
         for f in iteration_stats.finished_requests:
             for fn in _hooks:
