@@ -12,11 +12,11 @@ id vLLM's serving code gave the engine, once a choice has output.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm_steer.server.body import conditioned
+from vllm_steer.server.sse import rewrite_events
 from vllm_steer.vllm_adapter import openai_serving
 from vllm_steer.vllm_adapter.conditions import take_conditions_async
 
@@ -104,18 +104,7 @@ class ConditionSession:
 
 def decorate_sse(text: str, reports: ConditionReports) -> str:
     """``text`` (SSE events) with the reports on its finish chunks."""
-    out = []
-    for event in text.split("\n\n"):
-        if not event.startswith("data: ") or event == "data: [DONE]":
-            out.append(event)
-            continue
-        try:
-            obj = json.loads(event[6:])
-        except ValueError:
-            out.append(event)
-            continue
-        out.append("data: " + json.dumps(obj) if reports.decorate_chunk_obj(obj) else event)
-    return "\n\n".join(out)
+    return rewrite_events(text, reports.decorate_chunk_obj)
 
 
 def begin(engine_client: Any, request: Any) -> Any:

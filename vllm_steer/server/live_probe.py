@@ -31,6 +31,7 @@ from vllm_steer.probe.live_drivers import LiveRun, final_output
 from vllm_steer.probe.live_state import LiveProbe, LiveProbeConfig
 from vllm_steer.server import metrics
 from vllm_steer.server.requests import PROBE_KEY as BODY_KEY
+from vllm_steer.server.sse import rewrite_events
 from vllm_steer.steering.spec import SpecError, parse_extra_args
 from vllm_steer.vllm_adapter import openai_serving
 from vllm_steer.vllm_adapter.engine import block_size, input_processor, max_model_len
@@ -281,18 +282,11 @@ class ServerProbe:
 
     def _decorate_chunk(self, text: str, head: dict[str, Any] | None
                         ) -> tuple[str, dict[str, Any] | None]:
-        out = []
-        for event in text.split("\n\n"):
-            if not event.startswith("data: ") or event == "data: [DONE]":
-                out.append(event)
-                continue
-            try:
-                obj = json.loads(event[6:])
-            except ValueError:
-                out.append(event)
-                continue
-            if head is None and isinstance(obj, dict) and "id" in obj:
-                head = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        found = [head]
+
+        def edit(obj: Any) -> bool:
+            if found[0] is None and isinstance(obj, dict) and "id" in obj:
+                found[0] = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
             changed = False
             for c in (obj.get("choices") or []) if isinstance(obj, dict) else []:
                 if c.get("finish_reason") is not None:
@@ -302,8 +296,9 @@ class ServerProbe:
                         changed = True
             if self.conditions is not None:
                 changed = self.conditions.decorate_chunk_obj(obj) or changed
-            out.append("data: " + json.dumps(obj) if changed else event)
-        return "\n\n".join(out), head
+            return changed
+
+        return rewrite_events(text, edit), found[0]
 
     @staticmethod
     def _readings_chunk(head: dict[str, Any], held: list[tuple[int, list[dict[str, Any]]]],
