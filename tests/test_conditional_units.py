@@ -169,10 +169,17 @@ def test_malformed_gate_wire_is_refused(resolver):
 H = 16
 
 
-def make_table(num_layers=3, slots=5, rows=64):
+@pytest.fixture(params=[False, True], ids=["device-targets", "host-planned"])
+def planned(request):
+    """Both ways a table accumulates (``steering.condition_table``)."""
+    return request.param
+
+
+def make_table(num_layers=3, slots=5, rows=64, host_planned=False):
     from vllm_steer.steering.condition_table import ConditionTable
 
-    return ConditionTable(num_layers, slots, H, torch.device("cpu"), rows)
+    return ConditionTable(num_layers, slots, H, torch.device("cpu"), rows,
+                          host_planned=host_planned)
 
 
 def gate_wire(conds, mode="all", split=10, report="r"):
@@ -185,9 +192,17 @@ def gate_wire(conds, mode="all", split=10, report="r"):
 
 
 def forward(table, states):
-    """What the traced forwards do: every layer adds each token's state to its target."""
+    """What the traced forwards do: every layer adds each token's state to its target
+    (device targets), or calls the op with the block output split into stream + residual
+    (host-planned)."""
+    from vllm_steer.steering.condition_table import cond_accumulate_op
+
     for layer, x in states.items():
-        table.acc.index_add_(0, table.targets[layer][: x.shape[0]], x)
+        if table.host_planned:
+            residual = torch.randn_like(x)
+            cond_accumulate_op(x - residual, residual, table.id, layer, table.acc)
+        else:
+            table.acc.index_add_(0, table.targets[layer][: x.shape[0]], x)
 
 
 def run_chunks(table, reqs, chunks, states_of):
@@ -233,10 +248,10 @@ DIRS = {layer: _g.normal(size=H) for layer in range(3)}
     ([(1, "mean", -1.0, "above"), (2, "last", 1.0, "above")], "any"),
     ([(1, "mean", 1.0, "above"), (2, "last", 1.0, "above")], "any"),
 ])
-def test_table_decides_like_the_reference_across_chunks_and_neighbours(conds, mode):
+def test_table_decides_like_the_reference_across_chunks_and_neighbours(conds, mode, planned):
     """Two conditioned requests and an unconditioned neighbour, prompts in uneven chunks
     (a chunk ending exactly at the split, one crossing it into generated tokens)."""
-    table = make_table()
+    table = make_table(host_planned=planned)
     rng = np.random.default_rng(3)
     seqs = {k: {layer: rng.normal(size=(30, H)) + 0.4 * DIRS[layer] * (k + 1)
                 for layer in range(3)} for k in range(3)}
@@ -269,13 +284,13 @@ def test_table_decides_like_the_reference_across_chunks_and_neighbours(conds, mo
     assert int(table.gate[0]) == 1
 
 
-def test_decisions_vary_and_slots_are_reused():
+def test_decisions_vary_and_slots_are_reused(planned):
     """Thresholds either side of the reference score give both decisions; a finished
     request's report waits for collection and its slot starts clean for the next."""
     rng = np.random.default_rng(11)
     x = {layer: rng.normal(size=(12, H)) + DIRS[layer] for layer in range(3)}
     (s,), _, _ = reference_decision(x, [(1, "mean", 0.0, "above")], "all", 12)
-    table = make_table(slots=2)
+    table = make_table(slots=2, host_planned=planned)
     for k, thr in enumerate((s - 1e-3, s + 1e-3)):
         req = table.add(f"q{k}", gate_wire([(1, "mean", thr, "above")], split=12,
                                            report=f"k{k}"), [DIRS[1].astype(np.float32)])
@@ -376,10 +391,10 @@ def test_condition_recipes_are_checked_naming_the_field():
         assert e.value.field == field, (bad, e.value.field)
 
 
-def test_a_forward_no_step_planned_accumulates_nothing():
+def test_a_forward_no_step_planned_accumulates_nothing(planned):
     """vLLM's dummy runs between steps (``RunnerSteering.quiesce`` clears the targets
     first): the planned request's accumulator rows stay as the real forward left them."""
-    table = make_table()
+    table = make_table(host_planned=planned)
     req = table.add("r", gate_wire([(1, "mean", 0.0, "above")], split=6),
                     [DIRS[1].astype(np.float32)])
     table.begin_step()

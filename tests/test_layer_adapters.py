@@ -140,6 +140,41 @@ def test_stream_kinds_add_to_the_stream():
     assert torch.equal(out[0], delta)
 
 
+@pytest.mark.parametrize("host_planned", [False, True], ids=["device-targets", "host-planned"])
+def test_condition_reading_sums_the_steered_block_output(host_planned):
+    """Both ways of accumulating a condition (``steering.condition_table``) read the block
+    output after steering (hidden + residual for a pair layer) of the planned prompt
+    positions only: a request at flattened rows 1..3 (positions 0..2, split 3)."""
+    from vllm_steer.steering.condition_table import ConditionTable
+    from vllm_steer.steering.wire import WireCondition, WireGate
+
+    layers = [_PairLayer() for _ in range(2)]
+    table = ConditionTable(2, 3, 8, torch.device("cpu"), 16, host_planned=host_planned)
+    steer = torch.arange(3 * 8, dtype=torch.float32).reshape(3, 8)
+    rows = torch.tensor([1, 0, 2, 1] + [0] * 8)
+    for i, layer in enumerate(layers):
+        attach(layer, AdapterKind("residual_pair"), LayerTables(steer, None, None, None, None),
+               rows, **({"cond_acc": table.acc, "cond_table": table.id, "cond_layer": i}
+                        if host_planned else
+                        {"cond_acc": table.acc, "cond_targets": table.targets[i]}))
+    gate = WireGate(conditions=(WireCondition(content="0" * 64, layer=1, aggregate="mean",
+                                              threshold=0.0, compare="above", label="c"),),
+                    mode="all", split=3, report="r")
+    req = table.add("r", gate, [torch.ones(8).numpy()])
+    table.begin_step()
+    table.plan(req, 1, 0, 3)
+    table.end_step()
+    h = torch.randn(4, 8)
+    hidden, residual = layers[0](None, h, None)
+    hidden, residual = layers[1](None, hidden, residual)
+    out = hidden + residual                      # the block output the condition reads
+    s_row, l_row = (table.acc_row(req.slot, 0, last) for last in (False, True))
+    assert torch.allclose(table.acc[s_row], out[1:3].sum(0))
+    assert torch.allclose(table.acc[l_row], out[3])
+    others = [r for r in range(table.acc.shape[0]) if r not in (0, s_row, l_row)]
+    assert not table.acc[others].any()
+
+
 @pytest.mark.parametrize("kind, out", [
     ("residual_pair", torch.zeros(4, 8)),                  # no residual returned
     ("residual_pair", (torch.zeros(4, 8), None)),          # first layer style, wrong here

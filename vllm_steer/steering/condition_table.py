@@ -7,9 +7,10 @@ Device state (preallocated, updated in place; ``R`` request slots, slot 0 unused
   condition layer ``j`` two rows, ``S`` (sum of the block outputs of prompt positions
   ``0 .. split - 2``) and ``Lst`` (the output at the last prompt position ``split - 1``);
   row 0 is the trash row every other token adds into.
-- ``targets[i]`` long ``[num_rows]`` per decoder layer: the ``acc`` row each scheduled
-  token adds its block-``i`` output to (0: trash). Every layer's traced forward runs
-  ``acc.index_add_(0, targets[i][:T], stream)``: one reduction per layer, no branch.
+- ``targets[i]`` long ``[num_rows]`` per decoder layer (device targets only, see below):
+  the ``acc`` row each scheduled token adds its block-``i`` output to (0: trash). Every
+  layer's traced forward runs ``acc.index_add_(0, targets[i][:T], stream)``: one
+  reduction per layer, no branch.
 - per slot: directions ``dirs [R, C, hidden]``, thresholds, comparison, aggregation,
   validity, ``split``, ``any``/``all``; results ``score [R, C]``, ``held [R, C]`` and
   ``gate [R]`` (1: the rule holds). ``gate[0]`` is 1 for ever: tokens of requests without
@@ -22,12 +23,28 @@ each condition's outcome and the rule, into ``gate``. The runner then picks each
 token's table row with ``torch.where(gate[req], then_row, else_row)``. The first
 generated position is computed one step after the last prompt position, so its gate is
 always decided; the decision is never recomputed (preemption keeps it).
+
+Two ways to accumulate, chosen per engine (``host_planned``):
+
+- **device targets** (above): every layer's traced forward runs one ``index_add_`` of the
+  whole ``[T, hidden]`` stream, whatever the batch holds. A replayed CUDA graph runs it
+  with fresh targets, so this is the way under CUDA graphs, where it is cheap; on a CPU it
+  cost every request ~7% (30 layers x ``T x hidden`` scattered adds, most into the trash).
+- **host-planned spans** (engines without CUDA graphs: CPU, eager, cudagraph mode NONE):
+  every layer ends with the opaque op ``torch.ops.vllm_steer.cond_accumulate``, whose
+  Python body returns at once unless this step planned spans at that layer; then it adds
+  ``stream[a:b] (+ residual[a:b])`` summed over the span to the request's row. The cost of
+  a step without a conditioned prompt is one dispatcher call per layer; with one, one
+  reduction at each of its condition layers (the op, like the capture op, does not run
+  inside a replayed CUDA graph, hence the other way there).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +56,41 @@ from vllm_steer.steering.condition import MAX_CONDITIONS, cast_score
 from vllm_steer.steering.wire import WireGate
 
 logger = logging.getLogger("vllm_steer")
+
+OP_NAMESPACE = "vllm_steer"
+#: Host-planned tables by id: the op's ``table`` argument (an int fixed at attach) names
+#: its engine's table, so engines sharing a process (in-process engine cores) never mix.
+_TABLES: weakref.WeakValueDictionary[int, ConditionTable] = weakref.WeakValueDictionary()
+_IDS = itertools.count(1)
+
+
+def _accumulate_impl(stream: torch.Tensor, residual: torch.Tensor | None, table: int,
+                     layer: int, acc: torch.Tensor) -> None:
+    t = _TABLES.get(table)
+    if t is not None and t._spans:
+        t.accumulate(layer, stream, residual)
+
+
+def _accumulate_fake(stream: torch.Tensor, residual: torch.Tensor | None, table: int,
+                     layer: int, acc: torch.Tensor) -> None:
+    return None
+
+
+def _define_op() -> Any:
+    ns = getattr(torch.ops, OP_NAMESPACE)
+    if hasattr(ns, "cond_accumulate"):   # defined by an earlier import of this module
+        return ns.cond_accumulate.default
+    # Library + impl as the capture op (``steering.capture``): ~3 us a call
+    lib = torch.library.Library(OP_NAMESPACE, "FRAGMENT")
+    lib.define("cond_accumulate(Tensor stream, Tensor? residual, int table, int layer, "
+               "Tensor(a!) acc) -> ()")
+    lib.impl("cond_accumulate", _accumulate_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{OP_NAMESPACE}::cond_accumulate", _accumulate_fake, lib=lib)
+    _define_op.lib = lib  # type: ignore[attr-defined]  # keep the registration alive
+    return ns.cond_accumulate.default
+
+
+cond_accumulate_op = _define_op()
 
 
 @dataclass
@@ -70,15 +122,24 @@ class ConditionTable:
     """The device tables of ``num_slots - 1`` conditioned requests and their scoring."""
 
     def __init__(self, num_layers: int, num_slots: int, hidden: int, device: torch.device,
-                 num_rows: int, max_reports: int = 8192) -> None:
+                 num_rows: int, max_reports: int = 8192, host_planned: bool = False) -> None:
         c = MAX_CONDITIONS
         self.num_layers, self.num_slots, self.hidden = num_layers, num_slots, hidden
         self.device = device
+        self.host_planned = host_planned
+        #: host-planned: per layer this step's ``(a, b, row_s, row_l)`` spans of flattened
+        #: rows (``row_l`` -1: the span ends before the last prompt position)
+        self._spans: dict[int, list[tuple[int, int, int, int]]] = {}
+        self.id = next(_IDS)
+        if host_planned:
+            _TABLES[self.id] = self
 
         def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dtype, device=device)
 
         self.acc = zeros(1 + num_slots * c * 2, hidden)
+        if host_planned:
+            num_rows = 1    # no device targets: the spans say where each sum goes
         self.targets = [zeros(num_rows, dtype=torch.long) for _ in range(num_layers)]
         self._targets_host = (self.targets if device.type == "cpu" else
                               [torch.zeros(num_rows, dtype=torch.long, pin_memory=True)
@@ -175,6 +236,7 @@ class ConditionTable:
             self._targets_np[layer][:n] = 0
         self._cleared = dict(self._dirty)
         self._dirty = {}
+        self._spans = {}
         self.flush()
 
     def plan(self, req: CondReq, offset: int, first: int, n: int) -> None:
@@ -191,6 +253,11 @@ class ConditionTable:
             return
         a, b = offset + lo - first, offset + hi - first
         for j, layer in enumerate(req.layers):
+            if self.host_planned:
+                last = self.acc_row(req.slot, j, True) if hi == req.split else -1
+                self._spans.setdefault(layer, []).append(
+                    (a, b - 1 if last >= 0 else b, self.acc_row(req.slot, j, False), last))
+                continue
             t = self._targets_np[layer]
             t[a:b] = self.acc_row(req.slot, j, False)
             if hi == req.split:
@@ -209,8 +276,23 @@ class ConditionTable:
             n = max(self._dirty.get(layer, 0), self._cleared.get(layer, 0))
             self.targets[layer][:n].copy_(self._targets_host[layer][:n], non_blocking=True)
 
+    def accumulate(self, layer: int, stream: torch.Tensor, residual: torch.Tensor | None
+                   ) -> None:
+        """Host-planned: add this step's spans at ``layer`` of the block output
+        (``stream`` [T, hidden], + ``residual`` where the block defers its add) to their
+        rows (float32; one reduction per span, one row copy for a last position)."""
+        for a, b, row_s, row_l in self._spans.get(layer, ()):
+            end = b + 1 if row_l >= 0 else b
+            x = stream[a:end] if residual is None else stream[a:end] + residual[a:end]
+            x = x.to(self.acc.dtype)
+            if b > a:
+                self.acc[row_s] += x[: b - a].sum(0)
+            if row_l >= 0:
+                self.acc[row_l] += x[b - a]
+
     def clear_targets(self) -> None:
         """Every token adds to the trash row (before a forward no step planned)."""
+        self._spans = {}
         for layer in range(self.num_layers):
             self._targets_np[layer][:] = 0
             if self.device.type != "cpu":
@@ -220,7 +302,7 @@ class ConditionTable:
     @property
     def active(self) -> bool:
         """True when this step's forward accumulates anything."""
-        return bool(self._dirty)
+        return bool(self._dirty) or bool(self._spans)
 
     def flush(self) -> None:
         """Score every completed prompt not scored yet (device ops, queued after the

@@ -105,7 +105,8 @@ class RunnerSteering:
         # Conditional steering: per gated token its request's condition slot and its row
         # when the rule does not hold (``steering.condition_table``).
         self.conditions = (ConditionTable(self.num_layers, num_slots, self.hidden, self.device,
-                                          n_rows) if self.options.conditions else None)
+                                          n_rows, host_planned=not cuda_graphs(runner))
+                           if self.options.conditions else None)
         self._tok_req = np.zeros(n_rows, dtype=np.int64)
         self._rows_else = np.zeros(n_rows, dtype=np.int64)
         self._gated = 0             # _tok_req[:_gated] may be non-zero
@@ -120,6 +121,8 @@ class RunnerSteering:
                 attach(layer, plan.kind, self.slots.layer(i), self.rows,
                        *((i, self.capture.sink) if self.capture is not None else ()),
                        **({} if cond is None else
+                          {"cond_acc": cond.acc, "cond_table": cond.id, "cond_layer": i}
+                          if cond.host_planned else
                           {"cond_acc": cond.acc, "cond_targets": cond.targets[i]}))
         self.adapter = plan.kind
         if plan.forced:
@@ -130,6 +133,10 @@ class RunnerSteering:
                     "ablate/clamp per layer (%.1f MiB of tables)", self.num_layers,
                     type(model).__name__, plan.kind.value, num_slots, self.max_projections,
                     self.slots.stats()["table_bytes"] / 2**20)
+        if cond is not None:
+            logger.info("vllm-steer: conditions accumulate through %s",
+                        "planned spans (op)" if cond.host_planned
+                        else "device targets (CUDA graphs)")
 
     # -- request lifetime ----------------------------------------------------------
     def add_request(self, req_id: str, sampling_params: Any) -> None:
@@ -300,6 +307,15 @@ class RunnerSteering:
         self._rows_else[offset:offset + n][sel] = other
         self._tok_req[offset:offset + n][sel] = g.cond.slot
         return offset + n
+
+
+def cuda_graphs(runner: Any) -> bool:
+    """True when this runner's forwards may replay CUDA graphs (where an op's Python body
+    does not run: conditions then accumulate through device targets)."""
+    if runner.device.type != "cuda":
+        return False
+    mode = runner.vllm_config.compilation_config.cudagraph_mode
+    return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
 
 
 def runner_classes() -> list[type]:

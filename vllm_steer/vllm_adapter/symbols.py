@@ -154,7 +154,8 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.distributed:get_tensor_model_parallel_rank", CALLED, "only TP rank 0 "
            "records captures (the stream is the same on every rank)", (Signature(()),)),
     Symbol("vllm.config.compilation:CompilationConfig.cudagraph_mode", READ, "capture is "
-           "refused with CUDA graphs (the op's Python body does not run in a replay); "
+           "refused with CUDA graphs (the op's Python body does not run in a replay), and "
+           "conditions accumulate through device targets there instead of the op; "
            "`doctor --verify` reports CUDA graphs on or off", (Field(),)),
     Symbol("vllm.config.vllm:VllmConfig.kv_transfer_config", READ, "capture and mean "
            "conditions are refused with a KV connector (external prefix hits are not capped)",
