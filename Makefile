@@ -41,9 +41,16 @@ prometheus:
 demo: setup
 	$(PY) -m vllm_steer.cli demo
 
+# Two xdist workers (tests/xdist_units.py): engine steps run on one thread, so a serial
+# run leaves the second core mostly idle. Each module is one unit of work (its engine or
+# server starts on one worker), longest first. `make test XDIST=` runs serially. Tests
+# marked `serial` (tensor-parallel servers) run afterwards, alone.
+XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
+
 test: setup browser prometheus
 	$(MAKE) docs PY=$(PY)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST) -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 # The documentation site (mkdocs.yml, docs/), built strictly: a broken link or anchor, a
 # page left out of the nav, or a name on docs/api.md (or a public method of it) without a
@@ -55,7 +62,7 @@ docs:
 # The quick tier: every test that starts no engine and is not slow, plus the architecture
 # matrix on one architecture per layer-adapter kind (marker `fast`).
 test-fast: setup browser
-	$(PY) -m pytest -q -m "fast or not (engine or slow)"
+	$(PY) -m pytest -q $(XDIST) -m "fast or not (engine or slow)"
 
 lint:
 	ruff check vllm_steer tests benchmarks

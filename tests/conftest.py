@@ -22,9 +22,14 @@ import pytest  # noqa: E402
 #: The modules whose engine tests share one default-model engine (``default_engine``).
 #: They run one after another (``pytest_collection_modifyitems``) and the engine stops
 #: after the last test that uses it, so no idle engine waits through the other modules.
-SHARED_ENGINE_MODULES = ("test_capture_engine.py", "test_default_model.py",
-                         "test_probe_engine.py", "test_steering_engine.py")
-SHARED_ENGINE_FIXTURE = "default_engine"
+from tests import xdist_units  # noqa: E402
+from tests.xdist_units import SHARED_ENGINE_FIXTURE, SHARED_ENGINE_MODULES  # noqa: E402
+
+
+def pytest_configure(config):
+    # two workers under ``make test``: groups, order and caches (tests/xdist_units.py)
+    if not config.pluginmanager.is_registered(xdist_units):
+        config.pluginmanager.register(xdist_units, "vllm_steer_xdist_units")
 
 
 @pytest.fixture(scope="session")

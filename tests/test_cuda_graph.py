@@ -147,3 +147,105 @@ def test_hot_path_in_a_cuda_graph_equals_eager():
             return out.clone()
 
         assert _check(replay, model, slots, rows, host, x) == 3
+
+
+# -- conditions: device targets inside a CUDA graph ----------------------------------------------
+def _cond_setup(device: torch.device, host_planned: bool):
+    """A stack whose layers accumulate conditions (``steering.condition_table``) and steer
+    nothing (every row 0)."""
+    from vllm_steer.steering.condition_table import ConditionTable
+
+    torch.manual_seed(0)
+    model = _Stack().to(device)
+    slots = SlotTable(LAYERS, 5, HIDDEN, torch.float32, device, max_projections=1)
+    rows = torch.zeros(MAX_TOKENS, dtype=torch.long, device=device)
+    table = ConditionTable(LAYERS, 4, HIDDEN, device, MAX_TOKENS, host_planned=host_planned)
+    for i, layer in enumerate(model.layers):
+        kw = ({"cond_acc": table.acc, "cond_table": table.id, "cond_layer": i} if host_planned
+              else {"cond_acc": table.acc, "cond_targets": table.targets[i]})
+        attach(layer, AdapterKind.RESIDUAL_PAIR, slots.layer(i), rows, **kw)
+    return model, table
+
+
+def _block_outputs(model: _Stack, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's output stream (hidden + residual), eager, without the wrappers."""
+    out, hidden, residual = [], x, None
+    for layer in model.layers:
+        hidden, residual = layer._vllm_steer_forward(hidden, residual)
+        out.append(hidden + residual)
+    return out
+
+
+def _check_conditions(run, model, table, x_in: torch.Tensor) -> None:
+    """Two requests over two steps: ``a`` (a mean condition at layer 1, split 10) in
+    chunks of 8 and 2 at different rows, ``b`` (a last condition at layer 2, split 5) in
+    one chunk; each step's batch is fresh random states. The rows and decisions equal the
+    reference summed from eager block outputs."""
+    from tests.cond_reference import cast_score_ref
+    from vllm_steer.steering.wire import WireCondition, WireGate
+
+    def gate(layer, agg, split):
+        return WireGate(conditions=(WireCondition(content="0" * 64, layer=layer, aggregate=agg,
+                                                  threshold=0.0, compare="above", label="c"),),
+                        mode="all", split=split, report="r")
+
+    g = torch.Generator().manual_seed(5)
+    dirs = {layer: torch.randn(HIDDEN, generator=g) for layer in (1, 2)}
+    a = table.add("a", gate(1, "mean", 10), [dirs[1].numpy()])
+    b = table.add("b", gate(2, "last", 5), [dirs[2].numpy()])
+    seen: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    for plan in ([(a, 0, 0, 8), (b, 8, 0, 5)], [(a, 3, 8, 2)]):
+        table.begin_step()
+        for req, offset, first, n in plan:
+            table.plan(req, offset, first, n)
+        table.end_step()
+        x_in.copy_(torch.randn(MAX_TOKENS, HIDDEN, generator=g).to(x_in.device))
+        run()
+        outs = _block_outputs(model, x_in)
+        for req, offset, _, n in plan:
+            layer = 1 if req is a else 2
+            seen[req.req_id].append(outs[layer][offset:offset + n].cpu())
+    table.begin_step()      # scores the prompts the last forward completed
+    for req, layer, agg in ((a, 1, "mean"), (b, 2, "last")):
+        states = torch.cat(seen[req.req_id]).double()
+        h = states.mean(0) if agg == "mean" else states[-1]
+        got = table.report(req)["conditions"][0]["score"]
+        assert got == pytest.approx(cast_score_ref(h.numpy(), dirs[layer].double().numpy()),
+                                    abs=1e-5)
+        s_row, l_row = (table.acc_row(req.slot, 0, last) for last in (False, True))
+        torch.testing.assert_close(table.acc[l_row].cpu(), states[-1].float(),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(table.acc[s_row].cpu(), states[:-1].sum(0).float(),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("host_planned", [False, True], ids=["device-targets", "host-planned"])
+def test_conditions_protocol_on_cpu(host_planned):
+    model, table = _cond_setup(torch.device("cpu"), host_planned)
+    x = torch.zeros(MAX_TOKENS, HIDDEN)
+    with torch.no_grad():
+        _check_conditions(lambda: model(x), model, table, x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_condition_targets_in_a_cuda_graph_equal_eager():
+    """What an engine with CUDA graphs runs (device targets, refilled in place from pinned
+    memory before each replay)."""
+    dev = torch.device("cuda")
+    model, table = _cond_setup(dev, host_planned=False)
+    x = torch.zeros(MAX_TOKENS, HIDDEN, device=dev)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(x)
+
+        def replay() -> None:
+            graph.replay()
+            torch.cuda.synchronize()
+
+        _check_conditions(replay, model, table, x)

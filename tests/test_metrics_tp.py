@@ -23,7 +23,7 @@ from tests.server_helpers import Server
 from tests.test_metrics import MODEL, Snapshot, Stack, q
 from vllm_steer import SteeringVector
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from vllm_steer import SteeringVector
 from vllm_steer.fixtures.engines import inproc_engine, make_test_llm, shutdown
 from vllm_steer.steering.store import default_store_root
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.serial]
 HIDDEN, LAYERS = 128, 4
 REPO = Path(__file__).resolve().parents[1]
 
