@@ -161,7 +161,7 @@ def _cond_setup(device: torch.device, host_planned: bool):
     rows = torch.zeros(MAX_TOKENS, dtype=torch.long, device=device)
     table = ConditionTable(LAYERS, 4, HIDDEN, device, MAX_TOKENS, host_planned=host_planned)
     for i, layer in enumerate(model.layers):
-        kw = ({"cond_acc": table.acc, "cond_table": table.id, "cond_layer": i} if host_planned
+        kw = ({"cond_acc": table.acc, "cond_planned": True, "cond_layer": i} if host_planned
               else {"cond_acc": table.acc, "cond_targets": table.targets[i]})
         attach(layer, AdapterKind.RESIDUAL_PAIR, slots.layer(i), rows, **kw)
     return model, table

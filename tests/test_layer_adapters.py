@@ -154,7 +154,7 @@ def test_condition_reading_sums_the_steered_block_output(host_planned):
     rows = torch.tensor([1, 0, 2, 1] + [0] * 8)
     for i, layer in enumerate(layers):
         attach(layer, AdapterKind("residual_pair"), LayerTables(steer, None, None, None, None),
-               rows, **({"cond_acc": table.acc, "cond_table": table.id, "cond_layer": i}
+               rows, **({"cond_acc": table.acc, "cond_planned": True, "cond_layer": i}
                         if host_planned else
                         {"cond_acc": table.acc, "cond_targets": table.targets[i]}))
     gate = WireGate(conditions=(WireCondition(content="0" * 64, layer=1, aggregate="mean",

@@ -41,10 +41,8 @@ Two ways to accumulate, chosen per engine (``host_planned``):
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,21 +56,23 @@ from vllm_steer.steering.wire import WireGate
 logger = logging.getLogger("vllm_steer")
 
 OP_NAMESPACE = "vllm_steer"
-#: Host-planned tables by id: the op's ``table`` argument (an int fixed at attach) names
-#: its engine's table, so engines sharing a process (in-process engine cores) never mix.
-_TABLES: weakref.WeakValueDictionary[int, ConditionTable] = weakref.WeakValueDictionary()
-_IDS = itertools.count(1)
+#: The host-planned table whose plan covers the forward about to run (set by ``plan``,
+#: which runs right before its engine's forward). Engines sharing a process (in-process
+#: engine cores) run their steps one at a time; the op also checks that the accumulator it
+#: was given is this table's, so another engine's forward never adds this plan. Nothing
+#: engine-specific is baked into a compiled graph (a cached graph may serve another engine).
+_ACTIVE: ConditionTable | None = None
 
 
-def _accumulate_impl(stream: torch.Tensor, residual: torch.Tensor | None, table: int,
-                     layer: int, acc: torch.Tensor) -> None:
-    t = _TABLES.get(table)
-    if t is not None and t._spans:
+def _accumulate_impl(stream: torch.Tensor, residual: torch.Tensor | None, layer: int,
+                     acc: torch.Tensor) -> None:
+    t = _ACTIVE
+    if t is not None and t._spans and t.acc.data_ptr() == acc.data_ptr():
         t.accumulate(layer, stream, residual)
 
 
-def _accumulate_fake(stream: torch.Tensor, residual: torch.Tensor | None, table: int,
-                     layer: int, acc: torch.Tensor) -> None:
+def _accumulate_fake(stream: torch.Tensor, residual: torch.Tensor | None, layer: int,
+                     acc: torch.Tensor) -> None:
     return None
 
 
@@ -82,8 +82,8 @@ def _define_op() -> Any:
         return ns.cond_accumulate.default
     # Library + impl as the capture op (``steering.capture``): ~3 us a call
     lib = torch.library.Library(OP_NAMESPACE, "FRAGMENT")
-    lib.define("cond_accumulate(Tensor stream, Tensor? residual, int table, int layer, "
-               "Tensor(a!) acc) -> ()")
+    lib.define("cond_accumulate(Tensor stream, Tensor? residual, int layer, Tensor(a!) acc) "
+               "-> ()")
     lib.impl("cond_accumulate", _accumulate_impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{OP_NAMESPACE}::cond_accumulate", _accumulate_fake, lib=lib)
     _define_op.lib = lib  # type: ignore[attr-defined]  # keep the registration alive
@@ -130,9 +130,6 @@ class ConditionTable:
         #: host-planned: per layer this step's ``(a, b, row_s, row_l)`` spans of flattened
         #: rows (``row_l`` -1: the span ends before the last prompt position)
         self._spans: dict[int, list[tuple[int, int, int, int]]] = {}
-        self.id = next(_IDS)
-        if host_planned:
-            _TABLES[self.id] = self
 
         def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dtype, device=device)
@@ -252,6 +249,9 @@ class ConditionTable:
             logger.error("vllm-steer: request %s: %s", req.req_id, req.error)
             return
         a, b = offset + lo - first, offset + hi - first
+        if self.host_planned:
+            global _ACTIVE
+            _ACTIVE = self
         for j, layer in enumerate(req.layers):
             if self.host_planned:
                 last = self.acc_row(req.slot, j, True) if hi == req.split else -1

@@ -293,8 +293,8 @@ def _accumulate(self: nn.Module, stream: torch.Tensor, residual: torch.Tensor | 
     targets: every token adds to the accumulator row its target names (0: a trash row);
     2, host-planned: the opaque op adds this step's planned spans, if any."""
     if self._vllm_steer_cond == 2:
-        cond_accumulate_op(stream, residual, self._vllm_steer_cond_table,
-                           self._vllm_steer_cond_layer, self._vllm_steer_cond_acc)
+        cond_accumulate_op(stream, residual, self._vllm_steer_cond_layer,
+                           self._vllm_steer_cond_acc)
     elif self._vllm_steer_cond:
         x = stream if residual is None else stream + residual
         rows = self._vllm_steer_cond_targets[: x.shape[0]]
@@ -361,25 +361,24 @@ _FORWARDS = {
 def attach(layer: nn.Module, kind: AdapterKind, tables: Any, rows: torch.Tensor,
            capture_index: int = -1, capture_sink: torch.Tensor | None = None,
            cond_acc: torch.Tensor | None = None, cond_targets: torch.Tensor | None = None,
-           cond_table: int = 0, cond_layer: int = -1) -> None:
+           cond_planned: bool = False, cond_layer: int = -1) -> None:
     """Wrap ``layer.forward`` (idempotent) so it steers its stream with ``tables``
     (``steering.slots.LayerTables``: ``add``, and the projection tables when K > 0)
     gathered by ``rows[:T]``. With ``cond_acc``/``cond_targets`` (``steering.
     condition_table``) the steered stream is added into ``cond_acc[cond_targets[:T]]``;
-    with ``cond_acc`` and a host-planned table's id ``cond_table`` (> 0) and this block's
-    index ``cond_layer``, the op ``cond_accumulate`` adds the spans that table planned.
+    with ``cond_acc`` of a host-planned table, ``cond_planned`` and this block's index
+    ``cond_layer``, the op ``cond_accumulate`` adds the spans that table planned.
     With ``capture_index`` >= 0 (the block's index) the forward ends with the capture op
     (``steering.capture``), ``capture_sink`` its one-element dummy output."""
     if hasattr(layer, "_vllm_steer_forward"):
         return
     if capture_index >= 0 and capture_sink is None:
         raise ValueError("capture needs a sink tensor")
-    if cond_table and (cond_acc is None or cond_layer < 0):
+    if cond_planned and (cond_acc is None or cond_layer < 0):
         raise ValueError("host-planned conditions need the accumulator and the layer index")
-    if not cond_table and (cond_acc is None) != (cond_targets is None):
+    if not cond_planned and (cond_acc is None) != (cond_targets is None):
         raise ValueError("conditions need both the accumulator and the targets")
-    layer._vllm_steer_cond = 0 if cond_acc is None else 2 if cond_table else 1
-    layer._vllm_steer_cond_table = int(cond_table)
+    layer._vllm_steer_cond = 0 if cond_acc is None else 2 if cond_planned else 1
     layer._vllm_steer_cond_layer = int(cond_layer)
     layer._vllm_steer_cond_acc = cond_acc
     layer._vllm_steer_cond_targets = cond_targets

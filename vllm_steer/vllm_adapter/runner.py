@@ -121,7 +121,7 @@ class RunnerSteering:
                 attach(layer, plan.kind, self.slots.layer(i), self.rows,
                        *((i, self.capture.sink) if self.capture is not None else ()),
                        **({} if cond is None else
-                          {"cond_acc": cond.acc, "cond_table": cond.id, "cond_layer": i}
+                          {"cond_acc": cond.acc, "cond_planned": True, "cond_layer": i}
                           if cond.host_planned else
                           {"cond_acc": cond.acc, "cond_targets": cond.targets[i]}))
         self.adapter = plan.kind
