@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from vllm_steer.steering.capture_spec import WireCapture
+from vllm_steer.steering.layer_ops import define_layer_op
 
 logger = logging.getLogger("vllm_steer")
 
-OP_NAMESPACE = "vllm_steer"
 #: The book whose plan covers the forward about to run (set by ``CaptureBook.plan``, which
 #: runs right before its engine's forward; None when that step captures nothing). Engines
 #: sharing a process (in-process engine cores) run their steps one at a time, so the
@@ -53,26 +53,8 @@ def _capture_impl(stream: torch.Tensor, residual: torch.Tensor | None, layer: in
     book.record(layer, stream, residual)
 
 
-def _capture_fake(stream: torch.Tensor, residual: torch.Tensor | None, layer: int,
-                  sink: torch.Tensor) -> None:
-    return None
-
-
-def _define_op() -> Any:
-    ns = getattr(torch.ops, OP_NAMESPACE)
-    if hasattr(ns, "capture"):   # defined by an earlier import of this module
-        return ns.capture.default
-    # torch.library.Library + impl (as vLLM registers its own ops), not custom_op: the
-    # latter's Python wrapper costs ~50 us a call, this ~3 us.
-    lib = torch.library.Library(OP_NAMESPACE, "FRAGMENT")
-    lib.define("capture(Tensor stream, Tensor? residual, int layer, Tensor(a!) sink) -> ()")
-    lib.impl("capture", _capture_impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{OP_NAMESPACE}::capture", _capture_fake, lib=lib)
-    _define_op.lib = lib  # type: ignore[attr-defined]  # keep the registration alive
-    return ns.capture.default
-
-
-capture_op = _define_op()
+capture_op = define_layer_op(
+    "capture", "Tensor stream, Tensor? residual, int layer, Tensor(a!) sink", _capture_impl)
 
 
 # -- the book ---------------------------------------------------------------------------------

@@ -51,11 +51,11 @@ import numpy as np
 import torch
 
 from vllm_steer.steering.condition import MAX_CONDITIONS, cast_score
+from vllm_steer.steering.layer_ops import define_layer_op
 from vllm_steer.steering.wire import WireGate
 
 logger = logging.getLogger("vllm_steer")
 
-OP_NAMESPACE = "vllm_steer"
 #: The host-planned table whose plan covers the forward about to run (set by ``plan``,
 #: which runs right before its engine's forward). Engines sharing a process (in-process
 #: engine cores) run their steps one at a time; the op also checks that the accumulator it
@@ -71,26 +71,9 @@ def _accumulate_impl(stream: torch.Tensor, residual: torch.Tensor | None, layer:
         t.accumulate(layer, stream, residual)
 
 
-def _accumulate_fake(stream: torch.Tensor, residual: torch.Tensor | None, layer: int,
-                     acc: torch.Tensor) -> None:
-    return None
-
-
-def _define_op() -> Any:
-    ns = getattr(torch.ops, OP_NAMESPACE)
-    if hasattr(ns, "cond_accumulate"):   # defined by an earlier import of this module
-        return ns.cond_accumulate.default
-    # Library + impl as the capture op (``steering.capture``): ~3 us a call
-    lib = torch.library.Library(OP_NAMESPACE, "FRAGMENT")
-    lib.define("cond_accumulate(Tensor stream, Tensor? residual, int layer, Tensor(a!) acc) "
-               "-> ()")
-    lib.impl("cond_accumulate", _accumulate_impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{OP_NAMESPACE}::cond_accumulate", _accumulate_fake, lib=lib)
-    _define_op.lib = lib  # type: ignore[attr-defined]  # keep the registration alive
-    return ns.cond_accumulate.default
-
-
-cond_accumulate_op = _define_op()
+cond_accumulate_op = define_layer_op(
+    "cond_accumulate", "Tensor stream, Tensor? residual, int layer, Tensor(a!) acc",
+    _accumulate_impl)
 
 
 @dataclass
